@@ -1,0 +1,247 @@
+//! The sampling loop: every `interval`, sample (on a blocking thread), evaluate every
+//! rule, commit the resulting state-change events to the spool, and publish the current
+//! status of every check for heartbeats.
+//!
+//! Owns the per-check evaluator state. It does not talk to the network.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::evaluate::{self, Direction, Rule, RuleState, State};
+use crate::event::{CheckStatus, Event, now_ms};
+use crate::sample::{Sample, Sampler};
+use crate::spool::SpoolHandle;
+
+/// Where a check's value comes from in a [`Sample`].
+#[derive(Debug, Clone)]
+enum Source {
+    Cpu,
+    Memory,
+    ProcessCount(usize),
+    ProcessRestarts(usize),
+}
+
+/// One evaluated check.
+#[derive(Debug)]
+pub struct Check {
+    /// Check name (`cpu`, `memory`, `process:NAME`, `process_restarts:NAME`).
+    pub name: String,
+    labels: BTreeMap<String, String>,
+    unit: &'static str,
+    source: Source,
+    rule: Rule,
+    state: RuleState,
+    value: Option<f64>,
+    since_ms: i64,
+}
+
+/// Builds the checks the config asks for, in a stable order.
+pub fn checks(cfg: &AgentConfig) -> Vec<Check> {
+    let mut out = Vec::new();
+    let mut add = |name: String, labels: BTreeMap<String, String>, unit, source, rule: &Rule| {
+        out.push(Check {
+            name,
+            labels,
+            unit,
+            source,
+            rule: rule.clone(),
+            state: RuleState::initial(Duration::ZERO),
+            value: None,
+            since_ms: now_ms(),
+        });
+    };
+    if let Some(r) = &cfg.cpu {
+        add("cpu".into(), BTreeMap::new(), "percent", Source::Cpu, r);
+    }
+    if let Some(r) = &cfg.memory {
+        add(
+            "memory".into(),
+            BTreeMap::new(),
+            "percent",
+            Source::Memory,
+            r,
+        );
+    }
+    for (i, p) in cfg.processes.iter().enumerate() {
+        let labels = BTreeMap::from([("process".to_owned(), p.name.clone())]);
+        add(
+            format!("process:{}", p.name),
+            labels.clone(),
+            "count",
+            Source::ProcessCount(i),
+            &p.count_rule,
+        );
+        add(
+            format!("process_restarts:{}", p.name),
+            labels,
+            "count",
+            Source::ProcessRestarts(i),
+            &p.restarts_rule,
+        );
+    }
+    out
+}
+
+/// Evaluates one sample against every check; returns the events of the checks that
+/// changed state. `now` is monotonic (for `for` durations), `wall_ms` the wall clock.
+pub fn evaluate_sample(
+    checks: &mut [Check],
+    sample: &Sample,
+    now: Duration,
+    wall_ms: i64,
+) -> Vec<Event> {
+    let mut events = Vec::new();
+    for c in checks.iter_mut() {
+        let value = match c.source {
+            Source::Cpu => sample.cpu_busy_pct,
+            Source::Memory => sample.memory_used_pct,
+            Source::ProcessCount(i) => sample.processes.get(i).map(|p| f64::from(p.count)),
+            Source::ProcessRestarts(i) => sample
+                .processes
+                .get(i)
+                .map(|p| f64::from(p.restarts_in_window)),
+        };
+        // The first CPU cycle has no value yet: stay silent rather than report unknown.
+        if value.is_none() && c.state.state == State::Unknown {
+            continue;
+        }
+        c.value = value;
+        let Some(t) = evaluate::step(&c.rule, &mut c.state, value, now) else {
+            continue;
+        };
+        c.since_ms = wall_ms;
+        let breach_started_at_ms = t.breach_since.map_or(0, |b| {
+            wall_ms - i64::try_from(now.saturating_sub(b).as_millis()).unwrap_or(0)
+        });
+        events.push(Event {
+            seq: 0,
+            check: c.name.clone(),
+            labels: c.labels.clone(),
+            state: t.to,
+            previous: t.from,
+            value,
+            unit: c.unit.to_owned(),
+            threshold: t.threshold,
+            message: message(&c.name, c.unit, c.rule.direction, t.to, value, t.threshold),
+            observed_at_ms: wall_ms,
+            breach_started_at_ms,
+            flapping: false,
+        });
+    }
+    events
+}
+
+fn message(
+    check: &str,
+    unit: &str,
+    dir: Direction,
+    state: State,
+    value: Option<f64>,
+    threshold: Option<f64>,
+) -> String {
+    let unit = if unit == "percent" { "%" } else { "" };
+    let Some(v) = value else {
+        return format!("{check} {}: no value (collection failed)", state.as_str());
+    };
+    let side = match (state, dir) {
+        (State::Ok, Direction::Above) => "at or below",
+        (State::Ok, Direction::Below) => "at or above",
+        (_, Direction::Above) => "above",
+        (_, Direction::Below) => "below",
+    };
+    match threshold {
+        Some(t) => format!("{check} {}: {v:.1}{unit} {side} {t}{unit}", state.as_str()),
+        None => format!("{check} {}: {v:.1}{unit}", state.as_str()),
+    }
+}
+
+/// The collector task.
+#[derive(Debug)]
+pub struct Collector {
+    interval: Duration,
+    sampler: Option<Sampler>,
+    checks: Vec<Check>,
+    spool: SpoolHandle,
+    status_tx: watch::Sender<Arc<Vec<CheckStatus>>>,
+    start: Instant,
+}
+
+impl Collector {
+    /// A collector for `cfg`, committing events to `spool` and publishing status on
+    /// `status_tx`.
+    pub fn new(
+        cfg: &AgentConfig,
+        sampler: Sampler,
+        spool: SpoolHandle,
+        status_tx: watch::Sender<Arc<Vec<CheckStatus>>>,
+    ) -> Self {
+        Collector {
+            interval: cfg.interval,
+            sampler: Some(sampler),
+            checks: checks(cfg),
+            spool,
+            status_tx,
+            start: Instant::now(),
+        }
+    }
+
+    /// Samples every interval until `shutdown` is cancelled.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(mut sampler) = self.sampler.take() else {
+                return;
+            };
+            let now = self.start.elapsed();
+            let joined = tokio::task::spawn_blocking(move || {
+                let s = sampler.sample(now);
+                (sampler, s)
+            })
+            .await;
+            let Ok((sampler, sample)) = joined else {
+                tracing::error!("sampler thread panicked; collection stopped");
+                return;
+            };
+            self.sampler = Some(sampler);
+            let wall = now_ms();
+            let events = evaluate_sample(&mut self.checks, &sample, now, wall);
+            self.publish_status();
+            if events.is_empty() {
+                continue;
+            }
+            for e in &events {
+                tracing::info!(check = %e.check, from = e.previous.as_str(), to = e.state.as_str(), value = ?e.value, "{}", e.message);
+            }
+            if let Err(error) = self.spool.append(events).await {
+                tracing::error!(error = %error, "cannot spool events");
+            }
+        }
+    }
+
+    fn publish_status(&self) {
+        let status = self
+            .checks
+            .iter()
+            .filter(|c| c.value.is_some() || c.state.state != State::Unknown)
+            .map(|c| CheckStatus {
+                check: c.name.clone(),
+                labels: c.labels.clone(),
+                state: c.state.state,
+                value: c.value,
+                unit: c.unit.to_owned(),
+                since_ms: c.since_ms,
+            })
+            .collect();
+        self.status_tx.send_replace(Arc::new(status));
+    }
+}

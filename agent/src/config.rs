@@ -1,0 +1,593 @@
+//! The agent's configuration: the raw TOML/environment shape ([`RawConfig`]) and the
+//! validated, typed [`AgentConfig`] the daemon runs with.
+//!
+//! Sources, later ones win: built-in defaults (the seed's thresholds), the TOML file given
+//! with `--config`, the seed's variables (`CPU_ALERT_THRESHOLD`, `MEMORY_ALERT_THRESHOLD`,
+//! `NAMESPACE`), then `TOCSIN_…` variables (`__` for nesting).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::Env;
+use serde::{Deserialize, Serialize};
+
+use crate::evaluate::{Direction, Rule};
+use crate::settings::{self, ConfigError, Validator};
+
+/// Default sampling interval.
+pub const DEFAULT_INTERVAL: &str = "1s";
+/// Default heartbeat interval (current state of every check sent to the aggregator).
+pub const DEFAULT_HEARTBEAT_INTERVAL: &str = "5s";
+/// Default aggregator gRPC endpoint (loopback).
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7601";
+/// Seed: CPU warning/critical at 80 % / 95 % busy.
+pub const CPU_WARNING_PCT: f64 = 80.0;
+/// Seed: CPU critical level, percent busy of all cores.
+pub const CPU_CRITICAL_PCT: f64 = 95.0;
+/// Seed: memory warning at 85 % used (from MemAvailable).
+pub const MEMORY_WARNING_PCT: f64 = 85.0;
+/// Seed: memory critical at 95 % used.
+pub const MEMORY_CRITICAL_PCT: f64 = 95.0;
+/// Seed: process restarts warning at 3 per hour.
+pub const RESTARTS_WARNING: f64 = 3.0;
+/// Seed: process restarts critical at 10 per hour.
+pub const RESTARTS_CRITICAL: f64 = 10.0;
+/// Default `for` of the CPU and memory rules: a breach must hold this long. The seed
+/// checks these every minute; a one-second spike is not an incident.
+pub const DEFAULT_RESOURCE_FOR: &str = "1m";
+
+/// The config as written in TOML or the environment: strings for durations and
+/// addresses, converted by [`RawConfig::validate`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// Stable identity of this agent; defaults to the hostname.
+    pub agent_id: Option<String>,
+    /// Sampling interval.
+    pub interval: String,
+    /// Heartbeat interval.
+    pub heartbeat_interval: String,
+    /// Directory for the spool (`spool.db`).
+    pub state_dir: String,
+    /// Labels of this node (e.g. `service = "web"`), sent with every event.
+    pub labels: BTreeMap<String, String>,
+    /// How to reach the aggregator.
+    pub aggregator: RawAggregatorLink,
+    /// Resource rules.
+    pub rules: RawRules,
+    /// Watched processes (`[[process]]` tables).
+    pub process: Vec<RawProcessWatch>,
+    /// Logging.
+    pub log: RawLog,
+}
+
+/// `[aggregator]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAggregatorLink {
+    /// gRPC endpoints, tried in order (failover).
+    pub endpoints: Vec<String>,
+    /// Connect timeout per attempt.
+    pub connect_timeout: String,
+    /// First reconnect delay.
+    pub backoff_min: String,
+    /// Largest reconnect delay.
+    pub backoff_max: String,
+}
+
+/// `[rules]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRules {
+    /// CPU busy %, all cores.
+    pub cpu: RawRule,
+    /// Memory used %, from MemAvailable.
+    pub memory: RawRule,
+}
+
+/// One threshold rule as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRule {
+    /// Evaluate this rule at all.
+    pub enabled: bool,
+    /// `"above"` or `"below"`.
+    pub direction: String,
+    /// Warning level.
+    pub warning: Option<f64>,
+    /// Critical level.
+    pub critical: Option<f64>,
+    /// How long a breach must hold.
+    #[serde(rename = "for")]
+    pub hold_for: String,
+    /// Clear level (hysteresis).
+    pub clear: Option<f64>,
+    /// How long the value must stay cleared.
+    pub clear_for: String,
+}
+
+/// One `[[process]]` watch as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawProcessWatch {
+    /// Executable name (full file name of the executable, or the process name).
+    pub name: String,
+    /// Fewer live instances than this is critical.
+    pub min: u32,
+    /// How long the shortfall must hold.
+    #[serde(rename = "for")]
+    pub hold_for: String,
+    /// Restarts (new PIDs) in `restarts_window` that are a warning.
+    pub restarts_warning: f64,
+    /// Restarts in `restarts_window` that are critical.
+    pub restarts_critical: f64,
+    /// Window for counting restarts.
+    pub restarts_window: String,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    /// `"plain"` or `"json"`.
+    pub format: String,
+    /// A tracing filter, e.g. `"info"` or `"tocsin_agent=debug"`.
+    pub level: String,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            agent_id: None,
+            interval: DEFAULT_INTERVAL.into(),
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL.into(),
+            state_dir: "/var/lib/tocsin-agent".into(),
+            labels: BTreeMap::new(),
+            aggregator: RawAggregatorLink::default(),
+            rules: RawRules::default(),
+            process: Vec::new(),
+            log: RawLog::default(),
+        }
+    }
+}
+
+impl Default for RawAggregatorLink {
+    fn default() -> Self {
+        RawAggregatorLink {
+            endpoints: vec![DEFAULT_ENDPOINT.into()],
+            connect_timeout: "5s".into(),
+            backoff_min: "200ms".into(),
+            backoff_max: "30s".into(),
+        }
+    }
+}
+
+impl Default for RawRules {
+    fn default() -> Self {
+        RawRules {
+            cpu: RawRule::above(CPU_WARNING_PCT, CPU_CRITICAL_PCT),
+            memory: RawRule::above(MEMORY_WARNING_PCT, MEMORY_CRITICAL_PCT),
+        }
+    }
+}
+
+impl RawRule {
+    fn above(warning: f64, critical: f64) -> Self {
+        RawRule {
+            enabled: true,
+            direction: "above".into(),
+            warning: Some(warning),
+            critical: Some(critical),
+            hold_for: DEFAULT_RESOURCE_FOR.into(),
+            clear: None,
+            clear_for: "0s".into(),
+        }
+    }
+}
+
+impl Default for RawRule {
+    fn default() -> Self {
+        RawRule::above(CPU_WARNING_PCT, CPU_CRITICAL_PCT)
+    }
+}
+
+impl Default for RawProcessWatch {
+    fn default() -> Self {
+        RawProcessWatch {
+            name: String::new(),
+            min: 1,
+            hold_for: "0s".into(),
+            restarts_warning: RESTARTS_WARNING,
+            restarts_critical: RESTARTS_CRITICAL,
+            restarts_window: "1h".into(),
+        }
+    }
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            format: "plain".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// The validated agent config.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Agent identity (config `agent_id`, else the hostname).
+    pub agent_id: String,
+    /// Hostname of this node (from the kernel).
+    pub hostname: String,
+    /// Sampling interval.
+    pub interval: Duration,
+    /// Heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// Spool directory.
+    pub state_dir: PathBuf,
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+    /// Aggregator endpoints, in failover order.
+    pub endpoints: Vec<String>,
+    /// Connect timeout per attempt.
+    pub connect_timeout: Duration,
+    /// Reconnect backoff bounds.
+    pub backoff_min: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+    /// CPU rule, if enabled.
+    pub cpu: Option<Rule>,
+    /// Memory rule, if enabled.
+    pub memory: Option<Rule>,
+    /// Process watches.
+    pub processes: Vec<ProcessWatch>,
+    /// Log settings.
+    pub log: LogConfig,
+}
+
+/// A validated process watch.
+#[derive(Debug, Clone)]
+pub struct ProcessWatch {
+    /// Executable name to match.
+    pub name: String,
+    /// Rule on the live count (below `min` is critical).
+    pub count_rule: Rule,
+    /// Rule on restarts within `restarts_window`.
+    pub restarts_rule: Rule,
+    /// Window for restarts.
+    pub restarts_window: Duration,
+}
+
+/// Validated log settings.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// JSON lines instead of plain text.
+    pub json: bool,
+    /// tracing filter directive.
+    pub level: String,
+}
+
+/// The seed's own variable names, mapped onto config keys.
+fn seed_env() -> Vec<Env> {
+    vec![
+        Env::raw()
+            .only(&["CPU_ALERT_THRESHOLD"])
+            .map(|_| "rules.cpu.warning".into()),
+        Env::raw()
+            .only(&["MEMORY_ALERT_THRESHOLD"])
+            .map(|_| "rules.memory.warning".into()),
+        Env::raw()
+            .only(&["NAMESPACE"])
+            .map(|_| "labels.namespace".into()),
+    ]
+}
+
+/// Loads and validates the config from `file` (optional) and the environment, with
+/// `defaults` as the lowest layer.
+///
+/// # Errors
+/// [`ConfigError`] listing every problem, each with its origin (file and line,
+/// environment variable) and key.
+pub fn load_with(defaults: &RawConfig, file: Option<&Path>) -> Result<AgentConfig, ConfigError> {
+    let fig = settings::figment(defaults, file, seed_env())?;
+    let raw: RawConfig = settings::extract(&fig)?;
+    raw.validate(&fig)
+}
+
+/// [`load_with`] with the built-in defaults.
+///
+/// # Errors
+/// See [`load_with`].
+pub fn load(file: Option<&Path>) -> Result<AgentConfig, ConfigError> {
+    load_with(&RawConfig::default(), file)
+}
+
+/// The effective raw config (after merging), for `print-config`.
+///
+/// # Errors
+/// See [`load_with`].
+pub fn effective(file: Option<&Path>) -> Result<RawConfig, ConfigError> {
+    let fig = settings::figment(&RawConfig::default(), file, seed_env())?;
+    settings::extract(&fig)
+}
+
+impl RawConfig {
+    /// Converts into typed values, reporting every problem at once.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] with one [`settings::Problem`] per bad value.
+    pub fn validate(self, fig: &figment::Figment) -> Result<AgentConfig, ConfigError> {
+        let mut v = Validator::new(fig);
+        let fallback = Duration::from_secs(1);
+        let interval = v.positive_duration("interval", &self.interval, fallback);
+        let heartbeat_interval =
+            v.positive_duration("heartbeat_interval", &self.heartbeat_interval, fallback);
+        let connect_timeout = v.positive_duration(
+            "aggregator.connect_timeout",
+            &self.aggregator.connect_timeout,
+            fallback,
+        );
+        let backoff_min = v.positive_duration(
+            "aggregator.backoff_min",
+            &self.aggregator.backoff_min,
+            fallback,
+        );
+        let backoff_max = v.positive_duration(
+            "aggregator.backoff_max",
+            &self.aggregator.backoff_max,
+            fallback,
+        );
+        if backoff_min > backoff_max {
+            v.problem(
+                "aggregator.backoff_min",
+                format!(
+                    "{:?} is larger than aggregator.backoff_max {:?}",
+                    self.aggregator.backoff_min, self.aggregator.backoff_max
+                ),
+            );
+        }
+        if self.aggregator.endpoints.is_empty() {
+            v.problem("aggregator.endpoints", "at least one endpoint is required");
+        }
+        let endpoints: Vec<String> = self
+            .aggregator
+            .endpoints
+            .iter()
+            .filter_map(|e| v.endpoint("aggregator.endpoints", e))
+            .collect();
+
+        let cpu = validate_rule(&mut v, "rules.cpu", &self.rules.cpu);
+        let memory = validate_rule(&mut v, "rules.memory", &self.rules.memory);
+
+        let mut processes = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, p) in self.process.iter().enumerate() {
+            let key = format!("process[{i}]");
+            if p.name.trim().is_empty() {
+                v.problem(
+                    &format!("{key}.name"),
+                    "a process watch needs a non-empty name",
+                );
+                continue;
+            }
+            if !seen.insert(p.name.clone()) {
+                v.problem(
+                    &format!("{key}.name"),
+                    format!("process {:?} is watched twice", p.name),
+                );
+            }
+            if p.min == 0 {
+                v.problem(&format!("{key}.min"), "must be at least 1");
+            }
+            let hold_for = v.duration(&format!("{key}.for"), &p.hold_for, Duration::ZERO);
+            let restarts_window = v.positive_duration(
+                &format!("{key}.restarts_window"),
+                &p.restarts_window,
+                fallback,
+            );
+            if p.restarts_warning > p.restarts_critical {
+                v.problem(
+                    &format!("{key}.restarts_warning"),
+                    format!(
+                        "{} is above restarts_critical {}",
+                        p.restarts_warning, p.restarts_critical
+                    ),
+                );
+            }
+            processes.push(ProcessWatch {
+                name: p.name.clone(),
+                count_rule: Rule {
+                    direction: Direction::Below,
+                    warning: None,
+                    critical: Some(f64::from(p.min)),
+                    hold_for,
+                    clear: None,
+                    clear_for: Duration::ZERO,
+                },
+                restarts_rule: Rule {
+                    direction: Direction::Above,
+                    // "3 restarts per hour" is the warning: the level is reached, not passed.
+                    warning: Some(p.restarts_warning - 0.5),
+                    critical: Some(p.restarts_critical - 0.5),
+                    hold_for: Duration::ZERO,
+                    clear: None,
+                    clear_for: Duration::ZERO,
+                },
+                restarts_window,
+            });
+        }
+
+        let json = match self.log.format.as_str() {
+            "plain" => false,
+            "json" => true,
+            other => {
+                v.problem(
+                    "log.format",
+                    format!("invalid value {other:?} (expected \"plain\" or \"json\")"),
+                );
+                false
+            }
+        };
+
+        let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "localhost".to_owned());
+        let agent_id = match self.agent_id {
+            Some(id) if id.trim().is_empty() => {
+                v.problem(
+                    "agent_id",
+                    "must not be empty (leave it out to use the hostname)",
+                );
+                hostname.clone()
+            }
+            Some(id) => id,
+            None => hostname.clone(),
+        };
+        if self.state_dir.trim().is_empty() {
+            v.problem("state_dir", "must not be empty");
+        }
+
+        v.finish(AgentConfig {
+            agent_id,
+            hostname,
+            interval,
+            heartbeat_interval,
+            state_dir: PathBuf::from(self.state_dir),
+            labels: self.labels,
+            endpoints,
+            connect_timeout,
+            backoff_min,
+            backoff_max,
+            cpu,
+            memory,
+            processes,
+            log: LogConfig {
+                json,
+                level: self.log.level,
+            },
+        })
+    }
+}
+
+fn validate_rule(v: &mut Validator<'_>, key: &str, raw: &RawRule) -> Option<Rule> {
+    let direction = match raw.direction.as_str() {
+        "above" => Direction::Above,
+        "below" => Direction::Below,
+        other => {
+            v.problem(
+                &format!("{key}.direction"),
+                format!("invalid value {other:?} (expected \"above\" or \"below\")"),
+            );
+            Direction::Above
+        }
+    };
+    let hold_for = v.duration(&format!("{key}.for"), &raw.hold_for, Duration::ZERO);
+    let clear_for = v.duration(&format!("{key}.clear_for"), &raw.clear_for, Duration::ZERO);
+    for (name, level) in [
+        ("warning", raw.warning),
+        ("critical", raw.critical),
+        ("clear", raw.clear),
+    ] {
+        if level.is_some_and(|l| !l.is_finite()) {
+            v.problem(&format!("{key}.{name}"), "must be a finite number");
+        }
+    }
+    if raw.warning.is_none() && raw.critical.is_none() {
+        v.problem(
+            key,
+            "needs a warning or a critical level (or enabled = false)",
+        );
+    }
+    let worse = |a: f64, b: f64| match direction {
+        Direction::Above => a > b,
+        Direction::Below => a < b,
+    };
+    if let (Some(w), Some(c)) = (raw.warning, raw.critical)
+        && worse(w, c)
+    {
+        v.problem(
+            &format!("{key}.warning"),
+            format!(
+                "warning level {w} is beyond the critical level {c} for direction {:?}",
+                raw.direction
+            ),
+        );
+    }
+    if let (Some(clear), Some(lowest)) = (raw.clear, raw.warning.or(raw.critical))
+        && worse(clear, lowest)
+    {
+        v.problem(
+            &format!("{key}.clear"),
+            format!("clear level {clear} is past the alerting level {lowest}: the check could never clear"),
+        );
+    }
+    raw.enabled.then_some(Rule {
+        direction,
+        warning: raw.warning,
+        critical: raw.critical,
+        hold_for,
+        clear: raw.clear,
+        clear_for,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str) -> Result<AgentConfig, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, toml).expect("write");
+        load(Some(&path))
+    }
+
+    #[test]
+    fn defaults_are_the_seed_table() {
+        let c = load(None).expect("defaults validate");
+        let cpu = c.cpu.expect("cpu rule");
+        assert_eq!((cpu.warning, cpu.critical), (Some(80.0), Some(95.0)));
+        let mem = c.memory.expect("memory rule");
+        assert_eq!((mem.warning, mem.critical), (Some(85.0), Some(95.0)));
+        assert_eq!(c.interval, Duration::from_secs(1));
+        assert_eq!(c.endpoints, vec![DEFAULT_ENDPOINT.to_owned()]);
+    }
+
+    #[test]
+    fn bad_duration_names_file_line_key_and_form() {
+        let err = load_str("interval = \"5minutes\"\n")
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("agent.toml:1"), "{err}");
+        assert!(err.contains("key `interval`"), "{err}");
+        assert!(err.contains("\"5s\""), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load_str("[aggregator]\nendpoint = \"http://x:1\"\n")
+            .expect_err("fails")
+            .to_string();
+        assert!(err.contains("agent.toml:2"), "{err}");
+        assert!(err.contains("aggregator.endpoint"), "{err}");
+        assert!(err.contains("`endpoints`"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let err = load_str(
+            "interval = \"x\"\nheartbeat_interval = \"0s\"\n[aggregator]\nendpoints = [\"nope\"]\n",
+        )
+        .expect_err("fails")
+        .to_string();
+        assert_eq!(err.lines().count(), 3, "{err}");
+    }
+
+    #[test]
+    fn inverted_levels_rejected() {
+        let err = load_str("[rules.cpu]\nwarning = 99\ncritical = 90\n")
+            .expect_err("fails")
+            .to_string();
+        assert!(err.contains("rules.cpu.warning"), "{err}");
+    }
+}

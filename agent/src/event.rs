@@ -1,0 +1,61 @@
+//! The agent's domain types for what it ships: state-change events and the current
+//! status of each check. Converted to wire types only in `convert`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::evaluate::State;
+
+/// A state change of one check. Times are Unix epoch milliseconds (wall clock).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Per-agent sequence number assigned by the spool (0 until spooled).
+    pub seq: u64,
+    /// Check name, e.g. `cpu`, `memory`, `process:nginx`.
+    pub check: String,
+    /// Identifying labels of the check.
+    pub labels: BTreeMap<String, String>,
+    /// New state.
+    pub state: State,
+    /// State before.
+    pub previous: State,
+    /// The value that caused the change, in `unit`.
+    pub value: Option<f64>,
+    /// Unit of `value` and `threshold`: `percent`, `count`.
+    pub unit: String,
+    /// The level crossed.
+    pub threshold: Option<f64>,
+    /// Human-readable summary.
+    pub message: String,
+    /// When the change was observed.
+    pub observed_at_ms: i64,
+    /// When the breach began (before `for`); 0 when not breaching.
+    pub breach_started_at_ms: i64,
+    /// The check is flapping.
+    pub flapping: bool,
+}
+
+/// Current state of one check, as carried by heartbeats.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckStatus {
+    /// Check name.
+    pub check: String,
+    /// Identifying labels.
+    pub labels: BTreeMap<String, String>,
+    /// Current state.
+    pub state: State,
+    /// Last value, in `unit`.
+    pub value: Option<f64>,
+    /// Unit of `value`.
+    pub unit: String,
+    /// When the check entered `state` (Unix ms).
+    pub since_ms: i64,
+}
+
+/// Wall-clock now as Unix epoch milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

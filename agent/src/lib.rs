@@ -1,0 +1,112 @@
+//! tocsin-agent: the node agent.
+//!
+//! Data path: `sample` (sysinfo) → `collect` (evaluate every rule with the pure
+//! `evaluate` state machine) → `spool` (SQLite, durable before send) → `ship` (one gRPC
+//! stream to the aggregator, replay on reconnect, delete on ack). `config` and `settings`
+//! load and validate the TOML/environment config; `convert` is the only place that
+//! touches wire types.
+
+pub mod backoff;
+pub mod collect;
+pub mod config;
+pub mod convert;
+pub mod evaluate;
+pub mod event;
+pub mod sample;
+pub mod settings;
+pub mod ship;
+pub mod spool;
+pub mod telemetry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tocsin_proto::v1;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backoff::Backoff;
+use crate::collect::Collector;
+use crate::config::AgentConfig;
+use crate::sample::Sampler;
+use crate::ship::{ShipConfig, Shipper};
+
+/// How long tasks get to finish after shutdown is requested.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The spool could not be opened.
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
+    /// sysinfo could not read the system.
+    #[error(transparent)]
+    Sampler(#[from] sample::SamplerError),
+    /// Invalid reconnect bounds.
+    #[error("aggregator backoff: {0}")]
+    Backoff(#[from] backoff::BackoffError),
+}
+
+/// Reads `/proc/sys/kernel/random/boot_id` (empty when unavailable).
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Runs the agent until `shutdown` is cancelled, then waits up to [`SHUTDOWN_GRACE`]
+/// for its tasks.
+///
+/// # Errors
+/// [`AgentError`] when a part cannot start; runtime failures are logged and retried.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let spool = spool::spawn(spool::Spool::open(&cfg.state_dir)?)?;
+    let sampler = Sampler::new(cfg.processes.clone())?;
+    let backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max)?;
+    let (status_tx, status_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+
+    let hello = v1::Hello {
+        agent_id: cfg.agent_id.clone(),
+        hostname: cfg.hostname.clone(),
+        labels: cfg.labels.clone().into_iter().collect(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        boot_id: boot_id(),
+        token: String::new(),
+        heartbeat_interval_ms: u32::try_from(cfg.heartbeat_interval.as_millis())
+            .unwrap_or(u32::MAX),
+    };
+    let ship_cfg = ShipConfig {
+        endpoints: cfg.endpoints.clone(),
+        connect_timeout: cfg.connect_timeout,
+        heartbeat_interval: cfg.heartbeat_interval,
+        hello,
+    };
+    let (shipper, _conn_state) = Shipper::new(ship_cfg, spool.clone(), status_rx, backoff);
+    let collector = Collector::new(&cfg, sampler, spool, status_tx);
+
+    tracing::info!(
+        agent_id = %cfg.agent_id,
+        endpoints = ?cfg.endpoints,
+        interval = ?cfg.interval,
+        state_dir = %cfg.state_dir.display(),
+        watches = cfg.processes.len(),
+        "agent started"
+    );
+    let tracker = TaskTracker::new();
+    tracker.spawn(collector.run(shutdown.clone()));
+    tracker.spawn(shipper.run(shutdown.clone()));
+    tracker.close();
+    shutdown.cancelled().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            still_running = tracker.len(),
+            "agent tasks did not stop within the grace period"
+        );
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}

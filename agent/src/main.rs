@@ -1,0 +1,108 @@
+//! `tocsin-agent`: parse the command line, load the config, run. Exit codes: 0 clean,
+//! 64 bad usage or config, 1 runtime failure.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tocsin_agent::{config, telemetry};
+use tokio_util::sync::CancellationToken;
+
+/// The tocsin node agent: samples CPU, memory and watched processes, evaluates
+/// thresholds locally and streams state changes to tocsin-aggregator.
+#[derive(Debug, Parser)]
+#[command(name = "tocsin-agent", version)]
+struct Cli {
+    /// TOML config file (environment: TOCSIN_… variables override it).
+    #[arg(long, short, global = true, env = "TOCSIN_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Validate the config and exit 0, or print every problem and exit 64.
+    CheckConfig,
+    /// Print the effective config (defaults, file and environment merged) as TOML.
+    PrintConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let file = cli.config.as_deref();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => match config::load(file) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => fail_config(&e),
+        },
+        Command::PrintConfig => match config::effective(file) {
+            Ok(raw) => {
+                let text = toml_string(&raw);
+                std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes())
+                    .map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
+            }
+            Err(e) => fail_config(&e),
+        },
+        Command::Run => {
+            let cfg = match config::load(file) {
+                Ok(c) => c,
+                Err(e) => return fail_config(&e),
+            };
+            telemetry::init(cfg.log.json, &cfg.log.level);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the async runtime");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                match tocsin_agent::run(cfg, shutdown).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "agent failed");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}
+
+fn toml_string(raw: &config::RawConfig) -> String {
+    toml::to_string_pretty(raw).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+}
+
+fn fail_config(e: &tocsin_agent::settings::ConfigError) -> ExitCode {
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("tocsin-agent: invalid config:\n{e}\n").as_bytes(),
+    );
+    ExitCode::from(64)
+}
+
+/// Cancels `token` on SIGTERM or SIGINT.
+async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+    }
+    token.cancel();
+}

@@ -1,0 +1,350 @@
+//! Config loading shared by every tocsin binary: figment merging (defaults → TOML file →
+//! environment), error messages that name the file, key and accepted form, and the
+//! typed parsers of the validation stage (durations, socket addresses, endpoints).
+//!
+//! It owns no config struct of its own: each daemon declares its raw struct (strings,
+//! `deny_unknown_fields`) and converts it with a [`Validator`], which collects **every**
+//! problem before failing.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::{Figment, Metadata, Profile, Source};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The accepted form of a duration, quoted in error messages.
+pub const DURATION_FORM: &str =
+    "a number with a unit ms, s, m, h or d, e.g. \"500ms\", \"5s\", \"1m30s\"";
+
+/// A config that could not be loaded. `Display` lists every problem, one per line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named by `--config` could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Syntax errors, unknown keys or wrong types, and failed validations.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+/// One config problem: where it came from, which key, what is wrong.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    /// "FILE" or "FILE:LINE", "environment variable NAME", or "defaults".
+    pub origin: String,
+    /// Dotted key path, e.g. `aggregator.endpoints`; empty for whole-file errors.
+    pub key: String,
+    /// What is wrong, with the bad value and the accepted form.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.origin, self.message)
+        } else {
+            write!(f, "{}: key `{}`: {}", self.origin, self.key, self.message)
+        }
+    }
+}
+
+/// Builds the figment for a binary: `defaults`, then the TOML `file` (which must exist
+/// when given), then `extra` providers (the seed's variable names), then `TOCSIN_…`
+/// variables with `__` for nesting (e.g. `TOCSIN_AGGREGATOR__ENDPOINTS`).
+pub fn figment<T: Serialize>(
+    defaults: &T,
+    file: Option<&Path>,
+    extra: Vec<Env>,
+) -> Result<Figment, ConfigError> {
+    let mut fig = Figment::from(Serialized::defaults(defaults));
+    if let Some(path) = file {
+        // figment silently skips a missing file; a missing --config is a mistake.
+        std::fs::metadata(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        fig = fig.merge(Toml::file_exact(path));
+    }
+    for env in extra {
+        fig = fig.merge(env);
+    }
+    Ok(fig.merge(Env::prefixed("TOCSIN_").split("__").lowercase(true)))
+}
+
+/// Extracts the raw struct, turning figment's errors into [`Problem`]s.
+pub fn extract<T: DeserializeOwned>(fig: &Figment) -> Result<T, ConfigError> {
+    fig.extract::<T>().map_err(|errors| {
+        ConfigError::Invalid(
+            errors
+                .into_iter()
+                .map(|e| problem_from_figment(fig, e))
+                .collect(),
+        )
+    })
+}
+
+fn problem_from_figment(fig: &Figment, e: figment::Error) -> Problem {
+    use figment::error::Kind;
+    let mut key = e.path.join(".");
+    let message = match &e.kind {
+        Kind::UnknownField(field, expected) => {
+            key = if key.is_empty() {
+                field.clone()
+            } else {
+                format!("{key}.{field}")
+            };
+            let expected: Vec<String> = expected.iter().map(|k| format!("`{k}`")).collect();
+            format!("unknown key (accepted here: {})", expected.join(", "))
+        }
+        Kind::Message(m) => m.clone(),
+        other => other.to_string(),
+    };
+    let origin = match &e.metadata {
+        Some(md) => origin_of(md, &key),
+        None => fig
+            .find_metadata(&key)
+            .map_or_else(|| "config".to_owned(), |md| origin_of(md, &key)),
+    };
+    Problem {
+        origin,
+        key,
+        message,
+    }
+}
+
+/// Names where the value of `key` came from: the file (with the line of the key when
+/// it can be found), the environment variable, or the built-in defaults.
+fn origin_of(md: &Metadata, key: &str) -> String {
+    match &md.source {
+        Some(Source::File(path)) => match line_of(path, key) {
+            Some(line) => format!("{}:{line}", path.display()),
+            None => path.display().to_string(),
+        },
+        Some(Source::Custom(s)) => s.clone(),
+        _ if md.name.contains("environment") => {
+            let keys: Vec<&str> = key.split('.').collect();
+            format!(
+                "environment variable {}",
+                md.interpolate(&Profile::Default, &keys)
+            )
+        }
+        _ => md.name.to_string(),
+    }
+}
+
+/// Best-effort line number of the last segment of `key` (`leaf = …`) in a TOML file.
+fn line_of(path: &Path, key: &str) -> Option<usize> {
+    let leaf = key.rsplit('.').next().filter(|s| !s.is_empty())?;
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start().trim_start_matches('"');
+            l.strip_prefix(leaf).is_some_and(|rest| {
+                rest.trim_start()
+                    .trim_start_matches('"')
+                    .trim_start()
+                    .starts_with('=')
+            })
+        })
+        .map(|i| i + 1)
+}
+
+/// Collects problems while a raw config is converted into typed values.
+#[derive(Debug)]
+pub struct Validator<'a> {
+    fig: &'a Figment,
+    problems: Vec<Problem>,
+}
+
+impl<'a> Validator<'a> {
+    /// A validator that attributes problems to the sources recorded in `fig`.
+    pub fn new(fig: &'a Figment) -> Self {
+        Validator {
+            fig,
+            problems: Vec::new(),
+        }
+    }
+
+    /// Records a problem with `key`.
+    pub fn problem(&mut self, key: &str, message: impl Into<String>) {
+        let origin = self
+            .fig
+            .find_metadata(key)
+            .map_or_else(|| "config".to_owned(), |md| origin_of(md, key));
+        self.problems.push(Problem {
+            origin,
+            key: key.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// Parses a duration; records a problem and returns `fallback` when invalid.
+    pub fn duration(&mut self, key: &str, raw: &str, fallback: Duration) -> Duration {
+        match parse_duration(raw) {
+            Some(d) => d,
+            None => {
+                self.problem(
+                    key,
+                    format!("invalid duration {raw:?} (expected {DURATION_FORM})"),
+                );
+                fallback
+            }
+        }
+    }
+
+    /// Like [`Validator::duration`] but also requires a non-zero value.
+    pub fn positive_duration(&mut self, key: &str, raw: &str, fallback: Duration) -> Duration {
+        let d = self.duration(key, raw, fallback);
+        if d.is_zero() && parse_duration(raw).is_some() {
+            self.problem(key, format!("must be greater than zero, got {raw:?}"));
+            return fallback;
+        }
+        d
+    }
+
+    /// Parses `IP:PORT`; records a problem and returns `None` when invalid.
+    pub fn socket_addr(&mut self, key: &str, raw: &str) -> Option<SocketAddr> {
+        match raw.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    key,
+                    format!("invalid address {raw:?} (expected IP:PORT, e.g. \"127.0.0.1:7600\")"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Checks an `http://HOST:PORT` or `https://HOST:PORT` endpoint URL.
+    pub fn endpoint(&mut self, key: &str, raw: &str) -> Option<String> {
+        let ok = ["http://", "https://"].iter().any(|scheme| {
+            raw.strip_prefix(scheme).is_some_and(|rest| {
+                let authority = rest.trim_end_matches('/');
+                authority
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+                    && !authority.contains('/')
+            })
+        });
+        if ok {
+            Some(raw.trim_end_matches('/').to_owned())
+        } else {
+            self.problem(
+                key,
+                format!(
+                    "invalid endpoint {raw:?} (expected http://HOST:PORT or https://HOST:PORT, \
+                     e.g. \"http://127.0.0.1:7601\")"
+                ),
+            );
+            None
+        }
+    }
+
+    /// Ends validation: `Ok(value)` if no problem was recorded.
+    pub fn finish<T>(self, value: T) -> Result<T, ConfigError> {
+        if self.problems.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigError::Invalid(self.problems))
+        }
+    }
+}
+
+/// Parses durations written as one or more `<number><unit>` parts, units `ms`, `s`,
+/// `m`, `h`, `d` (e.g. `"250ms"`, `"5s"`, `"1m30s"`, `"0s"`). Returns `None` for anything
+/// else, including unit words such as `"5minutes"` and bare numbers.
+pub fn parse_duration(raw: &str) -> Option<Duration> {
+    let s = raw.trim();
+    if s.is_empty() {
+        return None;
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return None;
+        }
+        let number: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let seconds_per_unit = match &rest[..unit_len] {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "d" => 86_400.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += Duration::try_from_secs_f64(number * seconds_per_unit).ok()?;
+    }
+    Some(total)
+}
+
+/// Formats a duration in the form [`parse_duration`] reads back (e.g. `"1m30s"`).
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".to_owned();
+    }
+    let mut out = String::new();
+    let mut rest = ms;
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+        ("ms", 1),
+    ] {
+        if rest >= size {
+            out.push_str(&format!("{}{unit}", rest / size));
+            rest %= size;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_in_the_documented_form() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("0s"), Some(Duration::ZERO));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2h"), Some(Duration::from_secs(7200)));
+    }
+
+    #[test]
+    fn durations_rejected() {
+        for bad in ["5minutes", "5", "", "s", "5 s", "-1s", "1x", "ms5"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn format_round_trips() {
+        for d in [0, 1, 999, 1000, 90_000, 86_400_000 + 1] {
+            let d = Duration::from_millis(d);
+            assert_eq!(parse_duration(&format_duration(d)), Some(d));
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Shipping: the connection to the aggregator as an explicit state machine.
+//!
+//! `Disconnected { next_attempt }` → connect (endpoint connect timeout, HTTP/2 keepalive)
+//! → `Hello` → `Welcome { last_seq }` → `Connected`: replay the spool above `last_seq`,
+//! then stream new events as the spool commits them, send heartbeats, and delete events
+//! from the spool as `Ack`s arrive. Any error drops back to `Disconnected` with a jittered
+//! exponential backoff, trying the next endpoint. Events are never lost here: they stay
+//! in the spool until acked.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tocsin_proto::v1::{self, agent_message, aggregator_message, ingest_client::IngestClient};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::backoff::Backoff;
+use crate::convert;
+use crate::event::{CheckStatus, now_ms};
+use crate::spool::{SpoolError, SpoolHandle};
+
+/// Events per batch message.
+pub const BATCH_EVENTS: usize = 512;
+/// Batches sent but not yet acked before the shipper waits for acks.
+pub const MAX_INFLIGHT_BATCHES: u64 = 8;
+/// How long to wait for `Welcome` after `Hello`.
+pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a session with the aggregator ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    /// The endpoint URL could not be used.
+    #[error("invalid endpoint {endpoint}: {source}")]
+    Endpoint {
+        /// The endpoint.
+        endpoint: String,
+        /// tonic's error.
+        source: tonic::transport::Error,
+    },
+    /// TCP/HTTP2 connection failed.
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect {
+        /// The endpoint.
+        endpoint: String,
+        /// tonic's error.
+        source: tonic::transport::Error,
+    },
+    /// The aggregator answered with an error status.
+    #[error("aggregator {endpoint} refused the stream: {status}")]
+    Status {
+        /// The endpoint.
+        endpoint: String,
+        /// gRPC status.
+        status: tonic::Status,
+    },
+    /// The stream ended or broke.
+    #[error("stream to {endpoint} closed: {reason}")]
+    Closed {
+        /// The endpoint.
+        endpoint: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The spool failed.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+/// Identity and settings the shipper needs.
+#[derive(Debug, Clone)]
+pub struct ShipConfig {
+    /// Aggregator endpoints in failover order.
+    pub endpoints: Vec<String>,
+    /// Connect timeout per attempt.
+    pub connect_timeout: Duration,
+    /// Heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// The Hello sent on every connect.
+    pub hello: v1::Hello,
+}
+
+/// Connection state, for logs and `/health`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnState {
+    /// Not connected; the next attempt is due after the delay.
+    Disconnected {
+        /// Delay before the next attempt.
+        next_attempt: Duration,
+    },
+    /// Streaming to this endpoint.
+    Connected {
+        /// The endpoint.
+        endpoint: String,
+    },
+}
+
+/// The shipper task.
+#[derive(Debug)]
+pub struct Shipper {
+    cfg: ShipConfig,
+    spool: SpoolHandle,
+    status: watch::Receiver<Arc<Vec<CheckStatus>>>,
+    backoff: Backoff,
+    state_tx: watch::Sender<ConnState>,
+}
+
+impl Shipper {
+    /// A shipper reading from `spool` and the current check `status`.
+    pub fn new(
+        cfg: ShipConfig,
+        spool: SpoolHandle,
+        status: watch::Receiver<Arc<Vec<CheckStatus>>>,
+        backoff: Backoff,
+    ) -> (Self, watch::Receiver<ConnState>) {
+        let (state_tx, state_rx) = watch::channel(ConnState::Disconnected {
+            next_attempt: Duration::ZERO,
+        });
+        (
+            Shipper {
+                cfg,
+                spool,
+                status,
+                backoff,
+                state_tx,
+            },
+            state_rx,
+        )
+    }
+
+    /// Runs until `shutdown` is cancelled.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut index = 0usize;
+        let mut failures = 0u64;
+        loop {
+            let endpoint = self.cfg.endpoints[index % self.cfg.endpoints.len()].clone();
+            let result = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = self.session(&endpoint, &shutdown) => r,
+            };
+            match result {
+                Ok(()) => return,
+                Err(error) => {
+                    failures += 1;
+                    let delay = self.backoff.next_delay();
+                    if failures == 1 {
+                        tracing::warn!(%endpoint, error = %error, retry_in = ?delay, "aggregator unreachable, events stay spooled");
+                    } else {
+                        tracing::debug!(%endpoint, error = %error, retry_in = ?delay, failures, "reconnect failed");
+                    }
+                    self.state_tx.send_replace(ConnState::Disconnected {
+                        next_attempt: delay,
+                    });
+                    index = index.wrapping_add(1);
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+            if matches!(*self.state_tx.borrow(), ConnState::Connected { .. }) {
+                failures = 0;
+            }
+        }
+    }
+
+    /// One connection: returns `Ok` only on shutdown.
+    async fn session(
+        &mut self,
+        endpoint: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ShipError> {
+        let ep = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|source| ShipError::Endpoint {
+                endpoint: endpoint.to_owned(),
+                source,
+            })?
+            .connect_timeout(self.cfg.connect_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        let channel = ep.connect().await.map_err(|source| ShipError::Connect {
+            endpoint: endpoint.to_owned(),
+            source,
+        })?;
+        let mut client = IngestClient::new(channel);
+        let (tx, rx) = mpsc::channel::<v1::AgentMessage>(MAX_INFLIGHT_BATCHES as usize * 2 + 4);
+        let closed = |reason: &str| ShipError::Closed {
+            endpoint: endpoint.to_owned(),
+            reason: reason.to_owned(),
+        };
+        tx.send(msg(agent_message::Msg::Hello(self.cfg.hello.clone())))
+            .await
+            .map_err(|_| closed("send failed"))?;
+        let mut inbound = client
+            .stream(ReceiverStream::new(rx))
+            .await
+            .map_err(|status| ShipError::Status {
+                endpoint: endpoint.to_owned(),
+                status,
+            })?
+            .into_inner();
+
+        let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()).await {
+            Err(_) => return Err(closed("no Welcome within 10s")),
+            Ok(Err(status)) => {
+                return Err(ShipError::Status {
+                    endpoint: endpoint.to_owned(),
+                    status,
+                });
+            }
+            Ok(Ok(None)) => return Err(closed("closed before Welcome")),
+            Ok(Ok(Some(v1::AggregatorMessage {
+                msg: Some(aggregator_message::Msg::Welcome(w)),
+            }))) => w,
+            Ok(Ok(Some(_))) => return Err(closed("first message was not a Welcome")),
+        };
+        self.spool.ack(welcome.last_seq).await?;
+        if self.spool.rebase(welcome.last_seq).await? {
+            tracing::warn!(
+                aggregator_last_seq = welcome.last_seq,
+                "spool was behind the aggregator (state lost?); renumbered waiting events"
+            );
+        }
+        self.backoff.reset();
+        self.state_tx.send_replace(ConnState::Connected {
+            endpoint: endpoint.to_owned(),
+        });
+        tracing::info!(%endpoint, aggregator_version = %welcome.version, last_seq = welcome.last_seq, "connected to aggregator");
+
+        let mut sent = welcome.last_seq;
+        let mut acked = welcome.last_seq;
+        let mut inflight: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
+        let mut latest = self.spool.latest();
+        let mut heartbeat = tokio::time::interval(self.cfg.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Send what the spool holds beyond what this stream already carried, within
+            // the in-flight window.
+            while sent < *latest.borrow_and_update()
+                && (inflight.len() as u64) < MAX_INFLIGHT_BATCHES
+            {
+                let batch = self.spool.read_after(sent, BATCH_EVENTS).await?;
+                let Some(last) = batch.last().map(|e| e.seq) else {
+                    break;
+                };
+                let events = batch.iter().map(convert::event).collect();
+                tx.send(msg(agent_message::Msg::Events(v1::EventBatch { events })))
+                    .await
+                    .map_err(|_| closed("send failed"))?;
+                tracing::debug!(from = batch[0].seq, to = last, "sent events");
+                sent = last;
+                inflight.push_back(last);
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                r = latest.changed() => {
+                    if r.is_err() {
+                        return Err(ShipError::Spool(SpoolError::Stopped));
+                    }
+                }
+                m = inbound.message() => match m {
+                    Ok(Some(v1::AggregatorMessage { msg: Some(aggregator_message::Msg::Ack(a)) })) => {
+                        if a.seq > acked {
+                            acked = a.seq;
+                            self.spool.ack(a.seq).await?;
+                        }
+                        while inflight.front().is_some_and(|&s| s <= acked) {
+                            inflight.pop_front();
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Err(closed("aggregator ended the stream")),
+                    Err(status) => return Err(ShipError::Status { endpoint: endpoint.to_owned(), status }),
+                },
+                _ = heartbeat.tick() => {
+                    let checks = self.status.borrow().iter().map(convert::check_status).collect();
+                    let hb = v1::Heartbeat { sent_at_ms: now_ms(), checks, last_seq: *latest.borrow() };
+                    tx.send(msg(agent_message::Msg::Heartbeat(hb))).await.map_err(|_| closed("send failed"))?;
+                }
+            }
+        }
+    }
+}
+
+fn msg(m: agent_message::Msg) -> v1::AgentMessage {
+    v1::AgentMessage { msg: Some(m) }
+}
