@@ -102,7 +102,9 @@ mod tests {
     #[test]
     fn invalid_bounds_rejected() {
         assert_eq!(
-            Backoff::new(Duration::ZERO, Duration::from_secs(1)).unwrap_err(),
+            Backoff::new(Duration::ZERO, Duration::from_secs(1))
+                .err()
+                .expect("zero min is refused"),
             BackoffError::ZeroMin
         );
         assert!(matches!(

@@ -3,13 +3,12 @@
 //!
 //! Sources, later ones win: built-in defaults (the seed's thresholds), the TOML file given
 //! with `--config`, the seed's variables (`CPU_ALERT_THRESHOLD`, `MEMORY_ALERT_THRESHOLD`,
-//! `NAMESPACE`), then `TOCSIN_…` variables (`__` for nesting).
+//! `NAMESPACE`), then `TOCSIN_AGENT_…` variables (`__` for nesting).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::providers::Env;
 use serde::{Deserialize, Serialize};
 
 use crate::evaluate::{Direction, Rule};
@@ -269,19 +268,18 @@ pub struct LogConfig {
     pub level: String,
 }
 
+/// Prefix of the agent's environment variables (`TOCSIN_AGENT_INTERVAL=2s`).
+pub const ENV_PREFIX: &str = "TOCSIN_AGENT_";
+
 /// The seed's own variable names, mapped onto config keys.
-fn seed_env() -> Vec<Env> {
-    vec![
-        Env::raw()
-            .only(&["CPU_ALERT_THRESHOLD"])
-            .map(|_| "rules.cpu.warning".into()),
-        Env::raw()
-            .only(&["MEMORY_ALERT_THRESHOLD"])
-            .map(|_| "rules.memory.warning".into()),
-        Env::raw()
-            .only(&["NAMESPACE"])
-            .map(|_| "labels.namespace".into()),
-    ]
+pub const SEED_ENV: &[(&str, &str)] = &[
+    ("CPU_ALERT_THRESHOLD", "rules.cpu.warning"),
+    ("MEMORY_ALERT_THRESHOLD", "rules.memory.warning"),
+    ("NAMESPACE", "labels.namespace"),
+];
+
+fn seed_env() -> Vec<settings::EnvVar> {
+    settings::env_providers(ENV_PREFIX, SEED_ENV)
 }
 
 /// Loads and validates the config from `file` (optional) and the environment, with

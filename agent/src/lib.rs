@@ -15,6 +15,7 @@ pub mod event;
 pub mod sample;
 pub mod settings;
 pub mod ship;
+pub mod shutdown;
 pub mod spool;
 pub mod telemetry;
 

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "tocsin-agent", version)]
 struct Cli {
-    /// TOML config file (environment: TOCSIN_… variables override it).
+    /// TOML config file (TOCSIN_AGENT_… environment variables override it).
     #[arg(long, short, global = true, env = "TOCSIN_AGENT_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             };
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
-                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                tokio::spawn(tocsin_agent::shutdown::cancel_on_signal(shutdown.clone()));
                 match tocsin_agent::run(cfg, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
@@ -88,21 +88,4 @@ fn fail_config(e: &tocsin_agent::settings::ConfigError) -> ExitCode {
         format!("tocsin-agent: invalid config:\n{e}\n").as_bytes(),
     );
     ExitCode::from(64)
-}
-
-/// Cancels `token` on SIGTERM or SIGINT.
-async fn cancel_on_signal(token: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
-        _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
-    }
-    token.cancel();
 }

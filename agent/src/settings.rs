@@ -11,8 +11,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Serialized, Toml};
-use figment::{Figment, Metadata, Profile, Source};
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -57,13 +58,79 @@ impl fmt::Display for Problem {
     }
 }
 
+/// One environment variable as a figment provider. The value stays a string (so
+/// `TOCSIN_AGENT_ID=1234` is the string "1234"; numeric fields accept it through
+/// figment's lossy extraction), except that a value starting with `[` or `{` is parsed
+/// as an array or table (`TOCSIN_AGENT_AGGREGATOR__ENDPOINTS='["http://a:7601"]'`).
+#[derive(Debug, Clone)]
+pub struct EnvVar {
+    var: String,
+    key: String,
+    value: String,
+}
+
+impl Provider for EnvVar {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(format!("environment variable {}", self.var))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let trimmed = self.value.trim_start();
+        let value = if trimmed.starts_with('[') || trimmed.starts_with('{') {
+            self.value
+                .parse::<Value>()
+                .unwrap_or_else(|_| Value::from(self.value.clone()))
+        } else {
+            Value::from(self.value.clone())
+        };
+        let dict = match figment::util::nest(&self.key, value) {
+            Value::Dict(_, d) => d,
+            _ => Dict::new(),
+        };
+        Ok(Map::from([(Profile::Default, dict)]))
+    }
+}
+
+/// Environment providers: variables under `prefix` (e.g. `TOCSIN_AGENT_`; `__`
+/// separates nesting levels and names are lower-cased, so
+/// `TOCSIN_AGENT_AGGREGATOR__BACKOFF_MAX` is `aggregator.backoff_max`), after `seed`:
+/// variables of the seed's own names mapped onto keys. `PREFIX + CONFIG` (the `--config`
+/// variable) is not a key.
+pub fn env_providers(prefix: &str, seed: &[(&str, &str)]) -> Vec<EnvVar> {
+    let mut out = Vec::new();
+    for (var, key) in seed {
+        if let Ok(value) = std::env::var(var) {
+            out.push(EnvVar {
+                var: (*var).to_owned(),
+                key: (*key).to_owned(),
+                value,
+            });
+        }
+    }
+    let mut prefixed: Vec<EnvVar> = std::env::vars()
+        .filter_map(|(var, value)| {
+            let rest = var.strip_prefix(prefix)?;
+            if rest == "CONFIG" || rest.is_empty() {
+                return None;
+            }
+            let key = rest.to_lowercase().replace("__", ".");
+            Some(EnvVar { var, key, value })
+        })
+        .collect();
+    prefixed.sort_by(|a, b| a.var.cmp(&b.var));
+    out.extend(prefixed);
+    out
+}
+
 /// Builds the figment for a binary: `defaults`, then the TOML `file` (which must exist
-/// when given), then `extra` providers (the seed's variable names), then `TOCSIN_…`
-/// variables with `__` for nesting (e.g. `TOCSIN_AGGREGATOR__ENDPOINTS`).
+/// when given), then the environment providers (see [`env_providers`]).
+///
+/// # Errors
+/// [`ConfigError::Read`] when `file` does not exist or cannot be read.
 pub fn figment<T: Serialize>(
     defaults: &T,
     file: Option<&Path>,
-    extra: Vec<Env>,
+    env: Vec<EnvVar>,
 ) -> Result<Figment, ConfigError> {
     let mut fig = Figment::from(Serialized::defaults(defaults));
     if let Some(path) = file {
@@ -74,15 +141,15 @@ pub fn figment<T: Serialize>(
         })?;
         fig = fig.merge(Toml::file_exact(path));
     }
-    for env in extra {
-        fig = fig.merge(env);
+    for var in env {
+        fig = fig.merge(var);
     }
-    Ok(fig.merge(Env::prefixed("TOCSIN_").split("__").lowercase(true)))
+    Ok(fig)
 }
 
 /// Extracts the raw struct, turning figment's errors into [`Problem`]s.
 pub fn extract<T: DeserializeOwned>(fig: &Figment) -> Result<T, ConfigError> {
-    fig.extract::<T>().map_err(|errors| {
+    fig.extract_lossy::<T>().map_err(|errors| {
         ConfigError::Invalid(
             errors
                 .into_iter()
@@ -97,11 +164,14 @@ fn problem_from_figment(fig: &Figment, e: figment::Error) -> Problem {
     let mut key = e.path.join(".");
     let message = match &e.kind {
         Kind::UnknownField(field, expected) => {
-            key = if key.is_empty() {
-                field.clone()
-            } else {
-                format!("{key}.{field}")
-            };
+            // figment's path may or may not end with the unknown field itself.
+            if !key.ends_with(field.as_str()) {
+                key = if key.is_empty() {
+                    field.clone()
+                } else {
+                    format!("{key}.{field}")
+                };
+            }
             let expected: Vec<String> = expected.iter().map(|k| format!("`{k}`")).collect();
             format!("unknown key (accepted here: {})", expected.join(", "))
         }
@@ -130,13 +200,6 @@ fn origin_of(md: &Metadata, key: &str) -> String {
             None => path.display().to_string(),
         },
         Some(Source::Custom(s)) => s.clone(),
-        _ if md.name.contains("environment") => {
-            let keys: Vec<&str> = key.split('.').collect();
-            format!(
-                "environment variable {}",
-                md.interpolate(&Profile::Default, &keys)
-            )
-        }
         _ => md.name.to_string(),
     }
 }

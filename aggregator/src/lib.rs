@@ -1,1 +1,188 @@
-//! stub
+//! tocsin-aggregator: the central service.
+//!
+//! Data path: `ingest` (gRPC stream per agent; `convert` validates wire messages) →
+//! `store` (one SQLite writer thread; events, incidents via the pure `correlate`, and
+//! the outbox in one transaction) → `notify` (one dispatcher per channel) and `web`
+//! (JSON API). `cli` is the on-call command line `tocsin`, including `tocsin up`.
+
+pub mod cli;
+pub mod config;
+pub mod convert;
+pub mod correlate;
+pub mod ingest;
+pub mod model;
+pub mod notify;
+pub mod store;
+pub mod web;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tocsin_proto::v1::ingest_server::IngestServer;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::AggregatorConfig;
+use crate::notify::{Dispatcher, Target};
+
+/// How long tasks get to finish after shutdown is requested.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The addresses the aggregator actually bound (useful with port 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    /// HTTP API.
+    pub http: SocketAddr,
+    /// gRPC ingest.
+    pub grpc: SocketAddr,
+}
+
+/// The aggregator could not start or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregatorError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Listen {
+        /// `listen_http` or `listen_grpc`.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The HTTP client for notifications could not be built.
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// Installs the process-wide rustls crypto provider (ring). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Runs the aggregator until `shutdown` is cancelled. `bound`, if given, receives the
+/// listen addresses once both sockets are bound.
+///
+/// # Errors
+/// [`AggregatorError`] when a listener, the store or the HTTP client cannot start.
+pub async fn run(
+    cfg: AggregatorConfig,
+    shutdown: CancellationToken,
+    bound: Option<oneshot::Sender<Bound>>,
+) -> Result<(), AggregatorError> {
+    install_crypto_provider();
+    let http_listener =
+        TcpListener::bind(cfg.listen_http)
+            .await
+            .map_err(|source| AggregatorError::Listen {
+                what: "listen_http",
+                addr: cfg.listen_http,
+                source,
+            })?;
+    let grpc_listener =
+        TcpListener::bind(cfg.listen_grpc)
+            .await
+            .map_err(|source| AggregatorError::Listen {
+                what: "listen_grpc",
+                addr: cfg.listen_grpc,
+                source,
+            })?;
+    let addrs = Bound {
+        http: http_listener.local_addr().unwrap_or(cfg.listen_http),
+        grpc: grpc_listener.local_addr().unwrap_or(cfg.listen_grpc),
+    };
+
+    let mut channels = Vec::new();
+    if cfg.console {
+        channels.push("console".to_owned());
+    }
+    channels.extend(cfg.webhooks.iter().map(|w| w.name.clone()));
+    let store = store::spawn(store::Store::open(&cfg.data_dir, channels)?)?;
+
+    let (wake_tx, wake_rx) = watch::channel(0u64);
+    let tracker = TaskTracker::new();
+    let client = reqwest::Client::builder()
+        .user_agent(concat!("tocsin/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(5))
+        .build()?;
+    let mut targets: Vec<(String, Target)> = Vec::new();
+    if cfg.console {
+        targets.push(("console".into(), Target::Console));
+    }
+    for w in &cfg.webhooks {
+        targets.push((
+            w.name.clone(),
+            Target::Webhook {
+                url: w.url.clone(),
+                timeout: w.timeout,
+                client: client.clone(),
+            },
+        ));
+    }
+    for (name, target) in targets {
+        let d = Dispatcher {
+            name,
+            target,
+            store: store.clone(),
+            wake: wake_rx.clone(),
+            retry_min: cfg.retry_min,
+            retry_max: cfg.retry_max,
+        };
+        tracker.spawn(d.run(shutdown.clone()));
+    }
+
+    let ingest = ingest::IngestService::new(store.clone(), wake_tx, shutdown.clone());
+    let grpc_shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(IngestServer::new(ingest))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(grpc_listener),
+                grpc_shutdown.cancelled(),
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server failed");
+            grpc_shutdown.cancel();
+        }
+    });
+
+    let app = web::router(web::AppState {
+        store: store.clone(),
+    });
+    let http_shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        let serve = axum::serve(http_listener, app)
+            .with_graceful_shutdown(http_shutdown.clone().cancelled_owned());
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server failed");
+            http_shutdown.cancel();
+        }
+    });
+    tracker.close();
+
+    tracing::info!(http = %addrs.http, grpc = %addrs.grpc, data_dir = %cfg.data_dir.display(), "listening");
+    if let Some(tx) = bound {
+        let _ = tx.send(addrs);
+    }
+    shutdown.cancelled().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            still_running = tracker.len(),
+            "aggregator tasks did not stop within the grace period"
+        );
+    }
+    tracing::info!("aggregator stopped");
+    Ok(())
+}

@@ -1,1 +1,88 @@
-fn main() {}
+//! `tocsin-aggregator`: parse the command line, load the config, run. Exit codes: 0
+//! clean, 64 bad usage or config, 1 runtime failure.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tocsin_aggregator::config;
+use tokio_util::sync::CancellationToken;
+
+/// The tocsin aggregator: ingests agent streams, opens and resolves incidents, sends
+/// notifications and serves the API.
+#[derive(Debug, Parser)]
+#[command(name = "tocsin-aggregator", version)]
+struct Cli {
+    /// TOML config file (TOCSIN_AGGREGATOR_… environment variables override it).
+    #[arg(long, short, global = true, env = "TOCSIN_AGGREGATOR_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the aggregator (the default).
+    Run,
+    /// Validate the config and exit 0, or print every problem and exit 64.
+    CheckConfig,
+    /// Print the effective config (defaults, file and environment merged) as TOML.
+    PrintConfig,
+}
+
+fn fail_config(e: &tocsin_agent::settings::ConfigError) -> ExitCode {
+    let _ = std::io::stderr()
+        .write_all(format!("tocsin-aggregator: invalid config:\n{e}\n").as_bytes());
+    ExitCode::from(64)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let file = cli.config.as_deref();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => match config::load(file) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => fail_config(&e),
+        },
+        Command::PrintConfig => match config::effective(file) {
+            Ok(raw) => {
+                let text = toml::to_string_pretty(&raw)
+                    .unwrap_or_else(|e| format!("# cannot render config: {e}\n"));
+                std::io::stdout()
+                    .write_all(text.as_bytes())
+                    .map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
+            }
+            Err(e) => fail_config(&e),
+        },
+        Command::Run => {
+            let cfg = match config::load(file) {
+                Ok(c) => c,
+                Err(e) => return fail_config(&e),
+            };
+            tocsin_agent::telemetry::init(cfg.log.json, &cfg.log.level);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the async runtime");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(tocsin_agent::shutdown::cancel_on_signal(shutdown.clone()));
+                match tocsin_aggregator::run(cfg, shutdown, None).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!(error = %e, "aggregator failed");
+                        ExitCode::FAILURE
+                    }
+                }
+            })
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! The on-call command line, `tocsin`: `up` runs an aggregator and a local agent in one
+//! process with embedded defaults; the other commands read the aggregator's JSON API.
+//!
+//! Exit codes: 0 success, 1 runtime failure (API unreachable, not found, daemon failed),
+//! 64 bad usage or config.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+use tocsin_agent::settings::{self, ConfigError, Validator};
+use tokio_util::sync::CancellationToken;
+
+/// Default API address of the CLI.
+pub const DEFAULT_API_URL: &str = "http://127.0.0.1:7600";
+/// Default data directory of `tocsin up`.
+pub const DEFAULT_UP_DATA_DIR: &str = "./tocsin-data";
+/// Prefix of the CLI's own environment variables (`TOCSIN_CLI_API_URL`); the shorter
+/// `TOCSIN_API_URL` is accepted too.
+pub const ENV_PREFIX: &str = "TOCSIN_CLI_";
+
+/// tocsin: emergency response for Linux fleets. `tocsin up` runs everything locally; the
+/// other commands talk to an aggregator's API.
+#[derive(Debug, Parser)]
+#[command(name = "tocsin", version)]
+pub struct Cli {
+    /// CLI config file (TOML: `api_url = "http://HOST:PORT"`).
+    #[arg(long, short, global = true, env = "TOCSIN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Aggregator API URL (overrides the config file and TOCSIN_API_URL).
+    #[arg(long, global = true)]
+    pub api: Option<String>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `tocsin` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run an aggregator and an agent for this node in one process (loopback only,
+    /// SQLite in a local directory, notifications on the console and to --webhook).
+    Up(UpArgs),
+    /// List incidents, newest first.
+    Incidents {
+        /// `open`, `resolved` or `all`.
+        #[arg(long, default_value = "all")]
+        status: String,
+    },
+    /// Show one incident with its timeline and notifications.
+    Show {
+        /// Incident id.
+        id: i64,
+    },
+    /// List nodes (agents) and when they were last heard from.
+    Nodes,
+    /// Validate the CLI config and exit 0, or print every problem and exit 64.
+    CheckConfig,
+}
+
+/// Arguments of `tocsin up`.
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Directory for the aggregator's store and the agent's spool.
+    #[arg(long, default_value = DEFAULT_UP_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Aggregator config file (TOML), optional.
+    #[arg(long)]
+    pub aggregator_config: Option<PathBuf>,
+    /// Agent config file (TOML), optional.
+    #[arg(long)]
+    pub agent_config: Option<PathBuf>,
+    /// HTTP API address (default 127.0.0.1:7600; port 0 picks a free one).
+    #[arg(long)]
+    pub http: Option<String>,
+    /// gRPC ingest address (default 127.0.0.1:7601).
+    #[arg(long)]
+    pub grpc: Option<String>,
+    /// Also send notifications to this JSON webhook URL (repeatable).
+    #[arg(long)]
+    pub webhook: Vec<String>,
+    /// Watch a process by executable name (repeatable): fewer than one running is critical.
+    #[arg(long)]
+    pub watch: Vec<String>,
+}
+
+/// The CLI config as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCliConfig {
+    /// Aggregator API URL.
+    pub api_url: String,
+}
+
+impl Default for RawCliConfig {
+    fn default() -> Self {
+        RawCliConfig {
+            api_url: DEFAULT_API_URL.into(),
+        }
+    }
+}
+
+/// Loads the CLI config: defaults, `file`, `TOCSIN_API_URL`.
+///
+/// # Errors
+/// [`ConfigError`] naming the origin and key of each problem.
+pub fn load_cli_config(file: Option<&Path>) -> Result<String, ConfigError> {
+    let fig = settings::figment(&RawCliConfig::default(), file, cli_env())?;
+    let raw: RawCliConfig = settings::extract(&fig)?;
+    let mut v = Validator::new(&fig);
+    let url = v.endpoint("api_url", &raw.api_url);
+    v.finish(url.unwrap_or_default())
+}
+
+fn cli_env() -> Vec<settings::EnvVar> {
+    // Only TOCSIN_API_URL belongs to the CLI; the daemons have their own prefixes.
+    settings::env_providers(ENV_PREFIX, &[("TOCSIN_API_URL", "api_url")])
+}
+
+fn say(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+fn complain(text: &str) {
+    let _ = std::io::stderr().write_all(format!("tocsin: {text}\n").as_bytes());
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main(cli: Cli) -> ExitCode {
+    crate::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            complain(&format!("cannot start the async runtime: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Command::Up(args) = cli.command {
+        return runtime.block_on(up(args));
+    }
+    let api = match cli
+        .api
+        .clone()
+        .map_or_else(|| load_cli_config(cli.config.as_deref()), Ok)
+    {
+        Ok(a) => a.trim_end_matches('/').to_owned(),
+        Err(e) => {
+            complain(&format!("invalid config:\n{e}"));
+            return ExitCode::from(64);
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::CheckConfig => ExitCode::SUCCESS,
+            Command::Incidents { status } => incidents(&api, &status, cli.json).await,
+            Command::Show { id } => show(&api, id, cli.json).await,
+            Command::Nodes => nodes(&api, cli.json).await,
+            Command::Up(_) => ExitCode::FAILURE,
+        }
+    })
+}
+
+async fn get_json(url: &str) -> Result<serde_json::Value, String> {
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp
+        .json()
+        .await
+        .map_err(|e| format!("{url}: invalid JSON: {e}"))?;
+    if !status.is_success() {
+        return Err(format!(
+            "{url}: HTTP {status}: {}",
+            body["error"].as_str().unwrap_or("")
+        ));
+    }
+    Ok(body)
+}
+
+fn fmt_value(v: &serde_json::Value, unit: &serde_json::Value) -> String {
+    match v.as_f64() {
+        Some(x) if unit.as_str() == Some("percent") => format!("{x:.1}%"),
+        Some(x) => format!("{x}"),
+        None => "-".into(),
+    }
+}
+
+async fn incidents(api: &str, status: &str, json: bool) -> ExitCode {
+    if !matches!(status, "open" | "resolved" | "all") {
+        complain(&format!(
+            "--status {status:?}: expected open, resolved or all"
+        ));
+        return ExitCode::from(64);
+    }
+    let body = match get_json(&format!("{api}/api/v1/incidents?status={status}")).await {
+        Ok(b) => b,
+        Err(e) => {
+            complain(&e);
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        say(&format!("{}\n", body["incidents"]));
+        return ExitCode::SUCCESS;
+    }
+    let mut out = format!(
+        "{:<5} {:<4} {:<12} {:<20} {:<28} {:<9} {:>8}  {}\n",
+        "ID", "SEV", "STATUS", "NODE", "CHECK", "STATE", "VALUE", "TRIGGERED"
+    );
+    for i in body["incidents"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<5} {:<4} {:<12} {:<20} {:<28} {:<9} {:>8}  {}\n",
+            i["id"].to_string(),
+            i["severity"].as_str().unwrap_or("?"),
+            i["status"].as_str().unwrap_or("?"),
+            i["node"].as_str().unwrap_or("?"),
+            i["check"].as_str().unwrap_or("?"),
+            i["state"].as_str().unwrap_or("?"),
+            fmt_value(&i["value"], &i["unit"]),
+            i["triggered_at"].as_str().unwrap_or("?"),
+        ));
+    }
+    say(&out);
+    ExitCode::SUCCESS
+}
+
+async fn show(api: &str, id: i64, json: bool) -> ExitCode {
+    let body = match get_json(&format!("{api}/api/v1/incidents/{id}")).await {
+        Ok(b) => b,
+        Err(e) => {
+            complain(&e);
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        say(&format!("{body}\n"));
+        return ExitCode::SUCCESS;
+    }
+    let mut out = format!(
+        "incident #{} {} {} — {} {}\n  {}\n  triggered {}  resolved {}\n\ntimeline:\n",
+        body["id"],
+        body["severity"].as_str().unwrap_or("?"),
+        body["status"].as_str().unwrap_or("?"),
+        body["node"].as_str().unwrap_or("?"),
+        body["check"].as_str().unwrap_or("?"),
+        body["summary"].as_str().unwrap_or(""),
+        body["triggered_at"].as_str().unwrap_or("-"),
+        body["resolved_at"].as_str().unwrap_or("-"),
+    );
+    for t in body["timeline"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  {}  {:<14} {:<20} {}\n",
+            crate::model::rfc3339(t["at_ms"].as_i64().unwrap_or(0)),
+            t["kind"].as_str().unwrap_or("?"),
+            t["actor"].as_str().unwrap_or("?"),
+            t["note"].as_str().unwrap_or(""),
+        ));
+    }
+    out.push_str("\nnotifications:\n");
+    for n in body["notifications"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "  {:<8} {:<16} {:<10} attempts {}  {}\n",
+            n["kind"].as_str().unwrap_or("?"),
+            n["channel"].as_str().unwrap_or("?"),
+            n["status"].as_str().unwrap_or("?"),
+            n["attempts"],
+            n["last_error"].as_str().unwrap_or(""),
+        ));
+    }
+    say(&out);
+    ExitCode::SUCCESS
+}
+
+async fn nodes(api: &str, json: bool) -> ExitCode {
+    let body = match get_json(&format!("{api}/api/v1/nodes")).await {
+        Ok(b) => b,
+        Err(e) => {
+            complain(&e);
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        say(&format!("{}\n", body["nodes"]));
+        return ExitCode::SUCCESS;
+    }
+    let mut out = format!(
+        "{:<24} {:<24} {:<10} {:>8}  {}\n",
+        "AGENT", "HOSTNAME", "CONNECTED", "LAST_SEQ", "LAST_SEEN"
+    );
+    for n in body["nodes"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<24} {:<24} {:<10} {:>8}  {}\n",
+            n["agent_id"].as_str().unwrap_or("?"),
+            n["hostname"].as_str().unwrap_or("?"),
+            if n["connected"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            n["last_seq"].to_string(),
+            crate::model::rfc3339(n["last_seen_ms"].as_i64().unwrap_or(0)),
+        ));
+    }
+    say(&out);
+    ExitCode::SUCCESS
+}
+
+/// `tocsin up`: aggregator + local agent in one process until Ctrl-C / SIGTERM.
+async fn up(args: UpArgs) -> ExitCode {
+    let data_dir = args.data_dir.clone();
+    let mut agg_defaults = crate::config::RawConfig {
+        data_dir: data_dir.join("aggregator").display().to_string(),
+        ..Default::default()
+    };
+    agg_defaults.notify.console = true;
+    let mut agg = match crate::config::load_with(&agg_defaults, args.aggregator_config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            complain(&format!("invalid aggregator config:\n{e}"));
+            return ExitCode::from(64);
+        }
+    };
+    let mut problems = Vec::new();
+    for (flag, value, slot) in [
+        ("--http", &args.http, &mut agg.listen_http),
+        ("--grpc", &args.grpc, &mut agg.listen_grpc),
+    ] {
+        if let Some(v) = value {
+            match v.parse() {
+                Ok(a) => *slot = a,
+                Err(_) => problems.push(format!(
+                    "{flag} {v:?}: expected IP:PORT, e.g. 127.0.0.1:7600"
+                )),
+            }
+        }
+    }
+    for (i, url) in args.webhook.iter().enumerate() {
+        let ok = reqwest::Url::parse(url)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if !ok {
+            problems.push(format!(
+                "--webhook {url:?}: expected an http:// or https:// URL"
+            ));
+        }
+        agg.webhooks.push(crate::config::Webhook {
+            name: format!("webhook-cli-{}", i + 1),
+            url: url.clone(),
+            timeout: std::time::Duration::from_secs(10),
+        });
+    }
+    let agent_defaults = tocsin_agent::config::RawConfig {
+        state_dir: data_dir.join("agent").display().to_string(),
+        process: args
+            .watch
+            .iter()
+            .map(|name| tocsin_agent::config::RawProcessWatch {
+                name: name.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let mut agent =
+        match tocsin_agent::config::load_with(&agent_defaults, args.agent_config.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                complain(&format!("invalid agent config:\n{e}"));
+                return ExitCode::from(64);
+            }
+        };
+    if !problems.is_empty() {
+        complain(&problems.join("\n"));
+        return ExitCode::from(64);
+    }
+    tocsin_agent::telemetry::init(agg.log.json, &agg.log.level);
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(tocsin_agent::shutdown::cancel_on_signal(shutdown.clone()));
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let webhooks: Vec<String> = agg.webhooks.iter().map(|w| w.url.clone()).collect();
+    let agg_task = tokio::spawn(crate::run(agg, shutdown.clone(), Some(bound_tx)));
+    let Ok(bound) = bound_rx.await else {
+        return match agg_task.await {
+            Ok(Err(e)) => {
+                complain(&format!("aggregator failed to start: {e}"));
+                ExitCode::FAILURE
+            }
+            _ => ExitCode::FAILURE,
+        };
+    };
+    agent.endpoints = vec![format!("http://{}", bound.grpc)];
+    say(&format!(
+        "tocsin up: API http://{http}/api/v1/incidents  (tocsin --api http://{http} incidents)\n\
+         tocsin up: agent {id} → ingest {grpc}; data in {dir}; notifications: console{hooks}\n\
+         tocsin up: Ctrl-C to stop\n",
+        http = bound.http,
+        grpc = bound.grpc,
+        id = agent.agent_id,
+        dir = data_dir.display(),
+        hooks = webhooks
+            .iter()
+            .map(|w| format!(", {w}"))
+            .collect::<String>(),
+    ));
+    let agent_task = tokio::spawn(tocsin_agent::run(agent, shutdown.clone()));
+    let (a, b) = tokio::join!(agg_task, agent_task);
+    match (a, b) {
+        (Ok(Ok(())), Ok(Ok(()))) => ExitCode::SUCCESS,
+        (Ok(Err(e)), _) => {
+            complain(&format!("aggregator failed: {e}"));
+            ExitCode::FAILURE
+        }
+        (_, Ok(Err(e))) => {
+            complain(&format!("agent failed: {e}"));
+            ExitCode::FAILURE
+        }
+        _ => ExitCode::FAILURE,
+    }
+}

@@ -1,0 +1,259 @@
+//! The aggregator's configuration: raw TOML/environment shape and validated
+//! [`AggregatorConfig`].
+//!
+//! Sources, later ones win: built-in defaults, the TOML file given with `--config`, then
+//! `TOCSIN_AGGREGATOR_…` variables (`__` for nesting, e.g.
+//! `TOCSIN_AGGREGATOR_LISTEN_HTTP=127.0.0.1:9000`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tocsin_agent::settings::{self, ConfigError, Validator};
+
+/// Prefix of the aggregator's environment variables.
+pub const ENV_PREFIX: &str = "TOCSIN_AGGREGATOR_";
+/// Default HTTP (API, on-call view) listen address: loopback only.
+pub const DEFAULT_LISTEN_HTTP: &str = "127.0.0.1:7600";
+/// Default gRPC (agent ingest) listen address: loopback only.
+pub const DEFAULT_LISTEN_GRPC: &str = "127.0.0.1:7601";
+/// Default per-request timeout of notification deliveries.
+pub const DEFAULT_NOTIFY_TIMEOUT: &str = "10s";
+
+/// The config as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    /// HTTP API listen address.
+    pub listen_http: String,
+    /// gRPC ingest listen address.
+    pub listen_grpc: String,
+    /// Directory of the SQLite store (`tocsin.db`).
+    pub data_dir: String,
+    /// Notification channels.
+    pub notify: RawNotify,
+    /// Logging.
+    pub log: tocsin_agent::config::RawLog,
+}
+
+/// `[notify]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawNotify {
+    /// Print notifications on standard output (on in `tocsin up`).
+    pub console: bool,
+    /// First retry delay.
+    pub retry_min: String,
+    /// Largest retry delay.
+    pub retry_max: String,
+    /// Generic JSON webhooks (`[[notify.webhook]]`).
+    pub webhook: Vec<RawWebhook>,
+}
+
+/// One `[[notify.webhook]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawWebhook {
+    /// Channel name, unique (shown in the incident's notifications).
+    pub name: String,
+    /// `http://` or `https://` URL receiving a JSON POST.
+    pub url: String,
+    /// Per-request timeout.
+    pub timeout: String,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            listen_http: DEFAULT_LISTEN_HTTP.into(),
+            listen_grpc: DEFAULT_LISTEN_GRPC.into(),
+            data_dir: "/var/lib/tocsin-aggregator".into(),
+            notify: RawNotify::default(),
+            log: tocsin_agent::config::RawLog::default(),
+        }
+    }
+}
+
+impl Default for RawNotify {
+    fn default() -> Self {
+        RawNotify {
+            console: false,
+            retry_min: "1s".into(),
+            retry_max: "5m".into(),
+            webhook: Vec::new(),
+        }
+    }
+}
+
+impl Default for RawWebhook {
+    fn default() -> Self {
+        RawWebhook {
+            name: String::new(),
+            url: String::new(),
+            timeout: DEFAULT_NOTIFY_TIMEOUT.into(),
+        }
+    }
+}
+
+/// The validated config.
+#[derive(Debug, Clone)]
+pub struct AggregatorConfig {
+    /// HTTP API listen address.
+    pub listen_http: SocketAddr,
+    /// gRPC ingest listen address.
+    pub listen_grpc: SocketAddr,
+    /// Store directory.
+    pub data_dir: PathBuf,
+    /// Print notifications on stdout.
+    pub console: bool,
+    /// Retry delay bounds for failed deliveries.
+    pub retry_min: Duration,
+    /// Largest retry delay.
+    pub retry_max: Duration,
+    /// Webhook channels.
+    pub webhooks: Vec<Webhook>,
+    /// Log settings.
+    pub log: tocsin_agent::config::LogConfig,
+}
+
+/// A validated webhook channel.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    /// Channel name.
+    pub name: String,
+    /// Target URL.
+    pub url: String,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+/// Loads and validates with `defaults` as the lowest layer.
+///
+/// # Errors
+/// [`ConfigError`] listing every problem with its origin and key.
+pub fn load_with(
+    defaults: &RawConfig,
+    file: Option<&Path>,
+) -> Result<AggregatorConfig, ConfigError> {
+    let fig = settings::figment(defaults, file, settings::env_providers(ENV_PREFIX, &[]))?;
+    let raw: RawConfig = settings::extract(&fig)?;
+    raw.validate(&fig)
+}
+
+/// [`load_with`] the built-in defaults.
+///
+/// # Errors
+/// See [`load_with`].
+pub fn load(file: Option<&Path>) -> Result<AggregatorConfig, ConfigError> {
+    load_with(&RawConfig::default(), file)
+}
+
+/// The effective raw config, for `print-config`.
+///
+/// # Errors
+/// See [`load_with`].
+pub fn effective(file: Option<&Path>) -> Result<RawConfig, ConfigError> {
+    let fig = settings::figment(
+        &RawConfig::default(),
+        file,
+        settings::env_providers(ENV_PREFIX, &[]),
+    )?;
+    settings::extract(&fig)
+}
+
+impl RawConfig {
+    /// Converts into typed values, reporting every problem at once.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`].
+    pub fn validate(self, fig: &figment::Figment) -> Result<AggregatorConfig, ConfigError> {
+        let mut v = Validator::new(fig);
+        let listen_http = v.socket_addr("listen_http", &self.listen_http);
+        let listen_grpc = v.socket_addr("listen_grpc", &self.listen_grpc);
+        let retry_min = v.positive_duration(
+            "notify.retry_min",
+            &self.notify.retry_min,
+            Duration::from_secs(1),
+        );
+        let retry_max = v.positive_duration(
+            "notify.retry_max",
+            &self.notify.retry_max,
+            Duration::from_secs(300),
+        );
+        if retry_min > retry_max {
+            v.problem(
+                "notify.retry_min",
+                format!(
+                    "{:?} is above notify.retry_max {:?}",
+                    self.notify.retry_min, self.notify.retry_max
+                ),
+            );
+        }
+        let mut webhooks = Vec::new();
+        let mut names = std::collections::BTreeSet::new();
+        for (i, w) in self.notify.webhook.iter().enumerate() {
+            let key = format!("notify.webhook[{i}]");
+            let name = if w.name.is_empty() {
+                format!("webhook-{}", i + 1)
+            } else {
+                w.name.clone()
+            };
+            if !names.insert(name.clone()) || name == "console" {
+                v.problem(
+                    &format!("{key}.name"),
+                    format!("channel name {name:?} is used twice"),
+                );
+            }
+            let url_ok = reqwest::Url::parse(&w.url)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            if !url_ok {
+                v.problem(
+                    &format!("{key}.url"),
+                    format!(
+                        "invalid URL {:?} (expected http://HOST[:PORT]/PATH or https://…)",
+                        w.url
+                    ),
+                );
+            }
+            let timeout = v.positive_duration(
+                &format!("{key}.timeout"),
+                &w.timeout,
+                Duration::from_secs(10),
+            );
+            webhooks.push(Webhook {
+                name,
+                url: w.url.clone(),
+                timeout,
+            });
+        }
+        let json = match self.log.format.as_str() {
+            "plain" => false,
+            "json" => true,
+            other => {
+                v.problem(
+                    "log.format",
+                    format!("invalid value {other:?} (expected \"plain\" or \"json\")"),
+                );
+                false
+            }
+        };
+        if self.data_dir.trim().is_empty() {
+            v.problem("data_dir", "must not be empty");
+        }
+        let fallback: SocketAddr = ([127, 0, 0, 1], 0).into();
+        v.finish(AggregatorConfig {
+            listen_http: listen_http.unwrap_or(fallback),
+            listen_grpc: listen_grpc.unwrap_or(fallback),
+            data_dir: PathBuf::from(self.data_dir),
+            console: self.notify.console,
+            retry_min,
+            retry_max,
+            webhooks,
+            log: tocsin_agent::config::LogConfig {
+                json,
+                level: self.log.level,
+            },
+        })
+    }
+}

@@ -1,0 +1,231 @@
+//! gRPC ingest: the `tocsin.v1.Ingest/Stream` service.
+//!
+//! Per agent stream: expect `Hello` first (within [`HELLO_TIMEOUT`]), answer `Welcome`
+//! with the last stored sequence, then store each `EventBatch` through the store thread
+//! and answer `Ack` with the highest sequence **after** the commit; heartbeats refresh
+//! the node's liveness and check states. A store failure ends the stream with
+//! `UNAVAILABLE` and no ack, so the agent keeps the events and replays them.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use tocsin_proto::v1::{self, agent_message, aggregator_message};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert;
+use crate::store::StoreHandle;
+
+/// How long a new stream may take to send its `Hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The ingest service.
+#[derive(Debug, Clone)]
+pub struct IngestService {
+    store: StoreHandle,
+    outbox_wake: watch::Sender<u64>,
+    shutdown: CancellationToken,
+}
+
+impl IngestService {
+    /// A service writing to `store`; `outbox_wake` is bumped when notifications are due.
+    pub fn new(
+        store: StoreHandle,
+        outbox_wake: watch::Sender<u64>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        IngestService {
+            store,
+            outbox_wake,
+            shutdown,
+        }
+    }
+}
+
+type Outbound = Pin<Box<dyn Stream<Item = Result<v1::AggregatorMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::ingest_server::Ingest for IngestService {
+    type StreamStream = Outbound;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<Outbound>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let session = Session {
+            store: self.store.clone(),
+            outbox_wake: self.outbox_wake.clone(),
+            peer,
+            tx,
+        };
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = session.run(inbound) => {}
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct Session {
+    store: StoreHandle,
+    outbox_wake: watch::Sender<u64>,
+    peer: String,
+    tx: mpsc::Sender<Result<v1::AggregatorMessage, Status>>,
+}
+
+fn reply(m: aggregator_message::Msg) -> Result<v1::AggregatorMessage, Status> {
+    Ok(v1::AggregatorMessage { msg: Some(m) })
+}
+
+impl Session {
+    async fn run(self, mut inbound: Streaming<v1::AgentMessage>) {
+        let peer = self.peer.clone();
+        let first = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(v1::AgentMessage {
+                msg: Some(agent_message::Msg::Hello(h)),
+            }))) => h,
+            Ok(Ok(Some(_))) => {
+                return self
+                    .refuse(Status::invalid_argument("the first message must be Hello"))
+                    .await;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Err(status)) => {
+                tracing::debug!(%peer, error = %status, "stream failed before Hello");
+                return;
+            }
+            Err(_) => {
+                return self
+                    .refuse(Status::deadline_exceeded("no Hello within 10s"))
+                    .await;
+            }
+        };
+        let hello = match convert::hello(&first) {
+            Ok(h) => h,
+            Err(e) => return self.refuse(Status::invalid_argument(e.to_string())).await,
+        };
+        let agent_id = hello.agent_id.clone();
+        let h = hello.clone();
+        let last_seq = match self.store.call(move |s| s.hello(&h)).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                tracing::error!(%peer, agent = %agent_id, error = %e, "cannot record Hello");
+                return self.refuse(Status::unavailable("store unavailable")).await;
+            }
+        };
+        tracing::info!(%peer, agent = %agent_id, hostname = %hello.hostname, version = %hello.version, last_seq, "agent connected");
+        let welcome = v1::Welcome {
+            last_seq,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        if self
+            .tx
+            .send(reply(aggregator_message::Msg::Welcome(welcome)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let reason = self.serve(&agent_id, &mut inbound).await;
+        tracing::info!(%peer, agent = %agent_id, reason, "agent disconnected");
+        let id = agent_id.clone();
+        if let Err(e) = self.store.call(move |s| s.disconnected(&id)).await {
+            tracing::warn!(agent = %agent_id, error = %e, "cannot record disconnect");
+        }
+    }
+
+    async fn serve(
+        &self,
+        agent_id: &str,
+        inbound: &mut Streaming<v1::AgentMessage>,
+    ) -> &'static str {
+        loop {
+            let msg = match inbound.message().await {
+                Ok(Some(v1::AgentMessage { msg: Some(m) })) => m,
+                Ok(Some(_)) => continue,
+                Ok(None) => return "stream ended",
+                Err(status) => {
+                    tracing::debug!(agent = %agent_id, error = %status, "stream error");
+                    return "stream error";
+                }
+            };
+            match msg {
+                agent_message::Msg::Hello(_) => {
+                    self.refuse(Status::invalid_argument("Hello sent twice"))
+                        .await;
+                    return "protocol error";
+                }
+                agent_message::Msg::Events(batch) => {
+                    let events: Result<Vec<_>, _> =
+                        batch.events.iter().map(convert::event).collect();
+                    let events = match events {
+                        Ok(e) => e,
+                        Err(e) => {
+                            tracing::warn!(agent = %agent_id, error = %e, "malformed event batch refused");
+                            self.refuse(Status::invalid_argument(e.to_string())).await;
+                            return "malformed events";
+                        }
+                    };
+                    let id = agent_id.to_owned();
+                    match self.store.call(move |s| s.ingest(&id, &events)).await {
+                        Ok(out) => {
+                            if out.notifications > 0 {
+                                self.outbox_wake.send_modify(|n| *n += 1);
+                            }
+                            for incident in &out.opened {
+                                tracing::info!(agent = %agent_id, incident, "incident opened");
+                            }
+                            for incident in &out.resolved {
+                                tracing::info!(agent = %agent_id, incident, "incident resolved");
+                            }
+                            let ack = v1::Ack { seq: out.last_seq };
+                            if self
+                                .tx
+                                .send(reply(aggregator_message::Msg::Ack(ack)))
+                                .await
+                                .is_err()
+                            {
+                                return "agent gone";
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(agent = %agent_id, error = %e, "cannot store events; not acking");
+                            self.refuse(Status::unavailable("store unavailable, retry later"))
+                                .await;
+                            return "store error";
+                        }
+                    }
+                }
+                agent_message::Msg::Heartbeat(hb) => {
+                    let checks = match convert::checks(&hb) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(agent = %agent_id, error = %e, "malformed heartbeat ignored");
+                            continue;
+                        }
+                    };
+                    let id = agent_id.to_owned();
+                    if let Err(e) = self.store.call(move |s| s.heartbeat(&id, &checks)).await {
+                        tracing::warn!(agent = %agent_id, error = %e, "cannot record heartbeat");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn refuse(&self, status: Status) {
+        tracing::warn!(peer = %self.peer, code = ?status.code(), message = status.message(), "stream refused");
+        let _ = self.tx.send(Err(status)).await;
+    }
+}

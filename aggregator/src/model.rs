@@ -1,0 +1,250 @@
+//! The aggregator's domain types: what it stores, correlates and serves. Times are Unix
+//! epoch milliseconds (UTC); the API also renders them as RFC 3339.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+pub use tocsin_agent::evaluate::State;
+
+/// Who an agent says it is (from its `Hello`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentHello {
+    /// Stable agent identity.
+    pub agent_id: String,
+    /// Hostname of the node.
+    pub hostname: String,
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+    /// tocsin-agent version.
+    pub version: String,
+    /// Kernel boot id of the node.
+    pub boot_id: String,
+}
+
+/// A state change reported by an agent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    /// Per-agent sequence number.
+    pub seq: u64,
+    /// Check name.
+    pub check: String,
+    /// Identifying labels of the check.
+    pub labels: BTreeMap<String, String>,
+    /// New state.
+    pub state: State,
+    /// Previous state.
+    pub previous: State,
+    /// Value in `unit`.
+    pub value: Option<f64>,
+    /// Unit of value and threshold.
+    pub unit: String,
+    /// Level crossed.
+    pub threshold: Option<f64>,
+    /// Agent's summary.
+    pub message: String,
+    /// Observed on the node (Unix ms).
+    pub observed_at_ms: i64,
+    /// Breach start on the node (Unix ms, 0 when none).
+    pub breach_started_at_ms: i64,
+    /// Flapping mark.
+    pub flapping: bool,
+}
+
+/// Current state of one check from a heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckStatus {
+    /// Check name.
+    pub check: String,
+    /// Identifying labels.
+    pub labels: BTreeMap<String, String>,
+    /// Current state.
+    pub state: State,
+    /// Last value.
+    pub value: Option<f64>,
+    /// Unit.
+    pub unit: String,
+    /// In this state since (Unix ms).
+    pub since_ms: i64,
+}
+
+/// Incident severity, P1 (system unavailable, data at risk) to P4 (minor), per the seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Severity {
+    /// System unavailable or data at risk: respond immediately.
+    P1,
+    /// Core function affected: respond within 30 minutes.
+    P2,
+    /// Non-core function affected: respond within 2 hours.
+    P3,
+    /// Minor: next business day.
+    P4,
+}
+
+impl Severity {
+    /// `"P1"` … `"P4"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::P1 => "P1",
+            Severity::P2 => "P2",
+            Severity::P3 => "P3",
+            Severity::P4 => "P4",
+        }
+    }
+
+    /// Parses `"P1"` … `"P4"`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "P1" => Some(Severity::P1),
+            "P2" => Some(Severity::P2),
+            "P3" => Some(Severity::P3),
+            "P4" => Some(Severity::P4),
+            _ => None,
+        }
+    }
+}
+
+/// Incident lifecycle status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Open and not yet acknowledged.
+    Triggered,
+    /// Open; a person is on it.
+    Acknowledged,
+    /// Closed.
+    Resolved,
+}
+
+impl Status {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Triggered => "triggered",
+            Status::Acknowledged => "acknowledged",
+            Status::Resolved => "resolved",
+        }
+    }
+
+    /// Parses the lower-case name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "triggered" => Some(Status::Triggered),
+            "acknowledged" => Some(Status::Acknowledged),
+            "resolved" => Some(Status::Resolved),
+            _ => None,
+        }
+    }
+}
+
+/// An incident as stored and served.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Incident {
+    /// Store id (increasing).
+    pub id: i64,
+    /// Fingerprint of the firing check: node, check and identifying labels.
+    pub fingerprint: String,
+    /// Dedup key used with notification channels (`tocsin-<id>`).
+    pub dedup_key: String,
+    /// Agent id of the node.
+    pub node: String,
+    /// Check name.
+    pub check: String,
+    /// Node and check labels merged.
+    pub labels: BTreeMap<String, String>,
+    /// Severity.
+    pub severity: Severity,
+    /// Lifecycle status.
+    pub status: Status,
+    /// Latest firing state of the check (warning or critical).
+    pub state: State,
+    /// Latest value, in `unit`.
+    pub value: Option<f64>,
+    /// Unit.
+    pub unit: String,
+    /// Level crossed.
+    pub threshold: Option<f64>,
+    /// One-line summary.
+    pub summary: String,
+    /// Breach start on the node (Unix ms; 0 when unknown).
+    pub breach_started_at_ms: i64,
+    /// Opened (Unix ms).
+    pub triggered_at_ms: i64,
+    /// Acknowledged (Unix ms).
+    pub acknowledged_at_ms: Option<i64>,
+    /// Resolved (Unix ms).
+    pub resolved_at_ms: Option<i64>,
+    /// What resolved it (the recovery event's message), once resolved.
+    pub resolution: Option<String>,
+}
+
+/// One line of an incident's timeline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TimelineEntry {
+    /// When (Unix ms).
+    pub at_ms: i64,
+    /// `triggered`, `severity`, `resolved`, `notified`, `notify_failed`, …
+    pub kind: String,
+    /// Who: `agent:<id>`, `aggregator`, a user name.
+    pub actor: String,
+    /// Details.
+    pub note: String,
+}
+
+/// A notification in the outbox.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Notification {
+    /// Outbox id.
+    pub id: i64,
+    /// Incident it belongs to.
+    pub incident_id: i64,
+    /// Channel name (`console`, a webhook name).
+    pub channel: String,
+    /// `trigger` or `resolve`.
+    pub kind: String,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    /// Delivery attempts so far.
+    pub attempts: u32,
+    /// Payload (JSON) sent to the channel.
+    #[serde(skip)]
+    pub payload: String,
+    /// Last error, if any.
+    pub last_error: Option<String>,
+    /// Created (Unix ms).
+    pub created_at_ms: i64,
+    /// Next attempt due (Unix ms).
+    pub next_attempt_ms: i64,
+    /// Delivered (Unix ms).
+    pub delivered_at_ms: Option<i64>,
+}
+
+/// A node as the aggregator knows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Node {
+    /// Agent id.
+    pub agent_id: String,
+    /// Hostname.
+    pub hostname: String,
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+    /// Agent version.
+    pub version: String,
+    /// Highest event sequence stored.
+    pub last_seq: u64,
+    /// Stream currently open.
+    pub connected: bool,
+    /// Last message of any kind (Unix ms).
+    pub last_seen_ms: i64,
+}
+
+/// Wall-clock now, Unix ms.
+pub fn now_ms() -> i64 {
+    tocsin_agent::event::now_ms()
+}
+
+/// RFC 3339 rendering of a Unix ms time, e.g. `2026-11-29T16:40:39.123Z`.
+pub fn rfc3339(ms: i64) -> String {
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
+}

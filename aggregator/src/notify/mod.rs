@@ -1,0 +1,159 @@
+//! Notification delivery from the outbox.
+//!
+//! Outbox rows are written by the store in the same transaction as the incident change
+//! (see `store`). One [`Dispatcher`] task per channel delivers that channel's rows in
+//! order, so one slow channel never delays another; failures are retried with jittered
+//! exponential backoff (honouring `Retry-After`), permanent failures are recorded on the
+//! incident's timeline. Delivery is at-least-once: a crash between the send and the
+//! record sends again, with the same `Idempotency-Key`.
+
+pub mod console;
+pub mod payload;
+pub mod webhook;
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Notification, now_ms};
+use crate::store::{Attempt, StoreHandle};
+
+/// How often an idle dispatcher looks at the outbox even without a wake-up.
+pub const IDLE_POLL: Duration = Duration::from_secs(5);
+
+/// Result of one delivery attempt, as a channel reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivery {
+    /// Accepted.
+    Ok,
+    /// Try again later.
+    Transient {
+        /// What went wrong.
+        error: String,
+        /// The receiver's `Retry-After`, if any.
+        retry_after: Option<Duration>,
+    },
+    /// Will never succeed as sent (e.g. HTTP 400).
+    Permanent {
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// Where a channel delivers.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Standard output.
+    Console,
+    /// A generic JSON webhook.
+    Webhook {
+        /// URL.
+        url: String,
+        /// Per-request timeout.
+        timeout: Duration,
+        /// Shared HTTP client.
+        client: reqwest::Client,
+    },
+}
+
+/// Delivers one channel's outbox rows in order.
+#[derive(Debug)]
+pub struct Dispatcher {
+    /// Channel name (outbox `channel` column).
+    pub name: String,
+    /// Where to deliver.
+    pub target: Target,
+    /// Store access.
+    pub store: StoreHandle,
+    /// Bumped whenever new outbox rows are committed.
+    pub wake: watch::Receiver<u64>,
+    /// First retry delay.
+    pub retry_min: Duration,
+    /// Largest retry delay.
+    pub retry_max: Duration,
+}
+
+impl Dispatcher {
+    /// Delivers until `shutdown` is cancelled.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            let name = self.name.clone();
+            let next = self.store.call(move |s| s.next_pending(&name)).await;
+            let wait = match next {
+                Err(error) => {
+                    tracing::error!(channel = %self.name, error = %error, "cannot read the outbox");
+                    Duration::from_secs(1)
+                }
+                Ok(None) => IDLE_POLL,
+                Ok(Some(n)) if n.next_attempt_ms > now_ms() => {
+                    Duration::from_millis(u64::try_from(n.next_attempt_ms - now_ms()).unwrap_or(0))
+                }
+                Ok(Some(n)) => {
+                    let attempt = self.attempt(&n).await;
+                    let id = n.id;
+                    if let Err(error) = self
+                        .store
+                        .call(move |s| s.record_attempt(id, &attempt))
+                        .await
+                    {
+                        tracing::error!(channel = %self.name, notification = id, error = %error, "cannot record delivery");
+                        Duration::from_secs(1)
+                    } else {
+                        continue;
+                    }
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = self.wake.changed() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    async fn attempt(&self, n: &Notification) -> Attempt {
+        let delivery = match &self.target {
+            Target::Console => console::deliver(&n.payload),
+            Target::Webhook {
+                url,
+                timeout,
+                client,
+            } => {
+                let key = format!("tocsin-{}-{}-{}", n.incident_id, n.kind, n.id);
+                webhook::deliver(client, url, *timeout, &key, &n.payload).await
+            }
+        };
+        match delivery {
+            Delivery::Ok => {
+                tracing::info!(channel = %self.name, incident = n.incident_id, kind = %n.kind, attempts = n.attempts + 1, "notification delivered");
+                Attempt::Delivered
+            }
+            Delivery::Permanent { error } => {
+                tracing::error!(channel = %self.name, incident = n.incident_id, kind = %n.kind, error = %error, "notification failed permanently");
+                Attempt::Failed { error }
+            }
+            Delivery::Transient { error, retry_after } => {
+                let delay = retry_after
+                    .unwrap_or_else(|| self.backoff(n.attempts))
+                    .min(self.retry_max.max(retry_after.unwrap_or_default()));
+                tracing::warn!(channel = %self.name, incident = n.incident_id, kind = %n.kind, attempts = n.attempts + 1, retry_in = ?delay, error = %error, "notification not delivered, will retry");
+                Attempt::Retry {
+                    retry_at_ms: now_ms()
+                        + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2),
+                    error,
+                }
+            }
+        }
+    }
+
+    /// Jittered exponential delay for the `attempts`-th retry, within [min, max].
+    fn backoff(&self, attempts: u32) -> Duration {
+        let ceiling = self
+            .retry_min
+            .saturating_mul(1u32 << attempts.min(20))
+            .min(self.retry_max);
+        let span = ceiling.saturating_sub(self.retry_min);
+        self.retry_min + span.mul_f64(fastrand::f64())
+    }
+}

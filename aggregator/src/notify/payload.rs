@@ -1,0 +1,46 @@
+//! The JSON body of a notification, rendered when the outbox row is written, so a late
+//! delivery still says what was true when it was owed.
+
+use serde_json::json;
+
+use crate::model::{Incident, rfc3339};
+
+/// Payload format version (`"version"` field).
+pub const PAYLOAD_VERSION: &str = "1";
+
+/// Renders the generic webhook body for `kind` (`trigger` or `resolve`):
+///
+/// ```json
+/// {"version":"1","event":"trigger","dedup_key":"tocsin-7","created_at":"…",
+///  "incident":{"id":7,"status":"triggered","severity":"P2","node":"web-1",
+///              "check":"process:nginx","state":"critical","value":0.0,"unit":"count",
+///              "threshold":1.0,"summary":"…","labels":{…},"fingerprint":"…",
+///              "triggered_at":"…","resolved_at":null,"breach_started_at":"…"}}
+/// ```
+pub fn render(kind: &str, i: &Incident, now_ms: i64) -> String {
+    json!({
+        "version": PAYLOAD_VERSION,
+        "event": kind,
+        "dedup_key": i.dedup_key,
+        "created_at": rfc3339(now_ms),
+        "incident": {
+            "id": i.id,
+            "status": i.status.as_str(),
+            "severity": i.severity.as_str(),
+            "node": i.node,
+            "check": i.check,
+            "state": i.state.as_str(),
+            "value": i.value,
+            "unit": i.unit,
+            "threshold": i.threshold,
+            "summary": i.summary,
+            "labels": i.labels,
+            "fingerprint": i.fingerprint,
+            "triggered_at": rfc3339(i.triggered_at_ms),
+            "resolved_at": i.resolved_at_ms.map(rfc3339),
+            "resolution": i.resolution,
+            "breach_started_at": (i.breach_started_at_ms > 0).then(|| rfc3339(i.breach_started_at_ms)),
+        }
+    })
+    .to_string()
+}

@@ -1,0 +1,735 @@
+//! The SQLite store: agents, events, current check states, incidents with their
+//! timelines, and the notification outbox.
+//!
+//! One thread owns the connection ([`spawn`]); everything else sends it closures through
+//! a bounded channel and awaits the reply ([`StoreHandle::call`]), so writes are
+//! serialised without locks. An event batch, the incident changes it causes and the
+//! outbox rows for them commit in **one** transaction: when the agent gets its ack, the
+//! page is already owed and survives a crash.
+
+mod schema;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::correlate::{self, Decision};
+use crate::model::{
+    AgentHello, CheckStatus, Event, Incident, Node, Notification, Severity, State, Status,
+    TimelineEntry, now_ms,
+};
+use crate::notify::payload;
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed (with the database path).
+    #[error("store {path}: {source}")]
+    Sqlite {
+        /// Database file.
+        path: PathBuf,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The store thread is gone.
+    #[error("store thread stopped")]
+    Stopped,
+}
+
+/// The store (synchronous; owned by the store thread).
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    channels: Vec<String>,
+}
+
+/// What an ingested batch did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IngestOutcome {
+    /// Highest sequence stored for the agent after this batch.
+    pub last_seq: u64,
+    /// Events newly stored (duplicates excluded).
+    pub stored: usize,
+    /// Incidents opened.
+    pub opened: Vec<i64>,
+    /// Incidents resolved.
+    pub resolved: Vec<i64>,
+    /// Outbox rows created.
+    pub notifications: usize,
+}
+
+/// Filter for [`Store::incidents`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IncidentFilter {
+    /// Every incident.
+    #[default]
+    All,
+    /// Triggered or acknowledged.
+    Open,
+    /// Resolved.
+    Resolved,
+}
+
+/// An incident with everything that happened to it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct IncidentDetail {
+    /// The incident.
+    #[serde(flatten)]
+    pub incident: Incident,
+    /// Timeline, oldest first.
+    pub timeline: Vec<TimelineEntry>,
+    /// Notifications, oldest first.
+    pub notifications: Vec<Notification>,
+}
+
+fn sql_u64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Opens or creates `dir/tocsin.db` (WAL) with notification `channels`.
+    ///
+    /// # Errors
+    /// [`StoreError`] naming the directory or file.
+    pub fn open(dir: &Path, channels: Vec<String>) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = dir.join("tocsin.db");
+        let conn = Connection::open(&path).map_err(|source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        })?;
+        let store = Store {
+            conn,
+            path,
+            channels,
+        };
+        store
+            .conn
+            .execute_batch(schema::SCHEMA)
+            .map_err(|e| store.err(e))?;
+        Ok(store)
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Records an agent's `Hello`; returns the highest sequence stored for it.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn hello(&mut self, h: &AgentHello) -> Result<u64, StoreError> {
+        let now = now_ms();
+        let labels = serde_json::to_string(&h.labels).unwrap_or_default();
+        self.conn
+            .execute(
+                "INSERT INTO agents (agent_id, hostname, labels, version, boot_id, last_seq, first_seen_ms, last_seen_ms, connected)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?6, 1)
+                 ON CONFLICT (agent_id) DO UPDATE SET hostname = ?2, labels = ?3, version = ?4, boot_id = ?5,
+                     last_seen_ms = ?6, connected = 1",
+                params![h.agent_id, h.hostname, labels, h.version, h.boot_id, now],
+            )
+            .map_err(|e| self.err(e))?;
+        let last: i64 = self
+            .conn
+            .query_row(
+                "SELECT last_seq FROM agents WHERE agent_id = ?1",
+                [&h.agent_id],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(u64::try_from(last).unwrap_or(0))
+    }
+
+    /// Marks an agent's stream closed.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn disconnected(&mut self, agent_id: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE agents SET connected = 0, last_seen_ms = ?2 WHERE agent_id = ?1",
+                params![agent_id, now_ms()],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Stores a batch of events from `agent_id`, dropping duplicates by (agent, seq), and
+    /// applies the incident changes and outbox rows they cause — all in one transaction.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`]; nothing is committed then, so nothing may be acked.
+    pub fn ingest(
+        &mut self,
+        agent_id: &str,
+        events: &[Event],
+    ) -> Result<IngestOutcome, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let now = now_ms();
+        let tx = self.conn.transaction().map_err(err)?;
+        let node_labels: BTreeMap<String, String> = tx
+            .query_row(
+                "SELECT labels FROM agents WHERE agent_id = ?1",
+                [agent_id],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map_err(err)?
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        let mut out = IngestOutcome::default();
+        for e in events {
+            let labels_json = serde_json::to_string(&e.labels).unwrap_or_default();
+            let inserted = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO events (agent_id, seq, check_name, labels, state, previous, value, unit,
+                         threshold, message, observed_at_ms, breach_started_at_ms, flapping, received_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        agent_id,
+                        sql_u64(e.seq),
+                        e.check,
+                        labels_json,
+                        e.state.as_str(),
+                        e.previous.as_str(),
+                        e.value,
+                        e.unit,
+                        e.threshold,
+                        e.message,
+                        e.observed_at_ms,
+                        e.breach_started_at_ms,
+                        e.flapping,
+                        now
+                    ])
+                })
+                .map_err(err)?;
+            out.last_seq = out.last_seq.max(e.seq);
+            if inserted == 0 {
+                continue; // a replayed duplicate: already stored and correlated
+            }
+            out.stored += 1;
+            let fp = correlate::fingerprint(agent_id, &e.check, &e.labels);
+            tx.prepare_cached(
+                "INSERT INTO checks (fingerprint, agent_id, check_name, labels, state, value, unit, since_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (fingerprint) DO UPDATE SET state = ?5, value = ?6, unit = ?7, since_ms = ?8, updated_ms = ?9",
+            )
+            .and_then(|mut s| s.execute(params![fp, agent_id, e.check, labels_json, e.state.as_str(), e.value, e.unit, e.observed_at_ms, now]))
+            .map_err(err)?;
+
+            let open: Option<(i64, String)> = tx
+                .prepare_cached("SELECT id, severity FROM incidents WHERE fingerprint = ?1 AND status != 'resolved'")
+                .and_then(|mut s| s.query_row([&fp], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+                .map_err(err)?;
+            let open_sev = open.as_ref().and_then(|(_, s)| Severity::parse(s));
+            let actor = format!("agent:{agent_id}");
+            match correlate::decide(e.state, open_sev) {
+                Decision::Nothing => {}
+                Decision::Open(sev) => {
+                    let mut labels = node_labels.clone();
+                    labels.extend(e.labels.clone());
+                    tx.execute(
+                        "INSERT INTO incidents (fingerprint, node, check_name, labels, severity, status, state, value, unit,
+                             threshold, summary, breach_started_at_ms, triggered_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, 'triggered', ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                        params![
+                            fp,
+                            agent_id,
+                            e.check,
+                            serde_json::to_string(&labels).unwrap_or_default(),
+                            sev.as_str(),
+                            e.state.as_str(),
+                            e.value,
+                            e.unit,
+                            e.threshold,
+                            e.message,
+                            e.breach_started_at_ms,
+                            now
+                        ],
+                    )
+                    .map_err(err)?;
+                    let id = tx.last_insert_rowid();
+                    timeline(
+                        &tx,
+                        id,
+                        now,
+                        "triggered",
+                        &actor,
+                        &format!("{} {}: {}", sev.as_str(), e.state.as_str(), e.message),
+                    )
+                    .map_err(err)?;
+                    let incident = load_incident(&tx, id).map_err(err)?;
+                    for ch in &self.channels {
+                        enqueue(&tx, &incident, ch, "trigger", now).map_err(err)?;
+                        out.notifications += 1;
+                    }
+                    out.opened.push(id);
+                }
+                Decision::Reclassify(sev) => {
+                    let Some((id, _)) = open else { continue };
+                    tx.execute(
+                        "UPDATE incidents SET severity = ?2, state = ?3, value = ?4, threshold = ?5, summary = ?6 WHERE id = ?1",
+                        params![id, sev.as_str(), e.state.as_str(), e.value, e.threshold, e.message],
+                    )
+                    .map_err(err)?;
+                    timeline(
+                        &tx,
+                        id,
+                        now,
+                        "severity",
+                        &actor,
+                        &format!("now {} ({})", sev.as_str(), e.message),
+                    )
+                    .map_err(err)?;
+                }
+                Decision::Refresh => {
+                    let Some((id, _)) = open else { continue };
+                    tx.execute(
+                        "UPDATE incidents SET state = ?2, value = ?3, threshold = ?4, summary = ?5 WHERE id = ?1",
+                        params![id, e.state.as_str(), e.value, e.threshold, e.message],
+                    )
+                    .map_err(err)?;
+                    timeline(&tx, id, now, "state", &actor, &e.message).map_err(err)?;
+                }
+                Decision::Resolve => {
+                    let Some((id, _)) = open else { continue };
+                    tx.execute(
+                        "UPDATE incidents SET status = 'resolved', resolved_at_ms = ?2, value = ?3, resolution = ?4 WHERE id = ?1",
+                        params![id, now, e.value, e.message],
+                    )
+                    .map_err(err)?;
+                    timeline(&tx, id, now, "resolved", &actor, &e.message).map_err(err)?;
+                    let incident = load_incident(&tx, id).map_err(err)?;
+                    // A resolve goes exactly to the channels that were sent the trigger.
+                    let triggered: Vec<String> = tx
+                        .prepare_cached("SELECT channel FROM outbox WHERE incident_id = ?1 AND kind = 'trigger' ORDER BY id")
+                        .and_then(|mut s| s.query_map([id], |r| r.get(0))?.collect())
+                        .map_err(err)?;
+                    for ch in &triggered {
+                        enqueue(&tx, &incident, ch, "resolve", now).map_err(err)?;
+                        out.notifications += 1;
+                    }
+                    out.resolved.push(id);
+                }
+            }
+        }
+        tx.execute(
+            "UPDATE agents SET last_seq = max(last_seq, ?2), last_seen_ms = ?3 WHERE agent_id = ?1",
+            params![agent_id, sql_u64(out.last_seq), now],
+        )
+        .map_err(err)?;
+        out.last_seq = tx
+            .query_row(
+                "SELECT last_seq FROM agents WHERE agent_id = ?1",
+                [agent_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map_err(err)?
+            .map_or(out.last_seq, |s| u64::try_from(s).unwrap_or(0));
+        tx.commit().map_err(err)?;
+        Ok(out)
+    }
+
+    /// Records a heartbeat: the agent is alive and these are its checks' states.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn heartbeat(&mut self, agent_id: &str, checks: &[CheckStatus]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let now = now_ms();
+        let tx = self.conn.transaction().map_err(err)?;
+        tx.execute(
+            "UPDATE agents SET last_seen_ms = ?2 WHERE agent_id = ?1",
+            params![agent_id, now],
+        )
+        .map_err(err)?;
+        for c in checks {
+            let fp = correlate::fingerprint(agent_id, &c.check, &c.labels);
+            tx.prepare_cached(
+                "INSERT INTO checks (fingerprint, agent_id, check_name, labels, state, value, unit, since_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (fingerprint) DO UPDATE SET state = ?5, value = ?6, unit = ?7, since_ms = ?8, updated_ms = ?9",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    fp,
+                    agent_id,
+                    c.check,
+                    serde_json::to_string(&c.labels).unwrap_or_default(),
+                    c.state.as_str(),
+                    c.value,
+                    c.unit,
+                    c.since_ms,
+                    now
+                ])
+            })
+            .map_err(err)?;
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// Incidents, newest first, at most `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn incidents(
+        &self,
+        filter: IncidentFilter,
+        limit: usize,
+    ) -> Result<Vec<Incident>, StoreError> {
+        let clause = match filter {
+            IncidentFilter::All => "",
+            IncidentFilter::Open => "WHERE status != 'resolved'",
+            IncidentFilter::Resolved => "WHERE status = 'resolved'",
+        };
+        let sql =
+            format!("SELECT {INCIDENT_COLUMNS} FROM incidents {clause} ORDER BY id DESC LIMIT ?1");
+        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(
+                [i64::try_from(limit).unwrap_or(i64::MAX)],
+                incident_from_row,
+            )
+            .and_then(Iterator::collect)
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// One incident with its timeline and notifications.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn incident(&self, id: i64) -> Result<Option<IncidentDetail>, StoreError> {
+        let Some(incident) = load_incident_opt(&self.conn, id).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        let timeline = self
+            .conn
+            .prepare(
+                "SELECT at_ms, kind, actor, note FROM timeline WHERE incident_id = ?1 ORDER BY id",
+            )
+            .and_then(|mut s| {
+                s.query_map([id], |r| {
+                    Ok(TimelineEntry {
+                        at_ms: r.get(0)?,
+                        kind: r.get(1)?,
+                        actor: r.get(2)?,
+                        note: r.get(3)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(|e| self.err(e))?;
+        let notifications = self
+            .conn
+            .prepare(&format!(
+                "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE incident_id = ?1 ORDER BY id"
+            ))
+            .and_then(|mut s| s.query_map([id], notification_from_row)?.collect())
+            .map_err(|e| self.err(e))?;
+        Ok(Some(IncidentDetail {
+            incident,
+            timeline,
+            notifications,
+        }))
+    }
+
+    /// Every known node.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn nodes(&self) -> Result<Vec<Node>, StoreError> {
+        self.conn
+            .prepare("SELECT agent_id, hostname, labels, version, last_seq, connected, last_seen_ms FROM agents ORDER BY agent_id")
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    Ok(Node {
+                        agent_id: r.get(0)?,
+                        hostname: r.get(1)?,
+                        labels: serde_json::from_str(&r.get::<_, String>(2)?).unwrap_or_default(),
+                        version: r.get(3)?,
+                        last_seq: u64::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
+                        connected: r.get(5)?,
+                        last_seen_ms: r.get(6)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(|e| self.err(e))
+    }
+
+    /// The oldest pending notification of `channel` (per-channel order), due or not.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn next_pending(&self, channel: &str) -> Result<Option<Notification>, StoreError> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE channel = ?1 AND status = 'pending' ORDER BY id LIMIT 1"
+            ))
+            .and_then(|mut s| s.query_row([channel], notification_from_row).optional())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records a delivery attempt's outcome: delivered, retry at `retry_at_ms`, or failed
+    /// for good; and adds it to the incident's timeline.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn record_attempt(&mut self, id: i64, outcome: &Attempt) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let now = now_ms();
+        let tx = self.conn.transaction().map_err(err)?;
+        let (incident_id, channel, kind): (i64, String, String) = tx
+            .query_row(
+                "SELECT incident_id, channel, kind FROM outbox WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .map_err(err)?;
+        match outcome {
+            Attempt::Delivered => {
+                tx.execute(
+                    "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, delivered_ms = ?2, last_error = NULL WHERE id = ?1",
+                    params![id, now],
+                )
+                .map_err(err)?;
+                timeline(
+                    &tx,
+                    incident_id,
+                    now,
+                    "notified",
+                    "aggregator",
+                    &format!("{kind} delivered to {channel}"),
+                )
+                .map_err(err)?;
+            }
+            Attempt::Retry { retry_at_ms, error } => {
+                tx.execute(
+                    "UPDATE outbox SET attempts = attempts + 1, next_attempt_ms = ?2, last_error = ?3 WHERE id = ?1",
+                    params![id, retry_at_ms, error],
+                )
+                .map_err(err)?;
+            }
+            Attempt::Failed { error } => {
+                tx.execute(
+                    "UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
+                    params![id, error],
+                )
+                .map_err(err)?;
+                timeline(
+                    &tx,
+                    incident_id,
+                    now,
+                    "notify_failed",
+                    "aggregator",
+                    &format!("{kind} to {channel} failed: {error}"),
+                )
+                .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+}
+
+/// Outcome of one delivery attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attempt {
+    /// The channel accepted it.
+    Delivered,
+    /// Transient failure: try again at this time.
+    Retry {
+        /// Next attempt (Unix ms).
+        retry_at_ms: i64,
+        /// What went wrong.
+        error: String,
+    },
+    /// Permanent failure (e.g. HTTP 400): give up and record it.
+    Failed {
+        /// What went wrong.
+        error: String,
+    },
+}
+
+const INCIDENT_COLUMNS: &str = "id, fingerprint, node, check_name, labels, severity, status, state, value, unit, threshold, \
+     summary, breach_started_at_ms, triggered_at_ms, acknowledged_at_ms, resolved_at_ms, resolution";
+
+const OUTBOX_COLUMNS: &str = "id, incident_id, channel, kind, status, attempts, payload, last_error, created_ms, next_attempt_ms, delivered_ms";
+
+fn parse_state(s: &str) -> State {
+    match s {
+        "ok" => State::Ok,
+        "pending" => State::Pending,
+        "warning" => State::Warning,
+        "critical" => State::Critical,
+        _ => State::Unknown,
+    }
+}
+
+fn incident_from_row(r: &Row<'_>) -> rusqlite::Result<Incident> {
+    let id: i64 = r.get(0)?;
+    Ok(Incident {
+        id,
+        fingerprint: r.get(1)?,
+        dedup_key: format!("tocsin-{id}"),
+        node: r.get(2)?,
+        check: r.get(3)?,
+        labels: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
+        severity: Severity::parse(&r.get::<_, String>(5)?).unwrap_or(Severity::P4),
+        status: Status::parse(&r.get::<_, String>(6)?).unwrap_or(Status::Triggered),
+        state: parse_state(&r.get::<_, String>(7)?),
+        value: r.get(8)?,
+        unit: r.get(9)?,
+        threshold: r.get(10)?,
+        summary: r.get(11)?,
+        breach_started_at_ms: r.get(12)?,
+        triggered_at_ms: r.get(13)?,
+        acknowledged_at_ms: r.get(14)?,
+        resolved_at_ms: r.get(15)?,
+        resolution: r.get(16)?,
+    })
+}
+
+fn notification_from_row(r: &Row<'_>) -> rusqlite::Result<Notification> {
+    Ok(Notification {
+        id: r.get(0)?,
+        incident_id: r.get(1)?,
+        channel: r.get(2)?,
+        kind: r.get(3)?,
+        status: r.get(4)?,
+        attempts: r.get(5)?,
+        payload: r.get(6)?,
+        last_error: r.get(7)?,
+        created_at_ms: r.get(8)?,
+        next_attempt_ms: r.get(9)?,
+        delivered_at_ms: r.get(10)?,
+    })
+}
+
+fn load_incident_opt(conn: &Connection, id: i64) -> rusqlite::Result<Option<Incident>> {
+    conn.prepare_cached(&format!(
+        "SELECT {INCIDENT_COLUMNS} FROM incidents WHERE id = ?1"
+    ))?
+    .query_row([id], incident_from_row)
+    .optional()
+}
+
+fn load_incident(conn: &Connection, id: i64) -> rusqlite::Result<Incident> {
+    load_incident_opt(conn, id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
+}
+
+fn timeline(
+    conn: &Connection,
+    incident_id: i64,
+    at: i64,
+    kind: &str,
+    actor: &str,
+    note: &str,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO timeline (incident_id, at_ms, kind, actor, note) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![incident_id, at, kind, actor, note])?;
+    Ok(())
+}
+
+fn enqueue(
+    conn: &Connection,
+    incident: &Incident,
+    channel: &str,
+    kind: &str,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let body = payload::render(kind, incident, now);
+    conn.prepare_cached(
+        "INSERT INTO outbox (incident_id, channel, kind, status, attempts, payload, created_ms, next_attempt_ms)
+         VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?5)",
+    )?
+    .execute(params![incident.id, channel, kind, body, now])?;
+    Ok(())
+}
+
+type Job = Box<dyn FnOnce(&mut Store) + Send>;
+
+/// Async access to the store thread. Cloneable.
+#[derive(Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for StoreHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreHandle").finish_non_exhaustive()
+    }
+}
+
+/// Moves `store` onto its own thread. The thread ends when every handle is dropped.
+///
+/// # Errors
+/// [`StoreError::Dir`] if the thread cannot be started.
+pub fn spawn(mut store: Store) -> Result<StoreHandle, StoreError> {
+    let (tx, mut rx) = mpsc::channel::<Job>(256);
+    std::thread::Builder::new()
+        .name("tocsin-store".into())
+        .spawn(move || {
+            while let Some(job) = rx.blocking_recv() {
+                job(&mut store);
+            }
+        })
+        .map_err(|source| StoreError::Dir {
+            path: PathBuf::from("<store thread>"),
+            source,
+        })?;
+    Ok(StoreHandle { tx })
+}
+
+impl StoreHandle {
+    /// Runs `f` on the store thread and returns its result.
+    ///
+    /// # Errors
+    /// [`StoreError::Stopped`] when the store thread is gone, else `f`'s error.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let job: Job = Box::new(move |s| {
+            let _ = reply.send(f(s));
+        });
+        self.tx.send(job).await.map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+}
