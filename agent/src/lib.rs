@@ -1,3 +1,4 @@
+#![doc = include_str!("../README.md")]
 //! tocsin-agent: the node agent.
 //!
 //! Data path: `sample` (sysinfo) → `collect` (evaluate every rule with the pure

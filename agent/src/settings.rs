@@ -239,9 +239,12 @@ impl<'a> Validator<'a> {
 
     /// Records a problem with `key`.
     pub fn problem(&mut self, key: &str, message: impl Into<String>) {
+        // `process[0].name` is not a figment key; its table `process` is.
+        let table_key: String = key.split('[').next().unwrap_or(key).to_owned();
         let origin = self
             .fig
             .find_metadata(key)
+            .or_else(|| self.fig.find_metadata(&table_key))
             .map_or_else(|| "config".to_owned(), |md| origin_of(md, key));
         self.problems.push(Problem {
             origin,

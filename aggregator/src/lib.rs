@@ -1,3 +1,4 @@
+#![doc = include_str!("../README.md")]
 //! tocsin-aggregator: the central service.
 //!
 //! Data path: `ingest` (gRPC stream per agent; `convert` validates wire messages) →

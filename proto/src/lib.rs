@@ -1,3 +1,4 @@
+#![doc = include_str!("../README.md")]
 //! The `tocsin.v1` wire protocol: prost messages and tonic stubs generated from
 //! `proto/tocsin/v1/tocsin.proto` at build time. This crate owns only the wire format;
 //! each daemon converts to its own domain types at its edge.

@@ -1,1 +1,407 @@
-//! stub
+//! Test harness for the end-to-end tests: runs the **real** tocsin binaries (built by
+//! `cargo build --workspace`) as child processes on 127.0.0.1 with port 0 and temporary
+//! directories, and a real HTTP webhook receiver in the test process.
+//!
+//! Waiting is always on state ([`eventually`]), never on fixed sleeps; a daemon's stderr
+//! is printed when a test fails while it runs.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+/// How long [`eventually`] waits by default; generous because CI machines are slow.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Installs the rustls crypto provider the HTTP client needs. Idempotent; called by
+/// the harness's constructors.
+pub fn init() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Path of a workspace binary next to the running test executable
+/// (`target/<profile>/NAME`).
+///
+/// # Panics
+/// When the binary was not built (run `cargo build --workspace` first).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        path.display()
+    );
+    path
+}
+
+/// Polls `f` until it returns `Some`, or fails after `patience` with `what`.
+///
+/// # Errors
+/// When `patience` runs out.
+pub async fn eventually<T, F, Fut>(what: &str, patience: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if start.elapsed() > patience {
+            bail!("timed out after {patience:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A child process whose stderr goes to a file; killed (SIGKILL) on drop, and its
+/// stderr printed if the test is panicking.
+#[derive(Debug)]
+pub struct Daemon {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `program` with `args`, stdout and stderr to `log_dir/NAME.log`.
+    ///
+    /// # Errors
+    /// When the process cannot be started.
+    pub fn spawn(name: &str, program: &Path, args: &[&str], log_dir: &Path) -> Result<Self> {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .env("RUST_LOG", "info");
+        for (k, _) in std::env::vars() {
+            if k.starts_with("TOCSIN_") || k.ends_with("_ALERT_THRESHOLD") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("spawn {}", program.display()))?;
+        Ok(Daemon {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    /// Everything the process wrote so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the output contains `needle`; returns the output.
+    ///
+    /// # Errors
+    /// On timeout, or when the process exits first.
+    pub async fn wait_for_output(&mut self, needle: &str) -> Result<String> {
+        let start = Instant::now();
+        loop {
+            let out = self.output();
+            if out.contains(needle) {
+                return Ok(out);
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "{} exited with {status} before printing {needle:?}:\n{out}",
+                    self.name
+                );
+            }
+            if start.elapsed() > PATIENCE {
+                bail!(
+                    "{} did not print {needle:?} within {PATIENCE:?}:\n{out}",
+                    self.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends `signal` (e.g. `"TERM"`, `"KILL"`) and waits for the exit; returns the exit
+    /// code (`None` when killed by a signal).
+    ///
+    /// # Errors
+    /// When `kill` cannot be run.
+    pub fn stop(&mut self, signal: &str) -> Result<Option<i32>> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(None);
+        };
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} {} failed", child.id());
+        }
+        Ok(child.wait()?.code())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let _ = writeln!(
+                std::io::stderr(),
+                "----- {} output -----\n{}",
+                self.name,
+                self.output()
+            );
+        }
+    }
+}
+
+/// A running `tocsin-aggregator`.
+#[derive(Debug)]
+pub struct Aggregator {
+    /// The process.
+    pub daemon: Daemon,
+    /// Bound HTTP API address.
+    pub http: SocketAddr,
+    /// Bound gRPC address.
+    pub grpc: SocketAddr,
+}
+
+/// Parses `KEY=ADDR` out of the aggregator's "listening" log line.
+fn addr_after(out: &str, key: &str) -> Result<SocketAddr> {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.contains("listening"))
+        .ok_or_else(|| anyhow!("no listening line"))?;
+    let start = line
+        .find(key)
+        .ok_or_else(|| anyhow!("no {key} in {line:?}"))?
+        + key.len();
+    let addr: String = line[start..]
+        .chars()
+        .take_while(|c| !c.is_whitespace())
+        .collect();
+    addr.parse().with_context(|| format!("address {addr:?}"))
+}
+
+impl Aggregator {
+    /// Writes `config` to `dir/aggregator.toml` and starts the aggregator with it; waits
+    /// until it listens.
+    ///
+    /// # Errors
+    /// When it does not start.
+    pub async fn start(dir: &Path, config: &str) -> Result<Self> {
+        init();
+        let path = dir.join("aggregator.toml");
+        std::fs::write(&path, config)?;
+        let mut daemon = Daemon::spawn(
+            "tocsin-aggregator",
+            &bin("tocsin-aggregator"),
+            &["--config", path.to_str().unwrap_or_default()],
+            dir,
+        )?;
+        // The log is appended across restarts: count listening lines to find the new one.
+        let before = daemon.output().matches(" listening ").count();
+        let start = Instant::now();
+        loop {
+            let out = daemon.wait_for_output("listening").await?;
+            if out.matches(" listening ").count() > before {
+                return Ok(Aggregator {
+                    http: addr_after(&out, "http=")?,
+                    grpc: addr_after(&out, "grpc=")?,
+                    daemon,
+                });
+            }
+            if start.elapsed() > PATIENCE {
+                bail!("aggregator did not listen:\n{out}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// `GET` a JSON API path such as `/api/v1/incidents`.
+    ///
+    /// # Errors
+    /// When the request fails or the answer is not JSON.
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        let url = format!("http://{}{path}", self.http);
+        Ok(reqwest::get(&url).await?.json().await?)
+    }
+
+    /// Waits until the API lists `agent_id` as connected.
+    ///
+    /// # Errors
+    /// On timeout.
+    pub async fn wait_connected(&self, agent_id: &str) -> Result<()> {
+        eventually(&format!("agent {agent_id} connected"), PATIENCE, || async {
+            let nodes = self.get("/api/v1/nodes").await.ok()?;
+            nodes["nodes"]
+                .as_array()?
+                .iter()
+                .any(|n| n["agent_id"] == agent_id && n["connected"] == true)
+                .then_some(())
+        })
+        .await
+    }
+}
+
+/// Starts `tocsin-agent` with `config` written to `dir/agent.toml`.
+///
+/// # Errors
+/// When it cannot be started.
+pub fn start_agent(dir: &Path, config: &str) -> Result<Daemon> {
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, config)?;
+    Daemon::spawn(
+        "tocsin-agent",
+        &bin("tocsin-agent"),
+        &["--config", path.to_str().unwrap_or_default()],
+        dir,
+    )
+}
+
+/// A real HTTP server that records every JSON body POSTed to it.
+#[derive(Debug, Clone)]
+pub struct WebhookReceiver {
+    /// `http://127.0.0.1:PORT/hook`.
+    pub url: String,
+    received: Arc<Mutex<Vec<Value>>>,
+}
+
+impl WebhookReceiver {
+    /// Binds 127.0.0.1:0 and serves in the background (on the test's runtime).
+    ///
+    /// # Errors
+    /// When it cannot bind.
+    pub async fn start() -> Result<Self> {
+        init();
+        let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let sink = received.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: String| {
+                let sink = sink.clone();
+                async move {
+                    let v: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+                    sink.lock().expect("receiver lock").push(v);
+                    "ok"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/hook", listener.local_addr()?);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(WebhookReceiver { url, received })
+    }
+
+    /// Every body received so far.
+    pub fn received(&self) -> Vec<Value> {
+        self.received.lock().expect("receiver lock").clone()
+    }
+
+    /// Bodies whose `event` is `kind` (`trigger`/`resolve`) for `check` on `node`.
+    pub fn events(&self, kind: &str, node: &str, check: &str) -> Vec<Value> {
+        self.received()
+            .into_iter()
+            .filter(|v| {
+                v["event"] == kind
+                    && v["incident"]["node"] == node
+                    && v["incident"]["check"] == check
+            })
+            .collect()
+    }
+
+    /// Waits until at least one `kind` notification for `check` on `node` arrived.
+    ///
+    /// # Errors
+    /// On timeout.
+    pub async fn wait_for(&self, kind: &str, node: &str, check: &str) -> Result<Value> {
+        eventually(
+            &format!("{kind} for {node}/{check} at the webhook"),
+            PATIENCE,
+            || async { self.events(kind, node, check).into_iter().next() },
+        )
+        .await
+    }
+}
+
+/// A copy of `/bin/sleep` under a unique short name (≤ 15 bytes, so even the kernel's
+/// `comm` matches), started as a process the agent can watch.
+#[derive(Debug)]
+pub struct Dummy {
+    /// The executable name to watch.
+    pub name: String,
+    path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Dummy {
+    /// Copies the executable into `dir`; does not start it.
+    ///
+    /// # Errors
+    /// When the copy fails.
+    pub fn new(dir: &Path, tag: &str) -> Result<Self> {
+        let name = format!("td{tag}{:x}", std::process::id() % 0xffff);
+        let name: String = name.chars().take(15).collect();
+        let path = dir.join(&name);
+        std::fs::copy("/bin/sleep", &path)?;
+        Ok(Dummy {
+            name,
+            path,
+            child: None,
+        })
+    }
+
+    /// Starts one instance.
+    ///
+    /// # Errors
+    /// When it cannot start.
+    pub fn start(&mut self) -> Result<()> {
+        self.child = Some(
+            Command::new(&self.path)
+                .arg("3600")
+                .stdin(Stdio::null())
+                .spawn()?,
+        );
+        Ok(())
+    }
+
+    /// Kills the instance with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Dummy {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,222 @@
+//! Bad config files, one mistake each: every binary refuses them at start with exit
+//! code 64 and a message naming the file (and line), the key and the accepted form.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use tocsin_e2e::bin;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/bad")
+        .join(name)
+}
+
+/// (binary, fixture, substrings the message must contain)
+const CASES: &[(&str, &str, &[&str])] = &[
+    (
+        "tocsin-agent",
+        "agent_unknown_key.toml",
+        &[
+            "agent_unknown_key.toml:3",
+            "key `aggregator.endpoint`",
+            "unknown key",
+            "`endpoints`",
+        ],
+    ),
+    (
+        "tocsin-agent",
+        "agent_bad_duration.toml",
+        &[
+            "agent_bad_duration.toml:1",
+            "key `interval`",
+            "\"5minutes\"",
+            "\"500ms\", \"5s\"",
+        ],
+    ),
+    (
+        "tocsin-agent",
+        "agent_bad_endpoint.toml",
+        &[
+            "agent_bad_endpoint.toml:2",
+            "key `aggregator.endpoints`",
+            "\"127.0.0.1:7601\"",
+            "http://HOST:PORT",
+        ],
+    ),
+    (
+        "tocsin-agent",
+        "agent_inverted_levels.toml",
+        &[
+            "agent_inverted_levels.toml:2",
+            "key `rules.cpu.warning`",
+            "beyond the critical level 90",
+        ],
+    ),
+    (
+        "tocsin-agent",
+        "agent_wrong_type.toml",
+        &[
+            "agent_wrong_type.toml:1",
+            "key `interval`",
+            "expected a string",
+        ],
+    ),
+    (
+        "tocsin-agent",
+        "agent_syntax.toml",
+        &["agent_syntax.toml", "line 1, column 15"],
+    ),
+    (
+        "tocsin-aggregator",
+        "aggregator_bad_listen.toml",
+        &[
+            "aggregator_bad_listen.toml:1",
+            "key `listen_http`",
+            "\"localhost:7600\"",
+            "IP:PORT",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
+        "aggregator_bad_webhook.toml",
+        &[
+            "aggregator_bad_webhook.toml:3",
+            "key `notify.webhook[0].url`",
+            "ftp://",
+            "http://",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
+        "aggregator_bad_retry.toml",
+        &[
+            "aggregator_bad_retry.toml:2",
+            "key `notify.retry_min`",
+            "\"10 seconds\"",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
+        "aggregator_unknown_key.toml",
+        &[
+            "aggregator_unknown_key.toml:2",
+            "key `listen_htpp`",
+            "`listen_http`",
+        ],
+    ),
+];
+
+fn run(binary: &str, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(bin(binary))
+        .args(args)
+        .env_remove("TOCSIN_AGENT_CONFIG")
+        .env_remove("TOCSIN_AGGREGATOR_CONFIG")
+        .output()
+        .expect("run binary");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn each_bad_config_is_refused_with_a_message_naming_file_key_and_form() {
+    for (binary, file, expected) in CASES {
+        let path = fixture(file);
+        let path = path.to_str().expect("utf-8 path");
+        for command in ["check-config", "run"] {
+            let (code, stderr) = run(binary, &["--config", path, command]);
+            assert_eq!(
+                code,
+                Some(64),
+                "{binary} {command} {file}: exit code, stderr:\n{stderr}"
+            );
+            for needle in *expected {
+                assert!(
+                    stderr.contains(needle),
+                    "{binary} {command} {file}: missing {needle:?} in:\n{stderr}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn several_mistakes_are_reported_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        "interval = \"fast\"\nheartbeat_interval = \"0s\"\n[aggregator]\nendpoints = [\"nope\"]\n",
+    )
+    .expect("write");
+    let (code, stderr) = run(
+        "tocsin-agent",
+        &["--config", path.to_str().expect("utf-8"), "check-config"],
+    );
+    assert_eq!(code, Some(64));
+    for key in [
+        "key `interval`",
+        "key `heartbeat_interval`",
+        "key `aggregator.endpoints`",
+    ] {
+        assert!(stderr.contains(key), "missing {key} in:\n{stderr}");
+    }
+}
+
+#[test]
+fn missing_config_file_is_a_usage_error() {
+    let (code, stderr) = run(
+        "tocsin-aggregator",
+        &["--config", "/nonexistent/tocsin.toml", "check-config"],
+    );
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("/nonexistent/tocsin.toml"), "{stderr}");
+}
+
+#[test]
+fn defaults_and_documented_examples_are_valid() {
+    assert_eq!(run("tocsin-agent", &["check-config"]).0, Some(0));
+    assert_eq!(run("tocsin-aggregator", &["check-config"]).0, Some(0));
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../packaging/examples");
+    for (binary, file) in [
+        ("tocsin-agent", "agent.toml"),
+        ("tocsin-aggregator", "aggregator.toml"),
+    ] {
+        let path = examples.join(file);
+        let (code, stderr) = run(
+            binary,
+            &["--config", path.to_str().expect("utf-8"), "check-config"],
+        );
+        assert_eq!(code, Some(0), "{}: {stderr}", path.display());
+    }
+}
+
+#[test]
+fn environment_overrides_and_strings_stay_strings() {
+    let out = Command::new(bin("tocsin-agent"))
+        .arg("print-config")
+        .env("TOCSIN_AGENT_AGENT_ID", "1234")
+        .env("CPU_ALERT_THRESHOLD", "70")
+        .env("TOCSIN_AGENT_LABELS__VERSION", "1.10")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("agent_id = \"1234\""), "{text}");
+    assert!(text.contains("version = \"1.10\""), "{text}");
+    assert!(text.contains("warning = 70"), "{text}");
+
+    let bad = Command::new(bin("tocsin-agent"))
+        .arg("check-config")
+        .env("TOCSIN_AGENT_RULES__CPU__WARNING", "lots")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(64));
+    assert!(
+        stderr.contains("environment variable TOCSIN_AGENT_RULES__CPU__WARNING"),
+        "{stderr}"
+    );
+}
