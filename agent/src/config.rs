@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::evaluate::{Direction, Rule};
 use crate::settings::{self, ConfigError, Validator};
+use crate::telemetry::{LogConfig, RawLog};
+use tocsin_proto::limits::{MAX_ID_LEN, MAX_LABELS};
 
 /// Default sampling interval.
 pub const DEFAULT_INTERVAL: &str = "1s";
@@ -125,16 +127,6 @@ pub struct RawProcessWatch {
     pub restarts_window: String,
 }
 
-/// `[log]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RawLog {
-    /// `"plain"` or `"json"`.
-    pub format: String,
-    /// A tracing filter, e.g. `"info"` or `"tocsin_agent=debug"`.
-    pub level: String,
-}
-
 impl Default for RawConfig {
     fn default() -> Self {
         RawConfig {
@@ -204,15 +196,6 @@ impl Default for RawProcessWatch {
     }
 }
 
-impl Default for RawLog {
-    fn default() -> Self {
-        RawLog {
-            format: "plain".into(),
-            level: "info".into(),
-        }
-    }
-}
-
 /// The validated agent config.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -257,15 +240,6 @@ pub struct ProcessWatch {
     pub restarts_rule: Rule,
     /// Window for restarts.
     pub restarts_window: Duration,
-}
-
-/// Validated log settings.
-#[derive(Debug, Clone)]
-pub struct LogConfig {
-    /// JSON lines instead of plain text.
-    pub json: bool,
-    /// tracing filter directive.
-    pub level: String,
 }
 
 /// Prefix of the agent's environment variables (`TOCSIN_AGENT_INTERVAL=2s`).
@@ -370,6 +344,14 @@ impl RawConfig {
                 );
                 continue;
             }
+            // "process_restarts:" + name must fit the wire's identifier limit.
+            let max_name = MAX_ID_LEN - "process_restarts:".len();
+            if p.name.len() > max_name {
+                v.problem(
+                    &format!("{key}.name"),
+                    format!("{} bytes, at most {max_name}", p.name.len()),
+                );
+            }
             if !seen.insert(p.name.clone()) {
                 v.problem(
                     &format!("{key}.name"),
@@ -417,17 +399,7 @@ impl RawConfig {
             });
         }
 
-        let json = match self.log.format.as_str() {
-            "plain" => false,
-            "json" => true,
-            other => {
-                v.problem(
-                    "log.format",
-                    format!("invalid value {other:?} (expected \"plain\" or \"json\")"),
-                );
-                false
-            }
-        };
+        let log = crate::telemetry::validate(&mut v, &self.log);
 
         let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "localhost".to_owned());
         let agent_id = match self.agent_id {
@@ -441,6 +413,26 @@ impl RawConfig {
             Some(id) => id,
             None => hostname.clone(),
         };
+        if self.labels.len() > MAX_LABELS {
+            v.problem(
+                "labels",
+                format!("{} labels, at most {MAX_LABELS}", self.labels.len()),
+            );
+        }
+        for (k, val) in &self.labels {
+            if k.is_empty() || k.len() > MAX_ID_LEN || val.len() > MAX_ID_LEN {
+                v.problem(
+                    &format!("labels.{k}"),
+                    format!("label names must be 1 to {MAX_ID_LEN} bytes and values at most {MAX_ID_LEN}"),
+                );
+            }
+        }
+        if agent_id.len() > MAX_ID_LEN {
+            v.problem(
+                "agent_id",
+                format!("{} bytes, at most {MAX_ID_LEN}", agent_id.len()),
+            );
+        }
         if self.state_dir.trim().is_empty() {
             v.problem("state_dir", "must not be empty");
         }
@@ -459,10 +451,7 @@ impl RawConfig {
             cpu,
             memory,
             processes,
-            log: LogConfig {
-                json,
-                level: self.log.level,
-            },
+            log,
         })
     }
 }

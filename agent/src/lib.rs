@@ -21,7 +21,6 @@ pub mod spool;
 pub mod telemetry;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tocsin_proto::v1;
 use tokio_util::sync::CancellationToken;
@@ -32,9 +31,6 @@ use crate::collect::Collector;
 use crate::config::AgentConfig;
 use crate::sample::Sampler;
 use crate::ship::{ShipConfig, Shipper};
-
-/// How long tasks get to finish after shutdown is requested.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +53,7 @@ pub fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Runs the agent until `shutdown` is cancelled, then waits up to [`SHUTDOWN_GRACE`]
+/// Runs the agent until `shutdown` is cancelled, then waits up to [`shutdown::SHUTDOWN_GRACE`]
 /// for its tasks.
 ///
 /// # Errors
@@ -98,17 +94,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let tracker = TaskTracker::new();
     tracker.spawn(collector.run(shutdown.clone()));
     tracker.spawn(shipper.run(shutdown.clone()));
-    tracker.close();
     shutdown.cancelled().await;
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            still_running = tracker.len(),
-            "agent tasks did not stop within the grace period"
-        );
-    }
-    tracing::info!("agent stopped");
+    shutdown::drain(&tracker, "agent").await;
     Ok(())
 }

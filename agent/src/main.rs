@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tocsin_agent::{config, telemetry};
-use tokio_util::sync::CancellationToken;
 
 /// The tocsin node agent: samples CPU, memory and watched processes, evaluates
 /// thresholds locally and streams state changes to tocsin-aggregator.
@@ -52,28 +51,7 @@ fn main() -> ExitCode {
                 Err(e) => return fail_config(&e),
             };
             telemetry::init(cfg.log.json, &cfg.log.level);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the async runtime");
-                    return ExitCode::FAILURE;
-                }
-            };
-            runtime.block_on(async {
-                let shutdown = CancellationToken::new();
-                tokio::spawn(tocsin_agent::shutdown::cancel_on_signal(shutdown.clone()));
-                match tocsin_agent::run(cfg, shutdown).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        tracing::error!(error = %format!("{e:#}"), "agent failed");
-                        ExitCode::FAILURE
-                    }
-                }
-            })
+            tocsin_agent::shutdown::run_daemon("agent", |shutdown| tocsin_agent::run(cfg, shutdown))
         }
     }
 }

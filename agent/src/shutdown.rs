@@ -1,6 +1,70 @@
-//! Shutdown on signals, shared by the tocsin binaries.
+//! Process lifecycle shared by the tocsin binaries: the async runtime, shutdown on
+//! SIGTERM/SIGINT, and draining tasks within a grace period.
+
+use std::future::Future;
+use std::process::ExitCode;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long tasks get to finish after shutdown is requested.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The multi-threaded runtime every binary uses (two workers: the daemons are small).
+///
+/// # Errors
+/// When the OS refuses threads or an event loop.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+/// Runs a daemon: builds the runtime, cancels the token given to `daemon` on SIGTERM or
+/// SIGINT, and maps the outcome to an exit code (0 clean, 1 failure, logged as `what`).
+pub fn run_daemon<F, Fut, E>(what: &'static str, daemon: F) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let runtime = match runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        match daemon(shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "{what} failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Closes `tracker`, waits up to [`SHUTDOWN_GRACE`] for its tasks, and names how many
+/// were still running if the grace ran out.
+pub async fn drain(tracker: &TaskTracker, what: &str) {
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            still_running = tracker.len(),
+            "{what} tasks did not stop within the grace period"
+        );
+    }
+    tracing::info!("{what} stopped");
+}
 
 /// Cancels `token` on SIGTERM or SIGINT.
 pub async fn cancel_on_signal(token: CancellationToken) {

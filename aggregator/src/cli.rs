@@ -135,11 +135,7 @@ fn complain(text: &str) {
 /// Runs the CLI; returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
     crate::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tocsin_agent::shutdown::runtime() {
         Ok(r) => r,
         Err(e) => {
             complain(&format!("cannot start the async runtime: {e}"));

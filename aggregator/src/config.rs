@@ -34,7 +34,7 @@ pub struct RawConfig {
     /// Notification channels.
     pub notify: RawNotify,
     /// Logging.
-    pub log: tocsin_agent::config::RawLog,
+    pub log: tocsin_agent::telemetry::RawLog,
 }
 
 /// `[notify]`.
@@ -70,7 +70,7 @@ impl Default for RawConfig {
             listen_grpc: DEFAULT_LISTEN_GRPC.into(),
             data_dir: "/var/lib/tocsin-aggregator".into(),
             notify: RawNotify::default(),
-            log: tocsin_agent::config::RawLog::default(),
+            log: tocsin_agent::telemetry::RawLog::default(),
         }
     }
 }
@@ -114,7 +114,7 @@ pub struct AggregatorConfig {
     /// Webhook channels.
     pub webhooks: Vec<Webhook>,
     /// Log settings.
-    pub log: tocsin_agent::config::LogConfig,
+    pub log: tocsin_agent::telemetry::LogConfig,
 }
 
 /// A validated webhook channel.
@@ -227,17 +227,7 @@ impl RawConfig {
                 timeout,
             });
         }
-        let json = match self.log.format.as_str() {
-            "plain" => false,
-            "json" => true,
-            other => {
-                v.problem(
-                    "log.format",
-                    format!("invalid value {other:?} (expected \"plain\" or \"json\")"),
-                );
-                false
-            }
-        };
+        let log = tocsin_agent::telemetry::validate(&mut v, &self.log);
         if self.data_dir.trim().is_empty() {
             v.problem("data_dir", "must not be empty");
         }
@@ -250,10 +240,7 @@ impl RawConfig {
             retry_min,
             retry_max,
             webhooks,
-            log: tocsin_agent::config::LogConfig {
-                json,
-                level: self.log.level,
-            },
+            log,
         })
     }
 }

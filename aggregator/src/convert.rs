@@ -7,12 +7,7 @@ use tocsin_proto::v1;
 
 use crate::model::{AgentHello, CheckStatus, Event, State};
 
-/// Longest accepted identifier (agent id, hostname, check name, label key/value), bytes.
-pub const MAX_ID_LEN: usize = 256;
-/// Longest accepted event message, bytes (longer ones are truncated).
-pub const MAX_MESSAGE_LEN: usize = 4096;
-/// Most labels accepted on a node or check.
-pub const MAX_LABELS: usize = 32;
+pub use tocsin_proto::limits::{MAX_ID_LEN, MAX_LABELS, MAX_MESSAGE_LEN};
 
 /// A message broke the protocol's rules.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

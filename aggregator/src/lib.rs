@@ -29,9 +29,6 @@ use tokio_util::task::TaskTracker;
 use crate::config::AggregatorConfig;
 use crate::notify::{Dispatcher, Target};
 
-/// How long tasks get to finish after shutdown is requested.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
 /// The addresses the aggregator actually bound (useful with port 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bound {
@@ -168,22 +165,12 @@ pub async fn run(
             http_shutdown.cancel();
         }
     });
-    tracker.close();
 
     tracing::info!(http = %addrs.http, grpc = %addrs.grpc, data_dir = %cfg.data_dir.display(), "listening");
     if let Some(tx) = bound {
         let _ = tx.send(addrs);
     }
     shutdown.cancelled().await;
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            still_running = tracker.len(),
-            "aggregator tasks did not stop within the grace period"
-        );
-    }
-    tracing::info!("aggregator stopped");
+    tocsin_agent::shutdown::drain(&tracker, "aggregator").await;
     Ok(())
 }

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tocsin_aggregator::config;
-use tokio_util::sync::CancellationToken;
 
 /// The tocsin aggregator: ingests agent streams, opens and resolves incidents, sends
 /// notifications and serves the API.
@@ -61,27 +60,8 @@ fn main() -> ExitCode {
                 Err(e) => return fail_config(&e),
             };
             tocsin_agent::telemetry::init(cfg.log.json, &cfg.log.level);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the async runtime");
-                    return ExitCode::FAILURE;
-                }
-            };
-            runtime.block_on(async {
-                let shutdown = CancellationToken::new();
-                tokio::spawn(tocsin_agent::shutdown::cancel_on_signal(shutdown.clone()));
-                match tocsin_aggregator::run(cfg, shutdown, None).await {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        tracing::error!(error = %e, "aggregator failed");
-                        ExitCode::FAILURE
-                    }
-                }
+            tocsin_agent::shutdown::run_daemon("aggregator", |shutdown| {
+                tocsin_aggregator::run(cfg, shutdown, None)
             })
         }
     }

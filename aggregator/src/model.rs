@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 pub use tocsin_agent::evaluate::State;
+/// Events and check states are the same on both sides of the wire.
+pub use tocsin_agent::event::{CheckStatus, Event};
 
 /// Who an agent says it is (from its `Hello`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -19,52 +21,6 @@ pub struct AgentHello {
     pub version: String,
     /// Kernel boot id of the node.
     pub boot_id: String,
-}
-
-/// A state change reported by an agent.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Event {
-    /// Per-agent sequence number.
-    pub seq: u64,
-    /// Check name.
-    pub check: String,
-    /// Identifying labels of the check.
-    pub labels: BTreeMap<String, String>,
-    /// New state.
-    pub state: State,
-    /// Previous state.
-    pub previous: State,
-    /// Value in `unit`.
-    pub value: Option<f64>,
-    /// Unit of value and threshold.
-    pub unit: String,
-    /// Level crossed.
-    pub threshold: Option<f64>,
-    /// Agent's summary.
-    pub message: String,
-    /// Observed on the node (Unix ms).
-    pub observed_at_ms: i64,
-    /// Breach start on the node (Unix ms, 0 when none).
-    pub breach_started_at_ms: i64,
-    /// Flapping mark.
-    pub flapping: bool,
-}
-
-/// Current state of one check from a heartbeat.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct CheckStatus {
-    /// Check name.
-    pub check: String,
-    /// Identifying labels.
-    pub labels: BTreeMap<String, String>,
-    /// Current state.
-    pub state: State,
-    /// Last value.
-    pub value: Option<f64>,
-    /// Unit.
-    pub unit: String,
-    /// In this state since (Unix ms).
-    pub since_ms: i64,
 }
 
 /// Incident severity, P1 (system unavailable, data at risk) to P4 (minor), per the seed.
