@@ -190,9 +190,9 @@ async fn cpu_load_triggers_and_its_end_resolves() -> Result<()> {
     let rules = r#"[rules.memory]
 enabled = false
 [rules.cpu]
-warning = 60
-critical = 70
-clear = 45
+warning = 75
+critical = 85
+clear = 60
 for = "0s"
 "#;
     let _agent = start_agent(
@@ -224,7 +224,7 @@ for = "0s"
     }
     let trigger = trigger?;
     assert!(
-        trigger["incident"]["value"].as_f64().unwrap_or(0.0) > 60.0,
+        trigger["incident"]["value"].as_f64().unwrap_or(0.0) > 75.0,
         "{trigger}"
     );
     assert_eq!(trigger["incident"]["unit"], "percent");
@@ -232,7 +232,7 @@ for = "0s"
     let resolve = receiver.wait_for("resolve", "node-cpu", "cpu").await?;
     assert_eq!(resolve["dedup_key"], trigger["dedup_key"]);
     assert!(
-        resolve["incident"]["value"].as_f64().unwrap_or(100.0) <= 45.0,
+        resolve["incident"]["value"].as_f64().unwrap_or(100.0) <= 60.0,
         "{resolve}"
     );
     Ok(())
