@@ -251,6 +251,23 @@ impl Aggregator {
         Ok(reqwest::get(&url).await?.json().await?)
     }
 
+    /// Waits until the aggregator has stored at least one event of `agent_id` (every
+    /// check reports its first state at start, so the agent's checks are then live).
+    ///
+    /// # Errors
+    /// On timeout.
+    pub async fn wait_reported(&self, agent_id: &str) -> Result<()> {
+        eventually(&format!("first events of {agent_id}"), PATIENCE, || async {
+            let nodes = self.get("/api/v1/nodes").await.ok()?;
+            nodes["nodes"]
+                .as_array()?
+                .iter()
+                .any(|n| n["agent_id"] == agent_id && n["last_seq"].as_u64().unwrap_or(0) >= 1)
+                .then_some(())
+        })
+        .await
+    }
+
     /// Waits until the API lists `agent_id` as connected.
     ///
     /// # Errors
@@ -289,6 +306,7 @@ pub struct WebhookReceiver {
     /// `http://127.0.0.1:PORT/hook`.
     pub url: String,
     received: Arc<Mutex<Vec<Value>>>,
+    requests: Arc<Mutex<Vec<(Instant, Value)>>>,
 }
 
 impl WebhookReceiver {
@@ -297,17 +315,47 @@ impl WebhookReceiver {
     /// # Errors
     /// When it cannot bind.
     pub async fn start() -> Result<Self> {
+        Self::scripted(Vec::new()).await
+    }
+
+    /// Like [`WebhookReceiver::start`], but the first requests are answered with
+    /// `statuses` in order (e.g. `[500, 429]`; a 429 carries `Retry-After: 1`), and only
+    /// then with 200. Only bodies answered 2xx count as received; every request counts
+    /// in [`WebhookReceiver::requests`].
+    ///
+    /// # Errors
+    /// When it cannot bind.
+    pub async fn scripted(statuses: Vec<u16>) -> Result<Self> {
         init();
         let received: Arc<Mutex<Vec<Value>>> = Arc::default();
-        let sink = received.clone();
+        let requests: Arc<Mutex<Vec<(Instant, Value)>>> = Arc::default();
+        let script = Arc::new(Mutex::new(std::collections::VecDeque::from(statuses)));
+        let (sink, log) = (received.clone(), requests.clone());
         let app = axum::Router::new().route(
             "/hook",
             axum::routing::post(move |body: String| {
-                let sink = sink.clone();
+                let (sink, log, script) = (sink.clone(), log.clone(), script.clone());
                 async move {
                     let v: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
-                    sink.lock().expect("receiver lock").push(v);
-                    "ok"
+                    log.lock()
+                        .expect("receiver lock")
+                        .push((Instant::now(), v.clone()));
+                    let status = script
+                        .lock()
+                        .expect("script lock")
+                        .pop_front()
+                        .unwrap_or(200);
+                    if status < 300 {
+                        sink.lock().expect("receiver lock").push(v);
+                    }
+                    let code = axum::http::StatusCode::from_u16(status)
+                        .unwrap_or(axum::http::StatusCode::OK);
+                    let retry_after = if status == 429 { "1" } else { "0" };
+                    (
+                        code,
+                        [("retry-after", retry_after)],
+                        format!("scripted {status}"),
+                    )
                 }
             }),
         );
@@ -316,7 +364,16 @@ impl WebhookReceiver {
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Ok(WebhookReceiver { url, received })
+        Ok(WebhookReceiver {
+            url,
+            received,
+            requests,
+        })
+    }
+
+    /// Every request so far, answered or refused, with its arrival time.
+    pub fn requests(&self) -> Vec<(Instant, Value)> {
+        self.requests.lock().expect("receiver lock").clone()
     }
 
     /// Every body received so far.

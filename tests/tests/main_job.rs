@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Result;
-use tocsin_e2e::{Aggregator, Dummy, PATIENCE, WebhookReceiver, eventually, start_agent};
+use tocsin_e2e::{Aggregator, Dummy, WebhookReceiver, start_agent};
 
 fn aggregator_config(dir: &std::path::Path, webhook: &str, grpc: &str) -> String {
     format!(
@@ -62,25 +62,6 @@ fn process_rules(name: &str) -> String {
     format!("{NO_RESOURCE_RULES}\n[[process]]\nname = \"{name}\"\nmin = 1\n")
 }
 
-/// Waits until the aggregator has the check in state `state` (from events or heartbeats).
-async fn wait_check_state(agg: &Aggregator, agent_id: &str, check: &str) -> Result<()> {
-    // The first event of every check is its initial state; the agent is ready once the
-    // aggregator stored it (last_seq > 0).
-    eventually(
-        &format!("{agent_id}/{check} reported"),
-        PATIENCE,
-        || async {
-            let nodes = agg.get("/api/v1/nodes").await.ok()?;
-            nodes["nodes"]
-                .as_array()?
-                .iter()
-                .any(|n| n["agent_id"] == agent_id && n["last_seq"].as_u64().unwrap_or(0) >= 1)
-                .then_some(())
-        },
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_process_triggers_once_and_restart_resolves_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -103,7 +84,7 @@ async fn killed_process_triggers_once_and_restart_resolves_once() -> Result<()> 
     )?;
     agg.wait_connected("node-kill").await?;
     let check = format!("process:{}", dummy.name);
-    wait_check_state(&agg, "node-kill", &check).await?;
+    agg.wait_reported("node-kill").await?;
     assert!(
         receiver.received().is_empty(),
         "nothing is wrong yet, nothing may page: {:?}",
@@ -200,7 +181,7 @@ for = "0s"
         &agent_config(dir.path(), "node-cpu", agg.grpc, rules),
     )?;
     agg.wait_connected("node-cpu").await?;
-    wait_check_state(&agg, "node-cpu", "cpu").await?;
+    agg.wait_reported("node-cpu").await?;
 
     // Burn every core from this process.
     let stop = Arc::new(AtomicBool::new(false));
@@ -256,7 +237,7 @@ async fn fault_while_aggregator_down_is_delivered_after_restart() -> Result<()> 
     )?;
     agg.wait_connected("node-down").await?;
     let check = format!("process:{}", dummy.name);
-    wait_check_state(&agg, "node-down", &check).await?;
+    agg.wait_reported("node-down").await?;
 
     // The aggregator dies hard; the fault happens while nobody listens.
     agg.daemon.stop("KILL")?;

@@ -733,3 +733,183 @@ impl StoreHandle {
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(id: &str) -> AgentHello {
+        AgentHello {
+            agent_id: id.into(),
+            hostname: id.into(),
+            labels: BTreeMap::from([("service".to_owned(), "web".to_owned())]),
+            version: "test".into(),
+            boot_id: String::new(),
+        }
+    }
+
+    fn event(seq: u64, state: State) -> Event {
+        Event {
+            seq,
+            check: "process:nginx".into(),
+            labels: BTreeMap::new(),
+            state,
+            previous: State::Ok,
+            value: Some(0.0),
+            unit: "count".into(),
+            threshold: Some(1.0),
+            message: format!("nginx {}", state.as_str()),
+            observed_at_ms: 1,
+            breach_started_at_ms: 1,
+            flapping: false,
+        }
+    }
+
+    fn store(channels: &[&str]) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(
+            dir.path(),
+            channels.iter().map(|c| (*c).to_owned()).collect(),
+        )
+        .expect("open");
+        (dir, s)
+    }
+
+    #[test]
+    fn duplicates_by_agent_and_seq_are_stored_and_correlated_once() {
+        let (_dir, mut s) = store(&["hook"]);
+        assert_eq!(s.hello(&hello("a")).expect("hello"), 0);
+        let batch = [event(1, State::Ok), event(2, State::Critical)];
+        let first = s.ingest("a", &batch).expect("ingest");
+        assert_eq!(
+            (first.stored, first.last_seq, first.opened.len()),
+            (2, 2, 1)
+        );
+        let replay = s.ingest("a", &batch).expect("replay");
+        assert_eq!(
+            (
+                replay.stored,
+                replay.last_seq,
+                replay.opened.len(),
+                replay.notifications
+            ),
+            (0, 2, 0, 0)
+        );
+        assert_eq!(
+            s.hello(&hello("a")).expect("hello"),
+            2,
+            "Welcome carries the last stored seq"
+        );
+        assert_eq!(s.incidents(IncidentFilter::All, 10).expect("list").len(), 1);
+    }
+
+    #[test]
+    fn trigger_then_resolve_with_timestamps_labels_and_outbox() {
+        let (_dir, mut s) = store(&["console", "hook"]);
+        s.hello(&hello("a")).expect("hello");
+        let opened = s.ingest("a", &[event(1, State::Critical)]).expect("ingest");
+        assert_eq!(opened.notifications, 2);
+        let id = opened.opened[0];
+        let resolved = s.ingest("a", &[event(2, State::Ok)]).expect("ingest");
+        assert_eq!(resolved.resolved, vec![id]);
+        let d = s.incident(id).expect("read").expect("exists");
+        assert_eq!(d.incident.status, Status::Resolved);
+        assert_eq!(d.incident.severity, Severity::P2);
+        assert_eq!(
+            d.incident.labels.get("service").map(String::as_str),
+            Some("web")
+        );
+        assert!(
+            d.incident
+                .resolved_at_ms
+                .is_some_and(|r| r >= d.incident.triggered_at_ms)
+        );
+        let kinds: Vec<(&str, &str)> = d
+            .notifications
+            .iter()
+            .map(|n| (n.channel.as_str(), n.kind.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("console", "trigger"),
+                ("hook", "trigger"),
+                ("console", "resolve"),
+                ("hook", "resolve")
+            ]
+        );
+    }
+
+    #[test]
+    fn resolve_goes_only_to_channels_that_got_the_trigger() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Store::open(dir.path(), vec!["old".into()]).expect("open");
+        s.hello(&hello("a")).expect("hello");
+        let id = s
+            .ingest("a", &[event(1, State::Critical)])
+            .expect("ingest")
+            .opened[0];
+        drop(s);
+        // Restarted with a different channel list: the resolve still goes to "old" only.
+        let mut s = Store::open(dir.path(), vec!["new".into()]).expect("reopen");
+        s.ingest("a", &[event(2, State::Ok)]).expect("ingest");
+        let d = s.incident(id).expect("read").expect("exists");
+        let resolves: Vec<&str> = d
+            .notifications
+            .iter()
+            .filter(|n| n.kind == "resolve")
+            .map(|n| n.channel.as_str())
+            .collect();
+        assert_eq!(resolves, vec!["old"]);
+    }
+
+    #[test]
+    fn severity_follows_the_state_and_refire_opens_a_new_incident() {
+        let (_dir, mut s) = store(&[]);
+        s.hello(&hello("a")).expect("hello");
+        let id = s
+            .ingest("a", &[event(1, State::Warning)])
+            .expect("w")
+            .opened[0];
+        s.ingest("a", &[event(2, State::Critical)]).expect("c");
+        assert_eq!(
+            s.incident(id).expect("r").expect("e").incident.severity,
+            Severity::P2
+        );
+        s.ingest("a", &[event(3, State::Ok)]).expect("ok");
+        let again = s.ingest("a", &[event(4, State::Critical)]).expect("again");
+        assert_eq!(again.opened.len(), 1);
+        assert_ne!(again.opened[0], id);
+    }
+
+    #[test]
+    fn delivery_attempts_are_recorded_in_order() {
+        let (_dir, mut s) = store(&["hook"]);
+        s.hello(&hello("a")).expect("hello");
+        let id = s
+            .ingest("a", &[event(1, State::Critical)])
+            .expect("ingest")
+            .opened[0];
+        let n = s.next_pending("hook").expect("q").expect("pending");
+        s.record_attempt(
+            n.id,
+            &Attempt::Retry {
+                retry_at_ms: 5,
+                error: "HTTP 500".into(),
+            },
+        )
+        .expect("retry");
+        let again = s.next_pending("hook").expect("q").expect("still pending");
+        assert_eq!(
+            (again.id, again.attempts, again.next_attempt_ms),
+            (n.id, 1, 5)
+        );
+        s.record_attempt(n.id, &Attempt::Delivered)
+            .expect("delivered");
+        assert!(s.next_pending("hook").expect("q").is_none());
+        let d = s.incident(id).expect("r").expect("e");
+        assert_eq!(d.notifications[0].status, "delivered");
+        assert_eq!(d.notifications[0].attempts, 2);
+        assert!(d.timeline.iter().any(|t| t.kind == "notified"));
+    }
+}
