@@ -127,7 +127,7 @@ pub fn evaluate_sample(
             value,
             unit: c.unit.to_owned(),
             threshold: t.threshold,
-            message: message(&c.name, c.unit, c.rule.direction, t.to, value, t.threshold),
+            message: message(&c.name, c.unit, &c.rule, t.to, value, t.threshold),
             observed_at_ms: wall_ms,
             breach_started_at_ms,
             flapping: false,
@@ -139,7 +139,7 @@ pub fn evaluate_sample(
 fn message(
     check: &str,
     unit: &str,
-    dir: Direction,
+    rule: &Rule,
     state: State,
     value: Option<f64>,
     threshold: Option<f64>,
@@ -148,15 +148,32 @@ fn message(
     let Some(v) = value else {
         return format!("{check} {}: no value (collection failed)", state.as_str());
     };
-    let side = match (state, dir) {
-        (State::Ok, Direction::Above) => "at or below",
-        (State::Ok, Direction::Below) => "at or above",
-        (_, Direction::Above) => "above",
-        (_, Direction::Below) => "below",
+    let side = match (state, rule.direction, rule.inclusive) {
+        (State::Ok, Direction::Above, false) => "at or below",
+        (State::Ok, Direction::Above, true) => "below",
+        (State::Ok, Direction::Below, false) => "at or above",
+        (State::Ok, Direction::Below, true) => "above",
+        (_, Direction::Above, false) => "above",
+        (_, Direction::Above, true) => "at or above",
+        (_, Direction::Below, false) => "below",
+        (_, Direction::Below, true) => "at or below",
     };
     match threshold {
-        Some(t) => format!("{check} {}: {v:.1}{unit} {side} {t}{unit}", state.as_str()),
-        None => format!("{check} {}: {v:.1}{unit}", state.as_str()),
+        Some(t) => format!(
+            "{check} {}: {v}{unit} {side} {t}{unit}",
+            state.as_str(),
+            v = round1(v)
+        ),
+        None => format!("{check} {}: {v}{unit}", state.as_str(), v = round1(v)),
+    }
+}
+
+/// One decimal for fractions, none for whole numbers ("0", "97.3").
+fn round1(v: f64) -> String {
+    if v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
     }
 }
 
@@ -220,7 +237,13 @@ impl Collector {
                 continue;
             }
             for e in &events {
-                tracing::info!(check = %e.check, from = e.previous.as_str(), to = e.state.as_str(), value = ?e.value, "{}", e.message);
+                // PENDING comes and goes with every short spike: not worth an INFO line.
+                if e.state == State::Pending || e.previous == State::Pending && e.state == State::Ok
+                {
+                    tracing::debug!(check = %e.check, from = e.previous.as_str(), to = e.state.as_str(), "{}", e.message);
+                } else {
+                    tracing::info!(check = %e.check, from = e.previous.as_str(), to = e.state.as_str(), "{}", e.message);
+                }
             }
             if let Err(error) = self.spool.append(events).await {
                 tracing::error!(error = %error, "cannot spool events");

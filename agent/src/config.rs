@@ -18,6 +18,9 @@ use tocsin_proto::limits::{MAX_ID_LEN, MAX_LABELS};
 
 /// Default sampling interval.
 pub const DEFAULT_INTERVAL: &str = "1s";
+/// Shortest sampling interval: sysinfo needs readings at least this far apart for a
+/// CPU usage (`sysinfo::MINIMUM_CPU_UPDATE_INTERVAL`).
+pub const MIN_INTERVAL: Duration = Duration::from_millis(200);
 /// Default heartbeat interval (current state of every check sent to the aggregator).
 pub const DEFAULT_HEARTBEAT_INTERVAL: &str = "5s";
 /// Default aggregator gRPC endpoint (loopback).
@@ -294,6 +297,12 @@ impl RawConfig {
         let mut v = Validator::new(fig);
         let fallback = Duration::from_secs(1);
         let interval = v.positive_duration("interval", &self.interval, fallback);
+        if interval < MIN_INTERVAL {
+            v.problem(
+                "interval",
+                format!("{:?} is below the shortest sampling interval, 200ms (CPU usage needs two readings that far apart)", self.interval),
+            );
+        }
         let heartbeat_interval =
             v.positive_duration("heartbeat_interval", &self.heartbeat_interval, fallback);
         let connect_timeout = v.positive_duration(
@@ -330,13 +339,13 @@ impl RawConfig {
             .filter_map(|e| v.endpoint("aggregator.endpoints", e))
             .collect();
 
-        let cpu = validate_rule(&mut v, "rules.cpu", &self.rules.cpu);
-        let memory = validate_rule(&mut v, "rules.memory", &self.rules.memory);
+        let cpu = validate_rule(&mut v, "rules.cpu", &self.rules.cpu, PERCENT);
+        let memory = validate_rule(&mut v, "rules.memory", &self.rules.memory, PERCENT);
 
         let mut processes = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         for (i, p) in self.process.iter().enumerate() {
-            let key = format!("process[{i}]");
+            let key = format!("process.{i}");
             if p.name.trim().is_empty() {
                 v.problem(
                     &format!("{key}.name"),
@@ -351,6 +360,26 @@ impl RawConfig {
                     &format!("{key}.name"),
                     format!("{} bytes, at most {max_name}", p.name.len()),
                 );
+            }
+            if p.name.contains('/') || p.name.contains('\0') {
+                v.problem(
+                    &format!("{key}.name"),
+                    format!(
+                        "{:?} is a path: give the executable's file name, e.g. \"nginx\"",
+                        p.name
+                    ),
+                );
+            }
+            for (what, level) in [
+                ("restarts_warning", p.restarts_warning),
+                ("restarts_critical", p.restarts_critical),
+            ] {
+                if !(level >= 1.0 && level.is_finite()) {
+                    v.problem(
+                        &format!("{key}.{what}"),
+                        format!("{level} restarts: must be at least 1"),
+                    );
+                }
             }
             if !seen.insert(p.name.clone()) {
                 v.problem(
@@ -385,15 +414,17 @@ impl RawConfig {
                     hold_for,
                     clear: None,
                     clear_for: Duration::ZERO,
+                    inclusive: false,
                 },
                 restarts_rule: Rule {
                     direction: Direction::Above,
-                    // "3 restarts per hour" is the warning: the level is reached, not passed.
-                    warning: Some(p.restarts_warning - 0.5),
-                    critical: Some(p.restarts_critical - 0.5),
+                    // "3 restarts per hour" is the warning: reaching the level is a breach.
+                    warning: Some(p.restarts_warning),
+                    critical: Some(p.restarts_critical),
                     hold_for: Duration::ZERO,
                     clear: None,
                     clear_for: Duration::ZERO,
+                    inclusive: true,
                 },
                 restarts_window,
             });
@@ -456,7 +487,15 @@ impl RawConfig {
     }
 }
 
-fn validate_rule(v: &mut Validator<'_>, key: &str, raw: &RawRule) -> Option<Rule> {
+/// The range of a percentage.
+const PERCENT: (f64, f64) = (0.0, 100.0);
+
+fn validate_rule(
+    v: &mut Validator<'_>,
+    key: &str,
+    raw: &RawRule,
+    range: (f64, f64),
+) -> Option<Rule> {
     let direction = match raw.direction.as_str() {
         "above" => Direction::Above,
         "below" => Direction::Below,
@@ -475,8 +514,13 @@ fn validate_rule(v: &mut Validator<'_>, key: &str, raw: &RawRule) -> Option<Rule
         ("critical", raw.critical),
         ("clear", raw.clear),
     ] {
-        if level.is_some_and(|l| !l.is_finite()) {
-            v.problem(&format!("{key}.{name}"), "must be a finite number");
+        if let Some(l) = level
+            && !(l.is_finite() && l >= range.0 && l <= range.1)
+        {
+            v.problem(
+                &format!("{key}.{name}"),
+                format!("{l} is outside {} to {}", range.0, range.1),
+            );
         }
     }
     if raw.warning.is_none() && raw.critical.is_none() {
@@ -495,8 +539,10 @@ fn validate_rule(v: &mut Validator<'_>, key: &str, raw: &RawRule) -> Option<Rule
         v.problem(
             &format!("{key}.warning"),
             format!(
-                "warning level {w} is beyond the critical level {c} for direction {:?}",
-                raw.direction
+                "warning level {w} is beyond the critical level {c} for direction {:?} \
+                 (change {key}.critical too, e.g. TOCSIN_AGENT_{}__CRITICAL)",
+                raw.direction,
+                key.to_uppercase().replace('.', "__")
             ),
         );
     }
@@ -515,6 +561,7 @@ fn validate_rule(v: &mut Validator<'_>, key: &str, raw: &RawRule) -> Option<Rule
         hold_for,
         clear: raw.clear,
         clear_for,
+        inclusive: false,
     })
 }
 

@@ -73,14 +73,19 @@ pub struct Rule {
     pub clear: Option<f64>,
     /// How long the value must stay cleared before the state returns to OK.
     pub clear_for: Duration,
+    /// Reaching a level is a breach (`>=`/`<=`), for counts such as "3 restarts per
+    /// hour"; otherwise only passing it is (`>`/`<`), as for "CPU above 80 %".
+    pub inclusive: bool,
 }
 
 impl Rule {
     fn breaches(&self, value: f64, level: Option<f64>) -> bool {
-        match (level, self.direction) {
-            (None, _) => false,
-            (Some(l), Direction::Above) => value > l,
-            (Some(l), Direction::Below) => value < l,
+        match (level, self.direction, self.inclusive) {
+            (None, ..) => false,
+            (Some(l), Direction::Above, false) => value > l,
+            (Some(l), Direction::Above, true) => value >= l,
+            (Some(l), Direction::Below, false) => value < l,
+            (Some(l), Direction::Below, true) => value <= l,
         }
     }
 
@@ -90,10 +95,12 @@ impl Rule {
     }
 
     fn cleared(&self, value: f64) -> bool {
-        match (self.clear_level(), self.direction) {
-            (None, _) => true,
-            (Some(l), Direction::Above) => value <= l,
-            (Some(l), Direction::Below) => value >= l,
+        match (self.clear_level(), self.direction, self.inclusive) {
+            (None, ..) => true,
+            (Some(l), Direction::Above, false) => value <= l,
+            (Some(l), Direction::Above, true) => value < l,
+            (Some(l), Direction::Below, false) => value >= l,
+            (Some(l), Direction::Below, true) => value > l,
         }
     }
 }
@@ -263,6 +270,7 @@ mod tests {
             hold_for: s(hold),
             clear: None,
             clear_for: Duration::ZERO,
+            inclusive: false,
         }
     }
 
@@ -433,9 +441,43 @@ mod tests {
             hold_for: Duration::ZERO,
             clear: None,
             clear_for: Duration::ZERO,
+            inclusive: false,
         };
         let states = run(&rule, &[(1, Some(1.0)), (2, Some(0.0)), (3, Some(2.0))]);
         assert_eq!(states, vec![State::Ok, State::Critical, State::Ok]);
+    }
+
+    #[test]
+    fn inclusive_levels_fire_on_reaching_them() {
+        let rule = Rule {
+            direction: Direction::Above,
+            warning: Some(3.0),
+            critical: Some(10.0),
+            hold_for: Duration::ZERO,
+            clear: None,
+            clear_for: Duration::ZERO,
+            inclusive: true,
+        };
+        let states = run(
+            &rule,
+            &[
+                (1, Some(2.0)),
+                (2, Some(3.0)),
+                (3, Some(10.0)),
+                (4, Some(3.0)),
+                (5, Some(2.0)),
+            ],
+        );
+        assert_eq!(
+            states,
+            vec![
+                State::Ok,
+                State::Warning,
+                State::Critical,
+                State::Warning,
+                State::Ok
+            ]
+        );
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub enum AgentError {
     /// sysinfo could not read the system.
     #[error(transparent)]
     Sampler(#[from] sample::SamplerError),
+    /// The state directory is used by another agent.
+    #[error(transparent)]
+    Locked(#[from] settings::DirLockError),
     /// Invalid reconnect bounds.
     #[error("aggregator backoff: {0}")]
     Backoff(#[from] backoff::BackoffError),
@@ -59,6 +62,7 @@ pub fn boot_id() -> String {
 /// # Errors
 /// [`AgentError`] when a part cannot start; runtime failures are logged and retried.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let _lock = settings::lock_dir(&cfg.state_dir, "agent.lock", "tocsin-agent")?;
     let spool = spool::spawn(spool::Spool::open(&cfg.state_dir)?)?;
     let sampler = Sampler::new(cfg.processes.clone())?;
     let backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max)?;
@@ -71,6 +75,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         version: env!("CARGO_PKG_VERSION").to_owned(),
         boot_id: boot_id(),
         token: String::new(),
+        instance_id: format!("{:016x}", fastrand::u64(..)),
         heartbeat_interval_ms: u32::try_from(cfg.heartbeat_interval.as_millis())
             .unwrap_or(u32::MAX),
     };

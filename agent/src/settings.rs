@@ -21,6 +21,10 @@ use serde::de::DeserializeOwned;
 pub const DURATION_FORM: &str =
     "a number with a unit ms, s, m, h or d, e.g. \"500ms\", \"5s\", \"1m30s\"";
 
+/// Longest duration any setting accepts (a typo such as "100000000000d" would otherwise
+/// mean "never").
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
 /// A config that could not be loaded. `Display` lists every problem, one per line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -200,15 +204,34 @@ fn origin_of(md: &Metadata, key: &str) -> String {
             None => path.display().to_string(),
         },
         Some(Source::Custom(s)) => s.clone(),
+        // figment names serialized defaults after their Rust type.
+        _ if md.name.contains("::") => "defaults or command-line flags".to_owned(),
         _ => md.name.to_string(),
     }
 }
 
-/// Best-effort line number of the last segment of `key` (`leaf = …`) in a TOML file.
+/// Best-effort line number of `key` (`leaf = …`) in a TOML file. For keys inside an
+/// array of tables (`process.1.name`) the search starts at the second `[[process]]`.
 fn line_of(path: &Path, key: &str) -> Option<usize> {
-    let leaf = key.rsplit('.').next().filter(|s| !s.is_empty())?;
     let text = std::fs::read_to_string(path).ok()?;
-    text.lines()
+    let lines: Vec<&str> = text.lines().collect();
+    let segments: Vec<&str> = key.split('.').collect();
+    let leaf = segments
+        .last()
+        .filter(|s| !s.is_empty() && s.parse::<usize>().is_err())?;
+    let mut start = 0;
+    if let Some(pos) = segments.iter().position(|s| s.parse::<usize>().is_ok()) {
+        let index: usize = segments[pos].parse().ok()?;
+        let header = format!("[[{}]]", segments[..pos].join("."));
+        start = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.trim() == header)
+            .nth(index)
+            .map(|(i, _)| i)?;
+    }
+    lines[start..]
+        .iter()
         .position(|l| {
             let l = l.trim_start().trim_start_matches('"');
             l.strip_prefix(leaf).is_some_and(|rest| {
@@ -218,7 +241,7 @@ fn line_of(path: &Path, key: &str) -> Option<usize> {
                     .starts_with('=')
             })
         })
-        .map(|i| i + 1)
+        .map(|i| start + i + 1)
 }
 
 /// Collects problems while a raw config is converted into typed values.
@@ -239,8 +262,12 @@ impl<'a> Validator<'a> {
 
     /// Records a problem with `key`.
     pub fn problem(&mut self, key: &str, message: impl Into<String>) {
-        // `process[0].name` is not a figment key; its table `process` is.
-        let table_key: String = key.split('[').next().unwrap_or(key).to_owned();
+        // `process.0.name` may have no metadata of its own; the array `process` has.
+        let table_key: String = key
+            .split('.')
+            .take_while(|seg| seg.parse::<usize>().is_err())
+            .collect::<Vec<_>>()
+            .join(".");
         let origin = self
             .fig
             .find_metadata(key)
@@ -256,6 +283,13 @@ impl<'a> Validator<'a> {
     /// Parses a duration; records a problem and returns `fallback` when invalid.
     pub fn duration(&mut self, key: &str, raw: &str, fallback: Duration) -> Duration {
         match parse_duration(raw) {
+            Some(d) if d > MAX_DURATION => {
+                self.problem(
+                    key,
+                    format!("{raw:?} is longer than the longest accepted duration, 365d"),
+                );
+                fallback
+            }
             Some(d) => d,
             None => {
                 self.problem(
@@ -302,6 +336,7 @@ impl<'a> Validator<'a> {
                     && !authority.contains('/')
             })
         });
+        let ok = ok && raw.parse::<tonic::codegen::http::Uri>().is_ok();
         if ok {
             Some(raw.trim_end_matches('/').to_owned())
         } else {
@@ -413,4 +448,83 @@ mod tests {
             assert_eq!(parse_duration(&format_duration(d)), Some(d));
         }
     }
+}
+
+/// Why a state directory could not be claimed.
+#[derive(Debug, thiserror::Error)]
+pub enum DirLockError {
+    /// Another process holds the lock.
+    #[error(
+        "{dir} is in use by another running {what} (lock file {lock}); give each instance its own directory"
+    )]
+    InUse {
+        /// The directory.
+        dir: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// The kind of daemon.
+        what: &'static str,
+    },
+    /// The lock file could not be created or locked.
+    #[error("cannot lock {lock}: {source}")]
+    Io {
+        /// The lock file.
+        lock: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// An exclusive claim on a state directory, released when dropped (or when the process
+/// dies: it is an OS file lock, so a crash never leaves a stale lock behind).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Creates `dir` if needed and takes an exclusive lock on `dir/LOCK_NAME`, so two
+/// daemons never share one store or spool.
+///
+/// # Errors
+/// [`DirLockError::InUse`] when another process holds it.
+pub fn lock_dir(dir: &Path, lock_name: &str, what: &'static str) -> Result<DirLock, DirLockError> {
+    let lock = dir.join(lock_name);
+    std::fs::create_dir_all(dir).map_err(|source| DirLockError::Io {
+        lock: lock.clone(),
+        source,
+    })?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(|source| DirLockError::Io {
+            lock: lock.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(DirLock { _file: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(DirLockError::InUse {
+            dir: dir.to_owned(),
+            lock,
+            what,
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(DirLockError::Io { lock, source }),
+    }
+}
+
+/// Parses the command line; on a usage error prints clap's message and returns exit code
+/// 64 (help and version print and return 0).
+///
+/// # Errors
+/// The exit code to return from `main`.
+pub fn parse_args<P: clap::Parser>() -> Result<P, std::process::ExitCode> {
+    P::try_parse().map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            std::process::ExitCode::from(64)
+        } else {
+            std::process::ExitCode::SUCCESS
+        }
+    })
 }

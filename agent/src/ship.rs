@@ -25,6 +25,9 @@ use crate::spool::{SpoolError, SpoolHandle};
 pub const BATCH_EVENTS: usize = 512;
 /// Batches sent but not yet acked before the shipper waits for acks.
 pub const MAX_INFLIGHT_BATCHES: u64 = 8;
+/// A session that lasted this long before failing was healthy: backoff starts over.
+pub const STABLE_SESSION: Duration = Duration::from_secs(30);
+
 /// How long to wait for `Welcome` after `Hello`.
 pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -68,6 +71,16 @@ pub enum ShipError {
     Spool(#[from] SpoolError),
 }
 
+impl ShipError {
+    /// The aggregator refused this agent (bad identity, duplicate, malformed data): a
+    /// problem retrying alone will not fix.
+    pub fn is_refusal(&self) -> bool {
+        use tonic::Code;
+        matches!(self, ShipError::Status { status, .. }
+            if matches!(status.code(), Code::InvalidArgument | Code::AlreadyExists | Code::Unauthenticated | Code::PermissionDenied))
+    }
+}
+
 /// Identity and settings the shipper needs.
 #[derive(Debug, Clone)]
 pub struct ShipConfig {
@@ -104,6 +117,8 @@ pub struct Shipper {
     status: watch::Receiver<Arc<Vec<CheckStatus>>>,
     backoff: Backoff,
     state_tx: watch::Sender<ConnState>,
+    /// When the current or last session got its Welcome.
+    connected_at: Option<std::time::Instant>,
 }
 
 impl Shipper {
@@ -124,6 +139,7 @@ impl Shipper {
                 status,
                 backoff,
                 state_tx,
+                connected_at: None,
             },
             state_rx,
         )
@@ -139,28 +155,33 @@ impl Shipper {
                 () = shutdown.cancelled() => return,
                 r = self.session(&endpoint, &shutdown) => r,
             };
-            match result {
-                Ok(()) => return,
-                Err(error) => {
-                    failures += 1;
-                    let delay = self.backoff.next_delay();
-                    if failures == 1 {
-                        tracing::warn!(%endpoint, error = %error, retry_in = ?delay, "aggregator unreachable, events stay spooled");
-                    } else {
-                        tracing::debug!(%endpoint, error = %error, retry_in = ?delay, failures, "reconnect failed");
-                    }
-                    self.state_tx.send_replace(ConnState::Disconnected {
-                        next_attempt: delay,
-                    });
-                    index = index.wrapping_add(1);
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
-            if matches!(*self.state_tx.borrow(), ConnState::Connected { .. }) {
+            let Err(error) = result else { return };
+            let was_connected = self.connected_at.take();
+            if was_connected.is_some() {
                 failures = 0;
+            }
+            if was_connected.is_some_and(|t| t.elapsed() >= STABLE_SESSION) {
+                self.backoff.reset();
+            }
+            failures += 1;
+            let delay = self.backoff.next_delay();
+            let refused = error.is_refusal();
+            let error = crate::telemetry::chain(&error);
+            if refused {
+                // The aggregator refuses us: a config problem someone must fix.
+                tracing::error!(%endpoint, %error, retry_in = ?delay, "aggregator refused this agent, events stay spooled");
+            } else if failures == 1 {
+                tracing::warn!(%endpoint, %error, retry_in = ?delay, "aggregator unreachable, events stay spooled");
+            } else {
+                tracing::debug!(%endpoint, %error, retry_in = ?delay, failures, "reconnect failed");
+            }
+            self.state_tx.send_replace(ConnState::Disconnected {
+                next_attempt: delay,
+            });
+            index = index.wrapping_add(1);
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(delay) => {}
             }
         }
     }
@@ -217,14 +238,16 @@ impl Shipper {
             }))) => w,
             Ok(Ok(Some(_))) => return Err(closed("first message was not a Welcome")),
         };
-        self.spool.ack(welcome.last_seq).await?;
+        // Renumber first: a spool that lost its state has low sequence numbers that the
+        // ack below would otherwise delete as "already stored".
         if self.spool.rebase(welcome.last_seq).await? {
             tracing::warn!(
                 aggregator_last_seq = welcome.last_seq,
                 "spool was behind the aggregator (state lost?); renumbered waiting events"
             );
         }
-        self.backoff.reset();
+        self.spool.ack(welcome.last_seq).await?;
+        self.connected_at = Some(std::time::Instant::now());
         self.state_tx.send_replace(ConnState::Connected {
             endpoint: endpoint.to_owned(),
         });
@@ -263,6 +286,9 @@ impl Shipper {
                 }
                 m = inbound.message() => match m {
                     Ok(Some(v1::AggregatorMessage { msg: Some(aggregator_message::Msg::Ack(a)) })) => {
+                        // An ack proves the stream works: only now may backoff start over
+                        // (an aggregator that refuses every batch must not be hammered).
+                        self.backoff.reset();
                         if a.seq > acked {
                             acked = a.seq;
                             self.spool.ack(a.seq).await?;

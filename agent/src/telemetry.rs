@@ -47,11 +47,12 @@ pub fn validate(v: &mut Validator<'_>, raw: &RawLog) -> LogConfig {
             false
         }
     };
-    if EnvFilter::try_new(&raw.level).is_err() {
+    if !valid_filter(&raw.level) {
         v.problem(
             "log.level",
             format!(
-                "invalid filter {:?} (expected e.g. \"info\" or \"tocsin_agent=debug\")",
+                "invalid filter {:?} (expected a level trace, debug, info, warn, error or off, \
+                 optionally per target: \"info,tocsin_agent=debug\")",
                 raw.level
             ),
         );
@@ -62,12 +63,35 @@ pub fn validate(v: &mut Validator<'_>, raw: &RawLog) -> LogConfig {
     }
 }
 
+/// Whether `filter` is a list of `LEVEL` or `TARGET=LEVEL` directives. Stricter than
+/// `EnvFilter`, which reads a typo such as `"warnings"` as a target name and then logs
+/// nothing at all.
+pub fn valid_filter(filter: &str) -> bool {
+    let level = |l: &str| {
+        ["trace", "debug", "info", "warn", "error", "off"]
+            .contains(&l.trim().to_ascii_lowercase().as_str())
+    };
+    !filter.trim().is_empty()
+        && filter.split(',').all(|d| match d.split_once('=') {
+            Some((target, l)) => !target.trim().is_empty() && level(l),
+            None => level(d),
+        })
+}
+
 /// Installs the global tracing subscriber. Safe to call more than once (later calls are
 /// ignored), so tests and `tocsin up` can share it.
 pub fn init(json: bool, level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|f| !f.trim().is_empty());
+    let bad_env = from_env
+        .as_deref()
+        .filter(|f| !valid_filter(f))
+        .map(str::to_owned);
+    let chosen = from_env
+        .filter(|f| valid_filter(f))
+        .unwrap_or_else(|| level.to_owned());
+    let filter = EnvFilter::try_new(&chosen).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -78,4 +102,43 @@ pub fn init(json: bool, level: &str) {
     } else {
         builder.try_init()
     };
+    if let Some(bad) = bad_env {
+        tracing::warn!(rust_log = %bad, using = %chosen, "RUST_LOG is not a valid filter; ignored");
+    }
+}
+
+/// An error and all its sources, joined with ": " (what `{:#}` gives for anyhow).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = inner.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_filter;
+
+    #[test]
+    fn filters() {
+        for ok in [
+            "info",
+            "WARN",
+            "info,tocsin_agent=debug",
+            "tocsin_aggregator::notify=trace",
+            "off",
+        ] {
+            assert!(valid_filter(ok), "{ok}");
+        }
+        for bad in ["warnings", "verbose!!", "", "info,", "=debug", "x=loud"] {
+            assert!(!valid_filter(bad), "{bad}");
+        }
+    }
 }

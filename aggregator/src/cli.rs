@@ -117,6 +117,14 @@ pub fn load_cli_config(file: Option<&Path>) -> Result<String, ConfigError> {
     v.finish(url.unwrap_or_default())
 }
 
+/// Validates `--api` like the config key.
+fn check_api_flag(raw: String) -> Result<String, ConfigError> {
+    let fig = figment::Figment::new();
+    let mut v = Validator::new(&fig);
+    let url = v.endpoint("--api", &raw);
+    v.finish(url.unwrap_or_default())
+}
+
 fn cli_env() -> Vec<settings::EnvVar> {
     // Only TOCSIN_API_URL belongs to the CLI; the daemons have their own prefixes.
     settings::env_providers(ENV_PREFIX, &[("TOCSIN_API_URL", "api_url")])
@@ -148,7 +156,7 @@ pub fn main(cli: Cli) -> ExitCode {
     let api = match cli
         .api
         .clone()
-        .map_or_else(|| load_cli_config(cli.config.as_deref()), Ok)
+        .map_or_else(|| load_cli_config(cli.config.as_deref()), check_api_flag)
     {
         Ok(a) => a.trim_end_matches('/').to_owned(),
         Err(e) => {
@@ -176,12 +184,12 @@ async fn get_json(url: &str) -> Result<serde_json::Value, String> {
         .get(url)
         .send()
         .await
-        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+        .map_err(|e| format!("cannot reach {url}: {}", tocsin_agent::telemetry::chain(&e)))?;
     let status = resp.status();
     let body: serde_json::Value = resp
         .json()
         .await
-        .map_err(|e| format!("{url}: invalid JSON: {e}"))?;
+        .map_err(|e| format!("{url}: HTTP {status}, not an answer of the tocsin API ({e})"))?;
     if !status.is_success() {
         return Err(format!(
             "{url}: HTTP {status}: {}",
@@ -348,6 +356,18 @@ async fn up(args: UpArgs) -> ExitCode {
             }
         }
     }
+    for addr in [agg.listen_http, agg.listen_grpc] {
+        if !addr.ip().is_loopback() {
+            complain(&format!(
+                "warning: listening on {addr}, reachable from other machines (tocsin up is meant for loopback)"
+            ));
+        }
+    }
+    for name in &args.watch {
+        if name.trim().is_empty() {
+            problems.push("--watch \"\": give an executable name, e.g. --watch nginx".to_owned());
+        }
+    }
     for (i, url) in args.webhook.iter().enumerate() {
         let ok = reqwest::Url::parse(url)
             .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
@@ -361,6 +381,10 @@ async fn up(args: UpArgs) -> ExitCode {
             url: url.clone(),
             timeout: std::time::Duration::from_secs(10),
         });
+    }
+    if !problems.is_empty() {
+        complain(&problems.join("\n"));
+        return ExitCode::from(64);
     }
     let agent_defaults = tocsin_agent::config::RawConfig {
         state_dir: data_dir.join("agent").display().to_string(),
@@ -382,10 +406,6 @@ async fn up(args: UpArgs) -> ExitCode {
                 return ExitCode::from(64);
             }
         };
-    if !problems.is_empty() {
-        complain(&problems.join("\n"));
-        return ExitCode::from(64);
-    }
     tocsin_agent::telemetry::init(agg.log.json, &agg.log.level);
 
     let shutdown = CancellationToken::new();
@@ -416,18 +436,44 @@ async fn up(args: UpArgs) -> ExitCode {
             .map(|w| format!(", {w}"))
             .collect::<String>(),
     ));
-    let agent_task = tokio::spawn(tocsin_agent::run(agent, shutdown.clone()));
-    let (a, b) = tokio::join!(agg_task, agent_task);
-    match (a, b) {
-        (Ok(Ok(())), Ok(Ok(()))) => ExitCode::SUCCESS,
-        (Ok(Err(e)), _) => {
-            complain(&format!("aggregator failed: {e}"));
-            ExitCode::FAILURE
-        }
-        (_, Ok(Err(e))) => {
-            complain(&format!("agent failed: {e}"));
-            ExitCode::FAILURE
-        }
-        _ => ExitCode::FAILURE,
+    let mut agent_task = tokio::spawn(tocsin_agent::run(agent, shutdown.clone()));
+    let mut agg_task = agg_task;
+    // Whichever half stops first (an error, or a signal) stops the other: a `tocsin up`
+    // that serves an API with nothing monitored would be a silent failure.
+    let (first, second) = tokio::select! {
+        a = &mut agg_task => (describe("aggregator", a.map(|r| r.map_err(|e| e.to_string()))), None),
+        b = &mut agent_task => (describe("agent", b.map(|r| r.map_err(|e| e.to_string()))), Some(())),
+    };
+    shutdown.cancel();
+    let rest = if second.is_some() {
+        describe(
+            "aggregator",
+            agg_task.await.map(|r| r.map_err(|e| e.to_string())),
+        )
+    } else {
+        describe(
+            "agent",
+            agent_task.await.map(|r| r.map_err(|e| e.to_string())),
+        )
+    };
+    for problem in [&first, &rest].into_iter().flatten() {
+        complain(problem);
+    }
+    if first.is_none() && rest.is_none() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `None` for a clean stop, else what went wrong with `what`.
+fn describe(
+    what: &str,
+    joined: Result<Result<(), String>, tokio::task::JoinError>,
+) -> Option<String> {
+    match joined {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("{what} failed: {e}")),
+        Err(e) => Some(format!("{what} task ended abnormally: {e}")),
     }
 }

@@ -171,6 +171,18 @@ impl RawConfig {
         let mut v = Validator::new(fig);
         let listen_http = v.socket_addr("listen_http", &self.listen_http);
         let listen_grpc = v.socket_addr("listen_grpc", &self.listen_grpc);
+        if listen_http.is_some()
+            && listen_http == listen_grpc
+            && listen_http.is_some_and(|a| a.port() != 0)
+        {
+            v.problem(
+                "listen_grpc",
+                format!(
+                    "{:?} is also listen_http: give the API and ingest different ports",
+                    self.listen_grpc
+                ),
+            );
+        }
         let retry_min = v.positive_duration(
             "notify.retry_min",
             &self.notify.retry_min,
@@ -193,7 +205,7 @@ impl RawConfig {
         let mut webhooks = Vec::new();
         let mut names = std::collections::BTreeSet::new();
         for (i, w) in self.notify.webhook.iter().enumerate() {
-            let key = format!("notify.webhook[{i}]");
+            let key = format!("notify.webhook.{i}");
             let name = if w.name.is_empty() {
                 format!("webhook-{}", i + 1)
             } else {

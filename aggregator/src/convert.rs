@@ -54,6 +54,35 @@ fn labels(
         .collect()
 }
 
+/// Event fields are clipped, never refused: refusing an event would refuse the whole
+/// batch, and the agent would resend it forever (a poison message). Identifiers are cut
+/// on a character boundary; labels beyond [`MAX_LABELS`] (in key order) are dropped;
+/// an empty check name becomes `"unnamed"`.
+fn clip_ident(s: &str) -> String {
+    if s.is_empty() {
+        return "unnamed".to_owned();
+    }
+    truncate(s.to_owned(), MAX_ID_LEN - '…'.len_utf8())
+}
+
+fn clip_labels(l: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    let sorted: BTreeMap<String, String> = l
+        .iter()
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| {
+            (
+                clip_ident(k),
+                if v.is_empty() {
+                    String::new()
+                } else {
+                    clip_ident(v)
+                },
+            )
+        })
+        .collect();
+    sorted.into_iter().take(MAX_LABELS).collect()
+}
+
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let cut = (0..=max)
@@ -88,6 +117,7 @@ pub fn hello(h: &v1::Hello) -> Result<AgentHello, InvalidMessage> {
         labels: labels("hello.labels", &h.labels)?,
         version: ident("hello.version", &h.version, true)?,
         boot_id: ident("hello.boot_id", &h.boot_id, true)?,
+        instance_id: ident("hello.instance_id", &h.instance_id, true)?,
     })
 }
 
@@ -101,12 +131,12 @@ pub fn event(e: &v1::Event) -> Result<Event, InvalidMessage> {
     }
     Ok(Event {
         seq: e.seq,
-        check: ident("event.check", &e.check, false)?,
-        labels: labels("event.labels", &e.labels)?,
+        check: clip_ident(&e.check),
+        labels: clip_labels(&e.labels),
         state: state(e.state),
         previous: state(e.previous),
         value: e.value.filter(|v| v.is_finite()),
-        unit: ident("event.unit", &e.unit, true)?,
+        unit: truncate(e.unit.clone(), 32),
         threshold: e.threshold.filter(|v| v.is_finite()),
         message: truncate(e.message.clone(), MAX_MESSAGE_LEN),
         observed_at_ms: e.observed_at_ms,
@@ -124,13 +154,47 @@ pub fn checks(h: &v1::Heartbeat) -> Result<Vec<CheckStatus>, InvalidMessage> {
         .iter()
         .map(|c| {
             Ok(CheckStatus {
-                check: ident("heartbeat.check", &c.check, false)?,
-                labels: labels("heartbeat.labels", &c.labels)?,
+                check: clip_ident(&c.check),
+                labels: clip_labels(&c.labels),
                 state: state(c.state),
                 value: c.value.filter(|v| v.is_finite()),
-                unit: ident("heartbeat.unit", &c.unit, true)?,
+                unit: truncate(c.unit.clone(), 32),
                 since_ms: c.since_ms,
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: an oversized check name refused the batch, and the agent resent it
+    /// forever, so nothing else from that node was ever paged.
+    #[test]
+    fn oversized_event_fields_are_clipped_not_refused() {
+        let long = "é".repeat(400);
+        let e = v1::Event {
+            seq: 7,
+            check: format!("process:{long}"),
+            labels: (0..40)
+                .map(|i| (format!("k{i:02}"), long.clone()))
+                .collect(),
+            state: v1::State::Critical.into(),
+            message: "x".repeat(10_000),
+            ..Default::default()
+        };
+        let got = event(&e).expect("clipped, not refused");
+        assert!(got.check.len() <= MAX_ID_LEN && got.check.ends_with('…'));
+        assert_eq!(got.labels.len(), MAX_LABELS);
+        assert!(got.labels.values().all(|v| v.len() <= MAX_ID_LEN));
+        assert!(got.message.len() <= MAX_MESSAGE_LEN + '…'.len_utf8());
+        assert_eq!(got.state, State::Critical);
+    }
+
+    #[test]
+    fn hello_without_identity_is_refused() {
+        let err = hello(&v1::Hello::default()).expect_err("empty agent_id");
+        assert_eq!(err.field, "hello.agent_id");
+    }
 }

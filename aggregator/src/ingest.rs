@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
-use crate::store::StoreHandle;
+use crate::store::{HelloOutcome, StoreHandle};
 
 /// How long a new stream may take to send its `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,6 +26,7 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct IngestService {
     store: StoreHandle,
+    sessions: std::sync::Arc<std::sync::atomic::AtomicU64>,
     outbox_wake: watch::Sender<u64>,
     shutdown: CancellationToken,
 }
@@ -39,6 +40,7 @@ impl IngestService {
     ) -> Self {
         IngestService {
             store,
+            sessions: Default::default(),
             outbox_wake,
             shutdown,
         }
@@ -61,6 +63,10 @@ impl v1::ingest_server::Ingest for IngestService {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let session = Session {
+            id: self
+                .sessions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1,
             store: self.store.clone(),
             outbox_wake: self.outbox_wake.clone(),
             peer,
@@ -78,6 +84,8 @@ impl v1::ingest_server::Ingest for IngestService {
 }
 
 struct Session {
+    /// Stream number, unique within this aggregator process.
+    id: u64,
     store: StoreHandle,
     outbox_wake: watch::Sender<u64>,
     peer: String,
@@ -117,8 +125,24 @@ impl Session {
         };
         let agent_id = hello.agent_id.clone();
         let h = hello.clone();
-        let last_seq = match self.store.call(move |s| s.hello(&h)).await {
-            Ok(seq) => seq,
+        let session = self.id;
+        let last_seq = match self.store.call(move |s| s.hello(&h, session)).await {
+            Ok(HelloOutcome::Welcome(seq)) => seq,
+            Ok(HelloOutcome::Duplicate { connected_instance }) => {
+                tracing::error!(
+                    %peer,
+                    agent = %agent_id,
+                    hostname = %hello.hostname,
+                    connected_instance = %connected_instance,
+                    refused_instance = %hello.instance_id,
+                    "a second agent uses the identity of a connected one: refused"
+                );
+                let msg = format!(
+                    "agent_id {agent_id:?} is already connected from another agent process; \
+                     give each node a unique agent_id"
+                );
+                return self.refuse(Status::already_exists(msg)).await;
+            }
             Err(e) => {
                 tracing::error!(%peer, agent = %agent_id, error = %e, "cannot record Hello");
                 return self.refuse(Status::unavailable("store unavailable")).await;
@@ -140,7 +164,7 @@ impl Session {
         let reason = self.serve(&agent_id, &mut inbound).await;
         tracing::info!(%peer, agent = %agent_id, reason, "agent disconnected");
         let id = agent_id.clone();
-        if let Err(e) = self.store.call(move |s| s.disconnected(&id)).await {
+        if let Err(e) = self.store.call(move |s| s.disconnected(&id, session)).await {
             tracing::warn!(agent = %agent_id, error = %e, "cannot record disconnect");
         }
     }

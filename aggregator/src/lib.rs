@@ -51,6 +51,9 @@ pub enum AggregatorError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The data directory is used by another aggregator.
+    #[error(transparent)]
+    Locked(#[from] tocsin_agent::settings::DirLockError),
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] store::StoreError),
@@ -75,6 +78,8 @@ pub async fn run(
     bound: Option<oneshot::Sender<Bound>>,
 ) -> Result<(), AggregatorError> {
     install_crypto_provider();
+    let _lock =
+        tocsin_agent::settings::lock_dir(&cfg.data_dir, "aggregator.lock", "tocsin-aggregator")?;
     let http_listener =
         TcpListener::bind(cfg.listen_http)
             .await
@@ -108,6 +113,9 @@ pub async fn run(
     let client = reqwest::Client::builder()
         .user_agent(concat!("tocsin/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(5))
+        // A webhook that redirects is misconfigured; following it would turn the POST
+        // into a GET elsewhere. The 3xx is reported instead.
+        .redirect(reqwest::redirect::Policy::none())
         .build()?;
     let mut targets: Vec<(String, Target)> = Vec::new();
     if cfg.console {

@@ -37,7 +37,10 @@ fn fail_config(e: &tocsin_agent::settings::ConfigError) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = match tocsin_agent::settings::parse_args() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let file = cli.config.as_deref();
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => match config::load(file) {

@@ -21,6 +21,8 @@ pub struct AgentHello {
     pub version: String,
     /// Kernel boot id of the node.
     pub boot_id: String,
+    /// Random id of the agent process (new at every agent start).
+    pub instance_id: String,
 }
 
 /// Incident severity, P1 (system unavailable, data at risk) to P4 (minor), per the seed.
@@ -99,7 +101,8 @@ pub struct Incident {
     pub id: i64,
     /// Fingerprint of the firing check: node, check and identifying labels.
     pub fingerprint: String,
-    /// Dedup key used with notification channels (`tocsin-<id>`).
+    /// Dedup key used with notification channels: `tocsin-<install id>-<id>`, unique
+    /// across aggregators and data resets.
     pub dedup_key: String,
     /// Agent id of the node.
     pub node: String,
@@ -172,6 +175,8 @@ pub struct Notification {
     pub next_attempt_ms: i64,
     /// Delivered (Unix ms).
     pub delivered_at_ms: Option<i64>,
+    /// Sent as `Idempotency-Key`: `<dedup key>-<kind>`, the same on every retry.
+    pub idempotency_key: String,
 }
 
 /// A node as the aggregator knows it.

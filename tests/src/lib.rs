@@ -137,6 +137,28 @@ impl Daemon {
         }
     }
 
+    /// Waits for the process to exit on its own; returns its exit code (`None` when a
+    /// signal ended it).
+    ///
+    /// # Errors
+    /// When it is still running after [`PATIENCE`].
+    pub async fn wait_exit(&mut self) -> Result<Option<i32>> {
+        let start = Instant::now();
+        loop {
+            let child = self
+                .child
+                .as_mut()
+                .ok_or_else(|| anyhow!("{} was already stopped", self.name))?;
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.code());
+            }
+            if start.elapsed() > PATIENCE {
+                bail!("{} still runs after {PATIENCE:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)

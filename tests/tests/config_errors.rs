@@ -82,7 +82,7 @@ const CASES: &[(&str, &str, &[&str])] = &[
         "aggregator_bad_webhook.toml",
         &[
             "aggregator_bad_webhook.toml:3",
-            "key `notify.webhook[0].url`",
+            "key `notify.webhook.0.url`",
             "ftp://",
             "http://",
         ],
@@ -103,6 +103,74 @@ const CASES: &[(&str, &str, &[&str])] = &[
             "aggregator_unknown_key.toml:2",
             "key `listen_htpp`",
             "`listen_http`",
+        ],
+    ),
+    (
+        "tocsin-agent",
+        "agent_interval_too_short.toml",
+        &["agent_interval_too_short.toml:1", "key `interval`", "200ms"],
+    ),
+    (
+        "tocsin-agent",
+        "agent_negative_threshold.toml",
+        &[
+            "agent_negative_threshold.toml:2",
+            "key `rules.cpu.warning`",
+            "outside 0 to 100",
+        ],
+    ),
+    (
+        "tocsin-agent",
+        "agent_process_path.toml",
+        &[
+            "agent_process_path.toml:2",
+            "key `process.0.name`",
+            "file name",
+        ],
+    ),
+    (
+        "tocsin-agent",
+        "agent_duplicate_process.toml",
+        &[
+            "agent_duplicate_process.toml:5",
+            "key `process.1.name`",
+            "watched twice",
+        ],
+    ),
+    (
+        "tocsin-agent",
+        "agent_bad_log_level.toml",
+        &[
+            "agent_bad_log_level.toml:2",
+            "key `log.level`",
+            "\"warnings\"",
+        ],
+    ),
+    (
+        "tocsin-agent",
+        "agent_bad_uri.toml",
+        &[
+            "agent_bad_uri.toml:2",
+            "key `aggregator.endpoints`",
+            "http://HOST:PORT",
+        ],
+    ),
+    (
+        "tocsin-agent",
+        "agent_huge_duration.toml",
+        &[
+            "agent_huge_duration.toml:2",
+            "key `aggregator.backoff_max`",
+            "365d",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
+        "aggregator_same_ports.toml",
+        &[
+            "aggregator_same_ports.toml:2",
+            "key `listen_grpc`",
+            "different ports",
         ],
     ),
 ];
@@ -217,6 +285,34 @@ fn environment_overrides_and_strings_stay_strings() {
     assert_eq!(bad.status.code(), Some(64));
     assert!(
         stderr.contains("environment variable TOCSIN_AGENT_RULES__CPU__WARNING"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_64_and_help_exits_0() {
+    for (binary, args) in [
+        ("tocsin", &["frob"][..]),
+        ("tocsin", &["show", "abc"][..]),
+        ("tocsin-agent", &["--bogus"][..]),
+        ("tocsin-aggregator", &["frob"][..]),
+        ("tocsin", &["--api", "notaurl", "incidents"][..]),
+    ] {
+        let (code, stderr) = run(binary, args);
+        assert_eq!(code, Some(64), "{binary} {args:?}: {stderr}");
+    }
+    assert_eq!(run("tocsin", &["--help"]).0, Some(0));
+    assert_eq!(run("tocsin-agent", &["--version"]).0, Some(0));
+}
+
+#[test]
+fn cli_reports_an_unreachable_api_with_its_cause() {
+    // Port 9 (discard) on loopback: nothing listens there in the test environment.
+    let (code, stderr) = run("tocsin", &["--api", "http://127.0.0.1:9", "incidents"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot reach http://127.0.0.1:9")
+            && stderr.to_lowercase().contains("refused"),
         "{stderr}"
     );
 }

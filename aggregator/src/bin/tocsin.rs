@@ -1,7 +1,8 @@
 //! `tocsin`: the on-call CLI (see `tocsin_aggregator::cli`).
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    tocsin_aggregator::cli::main(tocsin_aggregator::cli::Cli::parse())
+    match tocsin_agent::settings::parse_args() {
+        Ok(cli) => tocsin_aggregator::cli::main(cli),
+        Err(code) => code,
+    }
 }

@@ -119,10 +119,7 @@ impl Dispatcher {
                 url,
                 timeout,
                 client,
-            } => {
-                let key = format!("tocsin-{}-{}-{}", n.incident_id, n.kind, n.id);
-                webhook::deliver(client, url, *timeout, &key, &n.payload).await
-            }
+            } => webhook::deliver(client, url, *timeout, &n.idempotency_key, &n.payload).await,
         };
         match delivery {
             Delivery::Ok => {
@@ -134,9 +131,10 @@ impl Dispatcher {
                 Attempt::Failed { error }
             }
             Delivery::Transient { error, retry_after } => {
+                // A receiver's Retry-After is honoured up to retry_max: later pages on this
+                // channel wait behind this one, so "come back tomorrow" cannot be obeyed.
                 let delay = retry_after
-                    .unwrap_or_else(|| self.backoff(n.attempts))
-                    .min(self.retry_max.max(retry_after.unwrap_or_default()));
+                    .map_or_else(|| self.backoff(n.attempts), |ra| ra.min(self.retry_max));
                 tracing::warn!(channel = %self.name, incident = n.incident_id, kind = %n.kind, attempts = n.attempts + 1, retry_in = ?delay, error = %error, "notification not delivered, will retry");
                 Attempt::Retry {
                     retry_at_ms: now_ms()

@@ -7,7 +7,8 @@ use std::time::Duration;
 use crate::notify::Delivery;
 
 /// Sends one notification. 2xx is delivered; 408, 429 and 5xx are retried (honouring
-/// `Retry-After` in seconds); other statuses fail for good with the response body.
+/// `Retry-After` in seconds); other statuses, redirects included, fail for good with the
+/// response body.
 pub async fn deliver(
     client: &reqwest::Client,
     url: &str,
@@ -27,7 +28,7 @@ pub async fn deliver(
         Ok(r) => r,
         Err(e) => {
             return Delivery::Transient {
-                error: format!("POST {url}: {}", error_chain(&e)),
+                error: format!("POST {url}: {}", tocsin_agent::telemetry::chain(&e)),
                 retry_after: None,
             };
         }
@@ -42,6 +43,11 @@ pub async fn deliver(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
+    let response_location = response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let mut text = response.text().await.unwrap_or_default();
     if text.len() > 512 {
         let cut = (0..=512)
@@ -50,21 +56,17 @@ pub async fn deliver(
             .unwrap_or(0);
         text.truncate(cut);
     }
-    let error = format!("POST {url}: HTTP {status}: {text}");
+    let error = if status.is_redirection() {
+        let to = response_location.unwrap_or_default();
+        format!(
+            "POST {url}: HTTP {status}: redirects are not followed; point the webhook at the final URL {to}"
+        )
+    } else {
+        format!("POST {url}: HTTP {status}: {text}")
+    };
     if status.as_u16() == 408 || status.as_u16() == 429 || status.is_server_error() {
         Delivery::Transient { error, retry_after }
     } else {
         Delivery::Permanent { error }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }

@@ -52,6 +52,24 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     channels: Vec<String>,
+    /// Random id of this store, made at creation: dedup keys are unique across
+    /// installations and data resets (`tocsin-<install>-<incident id>`).
+    install_id: String,
+    /// Open agent streams: agent id → (instance id, session number). In memory only: after
+    /// an aggregator restart no stream is open.
+    sessions: std::collections::HashMap<String, (String, u64)>,
+}
+
+/// Answer to an agent's `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HelloOutcome {
+    /// Accepted; the highest sequence stored for this agent.
+    Welcome(u64),
+    /// Another agent process with the same identity has a stream open.
+    Duplicate {
+        /// Instance id of the connected agent.
+        connected_instance: String,
+    },
 }
 
 /// What an ingested batch did.
@@ -112,14 +130,30 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let store = Store {
+        let mut store = Store {
             conn,
             path,
             channels,
+            sessions: Default::default(),
+            install_id: String::new(),
         };
         store
             .conn
             .execute_batch(schema::SCHEMA)
+            .map_err(|e| store.err(e))?;
+        let fresh = format!("{:08x}", fastrand::u32(..));
+        store
+            .conn
+            .execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('install_id', ?1)",
+                [&fresh],
+            )
+            .map_err(|e| store.err(e))?;
+        store.install_id = store
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'install_id'", [], |r| {
+                r.get(0)
+            })
             .map_err(|e| store.err(e))?;
         Ok(store)
     }
@@ -131,11 +165,22 @@ impl Store {
         }
     }
 
-    /// Records an agent's `Hello`; returns the highest sequence stored for it.
+    /// Records an agent's `Hello` on stream `session`; refuses a second agent process with
+    /// the identity of a connected one (a reconnect of the same process replaces its old
+    /// stream).
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
-    pub fn hello(&mut self, h: &AgentHello) -> Result<u64, StoreError> {
+    pub fn hello(&mut self, h: &AgentHello, session: u64) -> Result<HelloOutcome, StoreError> {
+        if let Some((instance, _)) = self.sessions.get(&h.agent_id)
+            && *instance != h.instance_id
+        {
+            return Ok(HelloOutcome::Duplicate {
+                connected_instance: instance.clone(),
+            });
+        }
+        self.sessions
+            .insert(h.agent_id.clone(), (h.instance_id.clone(), session));
         let now = now_ms();
         let labels = serde_json::to_string(&h.labels).unwrap_or_default();
         self.conn
@@ -155,14 +200,23 @@ impl Store {
                 |r| r.get(0),
             )
             .map_err(|e| self.err(e))?;
-        Ok(u64::try_from(last).unwrap_or(0))
+        Ok(HelloOutcome::Welcome(u64::try_from(last).unwrap_or(0)))
     }
 
-    /// Marks an agent's stream closed.
+    /// Marks stream `session` of an agent closed.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
-    pub fn disconnected(&mut self, agent_id: &str) -> Result<(), StoreError> {
+    pub fn disconnected(&mut self, agent_id: &str, session: u64) -> Result<(), StoreError> {
+        // A newer stream of the same agent may have replaced this one already.
+        if self
+            .sessions
+            .get(agent_id)
+            .is_none_or(|(_, s)| *s != session)
+        {
+            return Ok(());
+        }
+        self.sessions.remove(agent_id);
         self.conn
             .execute(
                 "UPDATE agents SET connected = 0, last_seen_ms = ?2 WHERE agent_id = ?1",
@@ -273,6 +327,11 @@ impl Store {
                     )
                     .map_err(err)?;
                     let id = tx.last_insert_rowid();
+                    tx.execute(
+                        "UPDATE incidents SET dedup_key = ?2 WHERE id = ?1",
+                        params![id, format!("tocsin-{}-{id}", self.install_id)],
+                    )
+                    .map_err(err)?;
                     timeline(
                         &tx,
                         id,
@@ -318,15 +377,16 @@ impl Store {
                 Decision::Resolve => {
                     let Some((id, _)) = open else { continue };
                     tx.execute(
-                        "UPDATE incidents SET status = 'resolved', resolved_at_ms = ?2, value = ?3, resolution = ?4 WHERE id = ?1",
+                        "UPDATE incidents SET status = 'resolved', state = 'ok', resolved_at_ms = ?2, value = ?3, resolution = ?4 WHERE id = ?1",
                         params![id, now, e.value, e.message],
                     )
                     .map_err(err)?;
                     timeline(&tx, id, now, "resolved", &actor, &e.message).map_err(err)?;
                     let incident = load_incident(&tx, id).map_err(err)?;
-                    // A resolve goes exactly to the channels that were sent the trigger.
+                    // A resolve goes exactly to the channels that were sent the trigger (or still may
+                    // be): never a lone resolve to a channel that refused the trigger.
                     let triggered: Vec<String> = tx
-                        .prepare_cached("SELECT channel FROM outbox WHERE incident_id = ?1 AND kind = 'trigger' ORDER BY id")
+                        .prepare_cached("SELECT channel FROM outbox WHERE incident_id = ?1 AND kind = 'trigger' AND status != 'failed' ORDER BY id")
                         .and_then(|mut s| s.query_map([id], |r| r.get(0))?.collect())
                         .map_err(err)?;
                     for ch in &triggered {
@@ -584,10 +644,10 @@ pub enum Attempt {
     },
 }
 
-const INCIDENT_COLUMNS: &str = "id, fingerprint, node, check_name, labels, severity, status, state, value, unit, threshold, \
+const INCIDENT_COLUMNS: &str = "id, dedup_key, fingerprint, node, check_name, labels, severity, status, state, value, unit, threshold, \
      summary, breach_started_at_ms, triggered_at_ms, acknowledged_at_ms, resolved_at_ms, resolution";
 
-const OUTBOX_COLUMNS: &str = "id, incident_id, channel, kind, status, attempts, payload, last_error, created_ms, next_attempt_ms, delivered_ms";
+const OUTBOX_COLUMNS: &str = "id, incident_id, channel, kind, status, attempts, payload, last_error, created_ms, next_attempt_ms, delivered_ms, idempotency_key";
 
 fn parse_state(s: &str) -> State {
     match s {
@@ -600,26 +660,25 @@ fn parse_state(s: &str) -> State {
 }
 
 fn incident_from_row(r: &Row<'_>) -> rusqlite::Result<Incident> {
-    let id: i64 = r.get(0)?;
     Ok(Incident {
-        id,
-        fingerprint: r.get(1)?,
-        dedup_key: format!("tocsin-{id}"),
-        node: r.get(2)?,
-        check: r.get(3)?,
-        labels: serde_json::from_str(&r.get::<_, String>(4)?).unwrap_or_default(),
-        severity: Severity::parse(&r.get::<_, String>(5)?).unwrap_or(Severity::P4),
-        status: Status::parse(&r.get::<_, String>(6)?).unwrap_or(Status::Triggered),
-        state: parse_state(&r.get::<_, String>(7)?),
-        value: r.get(8)?,
-        unit: r.get(9)?,
-        threshold: r.get(10)?,
-        summary: r.get(11)?,
-        breach_started_at_ms: r.get(12)?,
-        triggered_at_ms: r.get(13)?,
-        acknowledged_at_ms: r.get(14)?,
-        resolved_at_ms: r.get(15)?,
-        resolution: r.get(16)?,
+        id: r.get(0)?,
+        dedup_key: r.get(1)?,
+        fingerprint: r.get(2)?,
+        node: r.get(3)?,
+        check: r.get(4)?,
+        labels: serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or_default(),
+        severity: Severity::parse(&r.get::<_, String>(6)?).unwrap_or(Severity::P4),
+        status: Status::parse(&r.get::<_, String>(7)?).unwrap_or(Status::Triggered),
+        state: parse_state(&r.get::<_, String>(8)?),
+        value: r.get(9)?,
+        unit: r.get(10)?,
+        threshold: r.get(11)?,
+        summary: r.get(12)?,
+        breach_started_at_ms: r.get(13)?,
+        triggered_at_ms: r.get(14)?,
+        acknowledged_at_ms: r.get(15)?,
+        resolved_at_ms: r.get(16)?,
+        resolution: r.get(17)?,
     })
 }
 
@@ -636,6 +695,7 @@ fn notification_from_row(r: &Row<'_>) -> rusqlite::Result<Notification> {
         created_at_ms: r.get(8)?,
         next_attempt_ms: r.get(9)?,
         delivered_at_ms: r.get(10)?,
+        idempotency_key: r.get(11)?,
     })
 }
 
@@ -675,10 +735,11 @@ fn enqueue(
 ) -> rusqlite::Result<()> {
     let body = payload::render(kind, incident, now);
     conn.prepare_cached(
-        "INSERT INTO outbox (incident_id, channel, kind, status, attempts, payload, created_ms, next_attempt_ms)
-         VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?5)",
+        "INSERT INTO outbox (incident_id, channel, kind, status, attempts, payload, created_ms, next_attempt_ms,
+             idempotency_key)
+         VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?5, ?6)",
     )?
-    .execute(params![incident.id, channel, kind, body, now])?;
+    .execute(params![incident.id, channel, kind, body, now, format!("{}-{kind}", incident.dedup_key)])?;
     Ok(())
 }
 
@@ -745,6 +806,7 @@ mod tests {
             labels: BTreeMap::from([("service".to_owned(), "web".to_owned())]),
             version: "test".into(),
             boot_id: String::new(),
+            instance_id: "i1".into(),
         }
     }
 
@@ -778,7 +840,10 @@ mod tests {
     #[test]
     fn duplicates_by_agent_and_seq_are_stored_and_correlated_once() {
         let (_dir, mut s) = store(&["hook"]);
-        assert_eq!(s.hello(&hello("a")).expect("hello"), 0);
+        assert_eq!(
+            s.hello(&hello("a"), 1).expect("hello"),
+            HelloOutcome::Welcome(0)
+        );
         let batch = [event(1, State::Ok), event(2, State::Critical)];
         let first = s.ingest("a", &batch).expect("ingest");
         assert_eq!(
@@ -796,8 +861,8 @@ mod tests {
             (0, 2, 0, 0)
         );
         assert_eq!(
-            s.hello(&hello("a")).expect("hello"),
-            2,
+            s.hello(&hello("a"), 2).expect("hello"),
+            HelloOutcome::Welcome(2),
             "Welcome carries the last stored seq"
         );
         assert_eq!(s.incidents(IncidentFilter::All, 10).expect("list").len(), 1);
@@ -806,7 +871,7 @@ mod tests {
     #[test]
     fn trigger_then_resolve_with_timestamps_labels_and_outbox() {
         let (_dir, mut s) = store(&["console", "hook"]);
-        s.hello(&hello("a")).expect("hello");
+        s.hello(&hello("a"), 1).expect("hello");
         let opened = s.ingest("a", &[event(1, State::Critical)]).expect("ingest");
         assert_eq!(opened.notifications, 2);
         let id = opened.opened[0];
@@ -844,7 +909,7 @@ mod tests {
     fn resolve_goes_only_to_channels_that_got_the_trigger() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = Store::open(dir.path(), vec!["old".into()]).expect("open");
-        s.hello(&hello("a")).expect("hello");
+        s.hello(&hello("a"), 1).expect("hello");
         let id = s
             .ingest("a", &[event(1, State::Critical)])
             .expect("ingest")
@@ -866,7 +931,7 @@ mod tests {
     #[test]
     fn severity_follows_the_state_and_refire_opens_a_new_incident() {
         let (_dir, mut s) = store(&[]);
-        s.hello(&hello("a")).expect("hello");
+        s.hello(&hello("a"), 1).expect("hello");
         let id = s
             .ingest("a", &[event(1, State::Warning)])
             .expect("w")
@@ -883,9 +948,44 @@ mod tests {
     }
 
     #[test]
+    fn a_second_agent_with_the_same_identity_is_refused_until_the_first_leaves() {
+        let (_dir, mut s) = store(&[]);
+        assert_eq!(
+            s.hello(&hello("a"), 1).expect("first"),
+            HelloOutcome::Welcome(0)
+        );
+        let twin = AgentHello {
+            instance_id: "i2".into(),
+            ..hello("a")
+        };
+        assert_eq!(
+            s.hello(&twin, 2).expect("second"),
+            HelloOutcome::Duplicate {
+                connected_instance: "i1".into()
+            }
+        );
+        // The same process reconnecting is not a duplicate.
+        assert_eq!(
+            s.hello(&hello("a"), 3).expect("reconnect"),
+            HelloOutcome::Welcome(0)
+        );
+        // The stale stream 1 closing does not end session 3.
+        s.disconnected("a", 1).expect("stale close");
+        assert!(matches!(
+            s.hello(&twin, 4).expect("still refused"),
+            HelloOutcome::Duplicate { .. }
+        ));
+        s.disconnected("a", 3).expect("close");
+        assert_eq!(
+            s.hello(&twin, 5).expect("now free"),
+            HelloOutcome::Welcome(0)
+        );
+    }
+
+    #[test]
     fn delivery_attempts_are_recorded_in_order() {
         let (_dir, mut s) = store(&["hook"]);
-        s.hello(&hello("a")).expect("hello");
+        s.hello(&hello("a"), 1).expect("hello");
         let id = s
             .ingest("a", &[event(1, State::Critical)])
             .expect("ingest")

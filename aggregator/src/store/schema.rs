@@ -7,6 +7,11 @@ PRAGMA synchronous = NORMAL;
 PRAGMA busy_timeout = 5000;
 PRAGMA foreign_keys = ON;
 
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS agents (
     agent_id      TEXT PRIMARY KEY,
     hostname      TEXT NOT NULL,
@@ -51,6 +56,7 @@ CREATE TABLE IF NOT EXISTS checks (
 
 CREATE TABLE IF NOT EXISTS incidents (
     id                   INTEGER PRIMARY KEY AUTOINCREMENT,
+    dedup_key            TEXT NOT NULL DEFAULT '',
     fingerprint          TEXT NOT NULL,
     node                 TEXT NOT NULL,
     check_name           TEXT NOT NULL,
@@ -91,7 +97,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error      TEXT,
     created_ms      INTEGER NOT NULL,
     next_attempt_ms INTEGER NOT NULL,
-    delivered_ms    INTEGER
+    delivered_ms    INTEGER,
+    idempotency_key TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_incident ON outbox (incident_id);
