@@ -232,8 +232,8 @@ impl Collector {
             self.sampler = Some(sampler);
             let wall = now_ms();
             let events = evaluate_sample(&mut self.checks, &sample, now, wall);
-            self.publish_status();
             if events.is_empty() {
+                self.publish_status();
                 continue;
             }
             for e in &events {
@@ -248,6 +248,9 @@ impl Collector {
             if let Err(error) = self.spool.append(events).await {
                 tracing::error!(error = %error, "cannot spool events");
             }
+            // Only now: a heartbeat must never show a state whose event has no sequence
+            // number yet, or the aggregator would reconcile ahead of the event.
+            self.publish_status();
         }
     }
 

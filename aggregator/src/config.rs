@@ -18,6 +18,8 @@ pub const ENV_PREFIX: &str = "TOCSIN_AGGREGATOR_";
 pub const DEFAULT_LISTEN_HTTP: &str = "127.0.0.1:7600";
 /// Default gRPC (agent ingest) listen address: loopback only.
 pub const DEFAULT_LISTEN_GRPC: &str = "127.0.0.1:7601";
+/// Default silence after which a node is down.
+pub const DEFAULT_NODE_TIMEOUT: &str = "30s";
 /// Default per-request timeout of notification deliveries.
 pub const DEFAULT_NOTIFY_TIMEOUT: &str = "10s";
 
@@ -31,6 +33,9 @@ pub struct RawConfig {
     pub listen_grpc: String,
     /// Directory of the SQLite store (`tocsin.db`).
     pub data_dir: String,
+    /// A node whose agent sends no heartbeat for this long (and at least 3 of its
+    /// heartbeat intervals) becomes a `node_down` incident.
+    pub node_timeout: String,
     /// Notification channels.
     pub notify: RawNotify,
     /// Logging.
@@ -69,6 +74,7 @@ impl Default for RawConfig {
             listen_http: DEFAULT_LISTEN_HTTP.into(),
             listen_grpc: DEFAULT_LISTEN_GRPC.into(),
             data_dir: "/var/lib/tocsin-aggregator".into(),
+            node_timeout: DEFAULT_NODE_TIMEOUT.into(),
             notify: RawNotify::default(),
             log: tocsin_agent::telemetry::RawLog::default(),
         }
@@ -105,6 +111,8 @@ pub struct AggregatorConfig {
     pub listen_grpc: SocketAddr,
     /// Store directory.
     pub data_dir: PathBuf,
+    /// Silence after which a node is down.
+    pub node_timeout: Duration,
     /// Print notifications on stdout.
     pub console: bool,
     /// Retry delay bounds for failed deliveries.
@@ -183,6 +191,8 @@ impl RawConfig {
                 ),
             );
         }
+        let node_timeout =
+            v.positive_duration("node_timeout", &self.node_timeout, Duration::from_secs(30));
         let retry_min = v.positive_duration(
             "notify.retry_min",
             &self.notify.retry_min,
@@ -248,6 +258,7 @@ impl RawConfig {
             listen_http: listen_http.unwrap_or(fallback),
             listen_grpc: listen_grpc.unwrap_or(fallback),
             data_dir: PathBuf::from(self.data_dir),
+            node_timeout,
             console: self.notify.console,
             retry_min,
             retry_max,

@@ -118,6 +118,7 @@ pub fn hello(h: &v1::Hello) -> Result<AgentHello, InvalidMessage> {
         version: ident("hello.version", &h.version, true)?,
         boot_id: ident("hello.boot_id", &h.boot_id, true)?,
         instance_id: ident("hello.instance_id", &h.instance_id, true)?,
+        heartbeat_interval_ms: h.heartbeat_interval_ms,
     })
 }
 

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
-use crate::store::{HelloOutcome, StoreHandle};
+use crate::store::{HelloOutcome, IngestOutcome, StoreHandle};
 
 /// How long a new stream may take to send its `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -204,15 +204,7 @@ impl Session {
                     let id = agent_id.to_owned();
                     match self.store.call(move |s| s.ingest(&id, &events)).await {
                         Ok(out) => {
-                            if out.notifications > 0 {
-                                self.outbox_wake.send_modify(|n| *n += 1);
-                            }
-                            for incident in &out.opened {
-                                tracing::info!(agent = %agent_id, incident, "incident opened");
-                            }
-                            for incident in &out.resolved {
-                                tracing::info!(agent = %agent_id, incident, "incident resolved");
-                            }
+                            self.announce(agent_id, &out);
                             let ack = v1::Ack { seq: out.last_seq };
                             if self
                                 .tx
@@ -240,11 +232,32 @@ impl Session {
                         }
                     };
                     let id = agent_id.to_owned();
-                    if let Err(e) = self.store.call(move |s| s.heartbeat(&id, &checks)).await {
-                        tracing::warn!(agent = %agent_id, error = %e, "cannot record heartbeat");
+                    let last_seq = hb.last_seq;
+                    match self
+                        .store
+                        .call(move |s| s.heartbeat(&id, last_seq, &checks))
+                        .await
+                    {
+                        Ok(out) => self.announce(agent_id, &out),
+                        Err(e) => {
+                            tracing::warn!(agent = %agent_id, error = %e, "cannot record heartbeat")
+                        }
                     }
                 }
             }
+        }
+    }
+
+    /// Wakes the outbox and logs incident changes of a store outcome.
+    fn announce(&self, agent_id: &str, out: &IngestOutcome) {
+        if out.notifications > 0 {
+            self.outbox_wake.send_modify(|n| *n += 1);
+        }
+        for incident in &out.opened {
+            tracing::info!(agent = %agent_id, incident, "incident opened");
+        }
+        for incident in &out.resolved {
+            tracing::info!(agent = %agent_id, incident, "incident resolved");
         }
     }
 

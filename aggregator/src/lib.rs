@@ -11,6 +11,7 @@ pub mod config;
 pub mod convert;
 pub mod correlate;
 pub mod ingest;
+pub mod liveness;
 pub mod model;
 pub mod notify;
 pub mod store;
@@ -143,6 +144,13 @@ pub async fn run(
         tracker.spawn(d.run(shutdown.clone()));
     }
 
+    let liveness = liveness::Liveness {
+        store: store.clone(),
+        outbox_wake: wake_tx.clone(),
+        timeout: cfg.node_timeout,
+        started_ms: model::now_ms(),
+    };
+    tracker.spawn(liveness.run(shutdown.clone()));
     let ingest = ingest::IngestService::new(store.clone(), wake_tx, shutdown.clone());
     let grpc_shutdown = shutdown.clone();
     tracker.spawn(async move {

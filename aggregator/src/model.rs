@@ -23,6 +23,8 @@ pub struct AgentHello {
     pub boot_id: String,
     /// Random id of the agent process (new at every agent start).
     pub instance_id: String,
+    /// The agent's heartbeat interval, ms.
+    pub heartbeat_interval_ms: u32,
 }
 
 /// Incident severity, P1 (system unavailable, data at risk) to P4 (minor), per the seed.

@@ -7,6 +7,7 @@
 //! outbox rows for them commit in **one** transaction: when the agent gets its ack, the
 //! page is already owed and survives a crash.
 
+mod apply;
 mod schema;
 
 use std::collections::BTreeMap;
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::correlate::{self, Decision};
+use crate::correlate;
 use crate::model::{
     AgentHello, CheckStatus, Event, Incident, Node, Notification, Severity, State, Status,
     TimelineEntry, now_ms,
@@ -70,6 +71,58 @@ pub enum HelloOutcome {
         /// Instance id of the connected agent.
         connected_instance: String,
     },
+}
+
+/// Check name of the incident a silent node raises.
+pub const NODE_DOWN: &str = "node_down";
+
+/// Resolves the node's open `node_down` incident, if any: it is talking again.
+fn node_back(
+    conn: &Connection,
+    ctx: &apply::Context<'_>,
+    agent_id: &str,
+    out: &mut IngestOutcome,
+) -> rusqlite::Result<()> {
+    let open: bool = conn
+        .prepare_cached("SELECT 1 FROM incidents WHERE fingerprint = ?1 AND status != 'resolved'")?
+        .query_row([format!("{agent_id}/{NODE_DOWN}")], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if !open {
+        return Ok(());
+    }
+    let message = format!("node {agent_id} is back: the agent is talking again");
+    let obs = apply::Observation {
+        node: agent_id,
+        check: NODE_DOWN,
+        labels: &BTreeMap::new(),
+        state: State::Ok,
+        value: None,
+        unit: "seconds",
+        threshold: None,
+        message: &message,
+        breach_started_at_ms: 0,
+        actor: "aggregator",
+        reconcile: false,
+    };
+    apply::apply(conn, ctx, &obs, out)
+}
+
+/// The stored last sequence and labels of an agent (0 and none when unknown).
+fn agent_row(
+    conn: &Connection,
+    agent_id: &str,
+) -> rusqlite::Result<(u64, BTreeMap<String, String>)> {
+    let row: Option<(i64, String)> = conn
+        .prepare_cached("SELECT last_seq, labels FROM agents WHERE agent_id = ?1")?
+        .query_row([agent_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(row.map_or((0, BTreeMap::new()), |(seq, labels)| {
+        (
+            u64::try_from(seq).unwrap_or(0),
+            serde_json::from_str(&labels).unwrap_or_default(),
+        )
+    }))
 }
 
 /// What an ingested batch did.
@@ -185,11 +238,12 @@ impl Store {
         let labels = serde_json::to_string(&h.labels).unwrap_or_default();
         self.conn
             .execute(
-                "INSERT INTO agents (agent_id, hostname, labels, version, boot_id, last_seq, first_seen_ms, last_seen_ms, connected)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?6, 1)
+                "INSERT INTO agents (agent_id, hostname, labels, version, boot_id, last_seq, first_seen_ms, last_seen_ms,
+                     connected, heartbeat_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6, ?6, 1, ?7)
                  ON CONFLICT (agent_id) DO UPDATE SET hostname = ?2, labels = ?3, version = ?4, boot_id = ?5,
-                     last_seen_ms = ?6, connected = 1",
-                params![h.agent_id, h.hostname, labels, h.version, h.boot_id, now],
+                     last_seen_ms = ?6, connected = 1, heartbeat_ms = ?7",
+                params![h.agent_id, h.hostname, labels, h.version, h.boot_id, now, h.heartbeat_interval_ms],
             )
             .map_err(|e| self.err(e))?;
         let last: i64 = self
@@ -254,6 +308,14 @@ impl Store {
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or_default();
         let mut out = IngestOutcome::default();
+        let actor = format!("agent:{agent_id}");
+        let back_ctx = apply::Context {
+            channels: &self.channels,
+            install_id: &self.install_id,
+            node_labels: &node_labels,
+            now,
+        };
+        node_back(&tx, &back_ctx, agent_id, &mut out).map_err(err)?;
         for e in events {
             let labels_json = serde_json::to_string(&e.labels).unwrap_or_default();
             let inserted = tx
@@ -295,107 +357,26 @@ impl Store {
             .and_then(|mut s| s.execute(params![fp, agent_id, e.check, labels_json, e.state.as_str(), e.value, e.unit, e.observed_at_ms, now]))
             .map_err(err)?;
 
-            let open: Option<(i64, String)> = tx
-                .prepare_cached("SELECT id, severity FROM incidents WHERE fingerprint = ?1 AND status != 'resolved'")
-                .and_then(|mut s| s.query_row([&fp], |r| Ok((r.get(0)?, r.get(1)?))).optional())
-                .map_err(err)?;
-            let open_sev = open.as_ref().and_then(|(_, s)| Severity::parse(s));
-            let actor = format!("agent:{agent_id}");
-            match correlate::decide(e.state, open_sev) {
-                Decision::Nothing => {}
-                Decision::Open(sev) => {
-                    let mut labels = node_labels.clone();
-                    labels.extend(e.labels.clone());
-                    tx.execute(
-                        "INSERT INTO incidents (fingerprint, node, check_name, labels, severity, status, state, value, unit,
-                             threshold, summary, breach_started_at_ms, triggered_at_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5, 'triggered', ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                        params![
-                            fp,
-                            agent_id,
-                            e.check,
-                            serde_json::to_string(&labels).unwrap_or_default(),
-                            sev.as_str(),
-                            e.state.as_str(),
-                            e.value,
-                            e.unit,
-                            e.threshold,
-                            e.message,
-                            e.breach_started_at_ms,
-                            now
-                        ],
-                    )
-                    .map_err(err)?;
-                    let id = tx.last_insert_rowid();
-                    tx.execute(
-                        "UPDATE incidents SET dedup_key = ?2 WHERE id = ?1",
-                        params![id, format!("tocsin-{}-{id}", self.install_id)],
-                    )
-                    .map_err(err)?;
-                    timeline(
-                        &tx,
-                        id,
-                        now,
-                        "triggered",
-                        &actor,
-                        &format!("{} {}: {}", sev.as_str(), e.state.as_str(), e.message),
-                    )
-                    .map_err(err)?;
-                    let incident = load_incident(&tx, id).map_err(err)?;
-                    for ch in &self.channels {
-                        enqueue(&tx, &incident, ch, "trigger", now).map_err(err)?;
-                        out.notifications += 1;
-                    }
-                    out.opened.push(id);
-                }
-                Decision::Reclassify(sev) => {
-                    let Some((id, _)) = open else { continue };
-                    tx.execute(
-                        "UPDATE incidents SET severity = ?2, state = ?3, value = ?4, threshold = ?5, summary = ?6 WHERE id = ?1",
-                        params![id, sev.as_str(), e.state.as_str(), e.value, e.threshold, e.message],
-                    )
-                    .map_err(err)?;
-                    timeline(
-                        &tx,
-                        id,
-                        now,
-                        "severity",
-                        &actor,
-                        &format!("now {} ({})", sev.as_str(), e.message),
-                    )
-                    .map_err(err)?;
-                }
-                Decision::Refresh => {
-                    let Some((id, _)) = open else { continue };
-                    tx.execute(
-                        "UPDATE incidents SET state = ?2, value = ?3, threshold = ?4, summary = ?5 WHERE id = ?1",
-                        params![id, e.state.as_str(), e.value, e.threshold, e.message],
-                    )
-                    .map_err(err)?;
-                    timeline(&tx, id, now, "state", &actor, &e.message).map_err(err)?;
-                }
-                Decision::Resolve => {
-                    let Some((id, _)) = open else { continue };
-                    tx.execute(
-                        "UPDATE incidents SET status = 'resolved', state = 'ok', resolved_at_ms = ?2, value = ?3, resolution = ?4 WHERE id = ?1",
-                        params![id, now, e.value, e.message],
-                    )
-                    .map_err(err)?;
-                    timeline(&tx, id, now, "resolved", &actor, &e.message).map_err(err)?;
-                    let incident = load_incident(&tx, id).map_err(err)?;
-                    // A resolve goes exactly to the channels that were sent the trigger (or still may
-                    // be): never a lone resolve to a channel that refused the trigger.
-                    let triggered: Vec<String> = tx
-                        .prepare_cached("SELECT channel FROM outbox WHERE incident_id = ?1 AND kind = 'trigger' AND status != 'failed' ORDER BY id")
-                        .and_then(|mut s| s.query_map([id], |r| r.get(0))?.collect())
-                        .map_err(err)?;
-                    for ch in &triggered {
-                        enqueue(&tx, &incident, ch, "resolve", now).map_err(err)?;
-                        out.notifications += 1;
-                    }
-                    out.resolved.push(id);
-                }
-            }
+            let ctx = apply::Context {
+                channels: &self.channels,
+                install_id: &self.install_id,
+                node_labels: &node_labels,
+                now,
+            };
+            let obs = apply::Observation {
+                node: agent_id,
+                check: &e.check,
+                labels: &e.labels,
+                state: e.state,
+                value: e.value,
+                unit: &e.unit,
+                threshold: e.threshold,
+                message: &e.message,
+                breach_started_at_ms: e.breach_started_at_ms,
+                actor: &actor,
+                reconcile: false,
+            };
+            apply::apply(&tx, &ctx, &obs, &mut out).map_err(err)?;
         }
         tx.execute(
             "UPDATE agents SET last_seq = max(last_seq, ?2), last_seen_ms = ?3 WHERE agent_id = ?1",
@@ -415,11 +396,20 @@ impl Store {
         Ok(out)
     }
 
-    /// Records a heartbeat: the agent is alive and these are its checks' states.
+    /// Records a heartbeat: the agent is alive and these are its checks' states. When the
+    /// heartbeat's `last_seq` shows no event in flight (the store has every event up to
+    /// it), the incidents are reconciled with the checks' states: an OK check resolves a
+    /// left-over incident, a firing one without an incident opens it. A node that was
+    /// down is back.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
-    pub fn heartbeat(&mut self, agent_id: &str, checks: &[CheckStatus]) -> Result<(), StoreError> {
+    pub fn heartbeat(
+        &mut self,
+        agent_id: &str,
+        last_seq: u64,
+        checks: &[CheckStatus],
+    ) -> Result<IngestOutcome, StoreError> {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -432,6 +422,19 @@ impl Store {
             params![agent_id, now],
         )
         .map_err(err)?;
+        let (stored_seq, node_labels) = agent_row(&tx, agent_id).map_err(err)?;
+        let mut out = IngestOutcome {
+            last_seq: stored_seq,
+            ..IngestOutcome::default()
+        };
+        let ctx = apply::Context {
+            channels: &self.channels,
+            install_id: &self.install_id,
+            node_labels: &node_labels,
+            now,
+        };
+        node_back(&tx, &ctx, agent_id, &mut out).map_err(err)?;
+        let consistent = last_seq <= stored_seq;
         for c in checks {
             let fp = correlate::fingerprint(agent_id, &c.check, &c.labels);
             tx.prepare_cached(
@@ -453,8 +456,97 @@ impl Store {
                 ])
             })
             .map_err(err)?;
+            if consistent {
+                let message = format!(
+                    "reconciled from heartbeat: {} is {}",
+                    c.check,
+                    c.state.as_str()
+                );
+                let obs = apply::Observation {
+                    node: agent_id,
+                    check: &c.check,
+                    labels: &c.labels,
+                    state: c.state,
+                    value: c.value,
+                    unit: &c.unit,
+                    threshold: None,
+                    message: &message,
+                    breach_started_at_ms: if c.state.is_firing() { c.since_ms } else { 0 },
+                    actor: "aggregator",
+                    reconcile: true,
+                };
+                apply::apply(&tx, &ctx, &obs, &mut out).map_err(err)?;
+            }
         }
-        tx.commit().map_err(err)
+        tx.commit().map_err(err)?;
+        Ok(out)
+    }
+
+    /// Opens a `node_down` incident for every agent silent longer than its timeout —
+    /// `max(timeout_ms, 3 × its heartbeat interval)` — counting silence from no earlier
+    /// than `started_ms` (the aggregator's start), so a restart neither forgets silent
+    /// nodes (their timers are rebuilt from `last_seen`) nor flags every node at once.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn sweep_liveness(
+        &mut self,
+        now: i64,
+        timeout_ms: i64,
+        started_ms: i64,
+    ) -> Result<IngestOutcome, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        let silent: Vec<(String, i64, i64, String)> = tx
+            .prepare_cached(
+                "SELECT a.agent_id, a.last_seen_ms, a.heartbeat_ms, a.labels FROM agents a
+                 WHERE NOT EXISTS (SELECT 1 FROM incidents i
+                                   WHERE i.fingerprint = a.agent_id || '/node_down' AND i.status != 'resolved')",
+            )
+            .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect())
+            .map_err(err)?;
+        let mut out = IngestOutcome::default();
+        for (agent_id, last_seen, heartbeat_ms, labels) in silent {
+            let timeout = timeout_ms.max(heartbeat_ms.saturating_mul(3));
+            let silence = now - last_seen.max(started_ms);
+            if silence <= timeout {
+                continue;
+            }
+            let node_labels: BTreeMap<String, String> =
+                serde_json::from_str(&labels).unwrap_or_default();
+            let ctx = apply::Context {
+                channels: &self.channels,
+                install_id: &self.install_id,
+                node_labels: &node_labels,
+                now,
+            };
+            let message = format!(
+                "node {agent_id} silent for {}s (no heartbeat; timeout {}s, last seen {})",
+                (now - last_seen) / 1000,
+                timeout / 1000,
+                crate::model::rfc3339(last_seen)
+            );
+            let obs = apply::Observation {
+                node: &agent_id,
+                check: NODE_DOWN,
+                labels: &BTreeMap::new(),
+                state: State::Critical,
+                value: Some((now - last_seen) as f64 / 1000.0),
+                unit: "seconds",
+                threshold: Some(timeout as f64 / 1000.0),
+                message: &message,
+                breach_started_at_ms: last_seen,
+                actor: "aggregator",
+                reconcile: false,
+            };
+            apply::apply(&tx, &ctx, &obs, &mut out).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(out)
     }
 
     /// Incidents, newest first, at most `limit`.
@@ -807,6 +899,7 @@ mod tests {
             version: "test".into(),
             boot_id: String::new(),
             instance_id: "i1".into(),
+            heartbeat_interval_ms: 1000,
         }
     }
 
@@ -979,6 +1072,123 @@ mod tests {
         assert_eq!(
             s.hello(&twin, 5).expect("now free"),
             HelloOutcome::Welcome(0)
+        );
+    }
+
+    fn status(check: &str, state: State) -> CheckStatus {
+        CheckStatus {
+            check: check.into(),
+            labels: BTreeMap::new(),
+            state,
+            value: Some(1.0),
+            unit: "count".into(),
+            since_ms: 1,
+        }
+    }
+
+    #[test]
+    fn heartbeat_reconciles_only_when_no_event_is_in_flight() {
+        let (_dir, mut s) = store(&["hook"]);
+        s.hello(&hello("a"), 1).expect("hello");
+        let id = s
+            .ingest("a", &[event(1, State::Critical)])
+            .expect("ingest")
+            .opened[0];
+        // The agent already has seq 2 (the recovery) but the store does not: no guess.
+        let early = s
+            .heartbeat("a", 2, &[status("process:nginx", State::Ok)])
+            .expect("hb");
+        assert!(early.resolved.is_empty());
+        // The recovery event was lost for good (e.g. spool overflow): seq 2 was stored
+        // as something else and the heartbeat is consistent: it resolves.
+        s.ingest(
+            "a",
+            &[Event {
+                check: "cpu".into(),
+                ..event(2, State::Ok)
+            }],
+        )
+        .expect("ingest");
+        let out = s
+            .heartbeat("a", 2, &[status("process:nginx", State::Ok)])
+            .expect("hb");
+        assert_eq!(out.resolved, vec![id]);
+        assert_eq!(
+            out.notifications, 1,
+            "the resolve is owed to the channel that got the trigger"
+        );
+        // A firing check with no incident opens one; a repeat does not touch it.
+        let opened = s
+            .heartbeat("a", 2, &[status("memory", State::Warning)])
+            .expect("hb");
+        assert_eq!(opened.opened.len(), 1);
+        let again = s
+            .heartbeat("a", 2, &[status("memory", State::Warning)])
+            .expect("hb");
+        assert!(again.opened.is_empty() && again.notifications == 0);
+        let d = s.incident(opened.opened[0]).expect("r").expect("e");
+        assert_eq!(
+            d.timeline.len(),
+            1,
+            "no timeline entry per heartbeat: {:?}",
+            d.timeline
+        );
+    }
+
+    #[test]
+    fn a_silent_node_goes_down_after_the_timeout_and_comes_back() {
+        let (_dir, mut s) = store(&["hook"]);
+        s.hello(&hello("a"), 1).expect("hello");
+        let seen = now_ms();
+        // Aggregator just started (grace): silence counts from the start.
+        assert!(
+            s.sweep_liveness(seen + 10_000, 5_000, seen + 8_000)
+                .expect("sweep")
+                .opened
+                .is_empty()
+        );
+        let down = s.sweep_liveness(seen + 10_000, 5_000, seen).expect("sweep");
+        assert_eq!(down.opened.len(), 1);
+        let d = s.incident(down.opened[0]).expect("r").expect("e");
+        assert_eq!(
+            (d.incident.check.as_str(), d.incident.severity),
+            (NODE_DOWN, Severity::P2)
+        );
+        assert!(
+            s.sweep_liveness(seen + 20_000, 5_000, seen)
+                .expect("sweep")
+                .opened
+                .is_empty(),
+            "one incident per outage"
+        );
+        let back = s.heartbeat("a", 0, &[]).expect("hb");
+        assert_eq!(back.resolved, down.opened);
+    }
+
+    #[test]
+    fn the_timeout_is_at_least_three_heartbeats() {
+        let (_dir, mut s) = store(&[]);
+        s.hello(
+            &AgentHello {
+                heartbeat_interval_ms: 10_000,
+                ..hello("slow")
+            },
+            1,
+        )
+        .expect("hello");
+        let seen = now_ms();
+        assert!(
+            s.sweep_liveness(seen + 20_000, 5_000, 0)
+                .expect("sweep")
+                .opened
+                .is_empty()
+        );
+        assert_eq!(
+            s.sweep_liveness(seen + 31_000, 5_000, 0)
+                .expect("sweep")
+                .opened
+                .len(),
+            1
         );
     }
 

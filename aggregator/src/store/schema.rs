@@ -21,7 +21,8 @@ CREATE TABLE IF NOT EXISTS agents (
     last_seq      INTEGER NOT NULL DEFAULT 0,
     first_seen_ms INTEGER NOT NULL,
     last_seen_ms  INTEGER NOT NULL,
-    connected     INTEGER NOT NULL DEFAULT 0
+    connected     INTEGER NOT NULL DEFAULT 0,
+    heartbeat_ms  INTEGER NOT NULL DEFAULT 0
 );
 
 CREATE TABLE IF NOT EXISTS events (

@@ -1,0 +1,61 @@
+//! Node liveness: a node whose agent stops sending heartbeats becomes a `node_down`
+//! incident; it resolves when the agent talks again (see `store::Store::heartbeat`).
+//!
+//! Owns only the sweep timer. The silence of each node is computed by the store from
+//! its `last_seen`, so the timers survive an aggregator restart; silence is counted
+//! from no earlier than this process's start, which is the restart grace period.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::now_ms;
+use crate::store::StoreHandle;
+
+/// How often silent nodes are looked for.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The liveness task.
+#[derive(Debug)]
+pub struct Liveness {
+    /// Store access.
+    pub store: StoreHandle,
+    /// Bumped when notifications are queued.
+    pub outbox_wake: watch::Sender<u64>,
+    /// Silence after which a node is down (at least 3 of its heartbeat intervals).
+    pub timeout: Duration,
+    /// When this aggregator started (Unix ms).
+    pub started_ms: i64,
+}
+
+impl Liveness {
+    /// Sweeps every [`SWEEP_INTERVAL`] until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let timeout_ms = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let started = self.started_ms;
+            match self
+                .store
+                .call(move |s| s.sweep_liveness(now_ms(), timeout_ms, started))
+                .await
+            {
+                Ok(out) => {
+                    if out.notifications > 0 {
+                        self.outbox_wake.send_modify(|n| *n += 1);
+                    }
+                    for incident in &out.opened {
+                        tracing::warn!(incident, "node down: no heartbeat within the timeout");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "liveness sweep failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Applying one observed check state to the incidents, inside the caller's transaction:
+//! the single place where incidents open, change and resolve, with their timeline entries
+//! and outbox rows. Used for agent events, heartbeat reconciliation and node liveness.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{IngestOutcome, enqueue, load_incident, timeline};
+use crate::correlate::{self, Decision};
+use crate::model::{Severity, State};
+
+/// A check's state as observed, from whatever source.
+#[derive(Debug, Clone)]
+pub struct Observation<'a> {
+    /// Agent id of the node.
+    pub node: &'a str,
+    /// Check name.
+    pub check: &'a str,
+    /// Identifying labels of the check.
+    pub labels: &'a BTreeMap<String, String>,
+    /// Observed state.
+    pub state: State,
+    /// Value, in `unit`.
+    pub value: Option<f64>,
+    /// Unit.
+    pub unit: &'a str,
+    /// Level crossed.
+    pub threshold: Option<f64>,
+    /// Summary.
+    pub message: &'a str,
+    /// Breach start on the node (Unix ms, 0 when unknown).
+    pub breach_started_at_ms: i64,
+    /// Timeline actor: `agent:<id>`, `aggregator`, …
+    pub actor: &'a str,
+    /// From a heartbeat, not an event: only opens and resolves (a refresh per heartbeat
+    /// would flood the timeline).
+    pub reconcile: bool,
+}
+
+/// What the store passes along: channels, install id, node labels, the time.
+#[derive(Debug)]
+pub struct Context<'a> {
+    /// Notification channels for new triggers.
+    pub channels: &'a [String],
+    /// Install id for dedup keys.
+    pub install_id: &'a str,
+    /// Labels of the node, merged under the check's labels.
+    pub node_labels: &'a BTreeMap<String, String>,
+    /// Now (Unix ms).
+    pub now: i64,
+}
+
+/// Opens, reclassifies, refreshes or resolves the incident of `obs`'s fingerprint as
+/// [`correlate::decide`] says, recording timeline entries and outbox rows in `out`.
+pub fn apply(
+    conn: &Connection,
+    ctx: &Context<'_>,
+    obs: &Observation<'_>,
+    out: &mut IngestOutcome,
+) -> rusqlite::Result<()> {
+    let fp = correlate::fingerprint(obs.node, obs.check, obs.labels);
+    let open: Option<(i64, String)> = conn
+        .prepare_cached(
+            "SELECT id, severity FROM incidents WHERE fingerprint = ?1 AND status != 'resolved'",
+        )?
+        .query_row([&fp], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let open_sev = open.as_ref().and_then(|(_, s)| Severity::parse(s));
+    let now = ctx.now;
+    match (correlate::decide(obs.state, open_sev), open) {
+        (Decision::Open(sev), _) => {
+            let mut labels = ctx.node_labels.clone();
+            labels.extend(obs.labels.clone());
+            conn.execute(
+                "INSERT INTO incidents (fingerprint, node, check_name, labels, severity, status, state, value, unit,
+                     threshold, summary, breach_started_at_ms, triggered_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'triggered', ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    fp,
+                    obs.node,
+                    obs.check,
+                    serde_json::to_string(&labels).unwrap_or_default(),
+                    sev.as_str(),
+                    obs.state.as_str(),
+                    obs.value,
+                    obs.unit,
+                    obs.threshold,
+                    obs.message,
+                    obs.breach_started_at_ms,
+                    now
+                ],
+            )?;
+            let id = conn.last_insert_rowid();
+            conn.execute(
+                "UPDATE incidents SET dedup_key = ?2 WHERE id = ?1",
+                params![id, format!("tocsin-{}-{id}", ctx.install_id)],
+            )?;
+            let note = format!("{} {}: {}", sev.as_str(), obs.state.as_str(), obs.message);
+            timeline(conn, id, now, "triggered", obs.actor, &note)?;
+            let incident = load_incident(conn, id)?;
+            for ch in ctx.channels {
+                enqueue(conn, &incident, ch, "trigger", now)?;
+                out.notifications += 1;
+            }
+            out.opened.push(id);
+        }
+        (Decision::Reclassify(sev), Some((id, _))) => {
+            conn.execute(
+                "UPDATE incidents SET severity = ?2, state = ?3, value = ?4, threshold = ?5, summary = ?6 WHERE id = ?1",
+                params![id, sev.as_str(), obs.state.as_str(), obs.value, obs.threshold, obs.message],
+            )?;
+            timeline(
+                conn,
+                id,
+                now,
+                "severity",
+                obs.actor,
+                &format!("now {} ({})", sev.as_str(), obs.message),
+            )?;
+        }
+        (Decision::Refresh, Some((id, _))) if !obs.reconcile => {
+            conn.execute(
+                "UPDATE incidents SET state = ?2, value = ?3, threshold = ?4, summary = ?5 WHERE id = ?1",
+                params![id, obs.state.as_str(), obs.value, obs.threshold, obs.message],
+            )?;
+            timeline(conn, id, now, "state", obs.actor, obs.message)?;
+        }
+        (Decision::Resolve, Some((id, _))) => {
+            conn.execute(
+                "UPDATE incidents SET status = 'resolved', state = 'ok', resolved_at_ms = ?2, value = ?3, resolution = ?4
+                 WHERE id = ?1",
+                params![id, now, obs.value, obs.message],
+            )?;
+            timeline(conn, id, now, "resolved", obs.actor, obs.message)?;
+            let incident = load_incident(conn, id)?;
+            // A resolve goes exactly to the channels that were sent the trigger (or still
+            // may be): never a lone resolve to a channel that refused the trigger.
+            let triggered: Vec<String> = conn
+                .prepare_cached(
+                    "SELECT channel FROM outbox WHERE incident_id = ?1 AND kind = 'trigger' AND status != 'failed'
+                     ORDER BY id",
+                )?
+                .query_map([id], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for ch in &triggered {
+                enqueue(conn, &incident, ch, "resolve", now)?;
+                out.notifications += 1;
+            }
+            out.resolved.push(id);
+        }
+        _ => {}
+    }
+    Ok(())
+}
