@@ -63,7 +63,14 @@ pub fn boot_id() -> String {
 /// [`AgentError`] when a part cannot start; runtime failures are logged and retried.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let _lock = settings::lock_dir(&cfg.state_dir, "agent.lock", "tocsin-agent")?;
-    let spool = spool::spawn(spool::Spool::open(&cfg.state_dir)?)?;
+    let (spool, moved) = spool::Spool::open_or_recover(&cfg.state_dir)?;
+    if let Some(aside) = moved {
+        tracing::error!(
+            moved_to = %aside.display(),
+            "the spool was damaged: moved aside and started a fresh one; events it held are lost"
+        );
+    }
+    let spool = spool::spawn(spool)?;
     let sampler = Sampler::new(cfg.processes.clone())?;
     let backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max)?;
     let (status_tx, status_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));

@@ -43,9 +43,34 @@ pub enum SpoolError {
         /// The JSON error.
         source: serde_json::Error,
     },
+    /// The spool file failed SQLite's integrity check.
+    #[error("spool {path} is damaged: {detail}")]
+    Damaged {
+        /// The spool file.
+        path: PathBuf,
+        /// What `PRAGMA quick_check` said.
+        detail: String,
+    },
     /// The spool thread is gone (agent shutting down).
     #[error("spool thread stopped")]
     Stopped,
+}
+
+impl SpoolError {
+    /// The file is damaged (not a database, corrupt): moving it aside is the cure.
+    pub fn is_damage(&self) -> bool {
+        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        match self {
+            SpoolError::Damaged { .. } => true,
+            SpoolError::Sqlite {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            } => {
+                matches!(e.code, NotADatabase | DatabaseCorrupt)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// The spool itself (synchronous; owned by one thread).
@@ -61,16 +86,57 @@ impl Spool {
     /// # Errors
     /// [`SpoolError`] naming the directory or file.
     pub fn open(dir: &Path) -> Result<Self, SpoolError> {
+        Ok(Self::open_or_recover(dir)?.0)
+    }
+
+    /// Opens `dir/spool.db`; a damaged file (not a database, corrupt, failing
+    /// `PRAGMA quick_check`) is moved aside as `spool.db.damaged-<unix seconds>` and a
+    /// fresh spool is created — once: a second failure is returned, never retried in a
+    /// loop. Returns the spool and where a damaged file went.
+    ///
+    /// # Errors
+    /// [`SpoolError`] naming the directory or file.
+    pub fn open_or_recover(dir: &Path) -> Result<(Self, Option<PathBuf>), SpoolError> {
         std::fs::create_dir_all(dir).map_err(|source| SpoolError::Dir {
             path: dir.to_owned(),
             source,
         })?;
         let path = dir.join("spool.db");
-        let conn = Connection::open(&path).map_err(|source| SpoolError::Sqlite {
-            path: path.clone(),
+        match Self::try_open(&path) {
+            Ok(spool) => Ok((spool, None)),
+            Err(e) if e.is_damage() => {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let aside = dir.join(format!("spool.db.damaged-{stamp}"));
+                std::fs::rename(&path, &aside).map_err(|source| SpoolError::Dir {
+                    path: aside.clone(),
+                    source,
+                })?;
+                for suffix in ["-wal", "-shm"] {
+                    let side = dir.join(format!("spool.db{suffix}"));
+                    if side.exists() {
+                        let _ = std::fs::rename(
+                            &side,
+                            dir.join(format!("spool.db.damaged-{stamp}{suffix}")),
+                        );
+                    }
+                }
+                Ok((Self::try_open(&path)?, Some(aside)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn try_open(path: &Path) -> Result<Self, SpoolError> {
+        let conn = Connection::open(path).map_err(|source| SpoolError::Sqlite {
+            path: path.to_owned(),
             source,
         })?;
-        let spool = Spool { conn, path };
+        let spool = Spool {
+            conn,
+            path: path.to_owned(),
+        };
         spool
             .conn
             .execute_batch(
@@ -83,6 +149,16 @@ impl Spool {
                  );",
             )
             .map_err(|e| spool.err(e))?;
+        let check: String = spool
+            .conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| spool.err(e))?;
+        if check != "ok" {
+            return Err(SpoolError::Damaged {
+                path: path.to_owned(),
+                detail: check,
+            });
+        }
         Ok(spool)
     }
 
@@ -135,17 +211,32 @@ impl Spool {
             })
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
+        let mut damaged = Vec::new();
         for row in rows {
             let (seq, body) = row.map_err(|e| self.err(e))?;
             let seq = u64::try_from(seq).unwrap_or_default();
-            let mut event: Event =
-                serde_json::from_str(&body).map_err(|source| SpoolError::Decode {
-                    path: self.path.clone(),
-                    seq,
-                    source,
-                })?;
-            event.seq = seq;
-            out.push(event);
+            match serde_json::from_str::<Event>(&body) {
+                Ok(mut event) => {
+                    event.seq = seq;
+                    out.push(event);
+                }
+                Err(source) => {
+                    // One bad row must not stop delivery of the others forever.
+                    let error = SpoolError::Decode {
+                        path: self.path.clone(),
+                        seq,
+                        source,
+                    };
+                    tracing::error!(error = %error, "dropping an undecodable spooled event");
+                    damaged.push(seq);
+                }
+            }
+        }
+        drop(stmt);
+        for seq in damaged {
+            self.conn
+                .execute("DELETE FROM events WHERE seq = ?1", [to_sql(seq)])
+                .map_err(|e| self.err(e))?;
         }
         Ok(out)
     }
@@ -390,6 +481,42 @@ mod tests {
         let got = s.append(vec![ev("c")]).expect("append");
         assert_eq!(got[0].seq, 3, "sequence numbers are never reused");
         assert_eq!(s.read_after(0, 10).expect("read")[0].check, "c");
+    }
+
+    #[test]
+    fn a_damaged_spool_is_moved_aside_once_and_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("spool.db"), vec![0x5a_u8; 8192]).expect("write garbage");
+        let (mut s, moved) = Spool::open_or_recover(dir.path()).expect("recovers");
+        let aside = moved.expect("moved aside");
+        assert!(
+            aside.exists()
+                && aside
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("spool.db.damaged-"))
+        );
+        assert_eq!(s.append(vec![ev("a")]).expect("usable")[0].seq, 1);
+        drop(s);
+        let (_, moved) = Spool::open_or_recover(dir.path()).expect("reopen");
+        assert!(moved.is_none(), "a healthy spool stays");
+    }
+
+    #[test]
+    fn an_undecodable_event_is_dropped_not_retried_forever() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Spool::open(dir.path()).expect("open");
+        s.append(vec![ev("a"), ev("b"), ev("c")]).expect("append");
+        s.conn
+            .execute("UPDATE events SET body = '{broken' WHERE seq = 2", [])
+            .expect("damage a row");
+        let got: Vec<u64> = s
+            .read_after(0, 10)
+            .expect("read")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(got, vec![1, 3]);
+        assert_eq!(s.len().expect("len"), 2, "the bad row is gone");
     }
 
     #[test]

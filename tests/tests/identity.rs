@@ -137,8 +137,9 @@ async fn two_daemons_cannot_share_a_directory() -> Result<()> {
 async fn up_stops_when_its_agent_cannot_start() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    std::fs::create_dir_all(data.join("agent"))?;
-    std::fs::write(data.join("agent/spool.db"), vec![0x5a_u8; 8192])?;
+    // The agent's state directory is a file: nothing the agent can repair by itself.
+    std::fs::create_dir_all(&data)?;
+    std::fs::write(data.join("agent"), "not a directory")?;
     let mut up = Daemon::spawn(
         "tocsin-up",
         &bin("tocsin"),
@@ -154,7 +155,10 @@ async fn up_stops_when_its_agent_cannot_start() -> Result<()> {
         dir.path(),
     )?;
     let out = up.wait_for_output("agent failed").await?;
-    assert!(out.contains("spool.db"), "names the file: {out}");
+    assert!(
+        out.contains(&data.join("agent").display().to_string()),
+        "names the path: {out}"
+    );
     let code = up.wait_exit().await?;
     assert_eq!(code, Some(1));
     Ok(())
