@@ -177,6 +177,22 @@ fn round1(v: f64) -> String {
     }
 }
 
+/// Most events held in memory while the spool cannot be written.
+pub const MAX_BACKLOG: usize = 10_000;
+
+/// Keeps, in order, only the newest event of each check (at most `max`).
+fn newest_per_check(events: Vec<Event>, max: usize) -> Vec<Event> {
+    let mut seen = std::collections::HashSet::new();
+    let mut kept: Vec<Event> = events
+        .into_iter()
+        .rev()
+        .filter(|e| seen.insert((e.check.clone(), e.labels.clone())))
+        .take(max)
+        .collect();
+    kept.reverse();
+    kept
+}
+
 /// The collector task.
 #[derive(Debug)]
 pub struct Collector {
@@ -186,6 +202,10 @@ pub struct Collector {
     spool: SpoolHandle,
     status_tx: watch::Sender<Arc<Vec<CheckStatus>>>,
     start: Instant,
+    /// Events the spool refused (disk full, I/O error), retried every cycle; only the
+    /// newest of each check is kept.
+    backlog: Vec<Event>,
+    last_spool_error_log: Option<Instant>,
 }
 
 impl Collector {
@@ -204,6 +224,8 @@ impl Collector {
             spool,
             status_tx,
             start: Instant::now(),
+            backlog: Vec::new(),
+            last_spool_error_log: None,
         }
     }
 
@@ -232,7 +254,7 @@ impl Collector {
             self.sampler = Some(sampler);
             let wall = now_ms();
             let events = evaluate_sample(&mut self.checks, &sample, now, wall);
-            if events.is_empty() {
+            if events.is_empty() && self.backlog.is_empty() {
                 self.publish_status();
                 continue;
             }
@@ -245,8 +267,29 @@ impl Collector {
                     tracing::info!(check = %e.check, from = e.previous.as_str(), to = e.state.as_str(), "{}", e.message);
                 }
             }
-            if let Err(error) = self.spool.append(events).await {
-                tracing::error!(error = %error, "cannot spool events");
+            let mut batch = std::mem::take(&mut self.backlog);
+            batch.extend(events);
+            let held = batch.clone();
+            match self.spool.append(batch).await {
+                Ok(_) if !held.is_empty() && self.last_spool_error_log.is_some() => {
+                    tracing::info!("spool writable again; held events committed");
+                    self.last_spool_error_log = None;
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    self.backlog = newest_per_check(held, MAX_BACKLOG);
+                    if self
+                        .last_spool_error_log
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                    {
+                        tracing::error!(
+                            error = %crate::telemetry::chain(&error),
+                            held = self.backlog.len(),
+                            "cannot write the spool (disk full?): holding the newest state of each check in memory"
+                        );
+                        self.last_spool_error_log = Some(Instant::now());
+                    }
+                }
             }
             // Only now: a heartbeat must never show a state whose event has no sequence
             // number yet, or the aggregator would reconcile ahead of the event.

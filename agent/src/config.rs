@@ -54,6 +54,10 @@ pub struct RawConfig {
     pub heartbeat_interval: String,
     /// Directory for the spool (`spool.db`).
     pub state_dir: String,
+    /// Most events the spool keeps while the aggregator is unreachable.
+    pub max_spool_events: u64,
+    /// Most bytes of events the spool keeps.
+    pub max_spool_bytes: u64,
     /// Labels of this node (e.g. `service = "web"`), sent with every event.
     pub labels: BTreeMap<String, String>,
     /// How to reach the aggregator.
@@ -137,6 +141,8 @@ impl Default for RawConfig {
             interval: DEFAULT_INTERVAL.into(),
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL.into(),
             state_dir: "/var/lib/tocsin-agent".into(),
+            max_spool_events: crate::spool::DEFAULT_MAX_EVENTS,
+            max_spool_bytes: crate::spool::DEFAULT_MAX_BYTES,
             labels: BTreeMap::new(),
             aggregator: RawAggregatorLink::default(),
             rules: RawRules::default(),
@@ -212,6 +218,8 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// Spool directory.
     pub state_dir: PathBuf,
+    /// Spool bounds.
+    pub spool_limits: crate::spool::SpoolLimits,
     /// Node labels.
     pub labels: BTreeMap<String, String>,
     /// Aggregator endpoints, in failover order.
@@ -464,6 +472,21 @@ impl RawConfig {
                 format!("{} bytes, at most {MAX_ID_LEN}", agent_id.len()),
             );
         }
+        if self.max_spool_events < 100 {
+            v.problem(
+                "max_spool_events",
+                format!("{} is too small: at least 100", self.max_spool_events),
+            );
+        }
+        if self.max_spool_bytes < 1024 * 1024 {
+            v.problem(
+                "max_spool_bytes",
+                format!(
+                    "{} bytes is too small: at least 1048576 (1 MiB)",
+                    self.max_spool_bytes
+                ),
+            );
+        }
         if self.state_dir.trim().is_empty() {
             v.problem("state_dir", "must not be empty");
         }
@@ -474,6 +497,10 @@ impl RawConfig {
             interval,
             heartbeat_interval,
             state_dir: PathBuf::from(self.state_dir),
+            spool_limits: crate::spool::SpoolLimits {
+                max_events: self.max_spool_events,
+                max_bytes: self.max_spool_bytes,
+            },
             labels: self.labels,
             endpoints,
             connect_timeout,

@@ -63,7 +63,7 @@ pub fn boot_id() -> String {
 /// [`AgentError`] when a part cannot start; runtime failures are logged and retried.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let _lock = settings::lock_dir(&cfg.state_dir, "agent.lock", "tocsin-agent")?;
-    let (spool, moved) = spool::Spool::open_or_recover(&cfg.state_dir)?;
+    let (spool, moved) = spool::Spool::open_or_recover(&cfg.state_dir, cfg.spool_limits)?;
     if let Some(aside) = moved {
         tracing::error!(
             moved_to = %aside.display(),

@@ -247,6 +247,9 @@ impl Shipper {
             );
         }
         self.spool.ack(welcome.last_seq).await?;
+        if let Some(loss) = self.spool.report_loss().await? {
+            tracing::warn!(seq = loss.seq, "{}", loss.message);
+        }
         self.connected_at = Some(std::time::Instant::now());
         self.state_tx.send_replace(ConnState::Connected {
             endpoint: endpoint.to_owned(),

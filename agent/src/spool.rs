@@ -4,8 +4,10 @@
 //! Owns `STATE_DIR/spool.db` (SQLite, WAL, `synchronous=FULL`). The sequence comes from
 //! an `AUTOINCREMENT` key, so it keeps rising across agent restarts and deletions. One
 //! thread owns the connection ([`spawn`]); the rest of the agent talks to it through a
-//! [`SpoolHandle`]. Bounds and eviction belong to the delivery work that follows; this
-//! module keeps everything until acked.
+//! [`SpoolHandle`]. The spool is bounded by events and bytes ([`SpoolLimits`]): when
+//! full, the oldest events are evicted, but never the latest event of a check, and the
+//! loss is reported to the aggregator as one `spool_data_loss` event on the next
+//! connection.
 
 use std::path::{Path, PathBuf};
 
@@ -73,20 +75,66 @@ impl SpoolError {
     }
 }
 
+/// Size bounds of the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolLimits {
+    /// Most events kept.
+    pub max_events: u64,
+    /// Most bytes of event bodies kept.
+    pub max_bytes: u64,
+}
+
+impl Default for SpoolLimits {
+    fn default() -> Self {
+        SpoolLimits {
+            max_events: DEFAULT_MAX_EVENTS,
+            max_bytes: DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+/// Default most events kept.
+pub const DEFAULT_MAX_EVENTS: u64 = 100_000;
+/// Default most bytes kept (64 MiB).
+pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Check name of the event that reports evicted events on the next connection.
+pub const DATA_LOSS_CHECK: &str = "spool_data_loss";
+
+/// Events evicted because the spool was full, not yet reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Loss {
+    /// How many.
+    pub dropped: u64,
+    /// Observation time of the first (Unix ms).
+    pub first_ms: i64,
+    /// Observation time of the last (Unix ms).
+    pub last_ms: i64,
+}
+
 /// The spool itself (synchronous; owned by one thread).
 #[derive(Debug)]
 pub struct Spool {
     conn: Connection,
     path: PathBuf,
+    limits: SpoolLimits,
+    /// Events held (kept in step with the table).
+    count: u64,
+    /// Bytes of bodies held.
+    bytes: u64,
+    /// Evicted and not yet reported (persisted in `meta`).
+    loss: Loss,
+    /// Drops since the last log line, and when that was.
+    unlogged_drops: u64,
+    last_drop_log: Option<std::time::Instant>,
 }
 
 impl Spool {
-    /// Opens or creates `dir/spool.db`.
+    /// Opens or creates `dir/spool.db` with the default limits.
     ///
     /// # Errors
     /// [`SpoolError`] naming the directory or file.
     pub fn open(dir: &Path) -> Result<Self, SpoolError> {
-        Ok(Self::open_or_recover(dir)?.0)
+        Ok(Self::open_or_recover(dir, SpoolLimits::default())?.0)
     }
 
     /// Opens `dir/spool.db`; a damaged file (not a database, corrupt, failing
@@ -96,13 +144,16 @@ impl Spool {
     ///
     /// # Errors
     /// [`SpoolError`] naming the directory or file.
-    pub fn open_or_recover(dir: &Path) -> Result<(Self, Option<PathBuf>), SpoolError> {
+    pub fn open_or_recover(
+        dir: &Path,
+        limits: SpoolLimits,
+    ) -> Result<(Self, Option<PathBuf>), SpoolError> {
         std::fs::create_dir_all(dir).map_err(|source| SpoolError::Dir {
             path: dir.to_owned(),
             source,
         })?;
         let path = dir.join("spool.db");
-        match Self::try_open(&path) {
+        match Self::try_open(&path, limits) {
             Ok(spool) => Ok((spool, None)),
             Err(e) if e.is_damage() => {
                 let stamp = std::time::SystemTime::now()
@@ -122,20 +173,26 @@ impl Spool {
                         );
                     }
                 }
-                Ok((Self::try_open(&path)?, Some(aside)))
+                Ok((Self::try_open(&path, limits)?, Some(aside)))
             }
             Err(e) => Err(e),
         }
     }
 
-    fn try_open(path: &Path) -> Result<Self, SpoolError> {
+    fn try_open(path: &Path, limits: SpoolLimits) -> Result<Self, SpoolError> {
         let conn = Connection::open(path).map_err(|source| SpoolError::Sqlite {
             path: path.to_owned(),
             source,
         })?;
-        let spool = Spool {
+        let mut spool = Spool {
             conn,
             path: path.to_owned(),
+            limits,
+            count: 0,
+            bytes: 0,
+            loss: Loss::default(),
+            unlogged_drops: 0,
+            last_drop_log: None,
         };
         spool
             .conn
@@ -144,9 +201,13 @@ impl Spool {
                  PRAGMA synchronous = FULL;
                  PRAGMA busy_timeout = 5000;
                  CREATE TABLE IF NOT EXISTS events (
-                     seq  INTEGER PRIMARY KEY AUTOINCREMENT,
-                     body TEXT NOT NULL
-                 );",
+                     seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+                     body      TEXT NOT NULL,
+                     check_key TEXT NOT NULL DEFAULT '',
+                     size      INTEGER NOT NULL DEFAULT 0
+                 );
+                 CREATE INDEX IF NOT EXISTS events_check ON events (check_key, seq);
+                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
             )
             .map_err(|e| spool.err(e))?;
         let check: String = spool
@@ -159,6 +220,29 @@ impl Spool {
                 detail: check,
             });
         }
+        let (count, bytes): (i64, i64) = spool
+            .conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(size), 0) FROM events",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| spool.err(e))?;
+        spool.count = u64::try_from(count).unwrap_or(0);
+        spool.bytes = u64::try_from(bytes).unwrap_or(0);
+        let meta = |key: &str| -> Result<i64, SpoolError> {
+            spool
+                .conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+                .map(Option::unwrap_or_default)
+                .map_err(|e| spool.err(e))
+        };
+        spool.loss = Loss {
+            dropped: u64::try_from(meta("loss_dropped")?).unwrap_or(0),
+            first_ms: meta("loss_first_ms")?,
+            last_ms: meta("loss_last_ms")?,
+        };
         Ok(spool)
     }
 
@@ -169,11 +253,12 @@ impl Spool {
         }
     }
 
-    /// Commits `events` in one transaction, assigning consecutive sequence numbers.
-    /// Returns the events with `seq` set.
+    /// Commits `events` in one transaction, assigning consecutive sequence numbers, and
+    /// evicts the oldest events if the spool is then over its limits — never the latest
+    /// event of a check. Returns the events with `seq` set.
     ///
     /// # Errors
-    /// [`SpoolError::Sqlite`]; nothing is committed then.
+    /// [`SpoolError::Sqlite`] (e.g. disk full); nothing is committed then.
     pub fn append(&mut self, mut events: Vec<Event>) -> Result<Vec<Event>, SpoolError> {
         let path = self.path.clone();
         let err = |source| SpoolError::Sqlite {
@@ -181,64 +266,210 @@ impl Spool {
             source,
         };
         let last = self.last_seq()?;
+        let (mut count, mut bytes, mut loss) = (self.count, self.bytes, self.loss);
         let tx = self.conn.transaction().map_err(err)?;
         {
             let mut insert = tx
-                .prepare_cached("INSERT INTO events (seq, body) VALUES (?1, ?2)")
+                .prepare_cached(
+                    "INSERT INTO events (seq, body, check_key, size) VALUES (?1, ?2, ?3, ?4)",
+                )
                 .map_err(err)?;
             for (i, e) in events.iter_mut().enumerate() {
                 e.seq = last + 1 + i as u64;
                 let body = serde_json::to_string(e).unwrap_or_default();
-                insert.execute(params![to_sql(e.seq), body]).map_err(err)?;
+                let key = format!(
+                    "{}{}",
+                    e.check,
+                    serde_json::to_string(&e.labels).unwrap_or_default()
+                );
+                insert
+                    .execute(params![to_sql(e.seq), body, key, body.len() as i64])
+                    .map_err(err)?;
+                count += 1;
+                bytes += body.len() as u64;
             }
         }
+        let mut dropped_now = 0;
+        while count > self.limits.max_events || bytes > self.limits.max_bytes {
+            // Evict a tenth of the limit at a time, so a full spool does not evict on
+            // every single append.
+            let batch =
+                (self.limits.max_events / 10).max(1) + count.saturating_sub(self.limits.max_events);
+            let victims: Vec<(i64, i64, String)> = tx
+                .prepare_cached(
+                    "SELECT e.seq, e.size, e.body FROM events e
+                     WHERE e.seq < (SELECT max(seq) FROM events l WHERE l.check_key = e.check_key)
+                     ORDER BY e.seq LIMIT ?1",
+                )
+                .and_then(|mut st| {
+                    st.query_map([to_sql(batch)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                        .collect()
+                })
+                .map_err(err)?;
+            if victims.is_empty() {
+                break; // only the latest state of each check is left: keep it all
+            }
+            for (seq, size, body) in &victims {
+                tx.execute("DELETE FROM events WHERE seq = ?1", [seq])
+                    .map_err(err)?;
+                count -= 1;
+                bytes = bytes.saturating_sub(u64::try_from(*size).unwrap_or(0));
+                let at = serde_json::from_str::<Event>(body).map_or(0, |e| e.observed_at_ms);
+                loss.first_ms = if loss.dropped == 0 {
+                    at
+                } else {
+                    loss.first_ms.min(at)
+                };
+                loss.last_ms = loss.last_ms.max(at);
+                loss.dropped += 1;
+                dropped_now += 1;
+            }
+        }
+        if dropped_now > 0 {
+            save_loss(&tx, &loss).map_err(err)?;
+        }
         tx.commit().map_err(err)?;
+        (self.count, self.bytes, self.loss) = (count, bytes, loss);
+        if dropped_now > 0 {
+            self.note_drops(dropped_now);
+        }
         Ok(events)
     }
 
-    /// Up to `limit` spooled events with `seq > after`, in order.
+    /// Logs evictions at most once a minute.
+    fn note_drops(&mut self, n: u64) {
+        self.unlogged_drops += n;
+        if self
+            .last_drop_log
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60))
+        {
+            tracing::warn!(
+                dropped = self.unlogged_drops,
+                dropped_unreported = self.loss.dropped,
+                max_events = self.limits.max_events,
+                max_bytes = self.limits.max_bytes,
+                "spool full: dropped the oldest events (the latest state of every check is kept)"
+            );
+            self.unlogged_drops = 0;
+            self.last_drop_log = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Events evicted and not yet reported.
+    pub fn loss(&self) -> Loss {
+        self.loss
+    }
+
+    /// If events were evicted, appends one `spool_data_loss` event saying how many and
+    /// between which times, and clears the record — in one transaction. Called when a
+    /// connection is established.
     ///
     /// # Errors
-    /// [`SpoolError`] on a read or decode failure.
-    pub fn read_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, SpoolError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, body FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![to_sql(after), limit as i64], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-            })
-            .map_err(|e| self.err(e))?;
+    /// [`SpoolError::Sqlite`].
+    pub fn report_loss(&mut self) -> Result<Option<Event>, SpoolError> {
+        let loss = self.loss;
+        if loss.dropped == 0 {
+            return Ok(None);
+        }
+        let event = Event {
+            seq: 0,
+            check: DATA_LOSS_CHECK.to_owned(),
+            labels: Default::default(),
+            state: crate::evaluate::State::Unknown,
+            previous: crate::evaluate::State::Unknown,
+            value: Some(loss.dropped as f64),
+            unit: "count".to_owned(),
+            threshold: None,
+            message: format!(
+                "data loss: {} events dropped between {} and {} (spool full)",
+                loss.dropped,
+                crate::event::rfc3339(loss.first_ms),
+                crate::event::rfc3339(loss.last_ms)
+            ),
+            observed_at_ms: crate::event::now_ms(),
+            breach_started_at_ms: 0,
+            flapping: false,
+        };
+        self.loss = Loss::default();
+        let cleared = save_loss(&self.conn, &self.loss).map_err(|e| self.err(e));
+        if let Err(e) = cleared {
+            self.loss = loss;
+            return Err(e);
+        }
+        match self.append(vec![event]) {
+            Ok(mut v) => Ok(v.pop()),
+            Err(e) => {
+                self.loss = loss;
+                let _ = save_loss(&self.conn, &loss);
+                Err(e)
+            }
+        }
+    }
+
+    /// Up to `limit` spooled events with `seq > after`, in order. Rows that no longer
+    /// decode are dropped (and logged) rather than blocking delivery forever.
+    ///
+    /// # Errors
+    /// [`SpoolError`] on a read failure.
+    pub fn read_after(&mut self, after: u64, limit: usize) -> Result<Vec<Event>, SpoolError> {
         let mut out = Vec::new();
         let mut damaged = Vec::new();
-        for row in rows {
-            let (seq, body) = row.map_err(|e| self.err(e))?;
-            let seq = u64::try_from(seq).unwrap_or_default();
-            match serde_json::from_str::<Event>(&body) {
-                Ok(mut event) => {
-                    event.seq = seq;
-                    out.push(event);
-                }
-                Err(source) => {
-                    // One bad row must not stop delivery of the others forever.
-                    let error = SpoolError::Decode {
-                        path: self.path.clone(),
-                        seq,
-                        source,
-                    };
-                    tracing::error!(error = %error, "dropping an undecodable spooled event");
-                    damaged.push(seq);
+        {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT seq, body FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+                .map_err(|e| SpoolError::Sqlite {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+            let rows = stmt
+                .query_map(params![to_sql(after), limit as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })
+                .map_err(|e| SpoolError::Sqlite {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+            for row in rows {
+                let (seq, body) = row.map_err(|e| SpoolError::Sqlite {
+                    path: self.path.clone(),
+                    source: e,
+                })?;
+                let seq = u64::try_from(seq).unwrap_or_default();
+                match serde_json::from_str::<Event>(&body) {
+                    Ok(mut event) => {
+                        event.seq = seq;
+                        out.push(event);
+                    }
+                    Err(source) => {
+                        let error = SpoolError::Decode {
+                            path: self.path.clone(),
+                            seq,
+                            source,
+                        };
+                        tracing::error!(error = %error, "dropping an undecodable spooled event");
+                        damaged.push(seq);
+                    }
                 }
             }
         }
-        drop(stmt);
         for seq in damaged {
-            self.conn
-                .execute("DELETE FROM events WHERE seq = ?1", [to_sql(seq)])
-                .map_err(|e| self.err(e))?;
+            self.delete_counted("DELETE FROM events WHERE seq = ?1 RETURNING size", seq)?;
         }
         Ok(out)
+    }
+
+    fn delete_counted(&mut self, sql: &str, seq: u64) -> Result<usize, SpoolError> {
+        let sizes: Vec<i64> = self
+            .conn
+            .prepare_cached(sql)
+            .and_then(|mut st| st.query_map([to_sql(seq)], |r| r.get(0))?.collect())
+            .map_err(|e| self.err(e))?;
+        self.count = self.count.saturating_sub(sizes.len() as u64);
+        self.bytes = self
+            .bytes
+            .saturating_sub(sizes.iter().map(|s| u64::try_from(*s).unwrap_or(0)).sum());
+        Ok(sizes.len())
     }
 
     /// Deletes every event with `seq <= upto`. Returns how many were deleted.
@@ -246,9 +477,7 @@ impl Spool {
     /// # Errors
     /// [`SpoolError::Sqlite`].
     pub fn ack(&mut self, upto: u64) -> Result<usize, SpoolError> {
-        self.conn
-            .execute("DELETE FROM events WHERE seq <= ?1", [to_sql(upto)])
-            .map_err(|e| self.err(e))
+        self.delete_counted("DELETE FROM events WHERE seq <= ?1 RETURNING size", upto)
     }
 
     /// The highest sequence number ever assigned (0 if none).
@@ -271,21 +500,17 @@ impl Spool {
     /// Number of events waiting for an ack.
     ///
     /// # Errors
-    /// [`SpoolError::Sqlite`].
+    /// Never, today; kept fallible for symmetry with the other queries.
     pub fn len(&self) -> Result<u64, SpoolError> {
-        let n: i64 = self
-            .conn
-            .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
-            .map_err(|e| self.err(e))?;
-        Ok(u64::try_from(n).unwrap_or_default())
+        Ok(self.count)
     }
 
     /// Whether no event waits for an ack.
     ///
     /// # Errors
-    /// [`SpoolError::Sqlite`].
+    /// See [`Spool::len`].
     pub fn is_empty(&self) -> Result<bool, SpoolError> {
-        Ok(self.len()? == 0)
+        Ok(self.count == 0)
     }
 
     /// Called with the aggregator's last stored sequence. If it is above everything this
@@ -328,6 +553,23 @@ impl Spool {
     }
 }
 
+fn save_loss(conn: &Connection, loss: &Loss) -> rusqlite::Result<()> {
+    for (key, value) in [
+        (
+            "loss_dropped",
+            i64::try_from(loss.dropped).unwrap_or(i64::MAX),
+        ),
+        ("loss_first_ms", loss.first_ms),
+        ("loss_last_ms", loss.last_ms),
+    ] {
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
+            params![key, value],
+        )?;
+    }
+    Ok(())
+}
+
 fn to_sql(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
 }
@@ -337,6 +579,7 @@ enum Cmd {
     ReadAfter(u64, usize, oneshot::Sender<Result<Vec<Event>, SpoolError>>),
     Ack(u64, oneshot::Sender<Result<usize, SpoolError>>),
     Rebase(u64, oneshot::Sender<Result<bool, SpoolError>>),
+    ReportLoss(oneshot::Sender<Result<Option<Event>, SpoolError>>),
 }
 
 /// Async access to the spool thread. Cloneable; the thread ends when every handle is
@@ -369,6 +612,13 @@ pub fn spawn(mut spool: Spool) -> Result<SpoolHandle, SpoolError> {
                         let r = spool.append(events);
                         if let Ok(Some(last)) = r.as_ref().map(|e| e.last().map(|e| e.seq)) {
                             latest_tx.send_replace(last);
+                        }
+                        let _ = reply.send(r);
+                    }
+                    Cmd::ReportLoss(reply) => {
+                        let r = spool.report_loss();
+                        if let Ok(Some(e)) = &r {
+                            latest_tx.send_replace(e.seq);
                         }
                         let _ = reply.send(r);
                     }
@@ -432,6 +682,14 @@ impl SpoolHandle {
         self.call(|r| Cmd::Ack(upto, r)).await
     }
 
+    /// See [`Spool::report_loss`].
+    ///
+    /// # Errors
+    /// [`SpoolError`].
+    pub async fn report_loss(&self) -> Result<Option<Event>, SpoolError> {
+        self.call(Cmd::ReportLoss).await
+    }
+
     /// See [`Spool::rebase`].
     ///
     /// # Errors
@@ -487,7 +745,8 @@ mod tests {
     fn a_damaged_spool_is_moved_aside_once_and_replaced() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("spool.db"), vec![0x5a_u8; 8192]).expect("write garbage");
-        let (mut s, moved) = Spool::open_or_recover(dir.path()).expect("recovers");
+        let (mut s, moved) =
+            Spool::open_or_recover(dir.path(), SpoolLimits::default()).expect("recovers");
         let aside = moved.expect("moved aside");
         assert!(
             aside.exists()
@@ -497,7 +756,8 @@ mod tests {
         );
         assert_eq!(s.append(vec![ev("a")]).expect("usable")[0].seq, 1);
         drop(s);
-        let (_, moved) = Spool::open_or_recover(dir.path()).expect("reopen");
+        let (_, moved) =
+            Spool::open_or_recover(dir.path(), SpoolLimits::default()).expect("reopen");
         assert!(moved.is_none(), "a healthy spool stays");
     }
 
@@ -534,5 +794,172 @@ mod tests {
             .collect();
         assert_eq!(seqs, vec![101, 102]);
         assert_eq!(s.append(vec![ev("c")]).expect("append")[0].seq, 103);
+    }
+
+    #[test]
+    fn a_full_spool_evicts_the_oldest_but_keeps_each_checks_latest_and_reports_the_loss() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = SpoolLimits {
+            max_events: 100,
+            max_bytes: DEFAULT_MAX_BYTES,
+        };
+        let (mut s, _) = Spool::open_or_recover(dir.path(), limits).expect("open");
+        let lone = s.append(vec![ev("rare")]).expect("append")[0].seq;
+        for i in 0..300 {
+            let mut e = ev("busy");
+            e.observed_at_ms = 1000 + i;
+            s.append(vec![e]).expect("append");
+        }
+        assert!(s.len().expect("len") <= 100);
+        let all = s.read_after(0, 1000).expect("read");
+        assert!(
+            all.iter().any(|e| e.seq == lone),
+            "the only event of a check is never evicted"
+        );
+        assert_eq!(
+            all.last().map(|e| e.observed_at_ms),
+            Some(1299),
+            "the newest event stays"
+        );
+        let loss = s.loss();
+        assert!(loss.dropped >= 200 && loss.first_ms == 1000, "{loss:?}");
+        drop(s);
+
+        let (mut s, _) = Spool::open_or_recover(dir.path(), limits).expect("reopen");
+        assert_eq!(s.loss(), loss, "the loss record survives a restart");
+        let report = s.report_loss().expect("report").expect("an event");
+        assert_eq!(report.check, DATA_LOSS_CHECK);
+        assert!(
+            report
+                .message
+                .contains(&format!("{} events dropped", loss.dropped)),
+            "{}",
+            report.message
+        );
+        assert_eq!(s.loss(), Loss::default());
+        assert!(s.report_loss().expect("again").is_none(), "reported once");
+    }
+
+    #[test]
+    fn byte_limit_also_evicts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = SpoolLimits {
+            max_events: 1_000_000,
+            max_bytes: 20_000,
+        };
+        let (mut s, _) = Spool::open_or_recover(dir.path(), limits).expect("open");
+        for _ in 0..200 {
+            let mut e = ev("big");
+            e.message = "x".repeat(500);
+            s.append(vec![e]).expect("append");
+        }
+        assert!(s.bytes <= 20_000, "{}", s.bytes);
+        assert!(s.loss().dropped > 0);
+    }
+
+    mod model {
+        use std::collections::BTreeMap;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Append(Vec<u8>),
+            Ack(u8),
+            Reopen,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => proptest::collection::vec(0u8..4, 1..6).prop_map(Op::Append),
+                2 => (0u8..=255).prop_map(Op::Ack),
+                1 => Just(Op::Reopen),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+            /// Without eviction the spool behaves like an ordered map: append assigns
+            /// the next sequence numbers, ack removes a prefix, a reopen (as after a
+            /// crash: every append was committed) changes nothing, numbers are never
+            /// reused.
+            #[test]
+            fn behaves_like_an_ordered_map(ops in proptest::collection::vec(op(), 1..40)) {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let mut s = Spool::open(dir.path()).expect("open");
+                let mut model: BTreeMap<u64, String> = BTreeMap::new();
+                let mut next = 1u64;
+                for op in ops {
+                    match op {
+                        Op::Append(checks) => {
+                            let events: Vec<Event> = checks.iter().map(|c| ev(&format!("c{c}"))).collect();
+                            let got = s.append(events).expect("append");
+                            for e in got {
+                                prop_assert_eq!(e.seq, next);
+                                model.insert(next, e.check);
+                                next += 1;
+                            }
+                        }
+                        Op::Ack(k) => {
+                            let upto = u64::from(k) % next.max(1);
+                            s.ack(upto).expect("ack");
+                            model.retain(|&seq, _| seq > upto);
+                        }
+                        Op::Reopen => {
+                            drop(s);
+                            s = Spool::open(dir.path()).expect("reopen");
+                        }
+                    }
+                    let got: Vec<(u64, String)> =
+                        s.read_after(0, 10_000).expect("read").into_iter().map(|e| (e.seq, e.check)).collect();
+                    let want: Vec<(u64, String)> = model.iter().map(|(k, v)| (*k, v.clone())).collect();
+                    prop_assert_eq!(got, want);
+                    prop_assert_eq!(s.len().expect("len"), model.len() as u64);
+                }
+            }
+
+            /// With a tight bound, eviction keeps the invariants: within the limit
+            /// unless only latest-per-check events are left, the latest event of every
+            /// check present, order kept, and evicted + held = appended - acked.
+            #[test]
+            fn eviction_keeps_the_latest_of_every_check(ops in proptest::collection::vec(op(), 1..60)) {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let limits = SpoolLimits { max_events: 10, max_bytes: DEFAULT_MAX_BYTES };
+                let (mut s, _) = Spool::open_or_recover(dir.path(), limits).expect("open");
+                let mut latest: BTreeMap<String, u64> = BTreeMap::new();
+                let mut acked = 0u64;
+                for op in ops {
+                    match op {
+                        Op::Append(checks) => {
+                            let events: Vec<Event> = checks.iter().map(|c| ev(&format!("c{c}"))).collect();
+                            for e in s.append(events).expect("append") {
+                                latest.insert(e.check, e.seq);
+                            }
+                        }
+                        Op::Ack(k) => {
+                            acked = acked.max(u64::from(k) % (s.last_seq().expect("last") + 1));
+                            s.ack(acked).expect("ack");
+                        }
+                        Op::Reopen => {
+                            drop(s);
+                            s = Spool::open_or_recover(dir.path(), limits).expect("reopen").0;
+                        }
+                    }
+                    let held = s.read_after(0, 10_000).expect("read");
+                    let seqs: Vec<u64> = held.iter().map(|e| e.seq).collect();
+                    prop_assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+                    for (check, seq) in &latest {
+                        if *seq > acked {
+                            prop_assert!(seqs.contains(seq), "latest {} of {} evicted", seq, check);
+                        }
+                    }
+                    prop_assert!(held.len() <= 10 || held.len() <= latest.len());
+                    prop_assert_eq!(s.len().expect("len"), held.len() as u64);
+                }
+            }
+        }
     }
 }

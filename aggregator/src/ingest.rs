@@ -201,6 +201,12 @@ impl Session {
                             return "malformed events";
                         }
                     };
+                    for e in events
+                        .iter()
+                        .filter(|e| e.check == tocsin_agent::spool::DATA_LOSS_CHECK)
+                    {
+                        tracing::warn!(agent = %agent_id, dropped = ?e.value, "{}", e.message);
+                    }
                     let id = agent_id.to_owned();
                     match self.store.call(move |s| s.ingest(&id, &events)).await {
                         Ok(out) => {

@@ -205,9 +205,4 @@ pub fn now_ms() -> i64 {
     tocsin_agent::event::now_ms()
 }
 
-/// RFC 3339 rendering of a Unix ms time, e.g. `2026-11-29T16:40:39.123Z`.
-pub fn rfc3339(ms: i64) -> String {
-    let t =
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_millis(t).to_string()
-}
+pub use tocsin_agent::event::rfc3339;

@@ -1,0 +1,90 @@
+//! A full disk under the agent's spool: the agent keeps the newest state in memory, the
+//! page still goes out (heartbeat reconciliation), and once space returns the held events
+//! are committed without a restart. Uses a 2 MiB tmpfs (the tests run as root).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use tocsin_e2e::{Aggregator, Dummy, WebhookReceiver, start_agent};
+
+/// A small tmpfs mounted for the test, unmounted on drop.
+struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: &Path) -> Result<Self> {
+        std::fs::create_dir_all(path)?;
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+            .arg(path)
+            .status()?;
+        if !status.success() {
+            bail!(
+                "mount tmpfs on {} failed (the tests need root)",
+                path.display()
+            );
+        }
+        Ok(SmallDisk {
+            path: path.to_owned(),
+        })
+    }
+
+    /// Fills the disk with one file; returns its path.
+    fn fill(&self) -> Result<PathBuf> {
+        let filler = self.path.join("filler");
+        // dd stops with "No space left on device", which is the point.
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=64k"])
+            .arg(format!("of={}", filler.display()))
+            .output()?;
+        Ok(filler)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_spool_still_pages_and_recovers_without_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let disk = SmallDisk::mount(&dir.path().join("disk"))?;
+    let receiver = WebhookReceiver::start().await?;
+    let mut dummy = Dummy::new(dir.path(), "f")?;
+    dummy.start()?;
+    let agg_cfg = format!(
+        "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+         [notify]\nretry_min = \"100ms\"\n[[notify.webhook]]\nname = \"t\"\nurl = \"{}\"\n",
+        dir.path().join("agg").display(),
+        receiver.url
+    );
+    let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
+    let agent_cfg = format!(
+        "agent_id = \"node-full\"\ninterval = \"250ms\"\nheartbeat_interval = \"500ms\"\nstate_dir = \"{}\"\n\
+         [aggregator]\nendpoints = [\"http://{}\"]\nbackoff_min = \"100ms\"\nbackoff_max = \"300ms\"\n\
+         [rules.cpu]\nenabled = false\n[rules.memory]\nenabled = false\n[[process]]\nname = \"{}\"\n",
+        disk.path.join("state").display(),
+        agg.grpc,
+        dummy.name
+    );
+    let mut agent = start_agent(dir.path(), &agent_cfg)?;
+    agg.wait_reported("node-full").await?;
+
+    let filler = disk.fill()?;
+    let check = format!("process:{}", dummy.name);
+    dummy.kill();
+    let trigger = receiver.wait_for("trigger", "node-full", &check).await?;
+    assert_eq!(trigger["incident"]["state"], "critical");
+    agent.wait_for_output("cannot write the spool").await?;
+
+    std::fs::remove_file(&filler).context("free the disk")?;
+    dummy.start()?;
+    receiver.wait_for("resolve", "node-full", &check).await?;
+    agent.wait_for_output("spool writable again").await?;
+    assert_eq!(receiver.events("trigger", "node-full", &check).len(), 1);
+    Ok(())
+}
