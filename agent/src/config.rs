@@ -25,6 +25,8 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(200);
 pub const DEFAULT_HEARTBEAT_INTERVAL: &str = "5s";
 /// Default aggregator gRPC endpoint (loopback).
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7601";
+/// Default largest gRPC message, bytes (4 MiB, tonic's default).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Seed: CPU warning/critical at 80 % / 95 % busy.
 pub const CPU_WARNING_PCT: f64 = 80.0;
 /// Seed: CPU critical level, percent busy of all cores.
@@ -82,6 +84,10 @@ pub struct RawAggregatorLink {
     pub backoff_min: String,
     /// Largest reconnect delay.
     pub backoff_max: String,
+    /// Largest gRPC message sent or accepted, bytes (the aggregator has the same limit).
+    pub max_message_bytes: usize,
+    /// HTTP/2 keepalive ping interval; a silent peer is dead after twice this.
+    pub keepalive: String,
 }
 
 /// `[rules]`.
@@ -159,6 +165,8 @@ impl Default for RawAggregatorLink {
             connect_timeout: "5s".into(),
             backoff_min: "200ms".into(),
             backoff_max: "30s".into(),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            keepalive: "10s".into(),
         }
     }
 }
@@ -230,6 +238,10 @@ pub struct AgentConfig {
     pub backoff_min: Duration,
     /// Largest reconnect delay.
     pub backoff_max: Duration,
+    /// Largest gRPC message, bytes.
+    pub max_message_bytes: usize,
+    /// HTTP/2 keepalive interval.
+    pub keepalive: Duration,
     /// CPU rule, if enabled.
     pub cpu: Option<Rule>,
     /// Memory rule, if enabled.
@@ -323,6 +335,20 @@ impl RawConfig {
             &self.aggregator.backoff_min,
             fallback,
         );
+        let keepalive = v.positive_duration(
+            "aggregator.keepalive",
+            &self.aggregator.keepalive,
+            Duration::from_secs(10),
+        );
+        if !(64 * 1024..=64 * 1024 * 1024).contains(&self.aggregator.max_message_bytes) {
+            v.problem(
+                "aggregator.max_message_bytes",
+                format!(
+                    "{} is outside 65536 to 67108864",
+                    self.aggregator.max_message_bytes
+                ),
+            );
+        }
         let backoff_max = v.positive_duration(
             "aggregator.backoff_max",
             &self.aggregator.backoff_max,
@@ -506,6 +532,8 @@ impl RawConfig {
             connect_timeout,
             backoff_min,
             backoff_max,
+            max_message_bytes: self.aggregator.max_message_bytes,
+            keepalive,
             cpu,
             memory,
             processes,

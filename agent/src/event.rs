@@ -66,3 +66,36 @@ pub fn rfc3339(ms: i64) -> String {
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_millis(t).to_string()
 }
+
+/// Cuts `text` to at most `max` bytes on a character boundary, ending with a marker that
+/// gives the original size: `"…[truncated, 12345 bytes]"`. Shorter text is unchanged.
+pub fn truncate_marked(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let marker = format!("…[truncated, {} bytes]", text.len());
+    let keep = max.saturating_sub(marker.len());
+    let cut = (0..=keep)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}{marker}", &text[..cut])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncate_marked;
+
+    #[test]
+    fn truncation_keeps_utf8_and_says_how_much_there_was() {
+        let text = "😀".repeat(3000);
+        let cut = truncate_marked(&text, 4096);
+        assert!(cut.len() <= 4096);
+        assert!(
+            cut.ends_with("…[truncated, 12000 bytes]"),
+            "{}",
+            &cut[cut.len() - 40..]
+        );
+        assert_eq!(truncate_marked("short", 4096), "short");
+    }
+}

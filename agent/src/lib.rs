@@ -90,6 +90,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         endpoints: cfg.endpoints.clone(),
         connect_timeout: cfg.connect_timeout,
         heartbeat_interval: cfg.heartbeat_interval,
+        max_message_bytes: cfg.max_message_bytes,
+        keepalive: cfg.keepalive,
         hello,
     };
     let (shipper, _conn_state) = Shipper::new(ship_cfg, spool.clone(), status_rx, backoff);

@@ -90,6 +90,12 @@ pub struct ShipConfig {
     pub connect_timeout: Duration,
     /// Heartbeat interval.
     pub heartbeat_interval: Duration,
+    /// Largest gRPC message sent or accepted, bytes.
+    pub max_message_bytes: usize,
+    /// HTTP/2 keepalive: ping interval; a peer that does not answer within the same
+    /// time again is dead (so a half-open or frozen aggregator is noticed within twice
+    /// this).
+    pub keepalive: Duration,
     /// The Hello sent on every connect.
     pub hello: v1::Hello,
 }
@@ -198,15 +204,17 @@ impl Shipper {
                 source,
             })?
             .connect_timeout(self.cfg.connect_timeout)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(self.cfg.keepalive)
+            .keep_alive_timeout(self.cfg.keepalive)
             .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         let channel = ep.connect().await.map_err(|source| ShipError::Connect {
             endpoint: endpoint.to_owned(),
             source,
         })?;
-        let mut client = IngestClient::new(channel);
+        let mut client = IngestClient::new(channel)
+            .max_encoding_message_size(self.cfg.max_message_bytes)
+            .max_decoding_message_size(self.cfg.max_message_bytes);
         let (tx, rx) = mpsc::channel::<v1::AgentMessage>(MAX_INFLIGHT_BATCHES as usize * 2 + 4);
         let closed = |reason: &str| ShipError::Closed {
             endpoint: endpoint.to_owned(),
@@ -269,14 +277,28 @@ impl Shipper {
                 && (inflight.len() as u64) < MAX_INFLIGHT_BATCHES
             {
                 let batch = self.spool.read_after(sent, BATCH_EVENTS).await?;
-                let Some(last) = batch.last().map(|e| e.seq) else {
+                let Some(first) = batch.first().map(|e| e.seq) else {
                     break;
                 };
-                let events = batch.iter().map(convert::event).collect();
+                // Cut the batch so no message exceeds the size limit both ends enforce.
+                let budget = self.cfg.max_message_bytes.saturating_sub(1024);
+                let mut events = Vec::with_capacity(batch.len());
+                let mut size = 0usize;
+                let mut last = first;
+                for e in &batch {
+                    let wire = convert::event(e);
+                    let len = prost::Message::encoded_len(&wire) + 8;
+                    if !events.is_empty() && size + len > budget {
+                        break;
+                    }
+                    size += len;
+                    last = e.seq;
+                    events.push(wire);
+                }
                 tx.send(msg(agent_message::Msg::Events(v1::EventBatch { events })))
                     .await
                     .map_err(|_| closed("send failed"))?;
-                tracing::debug!(from = batch[0].seq, to = last, "sent events");
+                tracing::debug!(from = first, to = last, bytes = size, "sent events");
                 sent = last;
                 inflight.push_back(last);
             }

@@ -276,6 +276,11 @@ impl Spool {
                 .map_err(err)?;
             for (i, e) in events.iter_mut().enumerate() {
                 e.seq = last + 1 + i as u64;
+                // A huge check output must never become a message the aggregator refuses.
+                e.message = crate::event::truncate_marked(
+                    &e.message,
+                    tocsin_proto::limits::MAX_MESSAGE_LEN,
+                );
                 let body = serde_json::to_string(e).unwrap_or_default();
                 let key = format!(
                     "{}{}",

@@ -33,6 +33,11 @@ pub struct RawConfig {
     pub listen_grpc: String,
     /// Directory of the SQLite store (`tocsin.db`).
     pub data_dir: String,
+    /// Largest gRPC message accepted from an agent, bytes.
+    pub max_message_bytes: usize,
+    /// HTTP/2 keepalive ping interval toward agents; a silent agent connection is
+    /// closed after twice this.
+    pub keepalive: String,
     /// A node whose agent sends no heartbeat for this long (and at least 3 of its
     /// heartbeat intervals) becomes a `node_down` incident.
     pub node_timeout: String,
@@ -75,6 +80,8 @@ impl Default for RawConfig {
             listen_grpc: DEFAULT_LISTEN_GRPC.into(),
             data_dir: "/var/lib/tocsin-aggregator".into(),
             node_timeout: DEFAULT_NODE_TIMEOUT.into(),
+            max_message_bytes: 4 * 1024 * 1024,
+            keepalive: "10s".into(),
             notify: RawNotify::default(),
             log: tocsin_agent::telemetry::RawLog::default(),
         }
@@ -113,6 +120,10 @@ pub struct AggregatorConfig {
     pub data_dir: PathBuf,
     /// Silence after which a node is down.
     pub node_timeout: Duration,
+    /// Largest gRPC message, bytes.
+    pub max_message_bytes: usize,
+    /// HTTP/2 keepalive interval.
+    pub keepalive: Duration,
     /// Print notifications on stdout.
     pub console: bool,
     /// Retry delay bounds for failed deliveries.
@@ -191,6 +202,13 @@ impl RawConfig {
                 ),
             );
         }
+        let keepalive = v.positive_duration("keepalive", &self.keepalive, Duration::from_secs(10));
+        if !(64 * 1024..=64 * 1024 * 1024).contains(&self.max_message_bytes) {
+            v.problem(
+                "max_message_bytes",
+                format!("{} is outside 65536 to 67108864", self.max_message_bytes),
+            );
+        }
         let node_timeout =
             v.positive_duration("node_timeout", &self.node_timeout, Duration::from_secs(30));
         let retry_min = v.positive_duration(
@@ -259,6 +277,8 @@ impl RawConfig {
             listen_grpc: listen_grpc.unwrap_or(fallback),
             data_dir: PathBuf::from(self.data_dir),
             node_timeout,
+            max_message_bytes: self.max_message_bytes,
+            keepalive,
             console: self.notify.console,
             retry_min,
             retry_max,

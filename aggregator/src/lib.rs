@@ -155,9 +155,13 @@ pub async fn run(
     let grpc_shutdown = shutdown.clone();
     tracker.spawn(async move {
         let result = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(IngestServer::new(ingest))
+            .http2_keepalive_interval(Some(cfg.keepalive))
+            .http2_keepalive_timeout(Some(cfg.keepalive))
+            .add_service(
+                IngestServer::new(ingest)
+                    .max_decoding_message_size(cfg.max_message_bytes)
+                    .max_encoding_message_size(cfg.max_message_bytes),
+            )
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(grpc_listener),
                 grpc_shutdown.cancelled(),
