@@ -88,6 +88,16 @@ pub struct RawAggregatorLink {
     pub max_message_bytes: usize,
     /// HTTP/2 keepalive ping interval; a silent peer is dead after twice this.
     pub keepalive: String,
+    /// File holding this agent's token (presented in Hello). Secrets come from files.
+    pub token_file: Option<String>,
+    /// PEM CA that signed the aggregator's certificate (needed for `https://`).
+    pub tls_ca_file: Option<String>,
+    /// PEM client certificate for mutual TLS (with `tls_key_file`).
+    pub tls_cert_file: Option<String>,
+    /// PEM private key of the client certificate.
+    pub tls_key_file: Option<String>,
+    /// Name to verify in the aggregator's certificate, if not the endpoint's host.
+    pub tls_domain: Option<String>,
 }
 
 /// `[rules]`.
@@ -167,6 +177,11 @@ impl Default for RawAggregatorLink {
             backoff_max: "30s".into(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             keepalive: "10s".into(),
+            token_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_domain: None,
         }
     }
 }
@@ -242,6 +257,10 @@ pub struct AgentConfig {
     pub max_message_bytes: usize,
     /// HTTP/2 keepalive interval.
     pub keepalive: Duration,
+    /// Token presented in Hello (from `token_file`). Never logged.
+    pub token: Option<Secret>,
+    /// TLS toward the aggregator, when configured.
+    pub tls: Option<ClientTls>,
     /// CPU rule, if enabled.
     pub cpu: Option<Rule>,
     /// Memory rule, if enabled.
@@ -250,6 +269,39 @@ pub struct AgentConfig {
     pub processes: Vec<ProcessWatch>,
     /// Log settings.
     pub log: LogConfig,
+}
+
+/// A secret string (token, key) that never shows in `Debug` or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: String) -> Self {
+        Secret(s)
+    }
+
+    /// The secret itself, to put on the wire.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// PEM material for TLS toward the aggregator.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// CA certificate(s) that sign the aggregator's certificate.
+    pub ca_pem: String,
+    /// Client certificate and key for mutual TLS.
+    pub identity: Option<(String, Secret)>,
+    /// Name to verify instead of the endpoint host.
+    pub domain: Option<String>,
 }
 
 /// A validated process watch.
@@ -335,6 +387,52 @@ impl RawConfig {
             &self.aggregator.backoff_min,
             fallback,
         );
+        let link = &self.aggregator;
+        let token = link.token_file.as_deref().and_then(|f| {
+            let t = v.secret_file("aggregator.token_file", f)?;
+            if t.is_empty() {
+                v.problem("aggregator.token_file", format!("{f} is empty"));
+                return None;
+            }
+            Some(Secret::new(t))
+        });
+        let ca_pem = link
+            .tls_ca_file
+            .as_deref()
+            .and_then(|f| v.pem_file("aggregator.tls_ca_file", f, "CERTIFICATE"));
+        let identity = match (&link.tls_cert_file, &link.tls_key_file) {
+            (Some(c), Some(k)) => {
+                let cert = v.pem_file("aggregator.tls_cert_file", c, "CERTIFICATE");
+                let key = v.pem_file("aggregator.tls_key_file", k, "PRIVATE KEY");
+                cert.zip(key).map(|(c, k)| (c, Secret::new(k)))
+            }
+            (None, None) => None,
+            _ => {
+                v.problem(
+                    "aggregator.tls_cert_file",
+                    "tls_cert_file and tls_key_file go together",
+                );
+                None
+            }
+        };
+        let wants_tls = link.endpoints.iter().any(|e| e.starts_with("https://"));
+        if wants_tls && link.tls_ca_file.is_none() {
+            v.problem(
+                "aggregator.tls_ca_file",
+                "https:// endpoints need the CA that signed the aggregator's certificate",
+            );
+        }
+        if !wants_tls && (link.tls_ca_file.is_some() || identity.is_some()) {
+            v.problem(
+                "aggregator.endpoints",
+                "TLS files are set but no endpoint is https://",
+            );
+        }
+        let tls = ca_pem.map(|ca_pem| ClientTls {
+            ca_pem,
+            identity,
+            domain: link.tls_domain.clone(),
+        });
         let keepalive = v.positive_duration(
             "aggregator.keepalive",
             &self.aggregator.keepalive,
@@ -534,6 +632,8 @@ impl RawConfig {
             backoff_max,
             max_message_bytes: self.aggregator.max_message_bytes,
             keepalive,
+            token,
+            tls,
             cpu,
             memory,
             processes,

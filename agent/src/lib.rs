@@ -81,7 +81,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         labels: cfg.labels.clone().into_iter().collect(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         boot_id: boot_id(),
-        token: String::new(),
+        token: cfg
+            .token
+            .as_ref()
+            .map(|t| t.expose().to_owned())
+            .unwrap_or_default(),
         instance_id: format!("{:016x}", fastrand::u64(..)),
         heartbeat_interval_ms: u32::try_from(cfg.heartbeat_interval.as_millis())
             .unwrap_or(u32::MAX),
@@ -92,6 +96,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         heartbeat_interval: cfg.heartbeat_interval,
         max_message_bytes: cfg.max_message_bytes,
         keepalive: cfg.keepalive,
+        tls: cfg.tls.clone(),
         hello,
     };
     let (shipper, _conn_state) = Shipper::new(ship_cfg, spool.clone(), status_rx, backoff);

@@ -351,6 +351,38 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// Reads a secret file (token); trims surrounding whitespace. The content is never
+    /// put in a message.
+    pub fn secret_file(&mut self, key: &str, path: &str) -> Option<String> {
+        match std::fs::read_to_string(path) {
+            Ok(s) => Some(s.trim().to_owned()),
+            Err(e) => {
+                self.problem(key, format!("cannot read {path}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Reads a PEM file and checks that it holds a `-----BEGIN …{kind}-----` block.
+    pub fn pem_file(&mut self, key: &str, path: &str, kind: &str) -> Option<String> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                self.problem(key, format!("cannot read {path}: {e}"));
+                return None;
+            }
+        };
+        let has_block = text
+            .lines()
+            .any(|l| l.starts_with("-----BEGIN ") && l.contains(kind));
+        if has_block {
+            Some(text)
+        } else {
+            self.problem(key, format!("{path} holds no PEM {kind} block"));
+            None
+        }
+    }
+
     /// Ends validation: `Ok(value)` if no problem was recorded.
     pub fn finish<T>(self, value: T) -> Result<T, ConfigError> {
         if self.problems.is_empty() {

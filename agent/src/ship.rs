@@ -82,7 +82,7 @@ impl ShipError {
 }
 
 /// Identity and settings the shipper needs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ShipConfig {
     /// Aggregator endpoints in failover order.
     pub endpoints: Vec<String>,
@@ -96,8 +96,21 @@ pub struct ShipConfig {
     /// time again is dead (so a half-open or frozen aggregator is noticed within twice
     /// this).
     pub keepalive: Duration,
+    /// TLS toward the aggregator.
+    pub tls: Option<crate::config::ClientTls>,
     /// The Hello sent on every connect.
     pub hello: v1::Hello,
+}
+
+impl std::fmt::Debug for ShipConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The Hello carries the token: never print it.
+        f.debug_struct("ShipConfig")
+            .field("endpoints", &self.endpoints)
+            .field("agent_id", &self.hello.agent_id)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Connection state, for logs and `/health`.
@@ -208,6 +221,24 @@ impl Shipper {
             .keep_alive_timeout(self.cfg.keepalive)
             .keep_alive_while_idle(true)
             .tcp_nodelay(true);
+        let ep = match &self.cfg.tls {
+            None => ep,
+            Some(tls) => {
+                use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+                let mut t =
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+                if let Some((cert, key)) = &tls.identity {
+                    t = t.identity(Identity::from_pem(cert, key.expose()));
+                }
+                if let Some(domain) = &tls.domain {
+                    t = t.domain_name(domain.clone());
+                }
+                ep.tls_config(t).map_err(|source| ShipError::Endpoint {
+                    endpoint: endpoint.to_owned(),
+                    source,
+                })?
+            }
+        };
         let channel = ep.connect().await.map_err(|source| ShipError::Connect {
             endpoint: endpoint.to_owned(),
             source,

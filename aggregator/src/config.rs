@@ -43,8 +43,34 @@ pub struct RawConfig {
     pub node_timeout: String,
     /// Notification channels.
     pub notify: RawNotify,
+    /// Agent authentication.
+    pub auth: RawAuth,
+    /// TLS on the gRPC ingest.
+    pub tls: RawTls,
     /// Logging.
     pub log: tocsin_agent::telemetry::RawLog,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAuth {
+    /// File of accepted agent tokens, one `AGENT_ID TOKEN` per line (`*` as the id
+    /// accepts the token from any agent; `#` starts a comment). Unset: no token needed.
+    pub tokens_file: Option<String>,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTls {
+    /// PEM certificate (chain) of the ingest endpoint.
+    pub cert_file: Option<String>,
+    /// PEM private key of that certificate.
+    pub key_file: Option<String>,
+    /// PEM CA for client certificates: when set, agents must present a certificate it
+    /// signed (mutual TLS).
+    pub client_ca_file: Option<String>,
 }
 
 /// `[notify]`.
@@ -83,6 +109,8 @@ impl Default for RawConfig {
             max_message_bytes: 4 * 1024 * 1024,
             keepalive: "10s".into(),
             notify: RawNotify::default(),
+            auth: RawAuth::default(),
+            tls: RawTls::default(),
             log: tocsin_agent::telemetry::RawLog::default(),
         }
     }
@@ -132,8 +160,84 @@ pub struct AggregatorConfig {
     pub retry_max: Duration,
     /// Webhook channels.
     pub webhooks: Vec<Webhook>,
+    /// Accepted agent tokens; `None` when no token is needed.
+    pub tokens: Option<Tokens>,
+    /// TLS on the gRPC ingest.
+    pub tls: Option<ServerTls>,
     /// Log settings.
     pub log: tocsin_agent::telemetry::LogConfig,
+}
+
+/// Accepted agent tokens: per agent id, and for any agent (`*`).
+#[derive(Clone, Default)]
+pub struct Tokens {
+    entries: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokens({} entries, redacted)", self.entries.len())
+    }
+}
+
+impl Tokens {
+    /// Parses the tokens file text; errors name the line.
+    ///
+    /// # Errors
+    /// A message naming the bad line.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut entries = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(id), Some(token), None) => entries.push((id.to_owned(), token.to_owned())),
+                _ => {
+                    return Err(format!(
+                        "line {}: expected `AGENT_ID TOKEN` (or `* TOKEN`)",
+                        i + 1
+                    ));
+                }
+            }
+        }
+        if entries.is_empty() {
+            return Err("no token in the file".to_owned());
+        }
+        Ok(Tokens { entries })
+    }
+
+    /// Whether `token` is accepted for `agent_id` (constant-time per comparison).
+    pub fn accepts(&self, agent_id: &str, token: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        self.entries
+            .iter()
+            .filter(|(id, _)| id == "*" || id == agent_id)
+            .fold(false, |ok, (_, t)| {
+                ok | bool::from(t.as_bytes().ct_eq(token.as_bytes()))
+            })
+    }
+}
+
+/// PEM material for TLS on the ingest.
+#[derive(Clone)]
+pub struct ServerTls {
+    /// Certificate chain.
+    pub cert_pem: String,
+    /// Private key.
+    pub key_pem: String,
+    /// CA for client certificates (mutual TLS), if required.
+    pub client_ca_pem: Option<String>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A validated webhook channel.
@@ -268,6 +372,53 @@ impl RawConfig {
             });
         }
         let log = tocsin_agent::telemetry::validate(&mut v, &self.log);
+        let tokens = self.auth.tokens_file.as_deref().and_then(|f| {
+            let text = v.secret_file("auth.tokens_file", f)?;
+            match Tokens::parse(&text) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    v.problem("auth.tokens_file", format!("{f}: {e}"));
+                    None
+                }
+            }
+        });
+        let tls = match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(c), Some(k)) => {
+                let cert = v.pem_file("tls.cert_file", c, "CERTIFICATE");
+                let key = v.pem_file("tls.key_file", k, "PRIVATE KEY");
+                let client_ca = self
+                    .tls
+                    .client_ca_file
+                    .as_deref()
+                    .map(|f| v.pem_file("tls.client_ca_file", f, "CERTIFICATE"));
+                match (cert, key, client_ca) {
+                    (Some(cert_pem), Some(key_pem), None) => Some(ServerTls {
+                        cert_pem,
+                        key_pem,
+                        client_ca_pem: None,
+                    }),
+                    (Some(cert_pem), Some(key_pem), Some(Some(ca))) => Some(ServerTls {
+                        cert_pem,
+                        key_pem,
+                        client_ca_pem: Some(ca),
+                    }),
+                    _ => None,
+                }
+            }
+            (None, None) => {
+                if self.tls.client_ca_file.is_some() {
+                    v.problem("tls.client_ca_file", "needs tls.cert_file and tls.key_file");
+                }
+                None
+            }
+            _ => {
+                v.problem(
+                    "tls.cert_file",
+                    "tls.cert_file and tls.key_file go together",
+                );
+                None
+            }
+        };
         if self.data_dir.trim().is_empty() {
             v.problem("data_dir", "must not be empty");
         }
@@ -283,7 +434,39 @@ impl RawConfig {
             retry_min,
             retry_max,
             webhooks,
+            tokens,
+            tls,
             log,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tokens;
+
+    #[test]
+    fn tokens_per_agent_and_for_any_agent() {
+        let t = Tokens::parse("# comment\nweb-1 aaa\n* fleet\n\n").expect("parses");
+        assert!(t.accepts("web-1", "aaa"));
+        assert!(t.accepts("web-1", "fleet"));
+        assert!(t.accepts("db-1", "fleet"));
+        assert!(
+            !t.accepts("db-1", "aaa"),
+            "a token bound to web-1 is not db-1's"
+        );
+        assert!(!t.accepts("web-1", ""));
+        assert!(!t.accepts("web-1", "aa"));
+        assert!(format!("{t:?}").contains("redacted") && !format!("{t:?}").contains("aaa"));
+    }
+
+    #[test]
+    fn bad_token_files_name_the_line() {
+        assert_eq!(
+            Tokens::parse("web-1\n").err().as_deref(),
+            Some("line 1: expected `AGENT_ID TOKEN` (or `* TOKEN`)")
+        );
+        assert!(Tokens::parse("# only comments\n").is_err());
+        assert!(Tokens::parse("a b c\n").is_err());
     }
 }

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::config::Tokens;
 use crate::convert;
 use crate::store::{HelloOutcome, IngestOutcome, StoreHandle};
 
@@ -28,6 +29,10 @@ pub struct IngestService {
     store: StoreHandle,
     sessions: std::sync::Arc<std::sync::atomic::AtomicU64>,
     outbox_wake: watch::Sender<u64>,
+    /// Accepted tokens; `None`: no token needed.
+    tokens: Option<std::sync::Arc<Tokens>>,
+    /// Count of streams refused for their token.
+    refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
     shutdown: CancellationToken,
 }
 
@@ -36,14 +41,22 @@ impl IngestService {
     pub fn new(
         store: StoreHandle,
         outbox_wake: watch::Sender<u64>,
+        tokens: Option<Tokens>,
         shutdown: CancellationToken,
     ) -> Self {
         IngestService {
             store,
             sessions: Default::default(),
             outbox_wake,
+            tokens: tokens.map(std::sync::Arc::new),
+            refused: Default::default(),
             shutdown,
         }
+    }
+
+    /// Streams refused for a missing or wrong token since start.
+    pub fn refused_total(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -69,6 +82,8 @@ impl v1::ingest_server::Ingest for IngestService {
                 + 1,
             store: self.store.clone(),
             outbox_wake: self.outbox_wake.clone(),
+            tokens: self.tokens.clone(),
+            refused: self.refused.clone(),
             peer,
             tx,
         };
@@ -87,6 +102,8 @@ struct Session {
     /// Stream number, unique within this aggregator process.
     id: u64,
     store: StoreHandle,
+    tokens: Option<std::sync::Arc<Tokens>>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
     outbox_wake: watch::Sender<u64>,
     peer: String,
     tx: mpsc::Sender<Result<v1::AggregatorMessage, Status>>,
@@ -123,6 +140,23 @@ impl Session {
             Ok(h) => h,
             Err(e) => return self.refuse(Status::invalid_argument(e.to_string())).await,
         };
+        if let Some(tokens) = &self.tokens
+            && !tokens.accepts(&hello.agent_id, &first.token)
+        {
+            let n = self
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            tracing::warn!(
+                %peer,
+                agent = %hello.agent_id,
+                token_given = !first.token.is_empty(),
+                refused_total = n,
+                "agent refused: missing or wrong token"
+            );
+            let msg = format!("missing or wrong token for agent {:?}", hello.agent_id);
+            return self.refuse(Status::unauthenticated(msg)).await;
+        }
         let agent_id = hello.agent_id.clone();
         let h = hello.clone();
         let session = self.id;

@@ -55,6 +55,9 @@ pub enum AggregatorError {
     /// The data directory is used by another aggregator.
     #[error(transparent)]
     Locked(#[from] tocsin_agent::settings::DirLockError),
+    /// The TLS certificate or key was refused.
+    #[error("TLS setup of the ingest failed: {0}")]
+    Tls(tonic::transport::Error),
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] store::StoreError),
@@ -151,10 +154,24 @@ pub async fn run(
         started_ms: model::now_ms(),
     };
     tracker.spawn(liveness.run(shutdown.clone()));
-    let ingest = ingest::IngestService::new(store.clone(), wake_tx, shutdown.clone());
+    if cfg.tokens.is_none() && !cfg.listen_grpc.ip().is_loopback() {
+        tracing::warn!(listen_grpc = %addrs.grpc, "ingest is reachable from other machines and needs no token: set auth.tokens_file");
+    }
+    let ingest =
+        ingest::IngestService::new(store.clone(), wake_tx, cfg.tokens.clone(), shutdown.clone());
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &cfg.tls {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let mut t =
+            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+        if let Some(ca) = &tls.client_ca_pem {
+            t = t.client_ca_root(Certificate::from_pem(ca));
+        }
+        server = server.tls_config(t).map_err(AggregatorError::Tls)?;
+    }
     let grpc_shutdown = shutdown.clone();
     tracker.spawn(async move {
-        let result = tonic::transport::Server::builder()
+        let result = server
             .http2_keepalive_interval(Some(cfg.keepalive))
             .http2_keepalive_timeout(Some(cfg.keepalive))
             .add_service(
