@@ -112,7 +112,8 @@ pub fn state(raw: i32) -> State {
 /// [`InvalidMessage`] naming the field.
 pub fn hello(h: &v1::Hello) -> Result<AgentHello, InvalidMessage> {
     Ok(AgentHello {
-        agent_id: ident("hello.agent_id", &h.agent_id, false)?,
+        // Hostnames are case-insensitive: "Web-1" and "web-1" are one node.
+        agent_id: ident("hello.agent_id", &h.agent_id, false)?.to_lowercase(),
         hostname: ident("hello.hostname", &h.hostname, true)?,
         labels: labels("hello.labels", &h.labels)?,
         version: ident("hello.version", &h.version, true)?,

@@ -198,6 +198,8 @@ pub struct Node {
     pub connected: bool,
     /// Last message of any kind (Unix ms).
     pub last_seen_ms: i64,
+    /// Events stored for this agent (each `(agent, seq)` at most once).
+    pub events_stored: u64,
 }
 
 /// Wall-clock now, Unix ms.

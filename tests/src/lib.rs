@@ -5,6 +5,8 @@
 //! Waiting is always on state ([`eventually`]), never on fixed sleeps; a daemon's stderr
 //! is printed when a test fails.
 
+pub mod sim;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -621,7 +621,11 @@ impl Store {
     /// [`StoreError::Sqlite`].
     pub fn nodes(&self) -> Result<Vec<Node>, StoreError> {
         self.conn
-            .prepare("SELECT agent_id, hostname, labels, version, last_seq, connected, last_seen_ms FROM agents ORDER BY agent_id")
+            .prepare(
+                "SELECT agent_id, hostname, labels, version, last_seq, connected, last_seen_ms,
+                     (SELECT count(*) FROM events e WHERE e.agent_id = a.agent_id)
+                 FROM agents a ORDER BY agent_id",
+            )
             .and_then(|mut s| {
                 s.query_map([], |r| {
                     Ok(Node {
@@ -632,6 +636,7 @@ impl Store {
                         last_seq: u64::try_from(r.get::<_, i64>(4)?).unwrap_or(0),
                         connected: r.get(5)?,
                         last_seen_ms: r.get(6)?,
+                        events_stored: u64::try_from(r.get::<_, i64>(7)?).unwrap_or(0),
                     })
                 })?
                 .collect()
