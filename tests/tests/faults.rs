@@ -116,3 +116,58 @@ async fn kill_9_mid_stream_stores_every_event_exactly_once() -> Result<()> {
     );
     Ok(())
 }
+
+/// The first endpoint is dead: the agent fails over to the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_fails_over_to_the_next_endpoint() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?; // closed again at once
+    let agg_cfg = format!(
+        "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+        dir.path().join("agg").display()
+    );
+    let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
+    let agent_cfg = format!(
+        "agent_id = \"node-failover\"\ninterval = \"250ms\"\nstate_dir = \"{}\"\n\
+         [aggregator]\nendpoints = [\"http://{dead}\", \"http://{}\"]\nbackoff_min = \"100ms\"\nbackoff_max = \"300ms\"\n",
+        dir.path().join("agent").display(),
+        agg.grpc
+    );
+    let _agent = start_agent(dir.path(), &agent_cfg)?;
+    agg.wait_connected("node-failover").await?;
+    Ok(())
+}
+
+/// Garbage on the gRPC port neither crashes nor stalls the aggregator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_grpc_port_is_harmless() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+
+    let dir = tempfile::tempdir()?;
+    let agg_cfg = format!(
+        "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+        dir.path().join("agg").display()
+    );
+    let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
+    let mut noise: Vec<u8> = (0..65_536u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    noise.extend_from_slice(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(agg.grpc).await?;
+        let _ = s.write_all(&noise).await;
+        idle.push(tokio::net::TcpStream::connect(agg.grpc).await?); // and connections that say nothing
+    }
+    let health = agg.get("/health").await?;
+    assert_eq!(health["status"], "ok");
+    let agent_cfg = format!(
+        "agent_id = \"node-after-noise\"\ninterval = \"250ms\"\nstate_dir = \"{}\"\n[aggregator]\nendpoints = [\"http://{}\"]\n",
+        dir.path().join("agent").display(),
+        agg.grpc
+    );
+    let _agent = start_agent(dir.path(), &agent_cfg)?;
+    agg.wait_connected("node-after-noise").await?;
+    drop(idle);
+    Ok(())
+}
