@@ -22,6 +22,17 @@ fn repo() -> PathBuf {
         .to_owned()
 }
 
+/// A Python tool: from the virtualenv `tests/run.sh` makes (`target/tools/venv`) when
+/// there, else from `PATH`.
+fn python_tool(name: &str) -> String {
+    let venv = repo().join("target/tools/venv/bin").join(name);
+    if venv.exists() {
+        venv.to_string_lossy().into_owned()
+    } else {
+        name.to_owned()
+    }
+}
+
 /// Runs `program args`; returns its output, failing with a hint when it is missing.
 fn run(program: &str, args: &[&str]) -> Result<Output> {
     Command::new(program).args(args).output().with_context(|| {
@@ -466,7 +477,14 @@ async fn debian_packages_install_run_and_purge() -> Result<()> {
     run_installed_as(
         "tocsin-agent",
         "/usr/bin/tocsin-agent",
-        &[("TOCSIN_AGENT_INTERVAL", "250ms")],
+        &[
+            ("TOCSIN_AGENT_INTERVAL", "250ms"),
+            // Port 9 on loopback: whatever else runs on this machine's 7601 is left alone.
+            (
+                "TOCSIN_AGENT_AGGREGATOR__ENDPOINTS",
+                "[\"http://127.0.0.1:9\"]",
+            ),
+        ],
         agent_dir.path(),
     )
     .await?;
@@ -590,7 +608,7 @@ fn kubernetes_manifests_validate_offline() -> Result<()> {
     ensure!(resources.len() >= 6, "too few manifests: {files:?}");
     let mut args = vec!["--strict"];
     args.extend(resources.iter().map(|p| p.to_str().unwrap_or_default()));
-    let out = run_ok("kubernetes-validate", &args)?;
+    let out = run_ok(&python_tool("kubernetes-validate"), &args)?;
     for kind in [
         "daemonset/tocsin-agent",
         "statefulset/tocsin-aggregator",
@@ -643,7 +661,7 @@ fn kubernetes_configmaps_pass_check_config() -> Result<()> {
             "import sys, yaml; sys.stdout.write(yaml.safe_load(open(sys.argv[1]))['data']['{key}'])"
         );
         let toml = run_ok(
-            "python3",
+            &python_tool("python3"),
             &["-c", &script, manifest.to_str().unwrap_or_default()],
         )?;
         let path = dir.path().join(key);
