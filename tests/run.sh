@@ -15,9 +15,34 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     log "installing cargo-nextest"
     cargo install cargo-nextest --locked
 fi
-if ! command -v cc >/dev/null; then
-    log "installing a C compiler (bundled SQLite)"
-    apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev
+# Debian packages the tests need, installed only when their command is missing.
+apt_missing=()
+command -v cc >/dev/null || apt_missing+=(gcc libc6-dev)           # bundled SQLite
+command -v systemd-analyze >/dev/null || apt_missing+=(systemd)    # unit verification
+command -v adduser >/dev/null || apt_missing+=(adduser)            # .deb maintainer scripts
+command -v setpriv >/dev/null || apt_missing+=(util-linux)         # run as the service user
+command -v python3 >/dev/null || apt_missing+=(python3 python3-venv)
+if ((${#apt_missing[@]})); then
+    log "installing ${apt_missing[*]}"
+    apt-get update && apt-get install -y --no-install-recommends "${apt_missing[@]}"
+fi
+# cargo-deb builds the .deb packages. Pinned: the packaging test packs the dev-profile
+# binaries (--profile dev), which newer releases may refuse.
+if ! cargo deb --version 2>/dev/null | grep -qx 'cargo-deb 3.8.0'; then
+    log "installing cargo-deb"
+    cargo install cargo-deb --version 3.8.0 --locked
+fi
+# kubernetes-validate (and PyYAML, which it brings) validates the Kubernetes manifests
+# offline. Installed into a virtualenv under target/ unless already on PATH.
+if ! { command -v kubernetes-validate >/dev/null && python3 -c 'import yaml' 2>/dev/null; }; then
+    venv=target/tools/venv
+    if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+        log "installing kubernetes-validate into $venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
+    fi
+    PATH="$PWD/$venv/bin:$PATH"
+    export PATH
 fi
 
 log "format"

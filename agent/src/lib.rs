@@ -18,6 +18,7 @@ pub mod settings;
 pub mod ship;
 pub mod shutdown;
 pub mod spool;
+pub mod systemd;
 pub mod telemetry;
 
 use std::sync::Arc;
@@ -100,6 +101,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         hello,
     };
     let (shipper, _conn_state) = Shipper::new(ship_cfg, spool.clone(), status_rx, backoff);
+    let mut progress = systemd::SamplingProgress::new(status_tx.subscribe(), cfg.interval);
     let collector = Collector::new(&cfg, sampler, spool, status_tx);
 
     tracing::info!(
@@ -113,7 +115,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let tracker = TaskTracker::new();
     tracker.spawn(collector.run(shutdown.clone()));
     tracker.spawn(shipper.run(shutdown.clone()));
+    let watchdog = systemd::Watchdog::from_env(Some(cfg.state_dir.join(systemd::ALIVE_FILE)));
+    tracker.spawn(watchdog.run(shutdown.clone(), move || {
+        std::future::ready(progress.check())
+    }));
+    systemd::ready("sampling");
     shutdown.cancelled().await;
+    systemd::stopping();
     shutdown::drain(&tracker, "agent").await;
     Ok(())
 }

@@ -27,6 +27,9 @@ enum Command {
     CheckConfig,
     /// Print the effective config (defaults, file and environment merged) as TOML.
     PrintConfig,
+    /// Liveness probe: exit 0 if the sampling loop of the agent using this config's
+    /// state_dir completed a cycle recently (state_dir/alive), else 1.
+    Probe,
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,10 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => match config::load(file) {
             Ok(_) => ExitCode::SUCCESS,
+            Err(e) => fail_config(&e),
+        },
+        Command::Probe => match config::load(file) {
+            Ok(c) => tocsin_agent::systemd::probe_exit(&c.state_dir, c.interval),
             Err(e) => fail_config(&e),
         },
         Command::PrintConfig => match config::effective(file) {

@@ -66,19 +66,34 @@ pub async fn drain(tracker: &TaskTracker, what: &str) {
     tracing::info!("{what} stopped");
 }
 
-/// Cancels `token` on SIGTERM or SIGINT.
+/// Cancels `token` on SIGTERM or SIGINT. SIGHUP does not reload: the config is read
+/// once at start (listeners, state directories and rules are built from it), so a
+/// SIGHUP is logged with the advice to restart, and the daemon keeps running.
 pub async fn cancel_on_signal(token: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
-        _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!(signal = "SIGTERM", "shutting down");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!(signal = "SIGINT", "shutting down");
+                break;
+            }
+            _ = hup.recv() => tracing::warn!(
+                signal = "SIGHUP",
+                "configuration is not reloaded; restart the daemon to apply changes"
+            ),
+        }
     }
     token.cancel();
 }

@@ -207,7 +207,21 @@ pub async fn run(
     if let Some(tx) = bound {
         let _ = tx.send(addrs);
     }
+    // Healthy = the store thread answers; the HTTP and gRPC servers cancel `shutdown` if
+    // they fail, so they need no check of their own.
+    tracker.spawn(tocsin_agent::systemd::Watchdog::from_env(None).run(
+        shutdown.clone(),
+        move || {
+            let store = store.clone();
+            async move { store.call(|_| Ok(())).await.map_err(|e| e.to_string()) }
+        },
+    ));
+    tocsin_agent::systemd::ready(&format!(
+        "listening http={} grpc={}",
+        addrs.http, addrs.grpc
+    ));
     shutdown.cancelled().await;
+    tocsin_agent::systemd::stopping();
     tocsin_agent::shutdown::drain(&tracker, "aggregator").await;
     Ok(())
 }

@@ -79,6 +79,21 @@ impl Daemon {
     /// # Errors
     /// When the process cannot be started.
     pub fn spawn(name: &str, program: &Path, args: &[&str], log_dir: &Path) -> Result<Self> {
+        Self::spawn_with_env(name, program, args, &[], log_dir)
+    }
+
+    /// Like [`Daemon::spawn`], with extra environment variables `env` (name, value),
+    /// set after the inherited `TOCSIN_…` variables were removed.
+    ///
+    /// # Errors
+    /// When the process cannot be started.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log_dir: &Path,
+    ) -> Result<Self> {
         let log = log_dir.join(format!("{name}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -95,6 +110,7 @@ impl Daemon {
                 cmd.env_remove(k);
             }
         }
+        cmd.envs(env.iter().copied());
         let child = cmd
             .spawn()
             .with_context(|| format!("spawn {}", program.display()))?;
