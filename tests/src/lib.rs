@@ -33,10 +33,12 @@ pub fn init() {
 /// When the binary was not built (run `cargo build --workspace` first).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // Test executables live in target/<profile>/deps, bench binaries in target/<profile>.
+    let dir = exe.parent().expect("exe dir");
+    let dir = if dir.ends_with("deps") { dir.parent().expect("profile dir") } else { dir };
     let path = dir.join(name);
     assert!(
-        path.exists(),
+        path.is_file(),
         "{} is missing: run `cargo build --workspace --bins` before the tests",
         path.display()
     );
