@@ -241,8 +241,7 @@ impl Session {
                     {
                         tracing::warn!(agent = %agent_id, dropped = ?e.value, "{}", e.message);
                     }
-                    let id = agent_id.to_owned();
-                    match self.store.call(move |s| s.ingest(&id, &events)).await {
+                    match self.store.ingest(agent_id.to_owned(), events).await {
                         Ok(out) => {
                             self.announce(agent_id, &out);
                             let ack = v1::Ack { seq: out.last_seq };

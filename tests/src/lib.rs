@@ -35,7 +35,11 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // Test executables live in target/<profile>/deps, bench binaries in target/<profile>.
     let dir = exe.parent().expect("exe dir");
-    let dir = if dir.ends_with("deps") { dir.parent().expect("profile dir") } else { dir };
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("profile dir")
+    } else {
+        dir
+    };
     let path = dir.join(name);
     assert!(
         path.is_file(),

@@ -42,6 +42,12 @@ pub enum StoreError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// Another batch of the same group commit failed (its error is logged with it).
+    #[error("store {path}: the shared commit failed")]
+    GroupFailed {
+        /// Database file.
+        path: PathBuf,
+    },
     /// The store thread is gone.
     #[error("store thread stopped")]
     Stopped,
@@ -290,110 +296,44 @@ impl Store {
         agent_id: &str,
         events: &[Event],
     ) -> Result<IngestOutcome, StoreError> {
-        let path = self.path.clone();
-        let err = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let now = now_ms();
-        let tx = self.conn.transaction().map_err(err)?;
-        let node_labels: BTreeMap<String, String> = tx
-            .query_row(
-                "SELECT labels FROM agents WHERE agent_id = ?1",
-                [agent_id],
-                |r| r.get::<_, String>(0),
-            )
-            .optional()
-            .map_err(err)?
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or_default();
-        let mut out = IngestOutcome::default();
-        let actor = format!("agent:{agent_id}");
-        let back_ctx = apply::Context {
-            channels: &self.channels,
-            install_id: &self.install_id,
-            node_labels: &node_labels,
-            now,
-        };
-        node_back(&tx, &back_ctx, agent_id, &mut out).map_err(err)?;
-        for e in events {
-            let labels_json = serde_json::to_string(&e.labels).unwrap_or_default();
-            let inserted = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO events (agent_id, seq, check_name, labels, state, previous, value, unit,
-                         threshold, message, observed_at_ms, breach_started_at_ms, flapping, received_at_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
-                        agent_id,
-                        sql_u64(e.seq),
-                        e.check,
-                        labels_json,
-                        e.state.as_str(),
-                        e.previous.as_str(),
-                        e.value,
-                        e.unit,
-                        e.threshold,
-                        e.message,
-                        e.observed_at_ms,
-                        e.breach_started_at_ms,
-                        e.flapping,
-                        now
-                    ])
-                })
-                .map_err(err)?;
-            out.last_seq = out.last_seq.max(e.seq);
-            if inserted == 0 {
-                continue; // a replayed duplicate: already stored and correlated
-            }
-            out.stored += 1;
-            let fp = correlate::fingerprint(agent_id, &e.check, &e.labels);
-            tx.prepare_cached(
-                "INSERT INTO checks (fingerprint, agent_id, check_name, labels, state, value, unit, since_ms, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT (fingerprint) DO UPDATE SET state = ?5, value = ?6, unit = ?7, since_ms = ?8, updated_ms = ?9",
-            )
-            .and_then(|mut s| s.execute(params![fp, agent_id, e.check, labels_json, e.state.as_str(), e.value, e.unit, e.observed_at_ms, now]))
-            .map_err(err)?;
+        let mut results = self.ingest_group(&[(agent_id, events)]);
+        results.pop().unwrap_or(Err(StoreError::Stopped))
+    }
 
-            let ctx = apply::Context {
-                channels: &self.channels,
-                install_id: &self.install_id,
-                node_labels: &node_labels,
-                now,
-            };
-            let obs = apply::Observation {
-                node: agent_id,
-                check: &e.check,
-                labels: &e.labels,
-                state: e.state,
-                value: e.value,
-                unit: &e.unit,
-                threshold: e.threshold,
-                message: &e.message,
-                breach_started_at_ms: e.breach_started_at_ms,
-                actor: &actor,
-                reconcile: false,
-            };
-            apply::apply(&tx, &ctx, &obs, &mut out).map_err(err)?;
+    /// Group commit: several agents' batches in **one** transaction (one fsync), each
+    /// with its own outcome. If the transaction fails, every batch fails and none is
+    /// acked; the agents resend.
+    pub fn ingest_group(
+        &mut self,
+        batches: &[(&str, &[Event])],
+    ) -> Vec<Result<IngestOutcome, StoreError>> {
+        let now = now_ms();
+        let result = (|| -> rusqlite::Result<Vec<IngestOutcome>> {
+            let tx = self.conn.transaction()?;
+            let outs = batches
+                .iter()
+                .map(|(agent, events)| {
+                    ingest_in(&tx, &self.channels, &self.install_id, agent, events, now)
+                })
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            tx.commit()?;
+            Ok(outs)
+        })();
+        match result {
+            Ok(outs) => outs.into_iter().map(Ok).collect(),
+            Err(source) => {
+                let mut results = vec![Err(StoreError::Sqlite {
+                    path: self.path.clone(),
+                    source,
+                })];
+                results.extend(batches.iter().skip(1).map(|_| {
+                    Err(StoreError::GroupFailed {
+                        path: self.path.clone(),
+                    })
+                }));
+                results
+            }
         }
-        tx.execute(
-            "UPDATE agents SET last_seq = max(last_seq, ?2), last_seen_ms = ?3 WHERE agent_id = ?1",
-            params![agent_id, sql_u64(out.last_seq), now],
-        )
-        .map_err(err)?;
-        out.last_seq = tx
-            .query_row(
-                "SELECT last_seq FROM agents WHERE agent_id = ?1",
-                [agent_id],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()
-            .map_err(err)?
-            .map_or(out.last_seq, |s| u64::try_from(s).unwrap_or(0));
-        tx.commit().map_err(err)?;
-        Ok(out)
     }
 
     /// Records a heartbeat: the agent is alive and these are its checks' states. When the
@@ -741,6 +681,110 @@ pub enum Attempt {
     },
 }
 
+/// The body of [`Store::ingest_group`] for one agent's batch, inside the transaction.
+fn ingest_in(
+    tx: &Connection,
+    channels: &[String],
+    install_id: &str,
+    agent_id: &str,
+    events: &[Event],
+    now: i64,
+) -> rusqlite::Result<IngestOutcome> {
+    let node_labels: BTreeMap<String, String> = tx
+        .query_row(
+            "SELECT labels FROM agents WHERE agent_id = ?1",
+            [agent_id],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()?
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    let mut out = IngestOutcome::default();
+    let actor = format!("agent:{agent_id}");
+    let back_ctx = apply::Context {
+        channels,
+        install_id,
+        node_labels: &node_labels,
+        now,
+    };
+    node_back(tx, &back_ctx, agent_id, &mut out)?;
+    for e in events {
+        let labels_json = serde_json::to_string(&e.labels).unwrap_or_default();
+        let inserted = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO events (agent_id, seq, check_name, labels, state, previous, value, unit,
+                         threshold, message, observed_at_ms, breach_started_at_ms, flapping, received_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        agent_id,
+                        sql_u64(e.seq),
+                        e.check,
+                        labels_json,
+                        e.state.as_str(),
+                        e.previous.as_str(),
+                        e.value,
+                        e.unit,
+                        e.threshold,
+                        e.message,
+                        e.observed_at_ms,
+                        e.breach_started_at_ms,
+                        e.flapping,
+                        now
+                    ])
+                })
+                ?;
+        out.last_seq = out.last_seq.max(e.seq);
+        if inserted == 0 {
+            continue; // a replayed duplicate: already stored and correlated
+        }
+        out.stored += 1;
+        let fp = correlate::fingerprint(agent_id, &e.check, &e.labels);
+        tx.prepare_cached(
+                "INSERT INTO checks (fingerprint, agent_id, check_name, labels, state, value, unit, since_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (fingerprint) DO UPDATE SET state = ?5, value = ?6, unit = ?7, since_ms = ?8, updated_ms = ?9",
+            )
+            .and_then(|mut s| s.execute(params![fp, agent_id, e.check, labels_json, e.state.as_str(), e.value, e.unit, e.observed_at_ms, now]))
+            ?;
+
+        let ctx = apply::Context {
+            channels,
+            install_id,
+            node_labels: &node_labels,
+            now,
+        };
+        let obs = apply::Observation {
+            node: agent_id,
+            check: &e.check,
+            labels: &e.labels,
+            state: e.state,
+            value: e.value,
+            unit: &e.unit,
+            threshold: e.threshold,
+            message: &e.message,
+            breach_started_at_ms: e.breach_started_at_ms,
+            actor: &actor,
+            reconcile: false,
+        };
+        apply::apply(tx, &ctx, &obs, &mut out)?;
+    }
+    tx.execute(
+        "UPDATE agents SET last_seq = max(last_seq, ?2), last_seen_ms = ?3 WHERE agent_id = ?1",
+        params![agent_id, sql_u64(out.last_seq), now],
+    )?;
+    out.last_seq = tx
+        .query_row(
+            "SELECT last_seq FROM agents WHERE agent_id = ?1",
+            [agent_id],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()?
+        .map_or(out.last_seq, |s| u64::try_from(s).unwrap_or(0));
+    Ok(out)
+}
+
 const INCIDENT_COLUMNS: &str = "id, dedup_key, fingerprint, node, check_name, labels, severity, status, state, value, unit, threshold, \
      summary, breach_started_at_ms, triggered_at_ms, acknowledged_at_ms, resolved_at_ms, resolution";
 
@@ -842,10 +886,22 @@ fn enqueue(
 
 type Job = Box<dyn FnOnce(&mut Store) + Send>;
 
+/// Most agents' batches committed in one transaction.
+pub const MAX_GROUP: usize = 64;
+
+enum Msg {
+    Job(Job),
+    Ingest {
+        agent_id: String,
+        events: Vec<Event>,
+        reply: oneshot::Sender<Result<IngestOutcome, StoreError>>,
+    },
+}
+
 /// Async access to the store thread. Cloneable.
 #[derive(Clone)]
 pub struct StoreHandle {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
 }
 
 impl std::fmt::Debug for StoreHandle {
@@ -855,16 +911,53 @@ impl std::fmt::Debug for StoreHandle {
 }
 
 /// Moves `store` onto its own thread. The thread ends when every handle is dropped.
+/// Event batches that queue up while a commit runs are committed together (group
+/// commit: one transaction and one fsync for many agents).
 ///
 /// # Errors
 /// [`StoreError::Dir`] if the thread cannot be started.
 pub fn spawn(mut store: Store) -> Result<StoreHandle, StoreError> {
-    let (tx, mut rx) = mpsc::channel::<Job>(256);
+    let (tx, mut rx) = mpsc::channel::<Msg>(256);
     std::thread::Builder::new()
         .name("tocsin-store".into())
         .spawn(move || {
-            while let Some(job) = rx.blocking_recv() {
-                job(&mut store);
+            let mut next = rx.blocking_recv();
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Job(job) => job(&mut store),
+                    Msg::Ingest {
+                        agent_id,
+                        events,
+                        reply,
+                    } => {
+                        let mut group = vec![(agent_id, events, reply)];
+                        while group.len() < MAX_GROUP {
+                            match rx.try_recv() {
+                                Ok(Msg::Ingest {
+                                    agent_id,
+                                    events,
+                                    reply,
+                                }) => group.push((agent_id, events, reply)),
+                                Ok(other) => {
+                                    next = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        let batches: Vec<(&str, &[Event])> = group
+                            .iter()
+                            .map(|(a, e, _)| (a.as_str(), e.as_slice()))
+                            .collect();
+                        let results = store.ingest_group(&batches);
+                        for ((_, _, reply), result) in group.into_iter().zip(results) {
+                            let _ = reply.send(result);
+                        }
+                    }
+                }
+                if next.is_none() {
+                    next = rx.blocking_recv();
+                }
             }
         })
         .map_err(|source| StoreError::Dir {
@@ -887,7 +980,31 @@ impl StoreHandle {
         let job: Job = Box::new(move |s| {
             let _ = reply.send(f(s));
         });
-        self.tx.send(job).await.map_err(|_| StoreError::Stopped)?;
+        self.tx
+            .send(Msg::Job(job))
+            .await
+            .map_err(|_| StoreError::Stopped)?;
+        rx.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    /// [`Store::ingest`] through the group commit.
+    ///
+    /// # Errors
+    /// [`StoreError`]; nothing of this batch is committed then.
+    pub async fn ingest(
+        &self,
+        agent_id: String,
+        events: Vec<Event>,
+    ) -> Result<IngestOutcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Ingest {
+                agent_id,
+                events,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Stopped)?;
         rx.await.map_err(|_| StoreError::Stopped)?
     }
 }
@@ -1194,6 +1311,38 @@ mod tests {
                 .opened
                 .len(),
             1
+        );
+    }
+
+    #[test]
+    fn a_group_commit_keeps_each_agents_outcome_apart() {
+        let (_dir, mut s) = store(&["hook"]);
+        s.hello(&hello("a"), 1).expect("hello a");
+        s.hello(
+            &AgentHello {
+                instance_id: "ib".into(),
+                ..hello("b")
+            },
+            2,
+        )
+        .expect("hello b");
+        let a = [event(1, State::Critical), event(2, State::Ok)];
+        let b = [event(1, State::Ok)];
+        let results = s.ingest_group(&[("a", &a), ("b", &b)]);
+        let a_out = results[0].as_ref().expect("a");
+        let b_out = results[1].as_ref().expect("b");
+        assert_eq!(
+            (
+                a_out.last_seq,
+                a_out.stored,
+                a_out.opened.len(),
+                a_out.resolved.len()
+            ),
+            (2, 2, 1, 1)
+        );
+        assert_eq!(
+            (b_out.last_seq, b_out.stored, b_out.opened.len()),
+            (1, 1, 0)
         );
     }
 
