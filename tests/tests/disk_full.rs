@@ -88,3 +88,44 @@ async fn a_full_disk_under_the_spool_still_pages_and_recovers_without_restart() 
     assert_eq!(receiver.events("trigger", "node-full", &check).len(), 1);
     Ok(())
 }
+
+/// The aggregator's disk fills up: it stops acking (nothing it acked is lost, nothing is
+/// dropped), the agent keeps the events spooled, and everything arrives once space
+/// returns — without restarting either daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_aggregator_delays_but_loses_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let disk = SmallDisk::mount(&dir.path().join("disk"))?;
+    let receiver = WebhookReceiver::start().await?;
+    let mut dummy = Dummy::new(dir.path(), "g")?;
+    dummy.start()?;
+    let agg_cfg = format!(
+        "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+         [notify]\nretry_min = \"100ms\"\n[[notify.webhook]]\nname = \"t\"\nurl = \"{}\"\n",
+        disk.path.join("agg").display(),
+        receiver.url
+    );
+    let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
+    let agent_cfg = format!(
+        "agent_id = \"node-aggfull\"\ninterval = \"250ms\"\nheartbeat_interval = \"500ms\"\nstate_dir = \"{}\"\n\
+         [aggregator]\nendpoints = [\"http://{}\"]\nbackoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n\
+         [rules.cpu]\nenabled = false\n[rules.memory]\nenabled = false\n[[process]]\nname = \"{}\"\n",
+        dir.path().join("agent").display(),
+        agg.grpc,
+        dummy.name
+    );
+    let mut agent = start_agent(dir.path(), &agent_cfg)?;
+    agg.wait_reported("node-aggfull").await?;
+
+    let filler = disk.fill()?;
+    let check = format!("process:{}", dummy.name);
+    dummy.kill();
+    let mut agg_daemon = agg.daemon;
+    agg_daemon.wait_for_output("not acking").await?;
+    agent.wait_for_output("events stay spooled").await?;
+
+    std::fs::remove_file(&filler).context("free the disk")?;
+    let trigger = receiver.wait_for("trigger", "node-aggfull", &check).await?;
+    assert_eq!(trigger["incident"]["value"], 0.0);
+    Ok(())
+}
