@@ -178,3 +178,71 @@ pub fn percentile(values: &mut [u64], p: f64) -> u64 {
     let rank = ((p / 100.0) * (values.len() - 1) as f64).round() as usize;
     values[rank.min(values.len() - 1)]
 }
+
+/// Holds one agent connection that only sends heartbeats (4 checks, constant states)
+/// every `interval` until `until`; returns how many heartbeats it sent.
+///
+/// # Errors
+/// When the connection or the stream fails.
+pub async fn heartbeat_only(
+    endpoint: String,
+    id: String,
+    interval: Duration,
+    until: Instant,
+) -> Result<u64> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint)?
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    let mut client = IngestClient::new(channel);
+    let (tx, rx) = mpsc::channel::<v1::AgentMessage>(4);
+    let hello = v1::Hello {
+        agent_id: id.clone(),
+        hostname: id,
+        version: "sim".into(),
+        instance_id: "hb".into(),
+        heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+        ..Default::default()
+    };
+    tx.send(v1::AgentMessage {
+        msg: Some(agent_message::Msg::Hello(hello)),
+    })
+    .await?;
+    let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    match inbound.message().await? {
+        Some(v1::AggregatorMessage {
+            msg: Some(aggregator_message::Msg::Welcome(_)),
+        }) => {}
+        other => return Err(anyhow!("expected Welcome, got {other:?}")),
+    }
+    let checks: Vec<v1::CheckStatus> = ["cpu", "memory", "process:sshd", "process_restarts:sshd"]
+        .iter()
+        .map(|c| v1::CheckStatus {
+            check: (*c).to_owned(),
+            state: v1::State::Ok.into(),
+            value: Some(1.0),
+            unit: "percent".into(),
+            since_ms: 1,
+            ..Default::default()
+        })
+        .collect();
+    // Spread the fleet over the interval, as real agents started at different times are.
+    tokio::time::sleep(interval.mul_f64(fastrand::f64())).await;
+    let mut sent = 0;
+    let mut tick = tokio::time::interval(interval);
+    while Instant::now() < until {
+        tick.tick().await;
+        let hb = v1::Heartbeat {
+            sent_at_ms: 0,
+            checks: checks.clone(),
+            last_seq: 0,
+        };
+        tx.send(v1::AgentMessage {
+            msg: Some(agent_message::Msg::Heartbeat(hb)),
+        })
+        .await?;
+        sent += 1;
+    }
+    drop(inbound);
+    Ok(sent)
+}

@@ -62,6 +62,20 @@ pub struct Store {
     /// Random id of this store, made at creation: dedup keys are unique across
     /// installations and data resets (`tocsin-<install>-<incident id>`).
     install_id: String,
+    /// Last time each agent was heard from (Unix ms), kept in memory so a heartbeat costs
+    /// no write; flushed to `agents.last_seen_ms` every [`SEEN_FLUSH_MS`] by the
+    /// liveness sweep (a restart then rebuilds timers at most that stale).
+    seen: std::collections::HashMap<String, i64>,
+    /// Agents in `seen` not yet flushed.
+    seen_dirty: std::collections::HashSet<String>,
+    /// When `seen` was last flushed.
+    seen_flushed_ms: i64,
+    /// Per agent, a hash of the check states of its last heartbeat that was reconciled
+    /// with nothing in flight. A heartbeat with the same states needs no work; any event
+    /// from the agent forgets it.
+    hb_memo: std::collections::HashMap<String, u64>,
+    /// Agents with an open `node_down` incident.
+    down: std::collections::HashSet<String>,
     /// Open agent streams: agent id → (instance id, session number). In memory only: after
     /// an aggregator restart no stream is open.
     sessions: std::collections::HashMap<String, (String, u64)>,
@@ -78,6 +92,9 @@ pub enum HelloOutcome {
         connected_instance: String,
     },
 }
+
+/// How often in-memory `last_seen` times are written to the store, ms.
+pub const SEEN_FLUSH_MS: i64 = 10_000;
 
 /// Check name of the incident a silent node raises.
 pub const NODE_DOWN: &str = "node_down";
@@ -195,6 +212,11 @@ impl Store {
             channels,
             sessions: Default::default(),
             install_id: String::new(),
+            seen: Default::default(),
+            seen_dirty: Default::default(),
+            seen_flushed_ms: 0,
+            hb_memo: Default::default(),
+            down: Default::default(),
         };
         store
             .conn
@@ -213,6 +235,11 @@ impl Store {
             .query_row("SELECT value FROM meta WHERE key = 'install_id'", [], |r| {
                 r.get(0)
             })
+            .map_err(|e| store.err(e))?;
+        store.down = store
+            .conn
+            .prepare("SELECT node FROM incidents WHERE check_name = ?1 AND status != 'resolved'")
+            .and_then(|mut st| st.query_map([NODE_DOWN], |r| r.get(0))?.collect())
             .map_err(|e| store.err(e))?;
         Ok(store)
     }
@@ -320,7 +347,14 @@ impl Store {
             Ok(outs)
         })();
         match result {
-            Ok(outs) => outs.into_iter().map(Ok).collect(),
+            Ok(outs) => {
+                for (agent, _) in batches {
+                    self.hb_memo.remove(*agent);
+                    self.down.remove(*agent);
+                    self.seen.insert((*agent).to_owned(), now);
+                }
+                outs.into_iter().map(Ok).collect()
+            }
             Err(source) => {
                 let mut results = vec![Err(StoreError::Sqlite {
                     path: self.path.clone(),
@@ -356,12 +390,22 @@ impl Store {
             source,
         };
         let now = now_ms();
+        self.seen.insert(agent_id.to_owned(), now);
+        self.seen_dirty.insert(agent_id.to_owned());
+        let memo = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for c in checks {
+                (&c.check, &c.labels, c.state.as_str()).hash(&mut h);
+            }
+            h.finish()
+        };
+        if !self.down.contains(agent_id) && self.hb_memo.get(agent_id) == Some(&memo) {
+            // Same states as the last reconciled heartbeat and no event since: nothing to
+            // do, nothing to write. Cost grows with state changes, not with heartbeats.
+            return Ok(IngestOutcome::default());
+        }
         let tx = self.conn.transaction().map_err(err)?;
-        tx.execute(
-            "UPDATE agents SET last_seen_ms = ?2 WHERE agent_id = ?1",
-            params![agent_id, now],
-        )
-        .map_err(err)?;
         let (stored_seq, node_labels) = agent_row(&tx, agent_id).map_err(err)?;
         let mut out = IngestOutcome {
             last_seq: stored_seq,
@@ -419,6 +463,10 @@ impl Store {
             }
         }
         tx.commit().map_err(err)?;
+        self.down.remove(agent_id);
+        if consistent {
+            self.hb_memo.insert(agent_id.to_owned(), memo);
+        }
         Ok(out)
     }
 
@@ -441,6 +489,16 @@ impl Store {
             source,
         };
         let tx = self.conn.transaction().map_err(err)?;
+        if now - self.seen_flushed_ms >= SEEN_FLUSH_MS && !self.seen_dirty.is_empty() {
+            for agent in self.seen_dirty.drain() {
+                if let Some(&at) = self.seen.get(&agent) {
+                    tx.prepare_cached("UPDATE agents SET last_seen_ms = max(last_seen_ms, ?2) WHERE agent_id = ?1")
+                        .and_then(|mut st| st.execute(params![agent, at]))
+                        .map_err(err)?;
+                }
+            }
+            self.seen_flushed_ms = now;
+        }
         let silent: Vec<(String, i64, i64, String)> = tx
             .prepare_cached(
                 "SELECT a.agent_id, a.last_seen_ms, a.heartbeat_ms, a.labels FROM agents a
@@ -451,6 +509,12 @@ impl Store {
             .map_err(err)?;
         let mut out = IngestOutcome::default();
         for (agent_id, last_seen, heartbeat_ms, labels) in silent {
+            let last_seen = self
+                .seen
+                .get(&agent_id)
+                .copied()
+                .unwrap_or(last_seen)
+                .max(last_seen);
             let timeout = timeout_ms.max(heartbeat_ms.saturating_mul(3));
             let silence = now - last_seen.max(started_ms);
             if silence <= timeout {
@@ -484,6 +548,7 @@ impl Store {
                 reconcile: false,
             };
             apply::apply(&tx, &ctx, &obs, &mut out).map_err(err)?;
+            self.down.insert(agent_id.clone());
         }
         tx.commit().map_err(err)?;
         Ok(out)
@@ -1255,6 +1320,36 @@ mod tests {
             "no timeline entry per heartbeat: {:?}",
             d.timeline
         );
+    }
+
+    #[test]
+    fn unchanged_heartbeats_write_nothing_until_an_event_arrives() {
+        let (_dir, mut s) = store(&[]);
+        s.hello(&hello("a"), 1).expect("hello");
+        let checks = [status("cpu", State::Ok), status("memory", State::Ok)];
+        s.heartbeat("a", 0, &checks)
+            .expect("first hb is reconciled and written");
+        let before = s.conn.total_changes();
+        for _ in 0..100 {
+            s.heartbeat("a", 0, &checks).expect("hb");
+        }
+        assert_eq!(
+            s.conn.total_changes(),
+            before,
+            "cost grows with state changes, not heartbeats"
+        );
+        s.ingest(
+            "a",
+            &[Event {
+                check: "cpu".into(),
+                ..event(1, State::Ok)
+            }],
+        )
+        .expect("event");
+        let after_event = s.conn.total_changes();
+        s.heartbeat("a", 1, &checks)
+            .expect("hb after an event is looked at again");
+        assert!(s.conn.total_changes() > after_event);
     }
 
     #[test]
