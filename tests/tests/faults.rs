@@ -171,3 +171,38 @@ async fn garbage_on_the_grpc_port_is_harmless() -> Result<()> {
     drop(idle);
     Ok(())
 }
+
+/// The agent starts first, while nothing listens: it keeps collecting, and the fault it
+/// saw in the meantime is delivered once the aggregator comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_before_the_aggregator_delivers_what_it_saw() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = WebhookReceiver::start().await?;
+    let mut dummy = Dummy::new(dir.path(), "e")?;
+    dummy.start()?;
+    let grpc = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?; // free again at once
+    let agent_cfg = format!(
+        "agent_id = \"node-early\"\ninterval = \"250ms\"\nstate_dir = \"{}\"\n\
+         [aggregator]\nendpoints = [\"http://{grpc}\"]\nbackoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n\
+         [rules.cpu]\nenabled = false\n[rules.memory]\nenabled = false\n[[process]]\nname = \"{}\"\n",
+        dir.path().join("agent").display(),
+        dummy.name
+    );
+    let mut agent = start_agent(dir.path(), &agent_cfg)?;
+    agent.wait_for_output("aggregator unreachable").await?;
+    dummy.kill();
+    agent.wait_for_output("critical").await?;
+
+    let agg_cfg = format!(
+        "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"{grpc}\"\ndata_dir = \"{}\"\n\
+         [notify]\nretry_min = \"100ms\"\n[[notify.webhook]]\nname = \"t\"\nurl = \"{}\"\n",
+        dir.path().join("agg").display(),
+        receiver.url
+    );
+    let _agg = Aggregator::start(dir.path(), &agg_cfg).await?;
+    let trigger = receiver
+        .wait_for("trigger", "node-early", &format!("process:{}", dummy.name))
+        .await?;
+    assert_eq!(trigger["incident"]["value"], 0.0);
+    Ok(())
+}
