@@ -15,6 +15,7 @@ pub mod liveness;
 pub mod model;
 pub mod notify;
 pub mod store;
+pub mod tls;
 pub mod web;
 
 use std::net::SocketAddr;
@@ -56,8 +57,8 @@ pub enum AggregatorError {
     #[error(transparent)]
     Locked(#[from] tocsin_agent::settings::DirLockError),
     /// The TLS certificate or key was refused.
-    #[error("TLS setup of the ingest failed: {0}")]
-    Tls(tonic::transport::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] store::StoreError),
@@ -159,36 +160,51 @@ pub async fn run(
     }
     let ingest =
         ingest::IngestService::new(store.clone(), wake_tx, cfg.tokens.clone(), shutdown.clone());
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = &cfg.tls {
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let mut t =
-            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
-        if let Some(ca) = &tls.client_ca_pem {
-            t = t.client_ca_root(Certificate::from_pem(ca));
-        }
-        server = server.tls_config(t).map_err(AggregatorError::Tls)?;
-    }
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(cfg.keepalive))
+        .http2_keepalive_timeout(Some(cfg.keepalive))
+        .add_service(
+            IngestServer::new(ingest)
+                .max_decoding_message_size(cfg.max_message_bytes)
+                .max_encoding_message_size(cfg.max_message_bytes),
+        );
     let grpc_shutdown = shutdown.clone();
-    tracker.spawn(async move {
-        let result = server
-            .http2_keepalive_interval(Some(cfg.keepalive))
-            .http2_keepalive_timeout(Some(cfg.keepalive))
-            .add_service(
-                IngestServer::new(ingest)
-                    .max_decoding_message_size(cfg.max_message_bytes)
-                    .max_encoding_message_size(cfg.max_message_bytes),
-            )
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(grpc_listener),
-                grpc_shutdown.cancelled(),
-            )
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "gRPC server failed");
-            grpc_shutdown.cancel();
+    match &cfg.tls {
+        None => {
+            tracker.spawn(async move {
+                let incoming = TcpListenerStream::new(grpc_listener);
+                let result = server
+                    .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled())
+                    .await;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "gRPC server failed");
+                    grpc_shutdown.cancel();
+                }
+            });
         }
-    });
+        Some(tls) => {
+            let acceptor = tls::acceptor(tls)?;
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            tracker.spawn(tls::accept_loop(
+                grpc_listener,
+                acceptor,
+                tx,
+                refused,
+                shutdown.clone(),
+            ));
+            tracker.spawn(async move {
+                let incoming = tokio_stream::wrappers::ReceiverStream::new(rx);
+                let result = server
+                    .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled())
+                    .await;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "gRPC server failed");
+                    grpc_shutdown.cancel();
+                }
+            });
+        }
+    }
 
     let app = web::router(web::AppState {
         store: store.clone(),

@@ -155,7 +155,7 @@ async fn mutual_tls_admits_only_certificates_of_the_configured_ca() -> Result<()
         dir.path().join("agg").display(),
         receiver.url
     );
-    let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
+    let mut agg = Aggregator::start(dir.path(), &agg_cfg).await?;
     let endpoint = format!("https://localhost:{}", agg.grpc.port());
     let mut dummy = Dummy::new(dir.path(), "m")?;
     dummy.start()?;
@@ -193,6 +193,11 @@ async fn mutual_tls_admits_only_certificates_of_the_configured_ca() -> Result<()
         &agent_config(&rogue_dir.join("s"), "node-rogue", &endpoint, "x", &extra),
     )?;
     rogue.wait_for_output("aggregator unreachable").await?;
+    let refused = agg.daemon.wait_for_output("TLS handshake refused").await?;
+    assert!(
+        refused.contains("peer=127.0.0.1:"),
+        "the refusal names the peer: {refused}"
+    );
 
     let plain_dir = dir.path().join("plain");
     std::fs::create_dir_all(&plain_dir)?;
