@@ -22,6 +22,8 @@ command -v systemd-analyze >/dev/null || apt_missing+=(systemd)    # unit verifi
 command -v adduser >/dev/null || apt_missing+=(adduser)            # .deb maintainer scripts
 command -v setpriv >/dev/null || apt_missing+=(util-linux)         # run as the service user
 command -v python3 >/dev/null || apt_missing+=(python3 python3-venv)
+command -v promtool >/dev/null || apt_missing+=(prometheus)        # promtool check metrics
+command -v mount >/dev/null || apt_missing+=(mount)                # tmpfs for disk-full tests
 if ((${#apt_missing[@]})); then
     log "installing ${apt_missing[*]}"
     apt-get update && apt-get install -y --no-install-recommends "${apt_missing[@]}"

@@ -206,6 +206,8 @@ pub struct Collector {
     /// newest of each check is kept.
     backlog: Vec<Event>,
     last_spool_error_log: Option<Instant>,
+    /// `tocsin_events_total`.
+    events_total: prometheus_client::metrics::counter::Counter,
 }
 
 impl Collector {
@@ -216,8 +218,10 @@ impl Collector {
         sampler: Sampler,
         spool: SpoolHandle,
         status_tx: watch::Sender<Arc<Vec<CheckStatus>>>,
+        events_total: prometheus_client::metrics::counter::Counter,
     ) -> Self {
         Collector {
+            events_total,
             interval: cfg.interval,
             sampler: Some(sampler),
             checks: checks(cfg),
@@ -267,6 +271,7 @@ impl Collector {
                     tracing::info!(check = %e.check, from = e.previous.as_str(), to = e.state.as_str(), "{}", e.message);
                 }
             }
+            self.events_total.inc_by(events.len() as u64);
             let mut batch = std::mem::take(&mut self.backlog);
             batch.extend(events);
             let held = batch.clone();

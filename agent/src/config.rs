@@ -60,6 +60,8 @@ pub struct RawConfig {
     pub max_spool_events: u64,
     /// Most bytes of events the spool keeps.
     pub max_spool_bytes: u64,
+    /// Address of `/metrics` and `/health` (empty: off).
+    pub admin_listen: String,
     /// Labels of this node (e.g. `service = "web"`), sent with every event.
     pub labels: BTreeMap<String, String>,
     /// How to reach the aggregator.
@@ -159,6 +161,7 @@ impl Default for RawConfig {
             state_dir: "/var/lib/tocsin-agent".into(),
             max_spool_events: crate::spool::DEFAULT_MAX_EVENTS,
             max_spool_bytes: crate::spool::DEFAULT_MAX_BYTES,
+            admin_listen: crate::admin::DEFAULT_ADMIN_LISTEN.into(),
             labels: BTreeMap::new(),
             aggregator: RawAggregatorLink::default(),
             rules: RawRules::default(),
@@ -243,6 +246,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Spool bounds.
     pub spool_limits: crate::spool::SpoolLimits,
+    /// `/metrics` and `/health` address; `None` when off.
+    pub admin_listen: Option<std::net::SocketAddr>,
     /// Node labels.
     pub labels: BTreeMap<String, String>,
     /// Aggregator endpoints, in failover order.
@@ -387,6 +392,11 @@ impl RawConfig {
             &self.aggregator.backoff_min,
             fallback,
         );
+        let admin_listen = if self.admin_listen.trim().is_empty() {
+            None
+        } else {
+            v.socket_addr("admin_listen", &self.admin_listen)
+        };
         let link = &self.aggregator;
         let token = link.token_file.as_deref().and_then(|f| {
             let t = v.secret_file("aggregator.token_file", f)?;
@@ -625,6 +635,7 @@ impl RawConfig {
                 max_events: self.max_spool_events,
                 max_bytes: self.max_spool_bytes,
             },
+            admin_listen,
             labels: self.labels,
             endpoints,
             connect_timeout,

@@ -7,6 +7,7 @@
 //! load and validate the TOML/environment config; `convert` is the only place that
 //! touches wire types.
 
+pub mod admin;
 pub mod backoff;
 pub mod collect;
 pub mod config;
@@ -64,7 +65,10 @@ pub fn boot_id() -> String {
 /// [`AgentError`] when a part cannot start; runtime failures are logged and retried.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let _lock = settings::lock_dir(&cfg.state_dir, "agent.lock", "tocsin-agent")?;
-    let (spool, moved) = spool::Spool::open_or_recover(&cfg.state_dir, cfg.spool_limits)?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = admin::Metrics::register(&mut registry);
+    let (mut spool, moved) = spool::Spool::open_or_recover(&cfg.state_dir, cfg.spool_limits)?;
+    spool.set_metrics(metrics.spool_dropped.clone(), metrics.spool_events.clone());
     if let Some(aside) = moved {
         tracing::error!(
             moved_to = %aside.display(),
@@ -100,9 +104,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         tls: cfg.tls.clone(),
         hello,
     };
-    let (shipper, _conn_state) = Shipper::new(ship_cfg, spool.clone(), status_rx, backoff);
+    let (shipper, conn_state) = Shipper::new(ship_cfg, spool.clone(), status_rx, backoff);
     let mut progress = systemd::SamplingProgress::new(status_tx.subscribe(), cfg.interval);
-    let collector = Collector::new(&cfg, sampler, spool, status_tx);
+    let collector = Collector::new(&cfg, sampler, spool, status_tx, metrics.events.clone());
 
     tracing::info!(
         agent_id = %cfg.agent_id,
@@ -114,6 +118,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     );
     let tracker = TaskTracker::new();
     tracker.spawn(collector.run(shutdown.clone()));
+    if let Some(addr) = cfg.admin_listen {
+        tracker.spawn(admin::serve(
+            addr,
+            registry,
+            conn_state,
+            metrics.connected.clone(),
+            shutdown.clone(),
+        ));
+    }
     tracker.spawn(shipper.run(shutdown.clone()));
     let watchdog = systemd::Watchdog::from_env(Some(cfg.state_dir.join(systemd::ALIVE_FILE)));
     tracker.spawn(watchdog.run(shutdown.clone(), move || {

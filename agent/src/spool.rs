@@ -126,6 +126,11 @@ pub struct Spool {
     /// Drops since the last log line, and when that was.
     unlogged_drops: u64,
     last_drop_log: Option<std::time::Instant>,
+    /// `tocsin_spool_dropped_total` and `tocsin_spool_events`, when registered.
+    metrics: Option<(
+        prometheus_client::metrics::counter::Counter,
+        prometheus_client::metrics::gauge::Gauge,
+    )>,
 }
 
 impl Spool {
@@ -193,6 +198,7 @@ impl Spool {
             loss: Loss::default(),
             unlogged_drops: 0,
             last_drop_log: None,
+            metrics: None,
         };
         spool
             .conn
@@ -244,6 +250,23 @@ impl Spool {
             last_ms: meta("loss_last_ms")?,
         };
         Ok(spool)
+    }
+
+    /// Reports evictions and the number of held events to these metrics.
+    pub fn set_metrics(
+        &mut self,
+        dropped: prometheus_client::metrics::counter::Counter,
+        held: prometheus_client::metrics::gauge::Gauge,
+    ) {
+        held.set(i64::try_from(self.count).unwrap_or(i64::MAX));
+        self.metrics = Some((dropped, held));
+    }
+
+    fn publish(&self, dropped_now: u64) {
+        if let Some((dropped, held)) = &self.metrics {
+            dropped.inc_by(dropped_now);
+            held.set(i64::try_from(self.count).unwrap_or(i64::MAX));
+        }
     }
 
     fn err(&self, source: rusqlite::Error) -> SpoolError {
@@ -335,6 +358,7 @@ impl Spool {
         }
         tx.commit().map_err(err)?;
         (self.count, self.bytes, self.loss) = (count, bytes, loss);
+        self.publish(dropped_now);
         if dropped_now > 0 {
             self.note_drops(dropped_now);
         }
@@ -471,6 +495,7 @@ impl Spool {
             .and_then(|mut st| st.query_map([to_sql(seq)], |r| r.get(0))?.collect())
             .map_err(|e| self.err(e))?;
         self.count = self.count.saturating_sub(sizes.len() as u64);
+        self.publish(0);
         self.bytes = self
             .bytes
             .saturating_sub(sizes.iter().map(|s| u64::try_from(*s).unwrap_or(0)).sum());

@@ -1,0 +1,190 @@
+//! The agent's own HTTP endpoint on a loopback port: `/metrics` (Prometheus text format,
+//! via `prometheus-client`) and `/health` (JSON), so the node stays observable when the
+//! aggregator or Prometheus is down, and Prometheus can scrape it.
+//!
+//! Owns the metric handles ([`Metrics`]) and the registry; the parts that count (spool,
+//! collector, shipper) get clones of the handles. A port that cannot be bound is logged
+//! and skipped: monitoring goes on without the endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::ship::ConnState;
+
+/// Default admin address (loopback).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7602";
+
+/// The agent's metrics. Cloning shares the underlying values.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    /// `tocsin_spool_dropped_total`: events evicted from a full spool.
+    pub spool_dropped: Counter,
+    /// `tocsin_spool_events`: events waiting for an ack.
+    pub spool_events: Gauge,
+    /// `tocsin_events_total`: state-change events produced.
+    pub events: Counter,
+    /// `tocsin_ship_connected`: 1 while a stream to an aggregator is open.
+    pub connected: Gauge,
+}
+
+impl Metrics {
+    /// Registers every metric in `registry` under the `tocsin_` names above.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Metrics::default();
+        registry.register(
+            "tocsin_spool_dropped",
+            "Events evicted from a full spool",
+            m.spool_dropped.clone(),
+        );
+        registry.register(
+            "tocsin_spool_events",
+            "Events in the spool waiting for an ack",
+            m.spool_events.clone(),
+        );
+        registry.register(
+            "tocsin_events",
+            "State-change events produced by the agent",
+            m.events.clone(),
+        );
+        registry.register(
+            "tocsin_ship_connected",
+            "1 while a stream to an aggregator is open",
+            m.connected.clone(),
+        );
+        m
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    registry: Arc<Registry>,
+    conn: watch::Receiver<ConnState>,
+    connected: Gauge,
+}
+
+async fn metrics(
+    State(st): State<AdminState>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    st.connected.set(i64::from(matches!(
+        *st.conn.borrow(),
+        ConnState::Connected { .. }
+    )));
+    let mut body = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &st.registry) {
+        tracing::error!(error = %e, "cannot encode metrics");
+    }
+    // Prometheus asks for OpenMetrics; curl and promtool read the classic text format.
+    let wants_openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    if wants_openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            classic_text(&body),
+        )
+    }
+}
+
+/// Turns `prometheus-client`'s OpenMetrics text into the classic Prometheus text format:
+/// counter families are named with their `_total` suffix in `# HELP`/`# TYPE` (as their
+/// samples are), and the `# EOF` marker goes.
+pub fn classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+async fn health(State(st): State<AdminState>) -> impl IntoResponse {
+    let connected = matches!(*st.conn.borrow(), ConnState::Connected { .. });
+    axum::Json(serde_json::json!({ "status": "ok", "connected": connected }))
+}
+
+/// Serves `/metrics` and `/health` on `addr` until `shutdown`; logs where it listens.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+    conn: watch::Receiver<ConnState>,
+    connected: Gauge,
+    shutdown: CancellationToken,
+) {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "cannot listen for /metrics and /health (admin_listen); continuing without them");
+            return;
+        }
+    };
+    let bound = listener.local_addr().unwrap_or(addr);
+    tracing::info!(admin = %bound, "admin listening (/metrics, /health)");
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .with_state(AdminState {
+            registry: Arc::new(registry),
+            conn,
+            connected,
+        });
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, "admin endpoint failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::classic_text;
+
+    #[test]
+    fn counters_get_their_total_name_in_help_and_type() {
+        let om = "# HELP a_dropped Dropped.\n# TYPE a_dropped counter\na_dropped_total 3\n\
+                  # HELP a_held Held.\n# TYPE a_held gauge\na_held 1\n# EOF\n";
+        assert_eq!(
+            classic_text(om),
+            "# HELP a_dropped_total Dropped.\n# TYPE a_dropped_total counter\na_dropped_total 3\n\
+             # HELP a_held Held.\n# TYPE a_held gauge\na_held 1\n"
+        );
+    }
+}
