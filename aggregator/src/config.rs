@@ -83,6 +83,8 @@ pub struct RawNotify {
     pub retry_min: String,
     /// Largest retry delay.
     pub retry_max: String,
+    /// Give up on a notification still failing this long after it was queued.
+    pub give_up_after: String,
     /// Generic JSON webhooks (`[[notify.webhook]]`).
     pub webhook: Vec<RawWebhook>,
 }
@@ -122,6 +124,7 @@ impl Default for RawNotify {
             console: false,
             retry_min: "1s".into(),
             retry_max: "5m".into(),
+            give_up_after: "24h".into(),
             webhook: Vec::new(),
         }
     }
@@ -158,6 +161,8 @@ pub struct AggregatorConfig {
     pub retry_min: Duration,
     /// Largest retry delay.
     pub retry_max: Duration,
+    /// Give up after this long.
+    pub give_up_after: Duration,
     /// Webhook channels.
     pub webhooks: Vec<Webhook>,
     /// Accepted agent tokens; `None` when no token is needed.
@@ -320,6 +325,11 @@ impl RawConfig {
             &self.notify.retry_min,
             Duration::from_secs(1),
         );
+        let give_up_after = v.positive_duration(
+            "notify.give_up_after",
+            &self.notify.give_up_after,
+            Duration::from_secs(86_400),
+        );
         let retry_max = v.positive_duration(
             "notify.retry_max",
             &self.notify.retry_max,
@@ -433,6 +443,7 @@ impl RawConfig {
             console: self.notify.console,
             retry_min,
             retry_max,
+            give_up_after,
             webhooks,
             tokens,
             tls,

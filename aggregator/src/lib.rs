@@ -144,6 +144,7 @@ pub async fn run(
             wake: wake_rx.clone(),
             retry_min: cfg.retry_min,
             retry_max: cfg.retry_max,
+            give_up_after: cfg.give_up_after,
         };
         tracker.spawn(d.run(shutdown.clone()));
     }

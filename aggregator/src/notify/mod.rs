@@ -72,6 +72,9 @@ pub struct Dispatcher {
     pub retry_min: Duration,
     /// Largest retry delay.
     pub retry_max: Duration,
+    /// A notification still failing this long after it was queued fails for good (and
+    /// says so on the incident's timeline) instead of retrying forever.
+    pub give_up_after: Duration,
 }
 
 impl Dispatcher {
@@ -128,6 +131,18 @@ impl Dispatcher {
             }
             Delivery::Permanent { error } => {
                 tracing::error!(channel = %self.name, incident = n.incident_id, kind = %n.kind, error = %error, "notification failed permanently");
+                Attempt::Failed { error }
+            }
+            Delivery::Transient { error, .. }
+                if now_ms() - n.created_at_ms
+                    > i64::try_from(self.give_up_after.as_millis()).unwrap_or(i64::MAX) =>
+            {
+                let error = format!(
+                    "gave up after {} attempts over {}: {error}",
+                    n.attempts + 1,
+                    tocsin_agent::settings::format_duration(self.give_up_after)
+                );
+                tracing::error!(channel = %self.name, incident = n.incident_id, kind = %n.kind, error = %error, "notification failed for good");
                 Attempt::Failed { error }
             }
             Delivery::Transient { error, retry_after } => {

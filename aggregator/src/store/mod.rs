@@ -649,14 +649,22 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// The oldest pending notification of `channel` (per-channel order), due or not.
+    /// The pending notification of `channel` to deliver next, due or not: among the
+    /// oldest pending notification of each incident (a resolve never overtakes its
+    /// trigger), the one due first. A notification that keeps failing therefore never
+    /// holds up other incidents' pages on the same channel.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
     pub fn next_pending(&self, channel: &str) -> Result<Option<Notification>, StoreError> {
         self.conn
             .prepare_cached(&format!(
-                "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE channel = ?1 AND status = 'pending' ORDER BY id LIMIT 1"
+                "SELECT {OUTBOX_COLUMNS} FROM outbox o
+                 WHERE o.channel = ?1 AND o.status = 'pending'
+                   AND NOT EXISTS (SELECT 1 FROM outbox p
+                                   WHERE p.channel = o.channel AND p.incident_id = o.incident_id
+                                     AND p.status = 'pending' AND p.id < o.id)
+                 ORDER BY o.next_attempt_ms, o.id LIMIT 1"
             ))
             .and_then(|mut s| s.query_row([channel], notification_from_row).optional())
             .map_err(|e| self.err(e))
@@ -1439,6 +1447,28 @@ mod tests {
             (b_out.last_seq, b_out.stored, b_out.opened.len()),
             (1, 1, 0)
         );
+    }
+
+    /// Regression: one notification that kept failing blocked every later page on the
+    /// same channel (head-of-line blocking).
+    #[test]
+    fn a_failing_page_does_not_hold_up_other_incidents() {
+        let (_dir, mut s) = store(&["hook"]);
+        s.hello(&hello("a"), 1).expect("hello");
+        let first = s.ingest("a", &[event(1, State::Critical)]).expect("first").opened[0];
+        let n1 = s.next_pending("hook").expect("q").expect("pending");
+        assert_eq!(n1.incident_id, first);
+        s.record_attempt(n1.id, &Attempt::Retry { retry_at_ms: now_ms() + 3_600_000, error: "HTTP 500".into() })
+            .expect("retry later");
+        let other = Event { check: "memory".into(), ..event(2, State::Critical) };
+        let second = s.ingest("a", &[other]).expect("second").opened[0];
+        let n2 = s.next_pending("hook").expect("q").expect("pending");
+        assert_eq!(n2.incident_id, second, "the other incident's page goes first");
+        // A resolve never overtakes its own trigger.
+        s.record_attempt(n2.id, &Attempt::Delivered).expect("delivered");
+        s.ingest("a", &[event(3, State::Ok)]).expect("resolve first");
+        let n3 = s.next_pending("hook").expect("q").expect("pending");
+        assert_eq!((n3.incident_id, n3.kind.as_str()), (first, "trigger"));
     }
 
     #[test]

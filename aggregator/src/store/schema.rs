@@ -102,5 +102,6 @@ CREATE TABLE IF NOT EXISTS outbox (
     idempotency_key TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, id) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS outbox_pending_incident ON outbox (channel, incident_id, id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_incident ON outbox (incident_id);
 ";
