@@ -503,6 +503,12 @@ impl RawConfig {
                     format!("{} bytes, at most {max_name}", p.name.len()),
                 );
             }
+            if p.name.chars().any(char::is_control) {
+                v.problem(
+                    &format!("{key}.name"),
+                    format!("{:?} contains control characters", p.name),
+                );
+            }
             if p.name.contains('/') || p.name.contains('\0') {
                 v.problem(
                     &format!("{key}.name"),
@@ -597,6 +603,20 @@ impl RawConfig {
                 v.problem(
                     &format!("labels.{k}"),
                     format!("label names must be 1 to {MAX_ID_LEN} bytes and values at most {MAX_ID_LEN}"),
+                );
+            }
+        }
+        if agent_id.chars().any(char::is_control) {
+            v.problem(
+                "agent_id",
+                "contains control characters (newlines, terminal escapes)",
+            );
+        }
+        for (k, val) in &self.labels {
+            if k.chars().chain(val.chars()).any(char::is_control) {
+                v.problem(
+                    &format!("labels.{}", k.escape_default()),
+                    "contains control characters",
                 );
             }
         }

@@ -82,6 +82,26 @@ pub fn truncate_marked(text: &str, max: usize) -> String {
     format!("{}{marker}", &text[..cut])
 }
 
+/// `text` with every control character written as an escape (`\u{1b}`, `\n`), for
+/// single-line output on a terminal: no name or message can forge lines or colours.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .flat_map(|c| {
+                let escaped: Vec<char> = if c.is_control() {
+                    c.escape_default().collect()
+                } else {
+                    vec![c]
+                };
+                escaped
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::truncate_marked;
@@ -97,5 +117,11 @@ mod tests {
             &cut[cut.len() - 40..]
         );
         assert_eq!(truncate_marked("short", 4096), "short");
+    }
+
+    #[test]
+    fn printable_escapes_control_characters() {
+        assert_eq!(super::printable("plain"), "plain");
+        assert_eq!(super::printable("a\nb\u{1b}[2K"), "a\\nb\\u{1b}[2K");
     }
 }

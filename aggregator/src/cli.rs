@@ -193,10 +193,16 @@ async fn get_json(url: &str) -> Result<serde_json::Value, String> {
     if !status.is_success() {
         return Err(format!(
             "{url}: HTTP {status}: {}",
-            body["error"].as_str().unwrap_or("")
+            text(&body["error"], "")
         ));
     }
     Ok(body)
+}
+
+/// A JSON string field for a terminal: control characters escaped, so a name or message
+/// can never forge lines or colours on the on-call's screen.
+fn text(v: &serde_json::Value, default: &str) -> String {
+    tocsin_agent::event::printable(v.as_str().unwrap_or(default)).into_owned()
 }
 
 fn fmt_value(v: &serde_json::Value, unit: &serde_json::Value) -> String {
@@ -233,13 +239,13 @@ async fn incidents(api: &str, status: &str, json: bool) -> ExitCode {
         out.push_str(&format!(
             "{:<5} {:<4} {:<12} {:<20} {:<28} {:<9} {:>8}  {}\n",
             i["id"].to_string(),
-            i["severity"].as_str().unwrap_or("?"),
-            i["status"].as_str().unwrap_or("?"),
-            i["node"].as_str().unwrap_or("?"),
-            i["check"].as_str().unwrap_or("?"),
-            i["state"].as_str().unwrap_or("?"),
+            text(&i["severity"], "?"),
+            text(&i["status"], "?"),
+            text(&i["node"], "?"),
+            text(&i["check"], "?"),
+            text(&i["state"], "?"),
             fmt_value(&i["value"], &i["unit"]),
-            i["triggered_at"].as_str().unwrap_or("?"),
+            text(&i["triggered_at"], "?"),
         ));
     }
     say(&out);
@@ -261,32 +267,32 @@ async fn show(api: &str, id: i64, json: bool) -> ExitCode {
     let mut out = format!(
         "incident #{} {} {} — {} {}\n  {}\n  triggered {}  resolved {}\n\ntimeline:\n",
         body["id"],
-        body["severity"].as_str().unwrap_or("?"),
-        body["status"].as_str().unwrap_or("?"),
-        body["node"].as_str().unwrap_or("?"),
-        body["check"].as_str().unwrap_or("?"),
-        body["summary"].as_str().unwrap_or(""),
-        body["triggered_at"].as_str().unwrap_or("-"),
-        body["resolved_at"].as_str().unwrap_or("-"),
+        text(&body["severity"], "?"),
+        text(&body["status"], "?"),
+        text(&body["node"], "?"),
+        text(&body["check"], "?"),
+        text(&body["summary"], ""),
+        text(&body["triggered_at"], "-"),
+        text(&body["resolved_at"], "-"),
     );
     for t in body["timeline"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "  {}  {:<14} {:<20} {}\n",
             crate::model::rfc3339(t["at_ms"].as_i64().unwrap_or(0)),
-            t["kind"].as_str().unwrap_or("?"),
-            t["actor"].as_str().unwrap_or("?"),
-            t["note"].as_str().unwrap_or(""),
+            text(&t["kind"], "?"),
+            text(&t["actor"], "?"),
+            text(&t["note"], ""),
         ));
     }
     out.push_str("\nnotifications:\n");
     for n in body["notifications"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "  {:<8} {:<16} {:<10} attempts {}  {}\n",
-            n["kind"].as_str().unwrap_or("?"),
-            n["channel"].as_str().unwrap_or("?"),
-            n["status"].as_str().unwrap_or("?"),
+            text(&n["kind"], "?"),
+            text(&n["channel"], "?"),
+            text(&n["status"], "?"),
             n["attempts"],
-            n["last_error"].as_str().unwrap_or(""),
+            text(&n["last_error"], ""),
         ));
     }
     say(&out);
@@ -312,8 +318,8 @@ async fn nodes(api: &str, json: bool) -> ExitCode {
     for n in body["nodes"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "{:<24} {:<24} {:<10} {:>8}  {}\n",
-            n["agent_id"].as_str().unwrap_or("?"),
-            n["hostname"].as_str().unwrap_or("?"),
+            text(&n["agent_id"], "?"),
+            text(&n["hostname"], "?"),
             if n["connected"].as_bool() == Some(true) {
                 "yes"
             } else {

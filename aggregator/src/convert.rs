@@ -36,6 +36,10 @@ fn ident(field: &'static str, s: &str, allow_empty: bool) -> Result<String, Inva
             format!("{} bytes, at most {MAX_ID_LEN}", s.len()),
         ));
     }
+    if s.chars().any(char::is_control) {
+        // Terminal escapes or newlines in a name could forge lines on an on-call screen.
+        return Err(invalid(field, "contains control characters"));
+    }
     Ok(s.to_owned())
 }
 
@@ -62,7 +66,25 @@ fn clip_ident(s: &str) -> String {
     if s.is_empty() {
         return "unnamed".to_owned();
     }
-    truncate(s.to_owned(), MAX_ID_LEN - '…'.len_utf8())
+    let clean: String = s
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    truncate(clean, MAX_ID_LEN - '…'.len_utf8())
+}
+
+/// Free text (a check's message) keeps newlines and tabs; other control characters —
+/// terminal escapes above all — become `?`.
+fn clean_text(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 fn clip_labels(l: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
@@ -138,9 +160,9 @@ pub fn event(e: &v1::Event) -> Result<Event, InvalidMessage> {
         state: state(e.state),
         previous: state(e.previous),
         value: e.value.filter(|v| v.is_finite()),
-        unit: truncate(e.unit.clone(), 32),
+        unit: truncate(clip_ident(&e.unit).replace("unnamed", ""), 32),
         threshold: e.threshold.filter(|v| v.is_finite()),
-        message: truncate(e.message.clone(), MAX_MESSAGE_LEN),
+        message: truncate(clean_text(&e.message), MAX_MESSAGE_LEN),
         observed_at_ms: e.observed_at_ms,
         breach_started_at_ms: e.breach_started_at_ms,
         flapping: e.flapping,
@@ -192,6 +214,24 @@ mod tests {
         assert!(got.labels.values().all(|v| v.len() <= MAX_ID_LEN));
         assert!(got.message.len() <= MAX_MESSAGE_LEN + '…'.len_utf8());
         assert_eq!(got.state, State::Critical);
+    }
+
+    #[test]
+    fn control_characters_never_pass() {
+        let h = v1::Hello {
+            agent_id: "evil\n[tocsin] RESOLVE\u{1b}[2K".into(),
+            ..Default::default()
+        };
+        assert_eq!(hello(&h).expect_err("refused").field, "hello.agent_id");
+        let e = v1::Event {
+            seq: 1,
+            check: "process:\u{1b}[31mred".into(),
+            message: "line one\nline two\u{1b}[2K".into(),
+            ..Default::default()
+        };
+        let got = event(&e).expect("clipped");
+        assert_eq!(got.check, "process:?[31mred");
+        assert_eq!(got.message, "line one\nline two?[2K");
     }
 
     #[test]

@@ -9,17 +9,20 @@ use crate::notify::Delivery;
 pub fn deliver(body: &str) -> Delivery {
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
     let i = &v["incident"];
+    use tocsin_agent::event::printable;
     let line = format!(
         "[tocsin] {} {} #{} {} {}: {}\n",
         v["event"].as_str().unwrap_or("?").to_uppercase(),
-        i["severity"].as_str().unwrap_or("?"),
+        printable(i["severity"].as_str().unwrap_or("?")),
         i["id"],
-        i["node"].as_str().unwrap_or("?"),
-        i["check"].as_str().unwrap_or("?"),
-        i["resolution"]
-            .as_str()
-            .or(i["summary"].as_str())
-            .unwrap_or(""),
+        printable(i["node"].as_str().unwrap_or("?")),
+        printable(i["check"].as_str().unwrap_or("?")),
+        printable(
+            i["resolution"]
+                .as_str()
+                .or(i["summary"].as_str())
+                .unwrap_or("")
+        ),
     );
     let mut out = std::io::stdout().lock();
     match out.write_all(line.as_bytes()).and_then(|()| out.flush()) {

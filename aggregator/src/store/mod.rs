@@ -1455,18 +1455,35 @@ mod tests {
     fn a_failing_page_does_not_hold_up_other_incidents() {
         let (_dir, mut s) = store(&["hook"]);
         s.hello(&hello("a"), 1).expect("hello");
-        let first = s.ingest("a", &[event(1, State::Critical)]).expect("first").opened[0];
+        let first = s
+            .ingest("a", &[event(1, State::Critical)])
+            .expect("first")
+            .opened[0];
         let n1 = s.next_pending("hook").expect("q").expect("pending");
         assert_eq!(n1.incident_id, first);
-        s.record_attempt(n1.id, &Attempt::Retry { retry_at_ms: now_ms() + 3_600_000, error: "HTTP 500".into() })
-            .expect("retry later");
-        let other = Event { check: "memory".into(), ..event(2, State::Critical) };
+        s.record_attempt(
+            n1.id,
+            &Attempt::Retry {
+                retry_at_ms: now_ms() + 3_600_000,
+                error: "HTTP 500".into(),
+            },
+        )
+        .expect("retry later");
+        let other = Event {
+            check: "memory".into(),
+            ..event(2, State::Critical)
+        };
         let second = s.ingest("a", &[other]).expect("second").opened[0];
         let n2 = s.next_pending("hook").expect("q").expect("pending");
-        assert_eq!(n2.incident_id, second, "the other incident's page goes first");
+        assert_eq!(
+            n2.incident_id, second,
+            "the other incident's page goes first"
+        );
         // A resolve never overtakes its own trigger.
-        s.record_attempt(n2.id, &Attempt::Delivered).expect("delivered");
-        s.ingest("a", &[event(3, State::Ok)]).expect("resolve first");
+        s.record_attempt(n2.id, &Attempt::Delivered)
+            .expect("delivered");
+        s.ingest("a", &[event(3, State::Ok)])
+            .expect("resolve first");
         let n3 = s.next_pending("hook").expect("q").expect("pending");
         assert_eq!((n3.incident_id, n3.kind.as_str()), (first, "trigger"));
     }
