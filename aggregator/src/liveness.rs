@@ -3,7 +3,9 @@
 //!
 //! Owns only the sweep timer. The silence of each node is computed by the store from
 //! its `last_seen`, so the timers survive an aggregator restart; silence is counted
-//! from no earlier than this process's start, which is the restart grace period.
+//! from no earlier than this process's start, which is the restart grace period — and
+//! from no earlier than the end of a stall of the aggregator itself (frozen, starved),
+//! so its own silence never pages every node.
 
 use std::time::Duration;
 
@@ -15,6 +17,9 @@ use crate::store::StoreHandle;
 
 /// How often silent nodes are looked for.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A sweep gap this long means the aggregator itself stood still.
+pub const STALL: Duration = Duration::from_secs(3);
 
 /// The liveness task.
 #[derive(Debug)]
@@ -35,12 +40,21 @@ impl Liveness {
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let timeout_ms = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX);
+        let mut grace_from = self.started_ms;
+        let mut last_sweep = std::time::Instant::now();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let started = self.started_ms;
+            // The aggregator itself was frozen (SIGSTOP, a stalled VM, a starved host):
+            // the silence was ours, not the nodes'. Start a grace period as after a restart.
+            if last_sweep.elapsed() > STALL {
+                tracing::warn!(stalled = ?last_sweep.elapsed(), "the aggregator was stalled; node liveness starts over");
+                grace_from = now_ms();
+            }
+            last_sweep = std::time::Instant::now();
+            let started = grace_from;
             match self
                 .store
                 .call(move |s| s.sweep_liveness(now_ms(), timeout_ms, started))

@@ -90,3 +90,43 @@ async fn an_aggregator_restart_does_not_flag_nodes_that_come_back() -> Result<()
     );
     Ok(())
 }
+
+/// Regression: a frozen aggregator (SIGSTOP longer than node_timeout) paged node_down
+/// for every node when it thawed, though the silence was its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_aggregator_does_not_page_node_down_when_it_thaws() -> Result<()> {
+    use std::process::Command;
+
+    let dir = tempfile::tempdir()?;
+    let receiver = WebhookReceiver::start().await?;
+    let agg = Aggregator::start(
+        dir.path(),
+        &aggregator_config(dir.path(), &receiver.url, "127.0.0.1:0"),
+    )
+    .await?;
+    let _agent = start_agent(dir.path(), &agent_config(dir.path(), "node-thaw", agg.grpc))?;
+    agg.wait_connected("node-thaw").await?;
+    let pid = agg.daemon.pid().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()?
+            .success()
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await; // twice node_timeout
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()?
+            .success()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        receiver
+            .events("trigger", "node-thaw", "node_down")
+            .is_empty(),
+        "{:?}",
+        receiver.received()
+    );
+    Ok(())
+}
