@@ -641,6 +641,14 @@ impl RawConfig {
                 ),
             );
         }
+        if std::path::Path::new(&self.state_dir).exists()
+            && !std::path::Path::new(&self.state_dir).is_dir()
+        {
+            v.problem(
+                "state_dir",
+                format!("{} exists and is not a directory", self.state_dir),
+            );
+        }
         if self.state_dir.trim().is_empty() {
             v.problem("state_dir", "must not be empty");
         }

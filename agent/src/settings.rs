@@ -344,7 +344,7 @@ impl<'a> Validator<'a> {
                 key,
                 format!(
                     "invalid endpoint {raw:?} (expected http://HOST:PORT or https://HOST:PORT, \
-                     e.g. \"http://127.0.0.1:7601\")"
+                     e.g. \"http://127.0.0.1:7601\" for the ingest or \"http://127.0.0.1:7600\" for the API)"
                 ),
             );
             None

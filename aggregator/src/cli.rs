@@ -417,7 +417,11 @@ async fn up(args: UpArgs) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(tocsin_agent::shutdown::cancel_on_signal(shutdown.clone()));
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-    let webhooks: Vec<String> = agg.webhooks.iter().map(|w| w.url.clone()).collect();
+    let webhooks: Vec<String> = agg
+        .webhooks
+        .iter()
+        .map(|w| crate::notify::webhook::redact_url(&w.url))
+        .collect();
     let agg_task = tokio::spawn(crate::run(agg, shutdown.clone(), Some(bound_tx)));
     let Ok(bound) = bound_rx.await else {
         return match agg_task.await {

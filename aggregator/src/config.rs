@@ -173,6 +173,16 @@ pub struct AggregatorConfig {
     pub log: tocsin_agent::telemetry::LogConfig,
 }
 
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("name", &self.name)
+            .field("url", &crate::notify::webhook::redact_url(&self.url))
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
 /// Accepted agent tokens: per agent id, and for any agent (`*`).
 #[derive(Clone, Default)]
 pub struct Tokens {
@@ -186,12 +196,13 @@ impl std::fmt::Debug for Tokens {
 }
 
 impl Tokens {
-    /// Parses the tokens file text; errors name the line.
+    /// Parses the tokens file text; reports every bad line at once.
     ///
     /// # Errors
-    /// A message naming the bad line.
+    /// A message naming each bad line.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let mut entries = Vec::new();
+        let mut entries: Vec<(String, String)> = Vec::new();
+        let mut problems = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -199,27 +210,39 @@ impl Tokens {
             }
             let mut parts = line.split_whitespace();
             match (parts.next(), parts.next(), parts.next()) {
-                (Some(id), Some(token), None) => entries.push((id.to_owned(), token.to_owned())),
-                _ => {
-                    return Err(format!(
-                        "line {}: expected `AGENT_ID TOKEN` (or `* TOKEN`)",
-                        i + 1
-                    ));
+                (Some(id), Some(token), None) => {
+                    let id = id.to_lowercase();
+                    if entries.iter().any(|(seen, t)| *seen == id && t == token) {
+                        problems.push(format!("line {}: the same token for {id} again", i + 1));
+                    }
+                    entries.push((id, token.to_owned()));
                 }
+                _ => problems.push(format!(
+                    "line {}: expected `AGENT_ID TOKEN` (or `* TOKEN`)",
+                    i + 1
+                )),
             }
         }
-        if entries.is_empty() {
-            return Err("no token in the file".to_owned());
+        if entries.is_empty() && problems.is_empty() {
+            problems.push("no token in the file".to_owned());
         }
-        Ok(Tokens { entries })
+        if problems.is_empty() {
+            Ok(Tokens { entries })
+        } else {
+            Err(problems.join("; "))
+        }
     }
 
-    /// Whether `token` is accepted for `agent_id` (constant-time per comparison).
+    /// Whether `token` is accepted for `agent_id` (constant-time per comparison). An id
+    /// with lines of its own accepts only those tokens: the fleet token (`*`) cannot be
+    /// used to pose as it.
     pub fn accepts(&self, agent_id: &str, token: &str) -> bool {
         use subtle::ConstantTimeEq;
+        let agent_id = agent_id.to_lowercase();
+        let own = self.entries.iter().any(|(id, _)| *id == agent_id);
         self.entries
             .iter()
-            .filter(|(id, _)| id == "*" || id == agent_id)
+            .filter(|(id, _)| if own { *id == agent_id } else { id == "*" })
             .fold(false, |ok, (_, t)| {
                 ok | bool::from(t.as_bytes().ct_eq(token.as_bytes()))
             })
@@ -245,8 +268,8 @@ impl std::fmt::Debug for ServerTls {
     }
 }
 
-/// A validated webhook channel.
-#[derive(Debug, Clone)]
+/// A validated webhook channel. `Debug` shows the URL redacted.
+#[derive(Clone)]
 pub struct Webhook {
     /// Channel name.
     pub name: String,
@@ -429,6 +452,23 @@ impl RawConfig {
                 None
             }
         };
+        // Build the TLS acceptor now, so check-config catches a key that does not belong
+        // to the certificate instead of the daemon failing at start.
+        let tls = tls.filter(|t| match crate::tls::acceptor(t) {
+            Ok(_) => true,
+            Err(e) => {
+                v.problem("tls.key_file", e.to_string());
+                false
+            }
+        });
+        if std::path::Path::new(&self.data_dir).exists()
+            && !std::path::Path::new(&self.data_dir).is_dir()
+        {
+            v.problem(
+                "data_dir",
+                format!("{} exists and is not a directory", self.data_dir),
+            );
+        }
         if self.data_dir.trim().is_empty() {
             v.problem("data_dir", "must not be empty");
         }
@@ -460,7 +500,11 @@ mod tests {
     fn tokens_per_agent_and_for_any_agent() {
         let t = Tokens::parse("# comment\nweb-1 aaa\n* fleet\n\n").expect("parses");
         assert!(t.accepts("web-1", "aaa"));
-        assert!(t.accepts("web-1", "fleet"));
+        assert!(t.accepts("WEB-1", "aaa"), "ids are case-insensitive");
+        assert!(
+            !t.accepts("web-1", "fleet"),
+            "an id with its own token cannot be reached with the fleet token"
+        );
         assert!(t.accepts("db-1", "fleet"));
         assert!(
             !t.accepts("db-1", "aaa"),
@@ -479,5 +523,12 @@ mod tests {
         );
         assert!(Tokens::parse("# only comments\n").is_err());
         assert!(Tokens::parse("a b c\n").is_err());
+        let all = Tokens::parse("a\nok t\nb c d\nok t\n")
+            .err()
+            .unwrap_or_default();
+        assert!(
+            all.contains("line 1") && all.contains("line 3") && all.contains("line 4"),
+            "{all}"
+        );
     }
 }

@@ -48,7 +48,11 @@ fn main() -> ExitCode {
             Err(e) => fail_config(&e),
         },
         Command::PrintConfig => match config::effective(file) {
-            Ok(raw) => {
+            Ok(mut raw) => {
+                // Webhook URLs often carry their token: never print it.
+                for w in &mut raw.notify.webhook {
+                    w.url = tocsin_aggregator::notify::webhook::redact_url(&w.url);
+                }
                 let text = toml::to_string_pretty(&raw)
                     .unwrap_or_else(|e| format!("# cannot render config: {e}\n"));
                 std::io::stdout()

@@ -137,9 +137,10 @@ async fn two_daemons_cannot_share_a_directory() -> Result<()> {
 async fn up_stops_when_its_agent_cannot_start() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    // The agent's state directory is a file: nothing the agent can repair by itself.
-    std::fs::create_dir_all(&data)?;
-    std::fs::write(data.join("agent"), "not a directory")?;
+    // A state directory that cannot be created (under /proc): valid as config, fatal at
+    // run time, nothing the agent can repair by itself.
+    let agent_cfg = dir.path().join("agent.toml");
+    std::fs::write(&agent_cfg, "state_dir = \"/proc/tocsin-e2e-nope/agent\"\n")?;
     let mut up = Daemon::spawn(
         "tocsin-up",
         &bin("tocsin"),
@@ -147,6 +148,8 @@ async fn up_stops_when_its_agent_cannot_start() -> Result<()> {
             "up",
             "--data-dir",
             data.to_str().context("utf-8")?,
+            "--agent-config",
+            agent_cfg.to_str().context("utf-8")?,
             "--http",
             "127.0.0.1:0",
             "--grpc",
@@ -156,10 +159,30 @@ async fn up_stops_when_its_agent_cannot_start() -> Result<()> {
     )?;
     let out = up.wait_for_output("agent failed").await?;
     assert!(
-        out.contains(&data.join("agent").display().to_string()),
+        out.contains("/proc/tocsin-e2e-nope/agent"),
         "names the path: {out}"
     );
     let code = up.wait_exit().await?;
     assert_eq!(code, Some(1));
+    Ok(())
+}
+
+/// A state directory that is a file is a config error (exit 64), caught before start.
+#[test]
+fn a_state_dir_that_is_a_file_is_a_config_error() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x")?;
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, format!("state_dir = \"{}\"\n", file.display()))?;
+    let out = Command::new(bin("tocsin-agent"))
+        .args(["--config", cfg.to_str().context("utf-8")?, "check-config"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("key `state_dir`") && stderr.contains("not a directory"),
+        "{stderr}"
+    );
     Ok(())
 }

@@ -223,3 +223,28 @@ async fn mutual_tls_admits_only_certificates_of_the_configured_ca() -> Result<()
         .await?;
     Ok(())
 }
+
+/// A key that does not belong to the certificate is caught by check-config (so the
+/// systemd ExecStartPre stops it), naming the key.
+#[test]
+fn a_mismatched_tls_key_fails_check_config() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = pki()?;
+    let cert = write(dir.path(), "server.pem", &pki.server_cert)?;
+    let wrong_key = write(dir.path(), "client.key", &pki.client_key)?;
+    let cfg = write(
+        dir.path(),
+        "aggregator.toml",
+        &format!(
+            "data_dir = \"{}\"\n[tls]\ncert_file = \"{cert}\"\nkey_file = \"{wrong_key}\"\n",
+            dir.path().display()
+        ),
+    )?;
+    let out = std::process::Command::new(tocsin_e2e::bin("tocsin-aggregator"))
+        .args(["--config", &cfg, "check-config"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("tls.key_file"), "{stderr}");
+    Ok(())
+}

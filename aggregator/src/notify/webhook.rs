@@ -28,7 +28,11 @@ pub async fn deliver(
         Ok(r) => r,
         Err(e) => {
             return Delivery::Transient {
-                error: format!("POST {url}: {}", tocsin_agent::telemetry::chain(&e)),
+                error: format!(
+                    "POST {}: {}",
+                    redact_url(url),
+                    redact_text(&tocsin_agent::telemetry::chain(&e), url)
+                ),
                 retry_after: None,
             };
         }
@@ -59,14 +63,78 @@ pub async fn deliver(
     let error = if status.is_redirection() {
         let to = response_location.unwrap_or_default();
         format!(
-            "POST {url}: HTTP {status}: redirects are not followed; point the webhook at the final URL {to}"
+            "POST {}: HTTP {status}: redirects are not followed; point the webhook at the final URL {}",
+            redact_url(url),
+            redact_url(&to)
         )
     } else {
-        format!("POST {url}: HTTP {status}: {text}")
+        format!("POST {}: HTTP {status}: {text}", redact_url(url))
     };
     if status.as_u16() == 408 || status.as_u16() == 429 || status.is_server_error() {
         Delivery::Transient { error, retry_after }
     } else {
         Delivery::Permanent { error }
+    }
+}
+
+/// A webhook URL fit for logs, the timeline and the API: user info and the query string
+/// (where services put their tokens) are replaced by `***`; the path is kept, except
+/// that long path segments (Slack-style secret paths) are cut to 4 characters.
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut u) = reqwest::Url::parse(url) else {
+        return "<invalid URL>".to_owned();
+    };
+    let had_userinfo = !u.username().is_empty() || u.password().is_some();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    if u.query().is_some() {
+        u.set_query(Some("***"));
+    }
+    let path: Vec<String> = u
+        .path_segments()
+        .map(|segs| {
+            segs.map(|s| {
+                if s.len() > 16 {
+                    format!("{}***", &s[..4])
+                } else {
+                    s.to_owned()
+                }
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    u.set_path(&path.join("/"));
+    let text = u.to_string();
+    if had_userinfo {
+        text.replacen("://", "://***@", 1)
+    } else {
+        text
+    }
+}
+
+/// `text` with every occurrence of the raw `url` replaced by its redacted form (error
+/// chains from the HTTP client quote the URL).
+fn redact_text(text: &str, url: &str) -> String {
+    text.replace(url, &redact_url(url))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn secrets_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("http://user:pw@127.0.0.1:9191/ok?token=SECRET"),
+            "http://***@127.0.0.1:9191/ok?***"
+        );
+        assert_eq!(
+            redact_url("https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXXXXXXXXXXXXXX"),
+            "https://hooks.slack.com/services/T000/B000/XXXX***"
+        );
+        assert_eq!(
+            redact_url("http://127.0.0.1:8080/hook"),
+            "http://127.0.0.1:8080/hook"
+        );
     }
 }
