@@ -67,6 +67,12 @@ pub enum AggregatorError {
     Http(#[from] reqwest::Error),
 }
 
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AggregatorError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AggregatorError::Listen { what, addr, source })
+}
+
 /// Installs the process-wide rustls crypto provider (ring). Idempotent.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -85,36 +91,13 @@ pub async fn run(
     install_crypto_provider();
     let _lock =
         tocsin_agent::settings::lock_dir(&cfg.data_dir, "aggregator.lock", "tocsin-aggregator")?;
-    let http_listener =
-        TcpListener::bind(cfg.listen_http)
-            .await
-            .map_err(|source| AggregatorError::Listen {
-                what: "listen_http",
-                addr: cfg.listen_http,
-                source,
-            })?;
-    let grpc_listener =
-        TcpListener::bind(cfg.listen_grpc)
-            .await
-            .map_err(|source| AggregatorError::Listen {
-                what: "listen_grpc",
-                addr: cfg.listen_grpc,
-                source,
-            })?;
+    let http_listener = bind("listen_http", cfg.listen_http).await?;
+    let grpc_listener = bind("listen_grpc", cfg.listen_grpc).await?;
     let addrs = Bound {
         http: http_listener.local_addr().unwrap_or(cfg.listen_http),
         grpc: grpc_listener.local_addr().unwrap_or(cfg.listen_grpc),
     };
 
-    let mut channels = Vec::new();
-    if cfg.console {
-        channels.push("console".to_owned());
-    }
-    channels.extend(cfg.webhooks.iter().map(|w| w.name.clone()));
-    let store = store::spawn(store::Store::open(&cfg.data_dir, channels)?)?;
-
-    let (wake_tx, wake_rx) = watch::channel(0u64);
-    let tracker = TaskTracker::new();
     let client = reqwest::Client::builder()
         .user_agent(concat!("tocsin/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(5))
@@ -127,15 +110,18 @@ pub async fn run(
         targets.push(("console".into(), Target::Console));
     }
     for w in &cfg.webhooks {
-        targets.push((
-            w.name.clone(),
-            Target::Webhook {
-                url: w.url.clone(),
-                timeout: w.timeout,
-                client: client.clone(),
-            },
-        ));
+        let target = Target::Webhook {
+            url: w.url.clone(),
+            timeout: w.timeout,
+            client: client.clone(),
+        };
+        targets.push((w.name.clone(), target));
     }
+    let channels = targets.iter().map(|(name, _)| name.clone()).collect();
+    let store = store::spawn(store::Store::open(&cfg.data_dir, channels)?)?;
+
+    let (wake_tx, wake_rx) = watch::channel(0u64);
+    let tracker = TaskTracker::new();
     for (name, target) in targets {
         let d = Dispatcher {
             name,

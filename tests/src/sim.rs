@@ -246,3 +246,29 @@ pub async fn heartbeat_only(
     drop(inbound);
     Ok(sent)
 }
+
+/// Benchmark arguments `[AGENTS,..] [N]`: the comma-separated agent counts (or
+/// `default_fleet`) and one number (or `default_n`, named `what` in errors).
+///
+/// # Errors
+/// When an argument is not a number.
+pub fn bench_args(default_fleet: &str, default_n: u64, what: &str) -> Result<(Vec<usize>, u64)> {
+    let mut args = std::env::args().skip(1);
+    let fleet = args
+        .next()
+        .unwrap_or_else(|| default_fleet.into())
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .map_err(|_| anyhow!("AGENTS must be a comma-separated list of numbers, got {s:?}"))
+        })
+        .collect::<Result<_>>()?;
+    let n = match args.next() {
+        Some(s) => s
+            .parse()
+            .map_err(|_| anyhow!("{what} must be a number, got {s:?}"))?,
+        None => default_n,
+    };
+    Ok((fleet, n))
+}

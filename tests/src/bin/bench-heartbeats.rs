@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tocsin_e2e::Aggregator;
 use tocsin_e2e::sim::heartbeat_only;
 
@@ -40,21 +40,7 @@ fn rss_mib(pid: u32, key: &str) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     tocsin_e2e::init();
-    let mut args = std::env::args().skip(1);
-    let fleets: Vec<usize> = args
-        .next()
-        .unwrap_or_else(|| "0,1000,10000".into())
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse()
-                .context("AGENTS is a comma-separated list of numbers")
-        })
-        .collect::<Result<_>>()?;
-    let seconds: u64 = args
-        .next()
-        .map_or(Ok(60), |s| s.parse())
-        .context("SECONDS")?;
+    let (fleets, seconds) = tocsin_e2e::sim::bench_args("0,1000,10000", 60, "SECONDS")?;
     let interval = Duration::from_secs(10);
     let mut out = String::from(
         "| agents | heartbeats/s | aggregator CPU % of one core | RSS MiB | peak RSS MiB | connect s |\n|---:|---:|---:|---:|---:|---:|\n",

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tocsin_e2e::sim::{SimAgent, percentile};
 use tocsin_e2e::{Aggregator, eventually};
 
@@ -57,21 +57,7 @@ fn sqlite_peer(dir: &std::path::Path, n: u64) -> Result<f64> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     tocsin_e2e::init();
-    let mut args = std::env::args().skip(1);
-    let fleet: Vec<usize> = args
-        .next()
-        .unwrap_or_else(|| "1,10,100".into())
-        .split(',')
-        .map(|s| {
-            s.trim()
-                .parse()
-                .context("AGENTS is a comma-separated list of numbers")
-        })
-        .collect::<Result<_>>()?;
-    let per_agent: u64 = args
-        .next()
-        .map_or(Ok(2000), |s| s.parse())
-        .context("EVENTS_PER_AGENT")?;
+    let (fleet, per_agent) = tocsin_e2e::sim::bench_args("1,10,100", 2000, "EVENTS_PER_AGENT")?;
 
     let mut out = String::from(
         "| agents | events | seconds | durable events/s | ack p50 ms | ack p99 ms | aggregator peak RSS MiB | SQLite-only peer events/s | tocsin / peer |\n\
