@@ -40,6 +40,31 @@ pub struct Check {
     since_ms: i64,
 }
 
+impl Check {
+    /// The rule this check is evaluated with.
+    pub fn rule(&self) -> &Rule {
+        &self.rule
+    }
+
+    /// Unit of the check's value.
+    pub fn unit(&self) -> &'static str {
+        self.unit
+    }
+
+    /// This check's value in `sample` (`None` when not collected).
+    pub fn value_in(&self, sample: &Sample) -> Option<f64> {
+        match self.source {
+            Source::Cpu => sample.cpu_busy_pct,
+            Source::Memory => sample.memory_used_pct,
+            Source::ProcessCount(i) => sample.processes.get(i).map(|p| f64::from(p.count)),
+            Source::ProcessRestarts(i) => sample
+                .processes
+                .get(i)
+                .map(|p| f64::from(p.restarts_in_window)),
+        }
+    }
+}
+
 /// Builds the checks the config asks for, in a stable order.
 pub fn checks(cfg: &AgentConfig) -> Vec<Check> {
     let mut out = Vec::new();
@@ -97,15 +122,7 @@ pub fn evaluate_sample(
 ) -> Vec<Event> {
     let mut events = Vec::new();
     for c in checks.iter_mut() {
-        let value = match c.source {
-            Source::Cpu => sample.cpu_busy_pct,
-            Source::Memory => sample.memory_used_pct,
-            Source::ProcessCount(i) => sample.processes.get(i).map(|p| f64::from(p.count)),
-            Source::ProcessRestarts(i) => sample
-                .processes
-                .get(i)
-                .map(|p| f64::from(p.restarts_in_window)),
-        };
+        let value = c.value_in(sample);
         // The first CPU cycle has no value yet: stay silent rather than report unknown.
         if value.is_none() && c.state.state == State::Unknown {
             continue;

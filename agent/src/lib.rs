@@ -12,6 +12,7 @@ pub mod backoff;
 pub mod collect;
 pub mod config;
 pub mod convert;
+pub mod diagnose;
 pub mod evaluate;
 pub mod event;
 pub mod sample;

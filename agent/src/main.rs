@@ -23,6 +23,13 @@ struct Cli {
 enum Command {
     /// Run the agent (the default).
     Run,
+    /// Run every check once and print where each stands (the quick diagnostic); exit
+    /// code is the worst state: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    Check {
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the config and exit 0, or print every problem and exit 64.
     CheckConfig,
     /// Print the effective config (defaults, file and environment merged) as TOML.
@@ -39,6 +46,33 @@ fn main() -> ExitCode {
     };
     let file = cli.config.as_deref();
     match cli.command.unwrap_or(Command::Run) {
+        Command::Check { json } => {
+            let cfg = match config::load(file) {
+                Ok(c) => c,
+                Err(e) => return fail_config(&e),
+            };
+            match tocsin_agent::diagnose::run(&cfg) {
+                Ok(rows) => {
+                    let text = if json {
+                        format!(
+                            "{}\n",
+                            serde_json::to_string_pretty(&rows).unwrap_or_default()
+                        )
+                    } else {
+                        tocsin_agent::diagnose::table(&rows)
+                    };
+                    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+                    ExitCode::from(tocsin_agent::diagnose::exit_code(&rows))
+                }
+                Err(e) => {
+                    let _ = std::io::Write::write_all(
+                        &mut std::io::stderr(),
+                        format!("tocsin-agent: {e}\n").as_bytes(),
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig => match config::load(file) {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => fail_config(&e),

@@ -76,3 +76,59 @@ async fn agent_metrics_pass_promtool_and_health_reports_the_connection() -> Resu
     );
     Ok(())
 }
+
+/// `tocsin-agent check`: the quick diagnostic prints every check and exits with the worst
+/// state (Nagios convention).
+#[test]
+fn the_quick_diagnostic_exits_with_the_worst_state() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut dummy = tocsin_e2e::Dummy::new(dir.path(), "q")?;
+    dummy.start()?;
+    let cfg = dir.path().join("agent.toml");
+    let write = |watch: &str| -> Result<()> {
+        std::fs::write(
+            &cfg,
+            format!(
+                "state_dir = \"{}\"\n[rules.cpu]\nenabled = false\n[rules.memory]\nwarning = 99\ncritical = 99.9\n\
+                 [[process]]\nname = \"{watch}\"\n",
+                dir.path().join("s").display()
+            ),
+        )?;
+        Ok(())
+    };
+    let run = |json: bool| -> Result<(Option<i32>, String)> {
+        let mut args = vec!["--config", cfg.to_str().context("utf-8")?, "check"];
+        if json {
+            args.push("--json");
+        }
+        let out = Command::new(tocsin_e2e::bin("tocsin-agent"))
+            .args(&args)
+            .output()?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    };
+
+    write(&dummy.name)?;
+    let (code, table) = run(false)?;
+    assert_eq!(code, Some(0), "{table}");
+    assert!(
+        table.contains(&format!("process:{}", dummy.name)) && table.contains("memory"),
+        "{table}"
+    );
+
+    dummy.kill();
+    let (code, json) = run(true)?;
+    assert_eq!(code, Some(2), "a missing process is critical: {json}");
+    let rows: serde_json::Value = serde_json::from_str(&json)?;
+    let row = rows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["check"] == format!("process:{}", dummy.name).as_str());
+    let row = row.context("the process row")?;
+    assert_eq!(row["state"], "critical");
+    assert_eq!(row["value"], 0.0);
+    Ok(())
+}
