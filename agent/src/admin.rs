@@ -81,11 +81,20 @@ async fn metrics(
         *st.conn.borrow(),
         ConnState::Connected { .. }
     )));
+    render(&st.registry, &headers)
+}
+
+/// Encodes `registry` for a scrape: OpenMetrics when the client asks for it (Prometheus
+/// does), else the classic text format (curl, `promtool check metrics`). Shared with the
+/// aggregator's `/metrics`.
+pub fn render(
+    registry: &Registry,
+    headers: &axum::http::HeaderMap,
+) -> ([(header::HeaderName, &'static str); 1], String) {
     let mut body = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &st.registry) {
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, registry) {
         tracing::error!(error = %e, "cannot encode metrics");
     }
-    // Prometheus asks for OpenMetrics; curl and promtool read the classic text format.
     let wants_openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::Tokens;
 use crate::convert;
+use crate::metrics::Metrics;
 use crate::store::{HelloOutcome, IngestOutcome, StoreHandle};
 
 /// How long a new stream may take to send its `Hello`.
@@ -31,8 +32,8 @@ pub struct IngestService {
     outbox_wake: watch::Sender<u64>,
     /// Accepted tokens; `None`: no token needed.
     tokens: Option<std::sync::Arc<Tokens>>,
-    /// Count of streams refused for their token.
-    refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Counters.
+    metrics: Metrics,
     shutdown: CancellationToken,
 }
 
@@ -42,6 +43,7 @@ impl IngestService {
         store: StoreHandle,
         outbox_wake: watch::Sender<u64>,
         tokens: Option<Tokens>,
+        metrics: Metrics,
         shutdown: CancellationToken,
     ) -> Self {
         IngestService {
@@ -49,14 +51,9 @@ impl IngestService {
             sessions: Default::default(),
             outbox_wake,
             tokens: tokens.map(std::sync::Arc::new),
-            refused: Default::default(),
+            metrics,
             shutdown,
         }
-    }
-
-    /// Streams refused for a missing or wrong token since start.
-    pub fn refused_total(&self) -> u64 {
-        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -83,7 +80,7 @@ impl v1::ingest_server::Ingest for IngestService {
             store: self.store.clone(),
             outbox_wake: self.outbox_wake.clone(),
             tokens: self.tokens.clone(),
-            refused: self.refused.clone(),
+            metrics: self.metrics.clone(),
             peer,
             tx,
         };
@@ -103,7 +100,7 @@ struct Session {
     id: u64,
     store: StoreHandle,
     tokens: Option<std::sync::Arc<Tokens>>,
-    refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    metrics: Metrics,
     outbox_wake: watch::Sender<u64>,
     peer: String,
     tx: mpsc::Sender<Result<v1::AggregatorMessage, Status>>,
@@ -143,10 +140,7 @@ impl Session {
         if let Some(tokens) = &self.tokens
             && !tokens.accepts(&hello.agent_id, &first.token)
         {
-            let n = self
-                .refused
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-                + 1;
+            let n = self.metrics.refuse("token");
             tracing::warn!(
                 %peer,
                 agent = %hello.agent_id,
@@ -163,6 +157,7 @@ impl Session {
         let last_seq = match self.store.call(move |s| s.hello(&h, session)).await {
             Ok(HelloOutcome::Welcome(seq)) => seq,
             Ok(HelloOutcome::Duplicate { connected_instance }) => {
+                self.metrics.refuse("duplicate_identity");
                 tracing::error!(
                     %peer,
                     agent = %agent_id,
@@ -195,7 +190,9 @@ impl Session {
         {
             return;
         }
+        self.metrics.agents_connected.inc();
         let reason = self.serve(&agent_id, &mut inbound).await;
+        self.metrics.agents_connected.dec();
         tracing::info!(%peer, agent = %agent_id, reason, "agent disconnected");
         let id = agent_id.clone();
         if let Err(e) = self.store.call(move |s| s.disconnected(&id, session)).await {
@@ -289,6 +286,10 @@ impl Session {
 
     /// Wakes the outbox and logs incident changes of a store outcome.
     fn announce(&self, agent_id: &str, out: &IngestOutcome) {
+        self.metrics.events_stored.inc_by(out.stored as u64);
+        self.metrics
+            .incidents_opened
+            .inc_by(out.opened.len() as u64);
         if out.notifications > 0 {
             self.outbox_wake.send_modify(|n| *n += 1);
         }

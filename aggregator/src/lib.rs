@@ -12,6 +12,7 @@ pub mod convert;
 pub mod correlate;
 pub mod ingest;
 pub mod liveness;
+pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod store;
@@ -122,6 +123,8 @@ pub async fn run(
 
     let (wake_tx, wake_rx) = watch::channel(0u64);
     let tracker = TaskTracker::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = metrics::Metrics::register(&mut registry);
     for (name, target) in targets {
         let d = Dispatcher {
             name,
@@ -131,6 +134,7 @@ pub async fn run(
             retry_min: cfg.retry_min,
             retry_max: cfg.retry_max,
             give_up_after: cfg.give_up_after,
+            metrics: metrics.clone(),
         };
         tracker.spawn(d.run(shutdown.clone()));
     }
@@ -145,8 +149,13 @@ pub async fn run(
     if cfg.tokens.is_none() && !cfg.listen_grpc.ip().is_loopback() {
         tracing::warn!(listen_grpc = %addrs.grpc, "ingest is reachable from other machines and needs no token: set auth.tokens_file");
     }
-    let ingest =
-        ingest::IngestService::new(store.clone(), wake_tx, cfg.tokens.clone(), shutdown.clone());
+    let ingest = ingest::IngestService::new(
+        store.clone(),
+        wake_tx,
+        cfg.tokens.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    );
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(cfg.keepalive))
         .http2_keepalive_timeout(Some(cfg.keepalive))
@@ -172,12 +181,11 @@ pub async fn run(
         Some(tls) => {
             let acceptor = tls::acceptor(tls)?;
             let (tx, rx) = tokio::sync::mpsc::channel(64);
-            let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
             tracker.spawn(tls::accept_loop(
                 grpc_listener,
                 acceptor,
                 tx,
-                refused,
+                metrics.clone(),
                 shutdown.clone(),
             ));
             tracker.spawn(async move {
@@ -195,6 +203,7 @@ pub async fn run(
 
     let app = web::router(web::AppState {
         store: store.clone(),
+        registry: std::sync::Arc::new(registry),
     });
     let http_shutdown = shutdown.clone();
     tracker.spawn(async move {

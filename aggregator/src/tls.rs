@@ -8,7 +8,6 @@
 //! handshakes to tonic.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
@@ -77,7 +76,7 @@ pub async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     out: mpsc::Sender<std::io::Result<TlsStream<TcpStream>>>,
-    refused: Arc<AtomicU64>,
+    metrics: crate::metrics::Metrics,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -92,18 +91,18 @@ pub async fn accept_loop(
                 }
             },
         };
-        let (acceptor, out, refused) = (acceptor.clone(), out.clone(), refused.clone());
+        let (acceptor, out, metrics) = (acceptor.clone(), out.clone(), metrics.clone());
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
                     let _ = out.send(Ok(stream)).await;
                 }
                 Ok(Err(e)) => {
-                    let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
+                    let n = metrics.refuse("tls");
                     tracing::warn!(%peer, error = %e, refused_total = n, "TLS handshake refused");
                 }
                 Err(_) => {
-                    let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
+                    let n = metrics.refuse("tls");
                     tracing::warn!(%peer, refused_total = n, "TLS handshake timed out");
                 }
             }

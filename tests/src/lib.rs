@@ -508,3 +508,31 @@ impl Drop for Dummy {
         self.kill();
     }
 }
+
+/// Runs the real `promtool check metrics` (Debian package `prometheus`) on a scrape.
+///
+/// # Errors
+/// When promtool is missing or finds a problem (its output is in the error).
+pub fn promtool_check(body: &str) -> Result<()> {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("promtool (Debian package prometheus) must be installed: tests/run.sh does it")?;
+    promtool
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(body.as_bytes())?;
+    let out = promtool.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "promtool check metrics failed:\n{}{}\n{body}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

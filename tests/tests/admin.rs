@@ -1,8 +1,7 @@
 //! The agent's own `/metrics` and `/health`: valid for Prometheus (checked with the real
 //! `promtool`), and they tell whether the agent is connected and what it holds.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{Context, Result};
 use tocsin_e2e::{Aggregator, PATIENCE, eventually, start_agent};
@@ -55,25 +54,7 @@ async fn agent_metrics_pass_promtool_and_health_reports_the_connection() -> Resu
     ] {
         assert!(body.contains(name), "{name} missing in:\n{body}");
     }
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("promtool (Debian package prometheus) must be installed: tests/run.sh does it")?;
-    promtool
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(body.as_bytes())?;
-    let result = promtool.wait_with_output()?;
-    assert!(
-        result.status.success(),
-        "promtool check metrics failed:\n{}{}\n{body}",
-        String::from_utf8_lossy(&result.stdout),
-        String::from_utf8_lossy(&result.stderr)
-    );
+    tocsin_e2e::promtool_check(&body)?;
     Ok(())
 }
 
@@ -130,5 +111,69 @@ fn the_quick_diagnostic_exits_with_the_worst_state() -> Result<()> {
     let row = row.context("the process row")?;
     assert_eq!(row["state"], "critical");
     assert_eq!(row["value"], 0.0);
+    Ok(())
+}
+
+/// The aggregator's `/metrics`: valid for promtool, and it counts what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregator_metrics_count_events_incidents_deliveries_and_refusals() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = tocsin_e2e::WebhookReceiver::start().await?;
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "node-m good-token\n")?;
+    let token = dir.path().join("token");
+    std::fs::write(&token, "good-token\n")?;
+    let agg_cfg = format!(
+        "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[auth]\ntokens_file = \"{}\"\n\
+         [notify]\nretry_min = \"100ms\"\n[[notify.webhook]]\nname = \"ops\"\nurl = \"{}\"\n",
+        dir.path().join("agg").display(),
+        tokens.display(),
+        receiver.url
+    );
+    let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
+    let mut dummy = tocsin_e2e::Dummy::new(dir.path(), "m")?;
+    dummy.start()?;
+    let agent_cfg = format!(
+        "agent_id = \"node-m\"\ninterval = \"250ms\"\nadmin_listen = \"\"\nstate_dir = \"{}\"\n\
+         [aggregator]\nendpoints = [\"http://{}\"]\ntoken_file = \"{}\"\n[rules.cpu]\nenabled = false\n\
+         [[process]]\nname = \"{}\"\n",
+        dir.path().join("agent").display(),
+        agg.grpc,
+        token.display(),
+        dummy.name
+    );
+    let _agent = start_agent(dir.path(), &agent_cfg)?;
+    agg.wait_reported("node-m").await?;
+    dummy.kill();
+    receiver
+        .wait_for("trigger", "node-m", &format!("process:{}", dummy.name))
+        .await?;
+    // A stranger without a token.
+    let stranger_dir = dir.path().join("stranger");
+    std::fs::create_dir_all(&stranger_dir)?;
+    let stranger_cfg = format!(
+        "agent_id = \"intruder\"\nadmin_listen = \"\"\nstate_dir = \"{}\"\n[aggregator]\nendpoints = [\"http://{}\"]\n",
+        stranger_dir.join("s").display(),
+        agg.grpc
+    );
+    let mut stranger = start_agent(&stranger_dir, &stranger_cfg)?;
+    stranger.wait_for_output("refused this agent").await?;
+
+    let url = format!("http://{}/metrics", agg.http);
+    let body = eventually("delivery counted", PATIENCE, || async {
+        let body = reqwest::get(&url).await.ok()?.text().await.ok()?;
+        body.contains("tocsin_notify_attempts_total{channel=\"ops\",outcome=\"delivered\"} 1")
+            .then_some(body)
+    })
+    .await?;
+    for line in [
+        "tocsin_ingest_refused_total{reason=\"token\"}",
+        "tocsin_incidents_opened_total 1",
+        "tocsin_ingest_agents_connected 1",
+        "tocsin_ingest_events_stored_total",
+    ] {
+        assert!(body.contains(line), "{line} missing in:\n{body}");
+    }
+    tocsin_e2e::promtool_check(&body)?;
     Ok(())
 }

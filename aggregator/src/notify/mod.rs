@@ -75,6 +75,8 @@ pub struct Dispatcher {
     /// A notification still failing this long after it was queued fails for good (and
     /// says so on the incident's timeline) instead of retrying forever.
     pub give_up_after: Duration,
+    /// Counters.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Dispatcher {
@@ -94,6 +96,16 @@ impl Dispatcher {
                 }
                 Ok(Some(n)) => {
                     let attempt = self.attempt(&n).await;
+                    let outcome = match attempt {
+                        Attempt::Delivered => "delivered",
+                        Attempt::Retry { .. } => "retry",
+                        Attempt::Failed { .. } => "failed",
+                    };
+                    let labels = crate::metrics::Delivery {
+                        channel: self.name.clone(),
+                        outcome,
+                    };
+                    self.metrics.notify_attempts.get_or_create(&labels).inc();
                     let id = n.id;
                     if let Err(error) = self
                         .store

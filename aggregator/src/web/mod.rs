@@ -22,12 +22,15 @@ pub const MAX_LIST: usize = 1000;
 pub struct AppState {
     /// Store access.
     pub store: StoreHandle,
+    /// The aggregator's metrics, for `/metrics`.
+    pub registry: std::sync::Arc<prometheus_client::registry::Registry>,
 }
 
 /// The router.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/api/v1/incidents", get(list_incidents))
         .route("/api/v1/incidents/{id}", get(get_incident))
         .route("/api/v1/nodes", get(list_nodes))
@@ -54,6 +57,10 @@ impl From<crate::store::StoreError> for ApiError {
         tracing::error!(error = %e, "store error in API");
         ApiError(StatusCode::SERVICE_UNAVAILABLE, "store unavailable".into())
     }
+}
+
+async fn metrics(State(st): State<AppState>, headers: axum::http::HeaderMap) -> impl IntoResponse {
+    tocsin_agent::admin::render(&st.registry, &headers)
 }
 
 async fn health() -> Json<serde_json::Value> {
