@@ -536,3 +536,146 @@ pub fn promtool_check(body: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// An aggregator config for tests: both listeners on 127.0.0.1 port 0, data in
+/// `DIR/agg`; add a webhook (with 100 ms retries), a fixed gRPC address or any
+/// top-level line.
+#[derive(Debug, Clone)]
+pub struct AggregatorToml {
+    data_dir: PathBuf,
+    grpc: String,
+    top: Vec<String>,
+    webhook: Option<String>,
+}
+
+impl AggregatorToml {
+    /// Defaults for `dir`.
+    pub fn new(dir: &Path) -> Self {
+        AggregatorToml {
+            data_dir: dir.join("agg"),
+            grpc: "127.0.0.1:0".into(),
+            top: Vec::new(),
+            webhook: None,
+        }
+    }
+
+    /// Listen for agents on this address (to restart on the same port).
+    pub fn grpc(mut self, addr: impl std::fmt::Display) -> Self {
+        self.grpc = addr.to_string();
+        self
+    }
+
+    /// Send notifications to this webhook (channel `t`).
+    pub fn webhook(mut self, url: &str) -> Self {
+        self.webhook = Some(url.to_owned());
+        self
+    }
+
+    /// Adds a top-level line, e.g. `node_timeout = "2s"`.
+    pub fn set(mut self, line: &str) -> Self {
+        self.top.push(line.to_owned());
+        self
+    }
+
+    /// The TOML text.
+    pub fn build(&self) -> String {
+        let mut s = format!(
+            "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"{}\"\ndata_dir = \"{}\"\n",
+            self.grpc,
+            self.data_dir.display()
+        );
+        for line in &self.top {
+            s.push_str(line);
+            s.push('\n');
+        }
+        if let Some(url) = &self.webhook {
+            s.push_str(&format!("[notify]\nretry_min = \"100ms\"\n[[notify.webhook]]\nname = \"t\"\nurl = \"{url}\"\n"));
+        }
+        s
+    }
+}
+
+/// An agent config for tests: fast sampling (250 ms) and heartbeats (500 ms), quick
+/// reconnects (100–500 ms), no admin port, CPU and memory rules off (so a busy test
+/// machine pages nothing), state in `DIR/agent-<id>`; add a process watch, endpoints or
+/// any top-level or `[aggregator]` line.
+#[derive(Debug, Clone)]
+pub struct AgentToml {
+    id: String,
+    state_dir: PathBuf,
+    endpoints: Vec<String>,
+    top: Vec<String>,
+    link: Vec<String>,
+    watch: Option<String>,
+}
+
+impl AgentToml {
+    /// Defaults for agent `id` streaming to the aggregator's gRPC address `grpc`.
+    pub fn new(dir: &Path, id: &str, grpc: impl std::fmt::Display) -> Self {
+        AgentToml {
+            id: id.to_owned(),
+            state_dir: dir.join(format!("agent-{id}")),
+            endpoints: vec![format!("http://{grpc}")],
+            top: Vec::new(),
+            link: Vec::new(),
+            watch: None,
+        }
+    }
+
+    /// Replaces the endpoint list (full URLs).
+    pub fn endpoints(mut self, endpoints: &[String]) -> Self {
+        self.endpoints = endpoints.to_vec();
+        self
+    }
+
+    /// Keeps the spool here instead.
+    pub fn state_dir(mut self, dir: &Path) -> Self {
+        self.state_dir = dir.to_owned();
+        self
+    }
+
+    /// Watches this executable name (fewer than 1 running is critical).
+    pub fn watch(mut self, name: &str) -> Self {
+        self.watch = Some(name.to_owned());
+        self
+    }
+
+    /// Adds a top-level line.
+    pub fn set(mut self, line: &str) -> Self {
+        self.top.push(line.to_owned());
+        self
+    }
+
+    /// Adds a line to `[aggregator]`, e.g. `keepalive = "1s"`.
+    pub fn link(mut self, line: &str) -> Self {
+        self.link.push(line.to_owned());
+        self
+    }
+
+    /// The TOML text.
+    pub fn build(&self) -> String {
+        let endpoints: Vec<String> = self.endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+        let mut s = format!(
+            "agent_id = \"{}\"\ninterval = \"250ms\"\nheartbeat_interval = \"500ms\"\nadmin_listen = \"\"\nstate_dir = \"{}\"\n",
+            self.id,
+            self.state_dir.display()
+        );
+        for line in &self.top {
+            s.push_str(line);
+            s.push('\n');
+        }
+        s.push_str(&format!(
+            "[aggregator]\nendpoints = [{}]\nbackoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n",
+            endpoints.join(", ")
+        ));
+        for line in &self.link {
+            s.push_str(line);
+            s.push('\n');
+        }
+        s.push_str("[rules.cpu]\nenabled = false\n[rules.memory]\nenabled = false\n");
+        if let Some(name) = &self.watch {
+            s.push_str(&format!("[[process]]\nname = \"{name}\"\n"));
+        }
+        s
+    }
+}

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use tocsin_e2e::{Aggregator, Dummy, WebhookReceiver, start_agent};
+use tocsin_e2e::{AgentToml, Aggregator, AggregatorToml, Dummy, WebhookReceiver, start_agent};
 
 /// A small tmpfs mounted for the test, unmounted on drop.
 struct SmallDisk {
@@ -56,21 +56,14 @@ async fn a_full_disk_under_the_spool_still_pages_and_recovers_without_restart() 
     let receiver = WebhookReceiver::start().await?;
     let mut dummy = Dummy::new(dir.path(), "f")?;
     dummy.start()?;
-    let agg_cfg = format!(
-        "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
-         [notify]\nretry_min = \"100ms\"\n[[notify.webhook]]\nname = \"t\"\nurl = \"{}\"\n",
-        dir.path().join("agg").display(),
-        receiver.url
-    );
+    let agg_cfg = AggregatorToml::new(dir.path())
+        .webhook(&receiver.url)
+        .build();
     let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
-    let agent_cfg = format!(
-        "agent_id = \"node-full\"\ninterval = \"250ms\"\nheartbeat_interval = \"500ms\"\nstate_dir = \"{}\"\n\
-         [aggregator]\nendpoints = [\"http://{}\"]\nbackoff_min = \"100ms\"\nbackoff_max = \"300ms\"\n\
-         [rules.cpu]\nenabled = false\n[rules.memory]\nenabled = false\n[[process]]\nname = \"{}\"\n",
-        disk.path.join("state").display(),
-        agg.grpc,
-        dummy.name
-    );
+    let agent_cfg = AgentToml::new(dir.path(), "node-full", agg.grpc)
+        .state_dir(&disk.path.join("state"))
+        .watch(&dummy.name)
+        .build();
     let mut agent = start_agent(dir.path(), &agent_cfg)?;
     agg.wait_reported("node-full").await?;
 
@@ -99,21 +92,13 @@ async fn a_full_disk_under_the_aggregator_delays_but_loses_nothing() -> Result<(
     let receiver = WebhookReceiver::start().await?;
     let mut dummy = Dummy::new(dir.path(), "g")?;
     dummy.start()?;
-    let agg_cfg = format!(
-        "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
-         [notify]\nretry_min = \"100ms\"\n[[notify.webhook]]\nname = \"t\"\nurl = \"{}\"\n",
-        disk.path.join("agg").display(),
-        receiver.url
-    );
+    let agg_cfg = AggregatorToml::new(&disk.path)
+        .webhook(&receiver.url)
+        .build();
     let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
-    let agent_cfg = format!(
-        "agent_id = \"node-aggfull\"\ninterval = \"250ms\"\nheartbeat_interval = \"500ms\"\nstate_dir = \"{}\"\n\
-         [aggregator]\nendpoints = [\"http://{}\"]\nbackoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n\
-         [rules.cpu]\nenabled = false\n[rules.memory]\nenabled = false\n[[process]]\nname = \"{}\"\n",
-        dir.path().join("agent").display(),
-        agg.grpc,
-        dummy.name
-    );
+    let agent_cfg = AgentToml::new(dir.path(), "node-aggfull", agg.grpc)
+        .watch(&dummy.name)
+        .build();
     let mut agent = start_agent(dir.path(), &agent_cfg)?;
     agg.wait_reported("node-aggfull").await?;
 

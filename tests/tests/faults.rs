@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use anyhow::Result;
-use tocsin_e2e::{Aggregator, Dummy, WebhookReceiver, start_agent};
+use tocsin_e2e::{AgentToml, Aggregator, AggregatorToml, Dummy, WebhookReceiver, start_agent};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_aggregator_is_detected_and_the_fault_delivered_after_it_thaws() -> Result<()> {
@@ -12,22 +12,16 @@ async fn a_frozen_aggregator_is_detected_and_the_fault_delivered_after_it_thaws(
     let receiver = WebhookReceiver::start().await?;
     let mut dummy = Dummy::new(dir.path(), "z")?;
     dummy.start()?;
-    let agg_cfg = format!(
-        "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nkeepalive = \"1s\"\n\
-         [notify]\nretry_min = \"100ms\"\n[[notify.webhook]]\nname = \"t\"\nurl = \"{}\"\n",
-        dir.path().join("agg").display(),
-        receiver.url
-    );
+    let agg_cfg = AggregatorToml::new(dir.path())
+        .set("keepalive = \"1s\"")
+        .webhook(&receiver.url)
+        .build();
     let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
-    let agent_cfg = format!(
-        "agent_id = \"node-frozen\"\ninterval = \"250ms\"\nheartbeat_interval = \"500ms\"\nstate_dir = \"{}\"\n\
-         [aggregator]\nendpoints = [\"http://{}\"]\nkeepalive = \"1s\"\nconnect_timeout = \"1s\"\n\
-         backoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n\
-         [rules.cpu]\nenabled = false\n[rules.memory]\nenabled = false\n[[process]]\nname = \"{}\"\n",
-        dir.path().join("agent").display(),
-        agg.grpc,
-        dummy.name
-    );
+    let agent_cfg = AgentToml::new(dir.path(), "node-frozen", agg.grpc)
+        .link("keepalive = \"1s\"")
+        .link("connect_timeout = \"1s\"")
+        .watch(&dummy.name)
+        .build();
     let mut agent = start_agent(dir.path(), &agent_cfg)?;
     agg.wait_reported("node-frozen").await?;
 
@@ -76,12 +70,7 @@ async fn kill_9_mid_stream_stores_every_event_exactly_once() -> Result<()> {
     use tocsin_e2e::sim::SimAgent;
 
     let dir = tempfile::tempdir()?;
-    let cfg = |grpc: &str| {
-        format!(
-            "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"{grpc}\"\ndata_dir = \"{}\"\n",
-            dir.path().join("agg").display()
-        )
-    };
+    let cfg = |grpc: &str| AggregatorToml::new(dir.path()).grpc(grpc).build();
     let mut agg = Aggregator::start(dir.path(), &cfg("127.0.0.1:0")).await?;
     let grpc = agg.grpc;
     let total = 5_000;
@@ -122,17 +111,11 @@ async fn kill_9_mid_stream_stores_every_event_exactly_once() -> Result<()> {
 async fn the_agent_fails_over_to_the_next_endpoint() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?; // closed again at once
-    let agg_cfg = format!(
-        "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
-        dir.path().join("agg").display()
-    );
+    let agg_cfg = AggregatorToml::new(dir.path()).build();
     let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
-    let agent_cfg = format!(
-        "agent_id = \"node-failover\"\ninterval = \"250ms\"\nstate_dir = \"{}\"\n\
-         [aggregator]\nendpoints = [\"http://{dead}\", \"http://{}\"]\nbackoff_min = \"100ms\"\nbackoff_max = \"300ms\"\n",
-        dir.path().join("agent").display(),
-        agg.grpc
-    );
+    let agent_cfg = AgentToml::new(dir.path(), "node-failover", agg.grpc)
+        .endpoints(&[format!("http://{dead}"), format!("http://{}", agg.grpc)])
+        .build();
     let _agent = start_agent(dir.path(), &agent_cfg)?;
     agg.wait_connected("node-failover").await?;
     Ok(())
@@ -144,10 +127,7 @@ async fn garbage_on_the_grpc_port_is_harmless() -> Result<()> {
     use tokio::io::AsyncWriteExt;
 
     let dir = tempfile::tempdir()?;
-    let agg_cfg = format!(
-        "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
-        dir.path().join("agg").display()
-    );
+    let agg_cfg = AggregatorToml::new(dir.path()).build();
     let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
     let mut noise: Vec<u8> = (0..65_536u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -161,11 +141,7 @@ async fn garbage_on_the_grpc_port_is_harmless() -> Result<()> {
     }
     let health = agg.get("/health").await?;
     assert_eq!(health["status"], "ok");
-    let agent_cfg = format!(
-        "agent_id = \"node-after-noise\"\ninterval = \"250ms\"\nstate_dir = \"{}\"\n[aggregator]\nendpoints = [\"http://{}\"]\n",
-        dir.path().join("agent").display(),
-        agg.grpc
-    );
+    let agent_cfg = AgentToml::new(dir.path(), "node-after-noise", agg.grpc).build();
     let _agent = start_agent(dir.path(), &agent_cfg)?;
     agg.wait_connected("node-after-noise").await?;
     drop(idle);
@@ -181,24 +157,18 @@ async fn an_agent_started_before_the_aggregator_delivers_what_it_saw() -> Result
     let mut dummy = Dummy::new(dir.path(), "e")?;
     dummy.start()?;
     let grpc = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?; // free again at once
-    let agent_cfg = format!(
-        "agent_id = \"node-early\"\ninterval = \"250ms\"\nstate_dir = \"{}\"\n\
-         [aggregator]\nendpoints = [\"http://{grpc}\"]\nbackoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n\
-         [rules.cpu]\nenabled = false\n[rules.memory]\nenabled = false\n[[process]]\nname = \"{}\"\n",
-        dir.path().join("agent").display(),
-        dummy.name
-    );
+    let agent_cfg = AgentToml::new(dir.path(), "node-early", grpc)
+        .watch(&dummy.name)
+        .build();
     let mut agent = start_agent(dir.path(), &agent_cfg)?;
     agent.wait_for_output("aggregator unreachable").await?;
     dummy.kill();
     agent.wait_for_output("critical").await?;
 
-    let agg_cfg = format!(
-        "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"{grpc}\"\ndata_dir = \"{}\"\n\
-         [notify]\nretry_min = \"100ms\"\n[[notify.webhook]]\nname = \"t\"\nurl = \"{}\"\n",
-        dir.path().join("agg").display(),
-        receiver.url
-    );
+    let agg_cfg = AggregatorToml::new(dir.path())
+        .grpc(grpc)
+        .webhook(&receiver.url)
+        .build();
     let _agg = Aggregator::start(dir.path(), &agg_cfg).await?;
     let trigger = receiver
         .wait_for("trigger", "node-early", &format!("process:{}", dummy.name))

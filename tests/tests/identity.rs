@@ -1,31 +1,23 @@
 //! Identity and state: a lost agent state directory, two agents with one identity, two
 //! daemons on one directory. Each used to lose pages silently.
 
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use tocsin_e2e::{Aggregator, Daemon, Dummy, WebhookReceiver, bin, start_agent};
+use tocsin_e2e::{
+    AgentToml, Aggregator, AggregatorToml, Daemon, Dummy, WebhookReceiver, bin, start_agent,
+};
 
-fn aggregator_config(dir: &std::path::Path, webhook: &str) -> String {
-    format!(
-        "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
-         [notify]\nretry_min = \"100ms\"\n[[notify.webhook]]\nname = \"t\"\nurl = \"{webhook}\"\n",
-        dir.join("agg").display()
-    )
+fn aggregator_config(dir: &Path, webhook: &str) -> String {
+    AggregatorToml::new(dir).webhook(webhook).build()
 }
 
-fn agent_config(
-    state: &std::path::Path,
-    id: &str,
-    grpc: std::net::SocketAddr,
-    process: &str,
-) -> String {
-    format!(
-        "agent_id = \"{id}\"\ninterval = \"250ms\"\nheartbeat_interval = \"1s\"\nstate_dir = \"{}\"\n\
-         [aggregator]\nendpoints = [\"http://{grpc}\"]\nbackoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n\
-         [rules.cpu]\nenabled = false\n[rules.memory]\nenabled = false\n[[process]]\nname = \"{process}\"\n",
-        state.display()
-    )
+fn agent_config(state: &Path, id: &str, grpc: std::net::SocketAddr, process: &str) -> String {
+    AgentToml::new(state, id, grpc)
+        .state_dir(state)
+        .watch(process)
+        .build()
 }
 
 /// Regression: after the agent's state directory was lost, the fresh spool's first

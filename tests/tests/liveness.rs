@@ -4,23 +4,18 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use tocsin_e2e::{Aggregator, WebhookReceiver, start_agent};
+use tocsin_e2e::{AgentToml, Aggregator, AggregatorToml, WebhookReceiver, start_agent};
 
 fn aggregator_config(dir: &std::path::Path, webhook: &str, grpc: &str) -> String {
-    format!(
-        "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"{grpc}\"\ndata_dir = \"{}\"\nnode_timeout = \"2s\"\n\
-         [notify]\nretry_min = \"100ms\"\n[[notify.webhook]]\nname = \"t\"\nurl = \"{webhook}\"\n",
-        dir.join("agg").display()
-    )
+    AggregatorToml::new(dir)
+        .grpc(grpc)
+        .set("node_timeout = \"2s\"")
+        .webhook(webhook)
+        .build()
 }
 
 fn agent_config(dir: &std::path::Path, id: &str, grpc: std::net::SocketAddr) -> String {
-    format!(
-        "agent_id = \"{id}\"\ninterval = \"250ms\"\nheartbeat_interval = \"500ms\"\nstate_dir = \"{}\"\n\
-         [aggregator]\nendpoints = [\"http://{grpc}\"]\nbackoff_min = \"100ms\"\nbackoff_max = \"300ms\"\n\
-         [rules.cpu]\nenabled = false\n[rules.memory]\nenabled = false\n",
-        dir.join("agent").display()
-    )
+    AgentToml::new(dir, id, grpc).build()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
