@@ -98,7 +98,16 @@ pub fn render(
     let wants_openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("application/openmetrics-text"));
+        .is_some_and(|accept| {
+            accept.split(',').any(|media| {
+                let mut parts = media.split(';').map(str::trim);
+                parts.next() == Some("application/openmetrics-text")
+                    && !parts.any(|p| {
+                        p.strip_prefix("q=")
+                            .is_some_and(|q| q.parse::<f32>().is_ok_and(|q| q <= 0.0))
+                    })
+            })
+        });
     if wants_openmetrics {
         (
             [(

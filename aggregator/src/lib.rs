@@ -126,6 +126,7 @@ pub async fn run(
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::register(&mut registry);
     for (name, target) in targets {
+        metrics.channel(&name);
         let d = Dispatcher {
             name,
             target,

@@ -68,7 +68,21 @@ impl Metrics {
             "Notification delivery attempts, by channel and outcome",
             m.notify_attempts.clone(),
         );
+        // Every series exists from the start, so rate() has something to work on.
+        for reason in ["token", "tls", "duplicate_identity"] {
+            drop(m.refused.get_or_create(&Refusal { reason }));
+        }
         m
+    }
+
+    /// Creates the delivery series of `channel` at zero.
+    pub fn channel(&self, channel: &str) {
+        for outcome in ["delivered", "retry", "failed"] {
+            drop(self.notify_attempts.get_or_create(&Delivery {
+                channel: channel.to_owned(),
+                outcome,
+            }));
+        }
     }
 
     /// Counts one refusal; returns the new total for that reason.

@@ -27,6 +27,9 @@ pub async fn deliver(
     let response = match response {
         Ok(r) => r,
         Err(e) => {
+            // reqwest quotes the full URL (query included) in its errors: drop it, the
+            // redacted one leads the message.
+            let e = e.without_url();
             return Delivery::Transient {
                 error: format!(
                     "POST {}: {}",
@@ -121,6 +124,31 @@ fn redact_text(text: &str, url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::redact_url;
+
+    /// Regression: a refused connection quoted the full URL, token included.
+    #[tokio::test]
+    async fn connection_errors_do_not_leak_the_url() {
+        crate::install_crypto_provider();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let url = format!("http://alice:pw@127.0.0.1:{port}/hook?token=SECRET123");
+        let client = reqwest::Client::new();
+        let got = super::deliver(&client, &url, std::time::Duration::from_secs(2), "k", "{}").await;
+        let crate::notify::Delivery::Transient { error, .. } = got else {
+            panic!("expected a retry: {got:?}")
+        };
+        assert!(
+            !error.contains("SECRET123") && !error.contains("pw@"),
+            "{error}"
+        );
+        assert!(
+            error.contains(&format!("127.0.0.1:{port}/hook?***")),
+            "{error}"
+        );
+    }
 
     #[test]
     fn secrets_in_urls_are_redacted() {
