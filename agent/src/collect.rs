@@ -38,6 +38,8 @@ pub struct Check {
     state: RuleState,
     value: Option<f64>,
     since_ms: i64,
+    /// Flap detection over this check's recent states.
+    flap: evaluate::FlapDetector,
 }
 
 impl Check {
@@ -78,6 +80,7 @@ pub fn checks(cfg: &AgentConfig) -> Vec<Check> {
             state: RuleState::initial(Duration::ZERO),
             value: None,
             since_ms: now_ms(),
+            flap: evaluate::FlapDetector::default(),
         });
     };
     if let Some(r) = &cfg.cpu {
@@ -128,7 +131,37 @@ pub fn evaluate_sample(
             continue;
         }
         c.value = value;
-        let Some(t) = evaluate::step(&c.rule, &mut c.state, value, now) else {
+        let transition = evaluate::step(&c.rule, &mut c.state, value, now);
+        let was_flapping = c.flap.is_flapping();
+        let flapping = c.flap.observe(c.state.state);
+        let Some(t) = transition else {
+            if flapping != was_flapping {
+                // No state change, but the check starts or stops flapping: say so, so the
+                // aggregator can stop (or resume) paging on every change.
+                let note = if flapping {
+                    "started flapping"
+                } else {
+                    "stopped flapping"
+                };
+                events.push(Event {
+                    seq: 0,
+                    check: c.name.clone(),
+                    labels: c.labels.clone(),
+                    state: c.state.state,
+                    previous: c.state.state,
+                    value,
+                    unit: c.unit.to_owned(),
+                    threshold: None,
+                    message: format!(
+                        "{} {note} ({:.0}% state changes)",
+                        c.name,
+                        c.flap.change_pct()
+                    ),
+                    observed_at_ms: wall_ms,
+                    breach_started_at_ms: 0,
+                    flapping,
+                });
+            }
             continue;
         };
         c.since_ms = wall_ms;
@@ -147,7 +180,7 @@ pub fn evaluate_sample(
             message: message(&c.name, c.unit, &c.rule, t.to, value, t.threshold),
             observed_at_ms: wall_ms,
             breach_started_at_ms,
-            flapping: false,
+            flapping,
         });
     }
     events
@@ -334,5 +367,92 @@ impl Collector {
             })
             .collect();
         self.status_tx.send_replace(Arc::new(status));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::evaluate::{Direction, Rule};
+
+    fn cpu_only() -> AgentConfig {
+        let mut cfg = crate::config::load(None).expect("defaults");
+        cfg.memory = None;
+        cfg.processes.clear();
+        cfg.cpu = Some(Rule {
+            direction: Direction::Above,
+            warning: None,
+            critical: Some(90.0),
+            hold_for: Duration::ZERO,
+            clear: None,
+            clear_for: Duration::ZERO,
+            inclusive: false,
+        });
+        cfg
+    }
+
+    fn sample(cpu: f64) -> Sample {
+        Sample {
+            cpu_busy_pct: Some(cpu),
+            memory_used_pct: None,
+            processes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_flapping_check_says_so_and_says_when_it_stops() {
+        let cfg = cpu_only();
+        let mut checks = checks(&cfg);
+        let mut events = Vec::new();
+        for i in 0..30u64 {
+            let v = if i % 2 == 0 { 99.0 } else { 10.0 };
+            events.extend(evaluate_sample(
+                &mut checks,
+                &sample(v),
+                Duration::from_secs(i),
+                1000 + i as i64,
+            ));
+        }
+        assert!(events.iter().any(|e| e.flapping), "alternating states flap");
+        let mut calm = Vec::new();
+        for i in 30..70u64 {
+            calm.extend(evaluate_sample(
+                &mut checks,
+                &sample(10.0),
+                Duration::from_secs(i),
+                1000 + i as i64,
+            ));
+        }
+        let stop = calm
+            .iter()
+            .find(|e| e.message.contains("stopped flapping"))
+            .expect("a stop event");
+        assert!(!stop.flapping);
+        assert_eq!(stop.state, State::Ok);
+    }
+
+    #[test]
+    fn a_single_incident_is_not_marked_flapping() {
+        let cfg = cpu_only();
+        let mut checks = checks(&cfg);
+        let mut events = Vec::new();
+        for (i, v) in [10.0, 10.0, 99.0, 99.0, 99.0, 10.0, 10.0]
+            .into_iter()
+            .enumerate()
+        {
+            events.extend(evaluate_sample(
+                &mut checks,
+                &sample(v),
+                Duration::from_secs(i as u64),
+                i as i64,
+            ));
+        }
+        assert_eq!(
+            events.iter().filter(|e| e.state == State::Critical).count(),
+            1
+        );
+        assert!(events.iter().all(|e| !e.flapping));
     }
 }

@@ -498,3 +498,137 @@ mod tests {
         assert_eq!(t.threshold, Some(95.0));
     }
 }
+
+/// Flap detection, Nagios-style: over the last [`FLAP_WINDOW`] evaluations, the weighted
+/// share of evaluations whose state differed from the one before (recent changes weigh
+/// more, from 0.8 for the oldest to 1.2 for the newest). A check starts flapping above
+/// `high` percent and stops below `low` percent (hysteresis). Pure: the caller feeds it
+/// every evaluated state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlapDetector {
+    history: std::collections::VecDeque<State>,
+    flapping: bool,
+    low: f64,
+    high: f64,
+}
+
+/// Evaluations remembered by a [`FlapDetector`].
+pub const FLAP_WINDOW: usize = 21;
+/// Default percent state change below which a flapping check calms down.
+pub const FLAP_LOW_PCT: f64 = 25.0;
+/// Default percent state change above which a check is flapping.
+pub const FLAP_HIGH_PCT: f64 = 50.0;
+
+impl Default for FlapDetector {
+    fn default() -> Self {
+        FlapDetector::new(FLAP_LOW_PCT, FLAP_HIGH_PCT)
+    }
+}
+
+impl FlapDetector {
+    /// A detector with the given thresholds, percent (`low` ≤ `high`).
+    pub fn new(low: f64, high: f64) -> Self {
+        FlapDetector {
+            history: std::collections::VecDeque::with_capacity(FLAP_WINDOW),
+            flapping: false,
+            low,
+            high,
+        }
+    }
+
+    /// Records one evaluated state; returns whether the check is flapping now. Until the
+    /// window is full nothing is called flapping.
+    pub fn observe(&mut self, state: State) -> bool {
+        if self.history.len() == FLAP_WINDOW {
+            self.history.pop_front();
+        }
+        self.history.push_back(state);
+        if self.history.len() < FLAP_WINDOW {
+            return self.flapping;
+        }
+        let pct = self.change_pct();
+        if self.flapping && pct < self.low {
+            self.flapping = false;
+        } else if !self.flapping && pct > self.high {
+            self.flapping = true;
+        }
+        self.flapping
+    }
+
+    /// Weighted percent of state changes in the window.
+    pub fn change_pct(&self) -> f64 {
+        let n = self.history.len();
+        if n < 2 {
+            return 0.0;
+        }
+        let (mut changed, mut total) = (0.0, 0.0);
+        for i in 1..n {
+            let weight = 0.8 + 0.4 * (i - 1) as f64 / (n - 2).max(1) as f64;
+            total += weight;
+            if self.history[i] != self.history[i - 1] {
+                changed += weight;
+            }
+        }
+        changed * 100.0 / total
+    }
+
+    /// Whether the check is flapping.
+    pub fn is_flapping(&self) -> bool {
+        self.flapping
+    }
+}
+
+#[cfg(test)]
+mod flap_tests {
+    use super::*;
+
+    #[test]
+    fn a_steady_check_never_flaps() {
+        let mut f = FlapDetector::default();
+        assert!((0..100).all(|_| !f.observe(State::Ok)));
+    }
+
+    #[test]
+    fn alternating_states_flap_and_calm_down_with_hysteresis() {
+        let mut f = FlapDetector::default();
+        let mut flapped_at = None;
+        for i in 0..40 {
+            let s = if i % 2 == 0 {
+                State::Critical
+            } else {
+                State::Ok
+            };
+            if f.observe(s) && flapped_at.is_none() {
+                flapped_at = Some(i);
+            }
+        }
+        assert_eq!(
+            flapped_at,
+            Some(FLAP_WINDOW - 1),
+            "flapping as soon as the window is full"
+        );
+        // Settles: stays flapping while changes are still in the window, then stops.
+        let mut calm_at = None;
+        for i in 0..40 {
+            if !f.observe(State::Ok) && calm_at.is_none() {
+                calm_at = Some(i);
+            }
+        }
+        let calm_at = calm_at.expect("calms down");
+        assert!(
+            calm_at > 5 && calm_at < FLAP_WINDOW,
+            "hysteresis: {calm_at}"
+        );
+        assert!(!f.is_flapping());
+    }
+
+    #[test]
+    fn one_real_incident_is_not_flapping() {
+        let mut f = FlapDetector::default();
+        let states = [State::Ok; 10]
+            .into_iter()
+            .chain([State::Critical; 5])
+            .chain([State::Ok; 10]);
+        assert!(states.map(|s| f.observe(s)).all(|flapping| !flapping));
+    }
+}
