@@ -545,6 +545,7 @@ pub struct AggregatorToml {
     data_dir: PathBuf,
     grpc: String,
     top: Vec<String>,
+    notify: Vec<String>,
     webhook: Option<String>,
 }
 
@@ -555,6 +556,7 @@ impl AggregatorToml {
             data_dir: dir.join("agg"),
             grpc: "127.0.0.1:0".into(),
             top: Vec::new(),
+            notify: Vec::new(),
             webhook: None,
         }
     }
@@ -577,6 +579,12 @@ impl AggregatorToml {
         self
     }
 
+    /// Adds a line to `[notify]` (with a webhook), e.g. `retry_max = "2s"`.
+    pub fn notify(mut self, line: &str) -> Self {
+        self.notify.push(line.to_owned());
+        self
+    }
+
     /// The TOML text.
     pub fn build(&self) -> String {
         let mut s = format!(
@@ -589,7 +597,14 @@ impl AggregatorToml {
             s.push('\n');
         }
         if let Some(url) = &self.webhook {
-            s.push_str(&format!("[notify]\nretry_min = \"100ms\"\n[[notify.webhook]]\nname = \"t\"\nurl = \"{url}\"\n"));
+            s.push_str("[notify]\nretry_min = \"100ms\"\n");
+            for line in &self.notify {
+                s.push_str(line);
+                s.push('\n');
+            }
+            s.push_str(&format!(
+                "[[notify.webhook]]\nname = \"t\"\nurl = \"{url}\"\n"
+            ));
         }
         s
     }

@@ -5,41 +5,30 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use tocsin_e2e::{Aggregator, Dummy, PATIENCE, WebhookReceiver, eventually, start_agent};
+use tocsin_e2e::{
+    AgentToml, Aggregator, AggregatorToml, Daemon, Dummy, PATIENCE, WebhookReceiver, eventually,
+    start_agent,
+};
 
-fn configs(
+/// An aggregator paging `receiver` (fast retries, capped at 2 s) and an agent watching
+/// `dummy`, with the agent's first events stored.
+async fn start_pair(
     dir: &std::path::Path,
-    webhook: &str,
-    agent_id: &str,
-    process: &str,
-) -> (String, String) {
-    let agg = format!(
-        r#"listen_http = "127.0.0.1:0"
-listen_grpc = "127.0.0.1:0"
-data_dir = "{}"
-[notify]
-retry_min = "100ms"
-retry_max = "2s"
-[[notify.webhook]]
-name = "flaky"
-url = "{webhook}"
-"#,
-        dir.join("agg").display()
-    );
-    let agent = format!(
-        r#"agent_id = "{agent_id}"
-interval = "250ms"
-state_dir = "{}"
-[rules.cpu]
-enabled = false
-[rules.memory]
-enabled = false
-[[process]]
-name = "{process}"
-"#,
-        dir.join("agent").display()
-    );
-    (agg, agent)
+    receiver: &WebhookReceiver,
+    id: &str,
+    dummy: &Dummy,
+) -> Result<(Aggregator, Daemon)> {
+    let agg_cfg = AggregatorToml::new(dir)
+        .webhook(&receiver.url)
+        .notify("retry_max = \"2s\"")
+        .build();
+    let agg = Aggregator::start(dir, &agg_cfg).await?;
+    let agent = start_agent(
+        dir,
+        &AgentToml::new(dir, id, agg.grpc).watch(&dummy.name).build(),
+    )?;
+    agg.wait_reported(id).await?;
+    Ok((agg, agent))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,17 +37,7 @@ async fn transient_failures_are_retried_until_delivered() -> Result<()> {
     let receiver = WebhookReceiver::scripted(vec![500, 503, 429]).await?;
     let mut dummy = Dummy::new(dir.path(), "r")?;
     dummy.start()?;
-    let (agg_cfg, agent_cfg) = configs(dir.path(), &receiver.url, "node-retry", &dummy.name);
-    let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
-    let agent_cfg = agent_cfg.replace(
-        "[rules.cpu]",
-        &format!(
-            "[aggregator]\nendpoints = [\"http://{}\"]\n[rules.cpu]",
-            agg.grpc
-        ),
-    );
-    let _agent = start_agent(dir.path(), &agent_cfg)?;
-    agg.wait_reported("node-retry").await?;
+    let (agg, _agent) = start_pair(dir.path(), &receiver, "node-retry", &dummy).await?;
     dummy.kill();
 
     let check = format!("process:{}", dummy.name);
@@ -97,17 +76,7 @@ async fn a_permanent_rejection_is_recorded_and_not_retried() -> Result<()> {
     let receiver = WebhookReceiver::scripted(vec![400]).await?;
     let mut dummy = Dummy::new(dir.path(), "p")?;
     dummy.start()?;
-    let (agg_cfg, agent_cfg) = configs(dir.path(), &receiver.url, "node-reject", &dummy.name);
-    let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
-    let agent_cfg = agent_cfg.replace(
-        "[rules.cpu]",
-        &format!(
-            "[aggregator]\nendpoints = [\"http://{}\"]\n[rules.cpu]",
-            agg.grpc
-        ),
-    );
-    let _agent = start_agent(dir.path(), &agent_cfg)?;
-    agg.wait_reported("node-reject").await?;
+    let (agg, _agent) = start_pair(dir.path(), &receiver, "node-reject", &dummy).await?;
     dummy.kill();
 
     let detail = eventually("failure recorded", PATIENCE, || async {
