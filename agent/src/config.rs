@@ -42,6 +42,11 @@ pub const RESTARTS_CRITICAL: f64 = 10.0;
 /// Default `for` of the CPU and memory rules: a breach must hold this long. The seed
 /// checks these every minute; a one-second spike is not an incident.
 pub const DEFAULT_RESOURCE_FOR: &str = "1m";
+/// Default period of full process-table reads for process watches (between them only
+/// the known processes are refreshed; a death noticed by pidfd also triggers one).
+pub const DEFAULT_DISCOVERY_INTERVAL: &str = "10s";
+/// Seed: `RECOVERY_TIMEOUT`, the longest a recovery action may run.
+pub const DEFAULT_RECOVERY_TIMEOUT: &str = "300s";
 
 /// The config as written in TOML or the environment: strings for durations and
 /// addresses, converted by [`RawConfig::validate`].
@@ -68,10 +73,36 @@ pub struct RawConfig {
     pub aggregator: RawAggregatorLink,
     /// Resource rules.
     pub rules: RawRules,
+    /// Defaults shared by many checks (the seed's variables).
+    pub defaults: RawDefaults,
     /// Watched processes (`[[process]]` tables).
     pub process: Vec<RawProcessWatch>,
     /// Logging.
     pub log: RawLog,
+}
+
+/// `[defaults]`: values many checks share, set by the seed's variables.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDefaults {
+    /// Timeout of HTTP, TCP and exec checks without their own (`HEALTH_CHECK_TIMEOUT`,
+    /// seconds or a duration; seed: 10).
+    pub health_check_timeout: String,
+    /// Timeout of recovery actions without their own (`RECOVERY_TIMEOUT`; seed: 300).
+    pub recovery_timeout: String,
+    /// Error rate, percent, that is a warning for HTTP checks without their own level
+    /// (`ERROR_RATE_THRESHOLD`; seed: 5).
+    pub error_rate_warning: f64,
+}
+
+impl Default for RawDefaults {
+    fn default() -> Self {
+        RawDefaults {
+            health_check_timeout: "10s".into(),
+            recovery_timeout: DEFAULT_RECOVERY_TIMEOUT.into(),
+            error_rate_warning: 5.0,
+        }
+    }
 }
 
 /// `[aggregator]`.
@@ -133,14 +164,26 @@ pub struct RawRule {
     pub clear_for: String,
 }
 
-/// One `[[process]]` watch as written.
+/// One `[[process]]` watch as written. Matching: by `exe` (default: `name`), or by
+/// exactly one of `cmdline`, `pidfile`, `unit`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawProcessWatch {
-    /// Executable name (full file name of the executable, or the process name).
+    /// Name of the watch (check names `process:NAME`, …); also the executable name to
+    /// match when no other matcher is given.
     pub name: String,
+    /// Executable file name to match (full name, not the 15-byte `comm`).
+    pub exe: Option<String>,
+    /// Regular expression matched against the command line (arguments joined by spaces).
+    pub cmdline: Option<String>,
+    /// File holding the PID of the process.
+    pub pidfile: Option<String>,
+    /// systemd unit whose cgroup holds the processes (e.g. `nginx.service`).
+    pub unit: Option<String>,
     /// Fewer live instances than this is critical.
     pub min: u32,
+    /// More live instances than this is a warning (unset: no upper bound).
+    pub max: Option<u32>,
     /// How long the shortfall must hold.
     #[serde(rename = "for")]
     pub hold_for: String,
@@ -150,6 +193,45 @@ pub struct RawProcessWatch {
     pub restarts_critical: f64,
     /// Window for counting restarts.
     pub restarts_window: String,
+    /// CPU use of the watch (percent of one core, summed) that is a warning.
+    pub cpu_warning: Option<f64>,
+    /// CPU use that is critical.
+    pub cpu_critical: Option<f64>,
+    /// Resident memory of the watch (MiB, summed) that is a warning.
+    pub rss_warning_mib: Option<f64>,
+    /// Resident memory that is critical.
+    pub rss_critical_mib: Option<f64>,
+    /// How long a CPU or RSS breach must hold.
+    pub usage_for: String,
+    /// How often the full process table is read to find new matching processes.
+    pub discovery_interval: String,
+    /// Local recovery action when the live count goes critical.
+    pub recover: Option<RawRecovery>,
+}
+
+/// A local recovery action (`recover = { command = [...], ... }`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRecovery {
+    /// argv, run without a shell; event fields arrive as `TOCSIN_*` variables.
+    pub command: Vec<String>,
+    /// Most runs within `window` (the restart budget).
+    pub max_runs: u32,
+    /// The budget's window.
+    pub window: String,
+    /// Timeout per run (default: `RECOVERY_TIMEOUT`, else 300 s).
+    pub timeout: String,
+}
+
+impl Default for RawRecovery {
+    fn default() -> Self {
+        RawRecovery {
+            command: Vec::new(),
+            max_runs: 3,
+            window: "10m".into(),
+            timeout: String::new(),
+        }
+    }
 }
 
 impl Default for RawConfig {
@@ -165,6 +247,7 @@ impl Default for RawConfig {
             labels: BTreeMap::new(),
             aggregator: RawAggregatorLink::default(),
             rules: RawRules::default(),
+            defaults: RawDefaults::default(),
             process: Vec::new(),
             log: RawLog::default(),
         }
@@ -222,11 +305,23 @@ impl Default for RawProcessWatch {
     fn default() -> Self {
         RawProcessWatch {
             name: String::new(),
+            exe: None,
+            cmdline: None,
+            pidfile: None,
+            unit: None,
             min: 1,
+            max: None,
             hold_for: "0s".into(),
             restarts_warning: RESTARTS_WARNING,
             restarts_critical: RESTARTS_CRITICAL,
             restarts_window: "1h".into(),
+            cpu_warning: None,
+            cpu_critical: None,
+            rss_warning_mib: None,
+            rss_critical_mib: None,
+            usage_for: "1m".into(),
+            discovery_interval: DEFAULT_DISCOVERY_INTERVAL.into(),
+            recover: None,
         }
     }
 }
@@ -272,6 +367,10 @@ pub struct AgentConfig {
     pub memory: Option<Rule>,
     /// Process watches.
     pub processes: Vec<ProcessWatch>,
+    /// Timeout of checks without their own (`defaults.health_check_timeout`).
+    pub health_check_timeout: Duration,
+    /// Error-rate warning level of HTTP checks without their own, percent.
+    pub error_rate_warning: f64,
     /// Log settings.
     pub log: LogConfig,
 }
@@ -309,17 +408,57 @@ pub struct ClientTls {
     pub domain: Option<String>,
 }
 
+/// How a process watch finds its processes.
+#[derive(Debug, Clone)]
+pub enum Matcher {
+    /// Executable file name, `argv[0]` file name, or `comm` for names of ≤ 15 bytes.
+    Exe(String),
+    /// Regular expression on the command line (arguments joined by spaces).
+    Cmdline(regex::Regex),
+    /// The PID in this file.
+    Pidfile(PathBuf),
+    /// Every process in this systemd unit's cgroup.
+    Unit(String),
+}
+
+/// A validated local recovery action.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// argv (no shell).
+    pub command: Vec<String>,
+    /// Most runs within `window`.
+    pub max_runs: u32,
+    /// The budget's window.
+    pub window: Duration,
+    /// Timeout per run; the process group is killed after it.
+    pub timeout: Duration,
+}
+
 /// A validated process watch.
 #[derive(Debug, Clone)]
 pub struct ProcessWatch {
-    /// Executable name to match.
+    /// Name of the watch.
     pub name: String,
+    /// How processes are matched.
+    pub matcher: Matcher,
+    /// Fewer live processes than this is critical.
+    pub min: u32,
     /// Rule on the live count (below `min` is critical).
     pub count_rule: Rule,
+    /// Rule on the live count above `max` (warning), when `max` is set.
+    pub max_rule: Option<Rule>,
     /// Rule on restarts within `restarts_window`.
     pub restarts_rule: Rule,
     /// Window for restarts.
     pub restarts_window: Duration,
+    /// Rule on CPU % of one core, summed over the watch.
+    pub cpu_rule: Option<Rule>,
+    /// Rule on resident memory, MiB, summed over the watch.
+    pub rss_rule: Option<Rule>,
+    /// How often the whole process table is read for new matches.
+    pub discovery: Duration,
+    /// Local recovery when the count goes critical.
+    pub recover: Option<Recovery>,
 }
 
 /// Prefix of the agent's environment variables (`TOCSIN_AGENT_INTERVAL=2s`).
@@ -329,6 +468,9 @@ pub const ENV_PREFIX: &str = "TOCSIN_AGENT_";
 pub const SEED_ENV: &[(&str, &str)] = &[
     ("CPU_ALERT_THRESHOLD", "rules.cpu.warning"),
     ("MEMORY_ALERT_THRESHOLD", "rules.memory.warning"),
+    ("ERROR_RATE_THRESHOLD", "defaults.error_rate_warning"),
+    ("HEALTH_CHECK_TIMEOUT", "defaults.health_check_timeout"),
+    ("RECOVERY_TIMEOUT", "defaults.recovery_timeout"),
     ("NAMESPACE", "labels.namespace"),
 ];
 
@@ -484,98 +626,36 @@ impl RawConfig {
         let cpu = validate_rule(&mut v, "rules.cpu", &self.rules.cpu, PERCENT);
         let memory = validate_rule(&mut v, "rules.memory", &self.rules.memory, PERCENT);
 
+        let recovery_timeout = v.seconds_or_duration(
+            "defaults.recovery_timeout",
+            &self.defaults.recovery_timeout,
+            Duration::from_secs(300),
+        );
+        let health_check_timeout = v.seconds_or_duration(
+            "defaults.health_check_timeout",
+            &self.defaults.health_check_timeout,
+            Duration::from_secs(10),
+        );
+        let e = self.defaults.error_rate_warning;
+        if !(e.is_finite() && e > 0.0 && e <= 100.0) {
+            v.problem(
+                "defaults.error_rate_warning",
+                format!("{e} is outside 0 (exclusive) to 100 percent"),
+            );
+        }
         let mut processes = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
         for (i, p) in self.process.iter().enumerate() {
             let key = format!("process.{i}");
-            if p.name.trim().is_empty() {
-                v.problem(
-                    &format!("{key}.name"),
-                    "a process watch needs a non-empty name",
-                );
-                continue;
-            }
-            // "process_restarts:" + name must fit the wire's identifier limit.
-            let max_name = MAX_ID_LEN - "process_restarts:".len();
-            if p.name.len() > max_name {
-                v.problem(
-                    &format!("{key}.name"),
-                    format!("{} bytes, at most {max_name}", p.name.len()),
-                );
-            }
-            if p.name.chars().any(char::is_control) {
-                v.problem(
-                    &format!("{key}.name"),
-                    format!("{:?} contains control characters", p.name),
-                );
-            }
-            if p.name.contains('/') || p.name.contains('\0') {
-                v.problem(
-                    &format!("{key}.name"),
-                    format!(
-                        "{:?} is a path: give the executable's file name, e.g. \"nginx\"",
-                        p.name
-                    ),
-                );
-            }
-            for (what, level) in [
-                ("restarts_warning", p.restarts_warning),
-                ("restarts_critical", p.restarts_critical),
-            ] {
-                if !(level >= 1.0 && level.is_finite()) {
+            if let Some(w) = validate_watch(&mut v, &key, p, recovery_timeout) {
+                if !seen.insert(w.name.clone()) {
                     v.problem(
-                        &format!("{key}.{what}"),
-                        format!("{level} restarts: must be at least 1"),
+                        &format!("{key}.name"),
+                        format!("process {:?} is watched twice", w.name),
                     );
                 }
+                processes.push(w);
             }
-            if !seen.insert(p.name.clone()) {
-                v.problem(
-                    &format!("{key}.name"),
-                    format!("process {:?} is watched twice", p.name),
-                );
-            }
-            if p.min == 0 {
-                v.problem(&format!("{key}.min"), "must be at least 1");
-            }
-            let hold_for = v.duration(&format!("{key}.for"), &p.hold_for, Duration::ZERO);
-            let restarts_window = v.positive_duration(
-                &format!("{key}.restarts_window"),
-                &p.restarts_window,
-                fallback,
-            );
-            if p.restarts_warning > p.restarts_critical {
-                v.problem(
-                    &format!("{key}.restarts_warning"),
-                    format!(
-                        "{} is above restarts_critical {}",
-                        p.restarts_warning, p.restarts_critical
-                    ),
-                );
-            }
-            processes.push(ProcessWatch {
-                name: p.name.clone(),
-                count_rule: Rule {
-                    direction: Direction::Below,
-                    warning: None,
-                    critical: Some(f64::from(p.min)),
-                    hold_for,
-                    clear: None,
-                    clear_for: Duration::ZERO,
-                    inclusive: false,
-                },
-                restarts_rule: Rule {
-                    direction: Direction::Above,
-                    // "3 restarts per hour" is the warning: reaching the level is a breach.
-                    warning: Some(p.restarts_warning),
-                    critical: Some(p.restarts_critical),
-                    hold_for: Duration::ZERO,
-                    clear: None,
-                    clear_for: Duration::ZERO,
-                    inclusive: true,
-                },
-                restarts_window,
-            });
         }
 
         let log = crate::telemetry::validate(&mut v, &self.log);
@@ -676,9 +756,253 @@ impl RawConfig {
             cpu,
             memory,
             processes,
+            health_check_timeout,
+            error_rate_warning: self.defaults.error_rate_warning,
             log,
         })
     }
+}
+
+/// Validates one `[[process]]` watch; `None` when its name or matcher is unusable (the
+/// problems are recorded in `v`).
+fn validate_watch(
+    v: &mut Validator<'_>,
+    key: &str,
+    p: &RawProcessWatch,
+    recovery_timeout: Duration,
+) -> Option<ProcessWatch> {
+    let fallback = Duration::from_secs(1);
+    if p.name.trim().is_empty() {
+        v.problem(
+            &format!("{key}.name"),
+            "a process watch needs a non-empty name",
+        );
+        return None;
+    }
+    // "process_restarts:" + name must fit the wire's identifier limit.
+    let max_name = MAX_ID_LEN - "process_restarts:".len();
+    if p.name.len() > max_name {
+        v.problem(
+            &format!("{key}.name"),
+            format!("{} bytes, at most {max_name}", p.name.len()),
+        );
+    }
+    if p.name.chars().any(char::is_control) {
+        v.problem(
+            &format!("{key}.name"),
+            format!("{:?} contains control characters", p.name),
+        );
+    }
+    let given = [
+        p.exe.is_some(),
+        p.cmdline.is_some(),
+        p.pidfile.is_some(),
+        p.unit.is_some(),
+    ]
+    .into_iter()
+    .filter(|&b| b)
+    .count();
+    if given > 1 {
+        v.problem(
+            key,
+            "give at most one of exe, cmdline, pidfile, unit (without any, the name is the executable)",
+        );
+    }
+    let exe_name = |v: &mut Validator<'_>, field: &str, name: &str| {
+        if name.contains('/') || name.contains('\0') || name.is_empty() {
+            v.problem(
+                &format!("{key}.{field}"),
+                format!("{name:?} is not an executable file name: give e.g. \"nginx\", or use pidfile/cmdline"),
+            );
+        }
+        Matcher::Exe(name.to_owned())
+    };
+    let matcher = if let Some(re) = &p.cmdline {
+        match regex::RegexBuilder::new(re).size_limit(1 << 20).build() {
+            Ok(re) => Matcher::Cmdline(re),
+            Err(e) => {
+                v.problem(
+                    &format!("{key}.cmdline"),
+                    format!(
+                        "not a regular expression: {}",
+                        crate::event::printable(&e.to_string())
+                    ),
+                );
+                Matcher::Exe(p.name.clone())
+            }
+        }
+    } else if let Some(f) = &p.pidfile {
+        if !Path::new(f).is_absolute() {
+            v.problem(
+                &format!("{key}.pidfile"),
+                format!("{f:?} must be an absolute path"),
+            );
+        }
+        Matcher::Pidfile(PathBuf::from(f))
+    } else if let Some(u) = &p.unit {
+        let valid = !u.is_empty()
+            && u.len() <= 256
+            && u.contains('.')
+            && u.chars()
+                .all(|c| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c));
+        if !valid {
+            v.problem(
+                &format!("{key}.unit"),
+                format!("{u:?} is not a systemd unit name such as \"nginx.service\""),
+            );
+        }
+        Matcher::Unit(u.clone())
+    } else if let Some(e) = &p.exe {
+        exe_name(v, "exe", e)
+    } else {
+        exe_name(v, "name", &p.name)
+    };
+    for (what, level) in [
+        ("restarts_warning", p.restarts_warning),
+        ("restarts_critical", p.restarts_critical),
+    ] {
+        if !(level >= 1.0 && level.is_finite()) {
+            v.problem(
+                &format!("{key}.{what}"),
+                format!("{level} restarts: must be at least 1"),
+            );
+        }
+    }
+    if p.min == 0 {
+        v.problem(&format!("{key}.min"), "must be at least 1");
+    }
+    if let Some(max) = p.max
+        && max < p.min
+    {
+        v.problem(
+            &format!("{key}.max"),
+            format!("{max} is below min {}", p.min),
+        );
+    }
+    let hold_for = v.duration(&format!("{key}.for"), &p.hold_for, Duration::ZERO);
+    let usage_for = v.duration(&format!("{key}.usage_for"), &p.usage_for, Duration::ZERO);
+    let restarts_window = v.positive_duration(
+        &format!("{key}.restarts_window"),
+        &p.restarts_window,
+        fallback,
+    );
+    let discovery = v.positive_duration(
+        &format!("{key}.discovery_interval"),
+        &p.discovery_interval,
+        Duration::from_secs(10),
+    );
+    if p.restarts_warning > p.restarts_critical {
+        v.problem(
+            &format!("{key}.restarts_warning"),
+            format!(
+                "{} is above restarts_critical {}",
+                p.restarts_warning, p.restarts_critical
+            ),
+        );
+    }
+    let mut usage = |what: &str, warning: Option<f64>, critical: Option<f64>| {
+        if warning.is_none() && critical.is_none() {
+            return None;
+        }
+        for (name, level) in [("warning", warning), ("critical", critical)] {
+            if let Some(l) = level
+                && !(l.is_finite() && l > 0.0)
+            {
+                v.problem(
+                    &format!("{key}.{what}_{name}"),
+                    format!("{l} must be a positive number"),
+                );
+            }
+        }
+        if let (Some(w), Some(c)) = (warning, critical)
+            && w > c
+        {
+            v.problem(
+                &format!("{key}.{what}_warning"),
+                format!("{w} is above the critical level {c}"),
+            );
+        }
+        Some(Rule {
+            direction: Direction::Above,
+            warning,
+            critical,
+            hold_for: usage_for,
+            clear: None,
+            clear_for: Duration::ZERO,
+            inclusive: false,
+        })
+    };
+    let cpu_rule = usage("cpu", p.cpu_warning, p.cpu_critical);
+    let rss_rule = usage("rss", p.rss_warning_mib, p.rss_critical_mib);
+    let recover = p.recover.as_ref().map(|r| {
+        if r.command.is_empty() || r.command[0].trim().is_empty() {
+            v.problem(
+                &format!("{key}.recover.command"),
+                "needs a program and its arguments, e.g. [\"systemctl\", \"restart\", \"nginx\"]",
+            );
+        }
+        if r.max_runs == 0 {
+            v.problem(&format!("{key}.recover.max_runs"), "must be at least 1");
+        }
+        let window = v.positive_duration(
+            &format!("{key}.recover.window"),
+            &r.window,
+            Duration::from_secs(600),
+        );
+        let timeout = if r.timeout.trim().is_empty() {
+            recovery_timeout
+        } else {
+            v.positive_duration(
+                &format!("{key}.recover.timeout"),
+                &r.timeout,
+                recovery_timeout,
+            )
+        };
+        Recovery {
+            command: r.command.clone(),
+            max_runs: r.max_runs,
+            window,
+            timeout,
+        }
+    });
+    Some(ProcessWatch {
+        name: p.name.clone(),
+        matcher,
+        min: p.min,
+        count_rule: Rule {
+            direction: Direction::Below,
+            warning: None,
+            critical: Some(f64::from(p.min)),
+            hold_for,
+            clear: None,
+            clear_for: Duration::ZERO,
+            inclusive: false,
+        },
+        max_rule: p.max.map(|max| Rule {
+            direction: Direction::Above,
+            warning: Some(f64::from(max)),
+            critical: None,
+            hold_for,
+            clear: None,
+            clear_for: Duration::ZERO,
+            inclusive: false,
+        }),
+        restarts_rule: Rule {
+            direction: Direction::Above,
+            // "3 restarts per hour" is the warning: reaching the level is a breach.
+            warning: Some(p.restarts_warning),
+            critical: Some(p.restarts_critical),
+            hold_for: Duration::ZERO,
+            clear: None,
+            clear_for: Duration::ZERO,
+            inclusive: true,
+        },
+        restarts_window,
+        cpu_rule,
+        rss_rule,
+        discovery,
+        recover,
+    })
 }
 
 /// The range of a percentage.

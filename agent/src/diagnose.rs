@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::collect::{self, Check};
+use crate::collect::{Reading, RuleBook};
 use crate::config::AgentConfig;
 use crate::evaluate::{self, RuleState, State};
 use crate::sample::{Sampler, SamplerError};
@@ -28,6 +28,8 @@ pub struct Row {
     pub warning: Option<f64>,
     /// Critical level.
     pub critical: Option<f64>,
+    /// What the source said (a probe's error, a plugin's summary); empty if nothing.
+    pub message: String,
 }
 
 /// Samples twice (CPU usage needs two readings) and evaluates every check once.
@@ -36,29 +38,35 @@ pub struct Row {
 /// [`SamplerError`] when the system cannot be read.
 pub fn run(cfg: &AgentConfig) -> Result<Vec<Row>, SamplerError> {
     let mut sampler = Sampler::new(cfg.processes.clone())?;
-    sampler.sample(Duration::ZERO);
+    sampler.sample(Duration::ZERO, true);
     std::thread::sleep(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL + Duration::from_millis(50));
-    let sample = sampler.sample(Duration::from_secs(1));
-    let checks: Vec<Check> = collect::checks(cfg);
-    Ok(checks
-        .iter()
-        .map(|c| {
-            let mut rule = c.rule().clone();
+    let sample = sampler.sample(Duration::from_millis(250), false);
+    let book = RuleBook::new(cfg);
+    Ok(rows(book.readings(&sample)))
+}
+
+/// Evaluates each reading once, ignoring `for` and `clear_for`.
+pub fn rows(readings: Vec<Reading>) -> Vec<Row> {
+    readings
+        .into_iter()
+        .map(|r| {
+            let mut rule = (*r.rule).clone();
             rule.hold_for = Duration::ZERO;
             rule.clear_for = Duration::ZERO;
-            let value = c.value_in(&sample);
             let mut state = RuleState::initial(Duration::ZERO);
-            evaluate::step(&rule, &mut state, value, Duration::from_secs(1));
+            evaluate::step(&rule, &mut state, r.value, Duration::from_secs(1));
+            let message = r.detail.clone().unwrap_or_default();
             Row {
-                check: c.name.clone(),
+                check: r.check,
                 state: state.state,
-                value,
-                unit: c.unit().to_owned(),
+                value: r.value,
+                unit: r.unit.to_owned(),
                 warning: rule.warning,
                 critical: rule.critical,
+                message,
             }
         })
-        .collect())
+        .collect()
 }
 
 /// Nagios-style exit code of the worst state: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
@@ -81,24 +89,28 @@ pub fn exit_code(rows: &[Row]) -> u8 {
 /// The human table.
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<32} {:<9} {:>10} {:>9} {:>9}\n",
-        "CHECK", "STATE", "VALUE", "WARNING", "CRITICAL"
+        "{:<32} {:<9} {:>10} {:>9} {:>9}  {}\n",
+        "CHECK", "STATE", "VALUE", "WARNING", "CRITICAL", "MESSAGE"
     );
     let level = |l: Option<f64>| l.map_or_else(|| "-".to_owned(), |v| format!("{v}"));
     for r in rows {
         let value = match (r.value, r.unit.as_str()) {
             (Some(v), "percent") => format!("{v:.1}%"),
-            (Some(v), _) => format!("{v}"),
+            (Some(v), "count" | "status") => format!("{v:.0}"),
+            (Some(v), unit) => format!("{v:.1} {unit}"),
             (None, _) => "-".to_owned(),
         };
-        out.push_str(&format!(
-            "{:<32} {:<9} {:>10} {:>9} {:>9}\n",
+        let line = format!(
+            "{:<32} {:<9} {:>10} {:>9} {:>9}  {}",
             crate::event::printable(&r.check),
             r.state.as_str(),
             value,
             level(r.warning),
-            level(r.critical)
-        ));
+            level(r.critical),
+            crate::event::printable(&r.message)
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
 }
@@ -115,6 +127,7 @@ mod tests {
             unit: String::new(),
             warning: None,
             critical: None,
+            message: String::new(),
         }
     }
 

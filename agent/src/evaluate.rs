@@ -137,6 +137,38 @@ impl RuleState {
     pub fn breach_since(&self) -> Option<Duration> {
         self.warn_since.or(self.crit_since)
     }
+
+    /// Observation was interrupted until `now`: a breach (or a clearing stretch) in
+    /// progress counts from `now`, so unobserved time never completes a `for`.
+    pub fn restart_timers(&mut self, now: Duration) {
+        for t in [
+            &mut self.warn_since,
+            &mut self.crit_since,
+            &mut self.clear_since,
+        ] {
+            if t.is_some() {
+                *t = Some(now);
+            }
+        }
+    }
+
+    /// A state restored from before an agent restart: `state` as it was, with any breach
+    /// counting from `now` (a firing state stays firing; it does not go back to PENDING
+    /// and does not fire again while the breach holds).
+    pub fn restored(state: State, now: Duration) -> Self {
+        let firing = state.is_firing();
+        RuleState {
+            state: if state == State::Pending {
+                State::Ok
+            } else {
+                state
+            },
+            since: now,
+            warn_since: firing.then_some(now),
+            crit_since: (state == State::Critical).then_some(now),
+            clear_since: None,
+        }
+    }
 }
 
 /// A state change produced by [`step`].

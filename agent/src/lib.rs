@@ -12,6 +12,7 @@ pub mod backoff;
 pub mod collect;
 pub mod config;
 pub mod convert;
+pub mod deathwatch;
 pub mod diagnose;
 pub mod evaluate;
 pub mod event;
@@ -76,6 +77,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             "the spool was damaged: moved aside and started a fresh one; events it held are lost"
         );
     }
+    let restored = spool.check_states()?;
     let spool = spool::spawn(spool)?;
     let sampler = Sampler::new(cfg.processes.clone())?;
     let backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max)?;
@@ -107,7 +109,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     };
     let (shipper, conn_state) = Shipper::new(ship_cfg, spool.clone(), status_rx, backoff);
     let mut progress = systemd::SamplingProgress::new(status_tx.subscribe(), cfg.interval);
-    let collector = Collector::new(&cfg, sampler, spool, status_tx, metrics.events.clone());
+    let collector = Collector::new(
+        &cfg,
+        sampler,
+        spool,
+        status_tx,
+        metrics.events.clone(),
+        restored,
+    );
 
     tracing::info!(
         agent_id = %cfg.agent_id,

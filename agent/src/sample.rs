@@ -4,16 +4,33 @@
 //! refreshes, so a fresh `System` per sample would always read 0). It does not evaluate
 //! thresholds; it only turns the kernel's counters into values with units. Refreshing is
 //! blocking work: callers run [`Sampler::sample`] on a blocking thread.
+//!
+//! Process watches cost little per cycle: only the processes already known to match are
+//! refreshed every cycle (liveness, CPU time, RSS). The full process table is read only
+//! when discovery needs it: on the first cycle, every [`ProcessWatch::discovery`], when a
+//! watched process died or a watch is below its minimum (looking for the replacement),
+//! and when the caller asks (a pidfd said a process exited).
+//!
+//! | value | unit | source |
+//! |---|---|---|
+//! | live count | processes | `/proc/PID/stat` state (zombies are not live), via sysinfo |
+//! | restarts | new (PID, start time) identities in the window | same |
+//! | CPU | % of one core, summed over the watch | Δ(utime+stime) / Δwall of processes seen in both cycles |
+//! | RSS | MiB, summed | `/proc/PID/statm` via sysinfo |
+//! | pidfile | the PID written in the file | the file, read every cycle |
+//! | unit | every PID in the unit's cgroup (and sub-cgroups) | `cgroup.procs` under the systemd hierarchy |
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sysinfo::{
-    MemoryRefreshKind, ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System, UpdateKind,
+    MemoryRefreshKind, Pid, ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System,
+    UpdateKind,
 };
 
-use crate::config::ProcessWatch;
+use crate::config::{Matcher, ProcessWatch};
 
 /// One sampling cycle's values.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,17 +56,32 @@ pub struct ProcessSample {
     pub restarts_in_window: u32,
     /// PIDs of the live matching processes, ascending.
     pub pids: Vec<u32>,
+    /// CPU use of the matching processes, percent of one core, summed; `None` on the
+    /// first cycle (a rate needs two readings).
+    pub cpu_pct: Option<f64>,
+    /// Resident memory of the matching processes, MiB, summed.
+    pub rss_mib: f64,
+    /// Why matching found nothing, when the source itself failed (unreadable pidfile,
+    /// unit without a cgroup): shown in the event message.
+    pub note: Option<String>,
 }
+
+/// (PID, start time in seconds since boot): a reused PID is a new process.
+type Identity = (u32, u64);
 
 /// Per-watch memory between cycles.
 #[derive(Debug, Default)]
 struct WatchState {
-    /// (PID, start time in s since boot): a reused PID is a new process.
-    known: HashSet<(u32, u64)>,
+    /// The live processes of the last cycle.
+    known: HashSet<Identity>,
     /// Monotonic times of restarts, oldest first, pruned to the window.
     restarts: VecDeque<Duration>,
     /// Whether the first cycle happened (processes present then are not restarts).
     primed: bool,
+    /// CPU time (ms) of each known process at the last cycle, for the CPU rate.
+    cpu_ms: HashMap<Identity, u64>,
+    /// The resolved cgroup directory of a unit watch.
+    cgroup: Option<PathBuf>,
 }
 
 /// The sampler; see the module docs.
@@ -59,12 +91,28 @@ pub struct Sampler {
     watches: Vec<ProcessWatch>,
     states: Vec<WatchState>,
     cpu_primed: bool,
+    /// Monotonic time of the last full process-table read.
+    last_discovery: Option<Duration>,
+    /// Monotonic time of the last cycle, for CPU rates.
+    last_cycle: Option<Duration>,
+    /// This agent's own PID: never counted by a command-line pattern.
+    own_pid: u32,
+    /// Roots searched for a unit's cgroup directory.
+    cgroup_roots: Vec<PathBuf>,
 }
 
 /// sysinfo could not initialise (e.g. /proc is not mounted).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot read system information: {0}")]
 pub struct SamplerError(String);
+
+/// Where systemd keeps unit cgroups: the unified hierarchy (v2 or hybrid), then the
+/// named v1 `systemd` hierarchy.
+pub const CGROUP_ROOTS: &[&str] = &[
+    "/sys/fs/cgroup/unified",
+    "/sys/fs/cgroup/systemd",
+    "/sys/fs/cgroup",
+];
 
 impl Sampler {
     /// A sampler for the given watches.
@@ -79,12 +127,17 @@ impl Sampler {
             watches,
             states,
             cpu_primed: false,
+            last_discovery: None,
+            last_cycle: None,
+            own_pid: std::process::id(),
+            cgroup_roots: CGROUP_ROOTS.iter().map(PathBuf::from).collect(),
         })
     }
 
     /// Refreshes and returns the current values. `now` is the monotonic time of this
-    /// cycle, used for restart windows.
-    pub fn sample(&mut self, now: Duration) -> Sample {
+    /// cycle, used for restart windows and rates. `rediscover` forces a read of the full
+    /// process table (a watched process exited).
+    pub fn sample(&mut self, now: Duration, rediscover: bool) -> Sample {
         self.sys.refresh_cpu_usage();
         let cpu_busy_pct = if self.cpu_primed {
             Some(f64::from(self.sys.global_cpu_usage()).clamp(0.0, 100.0))
@@ -104,8 +157,9 @@ impl Sampler {
         let processes = if self.watches.is_empty() {
             Vec::new()
         } else {
-            self.sample_processes(now)
+            self.sample_processes(now, rediscover)
         };
+        self.last_cycle = Some(now);
         Sample {
             cpu_busy_pct,
             memory_used_pct,
@@ -113,45 +167,160 @@ impl Sampler {
         }
     }
 
-    fn sample_processes(&mut self, now: Duration) -> Vec<ProcessSample> {
-        self.sys.refresh_processes_specifics(
-            ProcessesToUpdate::All,
-            true,
-            ProcessRefreshKind::nothing()
+    /// Whether this cycle must read the whole process table.
+    fn needs_discovery(&self, now: Duration, forced: bool) -> bool {
+        let scanned = self
+            .watches
+            .iter()
+            .any(|w| matches!(w.matcher, Matcher::Exe(_) | Matcher::Cmdline(_)));
+        if !scanned {
+            return false;
+        }
+        let interval = self
+            .watches
+            .iter()
+            .map(|w| w.discovery)
+            .min()
+            .unwrap_or(Duration::ZERO);
+        forced
+            || self
+                .last_discovery
+                .is_none_or(|t| now.saturating_sub(t) >= interval)
+            || self.watches.iter().zip(&self.states).any(|(w, st)| {
+                matches!(w.matcher, Matcher::Exe(_) | Matcher::Cmdline(_))
+                    && (st.known.len() as u64) < u64::from(w.min)
+            })
+    }
+
+    fn sample_processes(&mut self, now: Duration, rediscover: bool) -> Vec<ProcessSample> {
+        let mut notes: Vec<Option<String>> = vec![None; self.watches.len()];
+        // Candidates per watch: PIDs that may match, checked for liveness below.
+        let mut candidates: Vec<Vec<u32>> = vec![Vec::new(); self.watches.len()];
+        let discover = self.needs_discovery(now, rediscover);
+        if discover {
+            self.last_discovery = Some(now);
+            // exe for names, the command line for patterns and interpreters
+            // (`python3 /opt/worker`): both read once per process.
+            let kind = ProcessRefreshKind::nothing()
                 .without_tasks()
                 .with_exe(UpdateKind::OnlyIfNotSet)
-                .with_cmd(UpdateKind::OnlyIfNotSet),
-        );
-        let mut live: HashMap<usize, Vec<(u32, u64)>> = HashMap::new();
-        for (pid, p) in self.sys.processes() {
-            if p.thread_kind().is_some() || p.status() == ProcessStatus::Zombie {
-                continue;
-            }
-            for (i, w) in self.watches.iter().enumerate() {
-                if matches_name(
-                    &w.name,
-                    p.name(),
-                    p.exe().and_then(|e| e.file_name()),
-                    p.cmd().first(),
-                ) {
-                    live.entry(i)
-                        .or_default()
-                        .push((pid.as_u32(), p.start_time()));
+                .with_cmd(UpdateKind::OnlyIfNotSet);
+            self.sys
+                .refresh_processes_specifics(ProcessesToUpdate::All, true, kind);
+            for (pid, p) in self.sys.processes() {
+                if p.thread_kind().is_some() {
+                    continue;
+                }
+                for (i, w) in self.watches.iter().enumerate() {
+                    let hit = match &w.matcher {
+                        Matcher::Exe(name) => matches_name(
+                            name,
+                            p.name(),
+                            p.exe().and_then(|e| e.file_name()),
+                            p.cmd().first(),
+                        ),
+                        Matcher::Cmdline(re) => {
+                            pid.as_u32() != self.own_pid && re.is_match(&joined_cmdline(p.cmd()))
+                        }
+                        Matcher::Pidfile(_) | Matcher::Unit(_) => false,
+                    };
+                    if hit {
+                        candidates[i].push(pid.as_u32());
+                    }
                 }
             }
+        } else {
+            for (i, st) in self.states.iter().enumerate() {
+                candidates[i].extend(st.known.iter().map(|&(pid, _)| pid));
+            }
         }
+        for (i, w) in self.watches.iter().enumerate() {
+            match &w.matcher {
+                Matcher::Pidfile(path) => match read_pidfile(path) {
+                    Ok(pid) => candidates[i].push(pid),
+                    Err(e) => notes[i] = Some(e),
+                },
+                Matcher::Unit(unit) => {
+                    let st = &mut self.states[i];
+                    let dir = st
+                        .cgroup
+                        .clone()
+                        .filter(|d| d.is_dir())
+                        .or_else(|| find_unit_cgroup(&self.cgroup_roots, unit));
+                    st.cgroup.clone_from(&dir);
+                    match dir {
+                        Some(d) => candidates[i].extend(cgroup_pids(&d)),
+                        None => notes[i] = Some(format!("unit {unit} has no cgroup (not running)")),
+                    }
+                }
+                Matcher::Exe(_) | Matcher::Cmdline(_) => {}
+            }
+        }
+
+        // Refresh exactly the candidates: liveness, start time, CPU time, RSS.
+        let mut all: Vec<Pid> = candidates
+            .iter()
+            .flatten()
+            .map(|&p| Pid::from_u32(p))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        if !all.is_empty() {
+            self.sys.refresh_processes_specifics(
+                ProcessesToUpdate::Some(&all),
+                true,
+                ProcessRefreshKind::nothing()
+                    .without_tasks()
+                    .with_cpu()
+                    .with_memory(),
+            );
+        }
+
+        let dt_ms = self
+            .last_cycle
+            .map(|t| now.saturating_sub(t).as_millis() as f64)
+            .filter(|&d| d > 0.0);
         let mut out = Vec::with_capacity(self.watches.len());
         for (i, w) in self.watches.iter().enumerate() {
             let st = &mut self.states[i];
-            let ids = live.remove(&i).unwrap_or_default();
-            let current: HashSet<(u32, u64)> = ids.iter().copied().collect();
+            let mut ids: Vec<Identity> = Vec::new();
+            let mut rss_bytes = 0u64;
+            let mut cpu_ms_now = HashMap::new();
+            let mut cpu_delta_ms = 0u64;
+            for &pid in &candidates[i] {
+                let Some(p) = self.sys.process(Pid::from_u32(pid)) else {
+                    continue;
+                };
+                if p.thread_kind().is_some()
+                    || matches!(p.status(), ProcessStatus::Zombie | ProcessStatus::Dead)
+                {
+                    continue;
+                }
+                let id = (pid, p.start_time());
+                if ids.contains(&id) {
+                    continue;
+                }
+                ids.push(id);
+                rss_bytes = rss_bytes.saturating_add(p.memory());
+                let cpu = p.accumulated_cpu_time();
+                if let Some(&before) = st.cpu_ms.get(&id) {
+                    cpu_delta_ms = cpu_delta_ms.saturating_add(cpu.saturating_sub(before));
+                }
+                cpu_ms_now.insert(id, cpu);
+            }
+            let current: HashSet<Identity> = ids.iter().copied().collect();
             if st.primed {
                 for _ in current.difference(&st.known) {
                     st.restarts.push_back(now);
                 }
             }
+            let cpu_pct = match (st.primed, dt_ms) {
+                (true, Some(dt)) => Some(cpu_delta_ms as f64 * 100.0 / dt),
+                _ => None,
+            };
             st.primed = true;
             st.known = current;
+            st.cpu_ms = cpu_ms_now;
             while st
                 .restarts
                 .front()
@@ -166,6 +335,9 @@ impl Sampler {
                 count: u32::try_from(pids.len()).unwrap_or(u32::MAX),
                 restarts_in_window: u32::try_from(st.restarts.len()).unwrap_or(u32::MAX),
                 pids,
+                cpu_pct,
+                rss_mib: rss_bytes as f64 / (1024.0 * 1024.0),
+                note: notes[i].take(),
             });
         }
         out
@@ -184,6 +356,81 @@ fn matches_name(
     exe_file == Some(name)
         || argv0.is_some_and(|a| std::path::Path::new(a).file_name() == Some(name))
         || (name.len() <= 15 && comm == name)
+}
+
+/// The command line as one string, arguments joined by single spaces; bytes that are
+/// not UTF-8 become U+FFFD.
+fn joined_cmdline(cmd: &[std::ffi::OsString]) -> String {
+    let mut out = String::new();
+    for (i, a) in cmd.iter().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(&a.to_string_lossy());
+    }
+    out
+}
+
+/// Reads the PID from a pidfile: the first line, decimal.
+fn read_pidfile(path: &Path) -> Result<u32, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("pidfile {}: {e}", path.display()))?;
+    let first = text.lines().next().unwrap_or("").trim();
+    first.parse::<u32>().ok().filter(|&p| p > 0).ok_or_else(|| {
+        format!(
+            "pidfile {}: {:?} is not a PID",
+            path.display(),
+            crate::event::truncate_marked(first, 40)
+        )
+    })
+}
+
+/// Finds the cgroup directory named `unit` under the roots (depth ≤ 4, e.g.
+/// `system.slice/nginx.service`).
+fn find_unit_cgroup(roots: &[PathBuf], unit: &str) -> Option<PathBuf> {
+    fn walk(dir: &Path, unit: &str, depth: u32) -> Option<PathBuf> {
+        let entries = std::fs::read_dir(dir).ok()?;
+        let mut subdirs = Vec::new();
+        for e in entries.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if e.file_name() == OsStr::new(unit) {
+                return Some(e.path());
+            }
+            subdirs.push(e.path());
+        }
+        if depth == 0 {
+            return None;
+        }
+        subdirs.into_iter().find_map(|d| walk(&d, unit, depth - 1))
+    }
+    roots
+        .iter()
+        .filter(|r| r.join("cgroup.procs").is_file())
+        .find_map(|r| walk(r, unit, 3))
+}
+
+/// Every PID in the cgroup `dir` and its sub-cgroups (depth ≤ 4).
+fn cgroup_pids(dir: &Path) -> Vec<u32> {
+    fn walk(dir: &Path, depth: u32, out: &mut Vec<u32>) {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        if depth == 0 {
+            return;
+        }
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&e.path(), depth - 1, out);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, 4, &mut out);
+    out
 }
 
 #[cfg(test)]
@@ -221,12 +468,32 @@ mod tests {
     }
 
     #[test]
+    fn pidfile_parsing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("x.pid");
+        std::fs::write(&p, "1234\n").expect("write");
+        assert_eq!(read_pidfile(&p), Ok(1234));
+        std::fs::write(&p, "garbage").expect("write");
+        assert!(read_pidfile(&p).expect_err("garbage").contains("not a PID"));
+        std::fs::write(&p, "0").expect("write");
+        assert!(read_pidfile(&p).is_err());
+        let missing = read_pidfile(&dir.path().join("none.pid")).expect_err("missing");
+        assert!(missing.contains("none.pid"), "{missing}");
+    }
+
+    #[test]
+    fn cmdline_is_joined_lossily() {
+        let cmd: Vec<std::ffi::OsString> = vec!["python3".into(), "/opt/wörker.py".into()];
+        assert_eq!(joined_cmdline(&cmd), "python3 /opt/wörker.py");
+    }
+
+    #[test]
     fn first_cpu_sample_is_withheld_then_real() {
         let mut s = Sampler::new(Vec::new()).expect("sysinfo");
-        let first = s.sample(Duration::ZERO);
+        let first = s.sample(Duration::ZERO, false);
         assert_eq!(first.cpu_busy_pct, None);
         std::thread::sleep(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL * 2);
-        let second = s.sample(Duration::from_secs(1));
+        let second = s.sample(Duration::from_secs(1), false);
         let cpu = second.cpu_busy_pct.expect("second sample has a value");
         assert!((0.0..=100.0).contains(&cpu));
         let mem = second.memory_used_pct.expect("memory");

@@ -301,6 +301,15 @@ impl<'a> Validator<'a> {
         }
     }
 
+    /// Like [`Validator::positive_duration`], but a bare number is seconds, as the
+    /// seed writes its timeouts (`HEALTH_CHECK_TIMEOUT=10`).
+    pub fn seconds_or_duration(&mut self, key: &str, raw: &str, fallback: Duration) -> Duration {
+        match raw.trim().parse::<u64>() {
+            Ok(secs) => self.positive_duration(key, &format!("{secs}s"), fallback),
+            Err(_) => self.positive_duration(key, raw, fallback),
+        }
+    }
+
     /// Like [`Validator::duration`] but also requires a non-zero value.
     pub fn positive_duration(&mut self, key: &str, raw: &str, fallback: Duration) -> Duration {
         let d = self.duration(key, raw, fallback);

@@ -9,11 +9,13 @@
 //! loss is reported to the aggregator as one `spool_data_loss` event on the next
 //! connection.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::evaluate::State;
 use crate::event::Event;
 
 /// A spool operation failed.
@@ -213,7 +215,12 @@ impl Spool {
                      size      INTEGER NOT NULL DEFAULT 0
                  );
                  CREATE INDEX IF NOT EXISTS events_check ON events (check_key, seq);
-                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS check_state (
+                     check_name TEXT PRIMARY KEY,
+                     state      TEXT NOT NULL,
+                     since_ms   INTEGER NOT NULL
+                 );",
             )
             .map_err(|e| spool.err(e))?;
         let check: String = spool
@@ -313,6 +320,17 @@ impl Spool {
                 insert
                     .execute(params![to_sql(e.seq), body, key, body.len() as i64])
                     .map_err(err)?;
+                if e.state != e.previous {
+                    // The rule state survives a restart, committed with its event.
+                    tx.prepare_cached(
+                        "INSERT INTO check_state (check_name, state, since_ms) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (check_name) DO UPDATE SET state = ?2, since_ms = ?3",
+                    )
+                    .and_then(|mut st| {
+                        st.execute(params![e.check, e.state.as_str(), e.observed_at_ms])
+                    })
+                    .map_err(err)?;
+                }
                 count += 1;
                 bytes += body.len() as u64;
             }
@@ -382,6 +400,36 @@ impl Spool {
             self.unlogged_drops = 0;
             self.last_drop_log = Some(std::time::Instant::now());
         }
+    }
+
+    /// The last committed state of every check and when it was entered (Unix ms), to
+    /// restore the evaluators after a restart.
+    ///
+    /// # Errors
+    /// [`SpoolError::Sqlite`] when the table cannot be read.
+    pub fn check_states(&self) -> Result<HashMap<String, (State, i64)>, SpoolError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT check_name, state, since_ms FROM check_state")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .and_then(Iterator::collect::<rusqlite::Result<Vec<_>>>)
+            .map_err(|e| self.err(e))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(check, state, since)| {
+                let state =
+                    serde_json::from_value::<State>(serde_json::Value::String(state)).ok()?;
+                Some((check, (state, since)))
+            })
+            .collect())
     }
 
     /// Events evicted and not yet reported.
@@ -754,6 +802,21 @@ mod tests {
             breach_started_at_ms: 0,
             flapping: false,
         }
+    }
+
+    #[test]
+    fn check_states_are_committed_with_their_events() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut sp = Spool::open(dir.path()).expect("open");
+            let mut e = ev("cpu");
+            e.state = State::Critical;
+            e.previous = State::Ok;
+            sp.append(vec![e]).expect("append");
+        }
+        let sp = Spool::open(dir.path()).expect("reopen");
+        let states = sp.check_states().expect("states");
+        assert_eq!(states.get("cpu").map(|s| s.0), Some(State::Critical));
     }
 
     #[test]
