@@ -16,6 +16,7 @@ pub mod deathwatch;
 pub mod diagnose;
 pub mod evaluate;
 pub mod event;
+pub mod probe;
 pub mod sample;
 pub mod settings;
 pub mod ship;
