@@ -436,7 +436,7 @@ mod tests {
         edit(&mut raw);
         let fig = figment::Figment::new();
         let mut v = Validator::new(&fig);
-        let c = raw.validate(&mut v, "http.0", Duration::from_secs(5));
+        let c = raw.validate(&mut v, "http.0", Duration::from_secs(5), 5.0);
         v.finish(()).expect("valid check");
         c.expect("valid check")
     }

@@ -92,8 +92,10 @@ pub struct RawHttpCheck {
     pub headers: BTreeMap<String, String>,
     /// Rolling window (duration) of the error rate and the P95; default [`DEFAULT_WINDOW`].
     pub window: String,
-    /// Error rate warning level, percent 0–100; default [`ERROR_RATE_WARNING_PCT`].
-    pub error_rate_warning: f64,
+    /// Error rate warning level, percent 0–100; default `defaults.error_rate_warning`
+    /// (`ERROR_RATE_THRESHOLD`, else [`ERROR_RATE_WARNING_PCT`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_rate_warning: Option<f64>,
     /// Error rate critical level, percent 0–100; default [`ERROR_RATE_CRITICAL_PCT`].
     pub error_rate_critical: f64,
     /// P95 latency warning level (duration); default [`LATENCY_WARNING`].
@@ -117,7 +119,7 @@ impl Default for RawHttpCheck {
             tls_verify: true,
             headers: BTreeMap::new(),
             window: DEFAULT_WINDOW.to_owned(),
-            error_rate_warning: ERROR_RATE_WARNING_PCT,
+            error_rate_warning: None,
             error_rate_critical: ERROR_RATE_CRITICAL_PCT,
             latency_warning: LATENCY_WARNING.to_owned(),
             latency_critical: LATENCY_CRITICAL.to_owned(),
@@ -346,6 +348,7 @@ pub fn validate_checks(
     http: &[RawHttpCheck],
     tcp: &[RawTcpCheck],
     default_timeout: Duration,
+    default_error_rate_warning: f64,
 ) -> Checks {
     let mut seen: HashSet<&str> = HashSet::new();
     let mut out = Checks::default();
@@ -367,7 +370,12 @@ pub fn validate_checks(
         }
     }
     for (i, raw) in http.iter().enumerate() {
-        if let Some(c) = raw.validate(v, &format!("http.{i}"), default_timeout) {
+        if let Some(c) = raw.validate(
+            v,
+            &format!("http.{i}"),
+            default_timeout,
+            default_error_rate_warning,
+        ) {
             out.http.push(c);
         }
     }
@@ -459,7 +467,11 @@ impl RawHttpCheck {
         v: &mut Validator<'_>,
         key: &str,
         default_timeout: Duration,
+        default_error_rate_warning: f64,
     ) -> Option<HttpCheck> {
+        let error_rate_warning = self
+            .error_rate_warning
+            .unwrap_or(default_error_rate_warning);
         let mut c = Checked { v, key, bad: false };
         c.name(&self.name);
 
@@ -623,19 +635,19 @@ impl RawHttpCheck {
         }
 
         for (field, pct) in [
-            ("error_rate_warning", self.error_rate_warning),
+            ("error_rate_warning", error_rate_warning),
             ("error_rate_critical", self.error_rate_critical),
         ] {
             if !(pct.is_finite() && (0.0..=100.0).contains(&pct)) {
                 c.problem(field, format!("{pct} is outside 0 to 100 (percent)"));
             }
         }
-        if self.error_rate_warning > self.error_rate_critical {
+        if error_rate_warning > self.error_rate_critical {
             c.problem(
                 "error_rate_warning",
                 format!(
                     "warning level {} % is above the critical level {} %",
-                    self.error_rate_warning, self.error_rate_critical
+                    error_rate_warning, self.error_rate_critical
                 ),
             );
         }
@@ -669,7 +681,7 @@ impl RawHttpCheck {
             tls_verify: self.tls_verify,
             headers,
             window: window?,
-            error_rate_warning: self.error_rate_warning,
+            error_rate_warning,
             error_rate_critical: self.error_rate_critical,
             latency_warning: latency_warning?,
             latency_critical: latency_critical?,
@@ -817,7 +829,7 @@ mod tests {
         let doc: Doc = toml::from_str(toml_text).expect("TOML shape");
         let fig = figment::Figment::new();
         let mut v = Validator::new(&fig);
-        let checks = validate_checks(&mut v, &doc.http, &doc.tcp, DEFAULT_TIMEOUT_FOR_TESTS);
+        let checks = validate_checks(&mut v, &doc.http, &doc.tcp, DEFAULT_TIMEOUT_FOR_TESTS, 5.0);
         match v.finish(checks) {
             Ok(c) => Ok(c),
             Err(ConfigError::Invalid(p)) => Err(p),
