@@ -8,13 +8,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::active::{ActiveCheck, Board};
 use crate::config::AgentConfig;
 use crate::deathwatch::DeathWatch;
 use crate::evaluate::{self, Direction, Rule, RuleState, State};
 use crate::event::{CheckStatus, Event, now_ms};
+use crate::nagios::PluginState;
 use crate::sample::{Sample, Sampler};
 use crate::spool::SpoolHandle;
 
@@ -42,6 +44,80 @@ pub struct RuleBook {
     cpu: Option<Arc<Rule>>,
     memory: Option<Arc<Rule>>,
     watches: Vec<WatchRules>,
+    active: Vec<ActiveRules>,
+}
+
+#[derive(Debug, Clone)]
+struct ActiveRules {
+    /// `http`, `tcp` or `exec`.
+    kind: &'static str,
+    name: String,
+    labels: BTreeMap<String, String>,
+    status: Arc<Rule>,
+    error_rate: Option<Arc<Rule>>,
+    latency: Option<Arc<Rule>>,
+    perf: Vec<(String, Arc<Rule>)>,
+}
+
+/// The rule of a Nagios-style status value (0 OK, 1 WARNING, 2 CRITICAL).
+fn status_rule() -> Rule {
+    Rule {
+        direction: Direction::Above,
+        warning: Some(1.0),
+        critical: Some(2.0),
+        hold_for: Duration::ZERO,
+        clear: None,
+        clear_for: Duration::ZERO,
+        inclusive: true,
+    }
+}
+
+impl ActiveRules {
+    fn new(check: &ActiveCheck) -> Self {
+        let (kind, name) = match check {
+            ActiveCheck::Http(h) => ("http", h.name.clone()),
+            ActiveCheck::Tcp(t) => ("tcp", t.name.clone()),
+            ActiveCheck::Exec(e) => ("exec", e.name.clone()),
+        };
+        let above = |warning: f64, critical: f64| {
+            Arc::new(Rule {
+                direction: Direction::Above,
+                warning: Some(warning),
+                critical: Some(critical),
+                hold_for: Duration::ZERO,
+                clear: None,
+                clear_for: Duration::ZERO,
+                inclusive: false,
+            })
+        };
+        let (error_rate, latency) = match check {
+            ActiveCheck::Http(h) => (
+                Some(above(h.error_rate_warning, h.error_rate_critical)),
+                Some(above(
+                    h.latency_warning.as_secs_f64() * 1000.0,
+                    h.latency_critical.as_secs_f64() * 1000.0,
+                )),
+            ),
+            _ => (None, None),
+        };
+        let perf = match check {
+            ActiveCheck::Exec(e) => e
+                .perf_rules
+                .iter()
+                .map(|(label, rule)| (label.clone(), Arc::new(rule.clone())))
+                .collect(),
+            _ => Vec::new(),
+        };
+        ActiveRules {
+            kind,
+            labels: BTreeMap::from([(kind.to_owned(), name.clone())]),
+            name,
+            status: Arc::new(status_rule()),
+            error_rate,
+            latency,
+            perf,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +156,7 @@ impl RuleBook {
                     rss: arc(&p.rss_rule),
                 })
                 .collect(),
+            active: cfg.active.iter().map(ActiveRules::new).collect(),
         }
     }
 
@@ -164,6 +241,68 @@ impl RuleBook {
                 );
             }
         }
+        for (a, snap) in self.active.iter().zip(&sample.active) {
+            // Before the first run finished there is nothing to say (silence, not UNKNOWN).
+            let Some(last) = &snap.last else { continue };
+            let (status, detail) = if snap.stale {
+                (
+                    None,
+                    "no recent result: the check hangs or takes longer than its interval"
+                        .to_owned(),
+                )
+            } else {
+                let value = match last.state {
+                    PluginState::Ok => Some(0.0),
+                    PluginState::Warning => Some(1.0),
+                    PluginState::Critical => Some(2.0),
+                    PluginState::Unknown => None,
+                };
+                (value, last.message.clone())
+            };
+            push(
+                format!("{}:{}", a.kind, a.name),
+                &a.labels,
+                "status",
+                &a.status,
+                status,
+                Some(detail),
+            );
+            let fresh = |v: Option<f64>| if snap.stale { None } else { v };
+            if let Some(r) = &a.error_rate {
+                push(
+                    format!("http_error_rate:{}", a.name),
+                    &a.labels,
+                    "percent",
+                    r,
+                    fresh(snap.error_rate_pct),
+                    None,
+                );
+            }
+            if let Some(r) = &a.latency {
+                push(
+                    format!("http_latency:{}", a.name),
+                    &a.labels,
+                    "ms",
+                    r,
+                    fresh(snap.p95_ms),
+                    None,
+                );
+            }
+            for (label, rule) in &a.perf {
+                let value = fresh(last.perf.iter().find(|(l, _)| l == label).map(|&(_, v)| v));
+                let detail = value
+                    .is_none()
+                    .then(|| format!("the plugin reported no perfdata {label:?}"));
+                push(
+                    format!("exec:{}:{label}", a.name),
+                    &a.labels,
+                    "perfdata",
+                    rule,
+                    value,
+                    detail,
+                );
+            }
+        }
         out
     }
 }
@@ -185,6 +324,8 @@ pub struct Check {
     generation: u64,
     /// A value was seen since the agent started.
     observed: bool,
+    /// Set by the agent itself ([`Checks::set_external`]), not from readings.
+    external: bool,
 }
 
 impl Check {
@@ -270,6 +411,7 @@ impl Checks {
                         flap: evaluate::FlapDetector::default(),
                         generation,
                         observed: false,
+                        external: false,
                     })
                 }
             };
@@ -277,7 +419,11 @@ impl Checks {
             c.rule = r.rule;
             evaluate_one(c, r.value, r.detail.as_deref(), now, wall_ms, &mut events);
         }
-        for c in self.map.values_mut().filter(|c| c.generation != generation) {
+        for c in self
+            .map
+            .values_mut()
+            .filter(|c| c.generation != generation && !c.external)
+        {
             evaluate_one(
                 c,
                 None,
@@ -288,6 +434,68 @@ impl Checks {
             );
         }
         events
+    }
+
+    /// Sets the state of a check the agent decides itself (a recovery action's outcome),
+    /// not evaluated from readings. Returns the event to commit: always when `state`
+    /// changed, and also for an unchanged state when `always` (each run is news).
+    #[allow(clippy::too_many_arguments)]
+    pub fn set_external(
+        &mut self,
+        name: &str,
+        labels: &BTreeMap<String, String>,
+        state: State,
+        message: String,
+        always: bool,
+        now: Duration,
+        wall_ms: i64,
+    ) -> Option<Event> {
+        let c = self.map.entry(name.to_owned()).or_insert_with(|| {
+            let restored = self.restored.remove(name);
+            Check {
+                name: name.to_owned(),
+                labels: labels.clone(),
+                unit: "status",
+                rule: Arc::new(status_rule()),
+                state: restored.map_or_else(
+                    || RuleState::restored(State::Ok, now),
+                    |(s, _)| RuleState::restored(s, now),
+                ),
+                value: Some(0.0),
+                since_ms: restored.map_or(wall_ms, |(_, since)| since),
+                flap: evaluate::FlapDetector::default(),
+                generation: 0,
+                observed: true,
+                external: true,
+            }
+        });
+        let previous = c.state.state;
+        if previous == state && !always {
+            return None;
+        }
+        if previous != state {
+            c.state = RuleState::restored(state, now);
+            c.since_ms = wall_ms;
+        }
+        c.value = Some(match state {
+            State::Warning => 1.0,
+            State::Critical => 2.0,
+            _ => 0.0,
+        });
+        Some(Event {
+            seq: 0,
+            check: name.to_owned(),
+            labels: labels.clone(),
+            state,
+            previous,
+            value: c.value,
+            unit: "status".to_owned(),
+            threshold: None,
+            message: format!("{name} {}: {message}", state.as_str()),
+            observed_at_ms: wall_ms,
+            breach_started_at_ms: if state.is_firing() { wall_ms } else { 0 },
+            flapping: false,
+        })
     }
 
     /// The current status of every check that has produced a state.
@@ -460,6 +668,41 @@ pub struct Collector {
     deaths: DeathWatch,
     /// Monotonic time of the last cycle, to notice gaps in observation.
     last_cycle: Option<Duration>,
+    /// Latest results of the active checks.
+    board: Board,
+    /// Local recovery actions of the process watches.
+    recoverers: Vec<Recoverer>,
+    /// Finished recovery runs: (recoverer index, outcome).
+    recovery_done: (
+        mpsc::UnboundedSender<RunDone>,
+        mpsc::UnboundedReceiver<RunDone>,
+    ),
+    /// Identity passed to recovery actions.
+    agent_id: String,
+}
+
+/// A finished recovery run: (recoverer index, outcome).
+type RunDone = (usize, crate::exec::Outcome);
+
+/// Shortest time between the end of a recovery run and the next attempt while the
+/// process is still down (the budget bounds the total).
+pub const RECOVERY_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// One watch's local recovery action and its restart budget.
+#[derive(Debug)]
+struct Recoverer {
+    /// Watch name.
+    watch: String,
+    /// The check that triggers it (`process:NAME`).
+    check: String,
+    /// The check that reports on it (`recovery:NAME`).
+    name: String,
+    labels: BTreeMap<String, String>,
+    cfg: crate::config::Recovery,
+    budget: crate::recovery::RestartBudget,
+    running: bool,
+    last_finished: Option<Duration>,
+    exhausted: bool,
 }
 
 impl Collector {
@@ -472,6 +715,7 @@ impl Collector {
         status_tx: watch::Sender<Arc<Vec<CheckStatus>>>,
         events_total: prometheus_client::metrics::counter::Counter,
         restored: HashMap<String, (State, i64)>,
+        board: Board,
     ) -> Self {
         Collector {
             events_total,
@@ -481,11 +725,32 @@ impl Collector {
             checks: Checks::with_restored(restored),
             spool,
             status_tx,
-            start: Instant::now(),
+            start: board.start(),
             backlog: Vec::new(),
             last_spool_error_log: None,
             deaths: DeathWatch::new(),
             last_cycle: None,
+            board,
+            recoverers: cfg
+                .processes
+                .iter()
+                .filter_map(|p| {
+                    let r = p.recover.clone()?;
+                    Some(Recoverer {
+                        watch: p.name.clone(),
+                        check: process_check(&p.name),
+                        name: format!("recovery:{}", p.name),
+                        labels: BTreeMap::from([("process".to_owned(), p.name.clone())]),
+                        budget: crate::recovery::RestartBudget::new(r.max_runs, r.window),
+                        cfg: r,
+                        running: false,
+                        last_finished: None,
+                        exhausted: false,
+                    })
+                })
+                .collect(),
+            recovery_done: mpsc::unbounded_channel(),
+            agent_id: cfg.agent_id.clone(),
         }
     }
 
@@ -501,6 +766,11 @@ impl Collector {
                 pid = self.deaths.next_death() => {
                     tracing::debug!(pid, "watched process exited");
                     true
+                }
+                Some((i, outcome)) = self.recovery_done.1.recv() => {
+                    let events = self.recovery_finished(i, &outcome);
+                    self.commit(events).await;
+                    continue;
                 }
             };
             if !self.cycle(rediscover).await {
@@ -520,10 +790,11 @@ impl Collector {
             (sampler, s)
         })
         .await;
-        let Ok((sampler, sample)) = joined else {
+        let Ok((sampler, mut sample)) = joined else {
             tracing::error!("sampler thread panicked; collection stopped");
             return false;
         };
+        sample.active = self.board.snapshot(now);
         self.sampler = Some(sampler);
         self.deaths
             .track(sample.processes.iter().flat_map(|p| p.pids.iter().copied()));
@@ -541,9 +812,160 @@ impl Collector {
         self.last_cycle = Some(now);
         let wall = now_ms();
         let readings = self.book.readings(&sample);
-        let events = self.checks.evaluate(readings, now, wall);
+        let mut events = self.checks.evaluate(readings, now, wall);
+        let mut extra = Vec::new();
+        self.recover(&events, now, wall, &mut extra);
+        events.extend(extra);
         self.commit(events).await;
         true
+    }
+
+    /// Starts recovery actions of watches whose count is critical, within their budgets;
+    /// reports an exhausted budget once (CRITICAL) and a recovered watch (OK).
+    fn recover(&mut self, events: &[Event], now: Duration, wall: i64, out: &mut Vec<Event>) {
+        for i in 0..self.recoverers.len() {
+            let r = &self.recoverers[i];
+            let Some(state) = self.checks.get(&r.check).map(Check::state) else {
+                continue;
+            };
+            if state != State::Critical {
+                if state == State::Ok {
+                    let r = &mut self.recoverers[i];
+                    r.exhausted = false;
+                    let recovered = self
+                        .checks
+                        .get(&r.name)
+                        .is_some_and(|c| c.state() != State::Ok);
+                    if recovered
+                        && let Some(e) = self.checks.set_external(
+                            &r.name,
+                            &r.labels,
+                            State::Ok,
+                            format!("process {} is running again", r.watch),
+                            false,
+                            now,
+                            wall,
+                        )
+                    {
+                        out.push(e);
+                    }
+                }
+                continue;
+            }
+            if r.running
+                || r.last_finished
+                    .is_some_and(|t| now.saturating_sub(t) < RECOVERY_RETRY_AFTER)
+            {
+                continue;
+            }
+            let r = &mut self.recoverers[i];
+            if !r.budget.try_acquire(now) {
+                if !r.exhausted {
+                    r.exhausted = true;
+                    let again = r.budget.available_at(now).map_or_else(String::new, |t| {
+                        format!(
+                            "; next attempt allowed in {}s",
+                            t.saturating_sub(now).as_secs()
+                        )
+                    });
+                    let message = format!(
+                        "restart budget exhausted ({} runs in {}): not acting, process {} is still down{again}",
+                        r.cfg.max_runs,
+                        crate::settings::format_duration(r.cfg.window),
+                        r.watch
+                    );
+                    tracing::error!(watch = %r.watch, "{message}");
+                    if let Some(e) = self.checks.set_external(
+                        &r.name,
+                        &r.labels,
+                        State::Critical,
+                        message,
+                        true,
+                        now,
+                        wall,
+                    ) {
+                        out.push(e);
+                    }
+                }
+                continue;
+            }
+            r.running = true;
+            r.exhausted = false;
+            let trigger = events.iter().find(|e| e.check == r.check);
+            let mut env = vec![
+                ("TOCSIN_AGENT_ID".to_owned(), self.agent_id.clone()),
+                ("TOCSIN_CHECK".to_owned(), r.check.clone()),
+                ("TOCSIN_PROCESS".to_owned(), r.watch.clone()),
+                ("TOCSIN_STATE".to_owned(), "critical".to_owned()),
+            ];
+            if let Some(e) = trigger {
+                env.push(("TOCSIN_MESSAGE".to_owned(), e.message.clone()));
+                if let Some(v) = e.value {
+                    env.push(("TOCSIN_VALUE".to_owned(), format!("{v}")));
+                }
+            }
+            let mut spec = crate::exec::Spec::new(r.cfg.command.clone());
+            spec.env = env;
+            spec.timeout = r.cfg.timeout;
+            tracing::info!(watch = %r.watch, command = ?r.cfg.command, "running the recovery action");
+            let tx = self.recovery_done.0.clone();
+            tokio::spawn(async move {
+                let outcome = crate::exec::run(&spec).await;
+                let _ = tx.send((i, outcome));
+            });
+        }
+    }
+
+    /// Records a finished recovery run as an event on `recovery:NAME`.
+    fn recovery_finished(&mut self, i: usize, outcome: &crate::exec::Outcome) -> Vec<Event> {
+        let now = self.start.elapsed();
+        let wall = now_ms();
+        let Some(r) = self.recoverers.get_mut(i) else {
+            return Vec::new();
+        };
+        r.running = false;
+        r.last_finished = Some(now);
+        let took = format!("{:.1}s", outcome.duration.as_secs_f64());
+        let program = r.cfg.command.first().cloned().unwrap_or_default();
+        let first_line = |t: &str| t.lines().next().unwrap_or("").trim().to_owned();
+        let (state, message) = match &outcome.status {
+            crate::exec::ExitKind::Exited(0) => (
+                State::Ok,
+                format!("recovery action {program} succeeded in {took}"),
+            ),
+            crate::exec::ExitKind::Exited(code) => (
+                State::Warning,
+                format!(
+                    "recovery action {program} failed with exit code {code} in {took}: {}",
+                    first_line(&outcome.stderr)
+                ),
+            ),
+            crate::exec::ExitKind::Signaled(sig) => (
+                State::Warning,
+                format!("recovery action {program} was killed by signal {sig} after {took}"),
+            ),
+            crate::exec::ExitKind::TimedOut => (
+                State::Warning,
+                format!(
+                    "recovery action {program} timed out after {} and was killed",
+                    crate::settings::format_duration(r.cfg.timeout)
+                ),
+            ),
+            crate::exec::ExitKind::SpawnFailed(e) => (
+                State::Warning,
+                format!("recovery action could not start: {e}"),
+            ),
+        };
+        if state == State::Ok {
+            tracing::info!(watch = %r.watch, "{message}");
+        } else {
+            tracing::warn!(watch = %r.watch, "{message}");
+        }
+        let (name, labels) = (r.name.clone(), r.labels.clone());
+        self.checks
+            .set_external(&name, &labels, state, message, true, now, wall)
+            .into_iter()
+            .collect()
     }
 
     async fn commit(&mut self, events: Vec<Event>) {
@@ -627,6 +1049,7 @@ mod tests {
             cpu_busy_pct: Some(cpu),
             memory_used_pct: None,
             processes: Vec::new(),
+            active: Vec::new(),
         }
     }
 
@@ -709,6 +1132,7 @@ mod gap_tests {
             cpu_busy_pct: Some(99.0),
             memory_used_pct: None,
             processes: Vec::new(),
+            active: Vec::new(),
         };
         let s = Duration::from_secs;
         checks.evaluate(book.readings(&hot), s(0), 0);

@@ -77,6 +77,12 @@ pub struct RawConfig {
     pub defaults: RawDefaults,
     /// Watched processes (`[[process]]` tables).
     pub process: Vec<RawProcessWatch>,
+    /// HTTP checks (`[[http]]` tables).
+    pub http: Vec<crate::probe::RawHttpCheck>,
+    /// TCP connect checks (`[[tcp]]` tables).
+    pub tcp: Vec<crate::probe::RawTcpCheck>,
+    /// Nagios-plugin checks (`[[exec]]` tables).
+    pub exec: Vec<crate::nagios::RawExecCheck>,
     /// Logging.
     pub log: RawLog,
 }
@@ -249,6 +255,9 @@ impl Default for RawConfig {
             rules: RawRules::default(),
             defaults: RawDefaults::default(),
             process: Vec::new(),
+            http: Vec::new(),
+            tcp: Vec::new(),
+            exec: Vec::new(),
             log: RawLog::default(),
         }
     }
@@ -367,6 +376,8 @@ pub struct AgentConfig {
     pub memory: Option<Rule>,
     /// Process watches.
     pub processes: Vec<ProcessWatch>,
+    /// HTTP, TCP and exec checks, in that order.
+    pub active: Vec<crate::active::ActiveCheck>,
     /// Timeout of checks without their own (`defaults.health_check_timeout`).
     pub health_check_timeout: Duration,
     /// Error-rate warning level of HTTP checks without their own, percent.
@@ -504,10 +515,28 @@ pub fn load(file: Option<&Path>) -> Result<AgentConfig, ConfigError> {
 /// See [`load_with`].
 pub fn effective(file: Option<&Path>) -> Result<RawConfig, ConfigError> {
     let fig = settings::figment(&RawConfig::default(), file, seed_env())?;
-    settings::extract(&fig)
+    settings::extract::<RawConfig>(&fig).map(RawConfig::redacted)
 }
 
 impl RawConfig {
+    /// The config with secrets it may hold inline replaced: credentials and query
+    /// strings of check URLs, request header values, exec environment values.
+    pub fn redacted(mut self) -> Self {
+        const HIDDEN: &str = "<redacted>";
+        for h in &mut self.http {
+            h.url = crate::probe::redact_url(&h.url);
+            for v in h.headers.values_mut() {
+                HIDDEN.clone_into(v);
+            }
+        }
+        for e in &mut self.exec {
+            for v in e.env.values_mut() {
+                HIDDEN.clone_into(v);
+            }
+        }
+        self
+    }
+
     /// Converts into typed values, reporting every problem at once.
     ///
     /// # Errors
@@ -658,6 +687,23 @@ impl RawConfig {
             }
         }
 
+        let probes = crate::probe::validate_checks(
+            &mut v,
+            &self.http,
+            &self.tcp,
+            health_check_timeout,
+            self.defaults.error_rate_warning,
+        );
+        let execs =
+            crate::nagios::validate_exec_checks(&self.exec, &mut v, "exec", health_check_timeout);
+        let active: Vec<crate::active::ActiveCheck> = probes
+            .http
+            .into_iter()
+            .map(|h| crate::active::ActiveCheck::Http(Box::new(h)))
+            .chain(probes.tcp.into_iter().map(crate::active::ActiveCheck::Tcp))
+            .chain(execs.into_iter().map(crate::active::ActiveCheck::Exec))
+            .collect();
+
         let log = crate::telemetry::validate(&mut v, &self.log);
 
         let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "localhost".to_owned());
@@ -756,6 +802,7 @@ impl RawConfig {
             cpu,
             memory,
             processes,
+            active,
             health_check_timeout,
             error_rate_warning: self.defaults.error_rate_warning,
             log,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::active::{ActiveCheck, Board, RunResult, Runner, Snapshot};
 use crate::collect::{Reading, RuleBook};
 use crate::config::AgentConfig;
 use crate::evaluate::{self, RuleState, State};
@@ -39,10 +40,51 @@ pub struct Row {
 pub fn run(cfg: &AgentConfig) -> Result<Vec<Row>, SamplerError> {
     let mut sampler = Sampler::new(cfg.processes.clone())?;
     sampler.sample(Duration::ZERO, true);
-    std::thread::sleep(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL + Duration::from_millis(50));
-    let sample = sampler.sample(Duration::from_millis(250), false);
+    // The active checks run (concurrently) while CPU usage gets its second reading.
+    let started = std::time::Instant::now();
+    let active = run_active(&cfg.active);
+    let settle = sysinfo::MINIMUM_CPU_UPDATE_INTERVAL + Duration::from_millis(50);
+    std::thread::sleep(settle.saturating_sub(started.elapsed()));
+    let mut sample = sampler.sample(started.elapsed().max(settle), false);
+    sample.active = active;
     let book = RuleBook::new(cfg);
     Ok(rows(book.readings(&sample)))
+}
+
+/// Runs every active check once, all at the same time, on a small runtime of its own.
+fn run_active(checks: &[ActiveCheck]) -> Vec<Snapshot> {
+    if checks.is_empty() {
+        return Vec::new();
+    }
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return Vec::new();
+    };
+    rt.block_on(async {
+        let start = std::time::Instant::now();
+        let board = Board::new(checks, start);
+        let mut set = tokio::task::JoinSet::new();
+        for (i, c) in checks.iter().cloned().enumerate() {
+            let board = board.clone();
+            set.spawn(async move {
+                let result = match Runner::new(&c) {
+                    Ok(r) => r.run(|| board.now()).await,
+                    Err(e) => RunResult {
+                        at: board.now(),
+                        state: crate::nagios::PluginState::Unknown,
+                        message: crate::telemetry::chain(&e),
+                        latency: Duration::ZERO,
+                        perf: Vec::new(),
+                    },
+                };
+                board.record(i, result);
+            });
+        }
+        set.join_all().await;
+        board.snapshot(board.now())
+    })
 }
 
 /// Evaluates each reading once, ignoring `for` and `clear_for`.
@@ -86,27 +128,53 @@ pub fn exit_code(rows: &[Row]) -> u8 {
         .unwrap_or(0)
 }
 
+/// A perfdata value as the plugin would print it: whole numbers without decimals.
+fn round_value(v: f64) -> String {
+    if v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
 /// The human table.
 pub fn table(rows: &[Row]) -> String {
+    let w = rows
+        .iter()
+        .map(|r| crate::event::printable(&r.check).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("CHECK".len());
     let mut out = format!(
-        "{:<32} {:<9} {:>10} {:>9} {:>9}  {}\n",
+        "{:<w$} {:<9} {:>10} {:>9} {:>9}  {}\n",
         "CHECK", "STATE", "VALUE", "WARNING", "CRITICAL", "MESSAGE"
     );
     let level = |l: Option<f64>| l.map_or_else(|| "-".to_owned(), |v| format!("{v}"));
     for r in rows {
         let value = match (r.value, r.unit.as_str()) {
             (Some(v), "percent") => format!("{v:.1}%"),
-            (Some(v), "count" | "status") => format!("{v:.0}"),
+            (Some(_), "status") => "-".to_owned(),
+            (Some(v), "count") => format!("{v:.0}"),
+            (Some(v), "perfdata") => round_value(v),
             (Some(v), unit) => format!("{v:.1} {unit}"),
             (None, _) => "-".to_owned(),
         };
+        let status = r.unit == "status";
         let line = format!(
-            "{:<32} {:<9} {:>10} {:>9} {:>9}  {}",
+            "{:<w$} {:<9} {:>10} {:>9} {:>9}  {}",
             crate::event::printable(&r.check),
             r.state.as_str(),
             value,
-            level(r.warning),
-            level(r.critical),
+            if status {
+                "-".to_owned()
+            } else {
+                level(r.warning)
+            },
+            if status {
+                "-".to_owned()
+            } else {
+                level(r.critical)
+            },
             crate::event::printable(&r.message)
         );
         out.push_str(line.trim_end());

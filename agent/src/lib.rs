@@ -7,6 +7,7 @@
 //! load and validate the TOML/environment config; `convert` is the only place that
 //! touches wire types.
 
+pub mod active;
 pub mod admin;
 pub mod backoff;
 pub mod collect;
@@ -113,6 +114,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     };
     let (shipper, conn_state) = Shipper::new(ship_cfg, spool.clone(), status_rx, backoff);
     let mut progress = systemd::SamplingProgress::new(status_tx.subscribe(), cfg.interval);
+    let board = active::Board::new(&cfg.active, std::time::Instant::now());
     let collector = Collector::new(
         &cfg,
         sampler,
@@ -120,6 +122,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         status_tx,
         metrics.events.clone(),
         restored,
+        board.clone(),
     );
 
     tracing::info!(
@@ -128,9 +131,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         interval = ?cfg.interval,
         state_dir = %cfg.state_dir.display(),
         watches = cfg.processes.len(),
+        active_checks = cfg.active.len(),
         "agent started"
     );
     let tracker = TaskTracker::new();
+    active::spawn(&cfg.active, &board, &tracker, &shutdown);
     tracker.spawn(collector.run(shutdown.clone()));
     if let Some(addr) = cfg.admin_listen {
         tracker.spawn(admin::serve(

@@ -43,6 +43,9 @@ pub struct Sample {
     pub memory_used_pct: Option<f64>,
     /// One entry per watch, in config order.
     pub processes: Vec<ProcessSample>,
+    /// The latest result of each active check (HTTP, TCP, exec), in config order; filled
+    /// in by the collector from the [`crate::active::Board`].
+    pub active: Vec<crate::active::Snapshot>,
 }
 
 /// What one process watch saw.
@@ -164,6 +167,7 @@ impl Sampler {
             cpu_busy_pct,
             memory_used_pct,
             processes,
+            active: Vec::new(),
         }
     }
 
