@@ -15,6 +15,7 @@ pub mod convert;
 pub mod diagnose;
 pub mod evaluate;
 pub mod event;
+pub mod host;
 pub mod sample;
 pub mod settings;
 pub mod ship;
