@@ -18,6 +18,7 @@ pub mod diagnose;
 pub mod evaluate;
 pub mod event;
 pub mod exec;
+pub mod host;
 pub mod nagios;
 pub mod probe;
 pub mod recovery;

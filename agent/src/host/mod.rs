@@ -1,0 +1,246 @@
+//! Host-level metrics read directly from the kernel: CPU, memory, load average and disks.
+//!
+//! Owns the parsing of `/proc/stat`, `/proc/meminfo`, `/proc/loadavg` and
+//! `/proc/self/mountinfo`, the `statvfs(2)` of each reported filesystem, and the previous
+//! `/proc/stat` counters that CPU percentages are differences of. It does not evaluate
+//! thresholds, schedule itself nor know about config files: the caller builds a
+//! [`HostSampler`] once and calls [`HostSampler::sample`] every cycle on a blocking thread.
+//!
+//! It is built to be cheap at a 1 s interval: each `/proc` file is kept open and re-read
+//! from offset 0 with one `pread` into a buffer that is reused across cycles (the kernel
+//! regenerates a `/proc` file's text on every read at offset 0); parsing works on that
+//! buffer without copying, and only the values that leave the sampler allocate.
+//!
+//! | value | unit | source |
+//! |---|---|---|
+//! | [`CpuUsage::busy_pct`] | % 0–100 of all online cores | `/proc/stat` `cpu` line, Δ between two samples |
+//! | [`CpuUsage::iowait_pct`] | % 0–100 of all cores' time | `/proc/stat` `cpu` line, iowait field |
+//! | [`CpuUsage::steal_pct`] | % 0–100 of all cores' time | `/proc/stat` `cpu` line, steal field |
+//! | [`CpuUsage::per_core_busy_pct`] | % 0–100 of one core, indexed by CPU number | `/proc/stat` `cpuN` lines |
+//! | [`MemoryUsage::used_pct`] | % 0–100 of RAM | `/proc/meminfo` (MemTotal − MemAvailable) / MemTotal |
+//! | [`MemoryUsage::total_bytes`], [`MemoryUsage::available_bytes`] | bytes | `/proc/meminfo` MemTotal, MemAvailable |
+//! | [`MemoryUsage::swap_used_pct`] | % 0–100 of swap | `/proc/meminfo` (SwapTotal − SwapFree) / SwapTotal |
+//! | [`MemoryUsage::swap_total_bytes`] | bytes | `/proc/meminfo` SwapTotal |
+//! | [`LoadAverage::one`], `five`, `fifteen` | runnable + uninterruptible tasks (not %) | `/proc/loadavg` |
+//! | [`LoadAverage::cores`] | online CPUs | number of `cpuN` lines in `/proc/stat` |
+//! | [`DiskUsage::mount`], `device`, `fstype` | text | `/proc/self/mountinfo` |
+//! | [`DiskUsage::used_pct`] | % 0–100 of the space non-root users can use (as `df`) | `statvfs(2)` |
+//! | [`DiskUsage::inodes_used_pct`] | % 0–100 of inodes | `statvfs(2)` |
+//! | [`DiskUsage::total_bytes`], [`DiskUsage::avail_bytes`] | bytes | `statvfs(2)` blocks × fragment size |
+//!
+//! Every path is read under a configurable root (normally `/`), so the parsers run on
+//! fixture files in tests, and an agent in a container can read the host's `/proc` and
+//! filesystems mounted at, say, `/host`.
+
+mod cpu;
+mod disk;
+mod load;
+mod memory;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+pub use cpu::CpuUsage;
+pub use disk::{DiskOptions, DiskUsage, IMAGE_FSTYPES, NETWORK_FSTYPES, PSEUDO_FSTYPES};
+pub use load::LoadAverage;
+pub use memory::MemoryUsage;
+
+/// One sampling cycle's host values.
+///
+/// Each source fails on its own: a value that could not be read is `None` (or a disk is
+/// missing from `disks`) and the reason is in `errors`; the other values are still there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostSample {
+    /// CPU usage since the previous sample. `None` on the first cycle (a usage needs two
+    /// readings — never a fake 0), when `/proc/stat` could not be read, or when its total
+    /// counters went backwards (CPU hotplug, counter wrap) or did not move.
+    pub cpu: Option<CpuUsage>,
+    /// RAM and swap; `None` when `/proc/meminfo` could not be read or has no MemTotal.
+    pub memory: Option<MemoryUsage>,
+    /// Load averages; `None` when `/proc/loadavg` could not be read.
+    pub load: Option<LoadAverage>,
+    /// One entry per reported filesystem (see [`DiskOptions`] for which ones), in
+    /// mountinfo order, or in `include_mounts` order when that list is set.
+    pub disks: Vec<DiskUsage>,
+    /// Human-readable reasons for what is missing above, each naming its source, e.g.
+    /// `"statvfs /mnt/x: Permission denied (os error 13)"`. Empty when all went well.
+    pub errors: Vec<String>,
+}
+
+/// Reads host metrics from the kernel; see the module docs.
+///
+/// Holds the open `/proc` files with their reused buffers, the previous `/proc/stat`
+/// counters and the disk selection.
+#[derive(Debug)]
+pub struct HostSampler {
+    stat: ProcFile,
+    meminfo: ProcFile,
+    loadavg: ProcFile,
+    cpu: cpu::CpuTracker,
+    disks: disk::DiskScanner,
+}
+
+impl HostSampler {
+    /// A sampler reading `ROOT/proc/stat`, `ROOT/proc/meminfo`, `ROOT/proc/loadavg` and
+    /// `ROOT/proc/self/mountinfo`, and calling `statvfs` on `ROOT` + each mount point.
+    /// `root` is `/` normally. Opens nothing yet: files are opened by the first
+    /// [`sample`](Self::sample) (and reopened after a read error).
+    pub fn new(root: PathBuf, disk: DiskOptions) -> Self {
+        let proc = root.join("proc");
+        HostSampler {
+            stat: ProcFile::new(proc.join("stat")),
+            meminfo: ProcFile::new(proc.join("meminfo")),
+            loadavg: ProcFile::new(proc.join("loadavg")),
+            cpu: cpu::CpuTracker::default(),
+            disks: disk::DiskScanner::new(&root, proc.join("self").join("mountinfo"), disk),
+        }
+    }
+
+    /// Reads every source once and returns the values. Blocking (file reads and
+    /// `statvfs`): call it on a blocking thread. Never panics on odd kernel text; a
+    /// failing source shows up in [`HostSample::errors`].
+    pub fn sample(&mut self) -> HostSample {
+        let mut errors = Vec::new();
+
+        let mut online = None;
+        let cpu = match self.stat.read_text() {
+            Ok(text) => match self.cpu.update(text) {
+                Ok(reading) => {
+                    online = (reading.online > 0).then_some(reading.online);
+                    errors.extend(reading.note);
+                    reading.usage
+                }
+                Err(e) => {
+                    errors.push(format!("parse {}: {e}", self.stat.path.display()));
+                    None
+                }
+            },
+            Err(e) => {
+                errors.push(format!("read {}: {e}", self.stat.path.display()));
+                None
+            }
+        };
+
+        let memory = match self.meminfo.read_text() {
+            Ok(text) => match memory::parse(text) {
+                Ok(m) => Some(m.usage()),
+                Err(e) => {
+                    errors.push(format!("parse {}: {e}", self.meminfo.path.display()));
+                    None
+                }
+            },
+            Err(e) => {
+                errors.push(format!("read {}: {e}", self.meminfo.path.display()));
+                None
+            }
+        };
+
+        // Online CPUs come from this cycle's /proc/stat; without it, the CPUs this
+        // process may run on (which a cpuset or affinity mask can make fewer).
+        let cores = online.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        let load = match self.loadavg.read_text() {
+            Ok(text) => match load::parse(text, cores) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    errors.push(format!("parse {}: {e}", self.loadavg.path.display()));
+                    None
+                }
+            },
+            Err(e) => {
+                errors.push(format!("read {}: {e}", self.loadavg.path.display()));
+                None
+            }
+        };
+
+        let disks = self.disks.scan(&mut errors);
+
+        HostSample {
+            cpu,
+            memory,
+            load,
+            disks,
+            errors,
+        }
+    }
+}
+
+/// Buffer size a [`ProcFile`] starts with; it doubles until a whole file fits, then
+/// keeps that size.
+const INITIAL_READ_BUFFER: usize = 8 * 1024;
+
+/// A `/proc` file kept open and re-read whole, from offset 0, into a reused buffer.
+#[derive(Debug)]
+struct ProcFile {
+    path: PathBuf,
+    file: Option<File>,
+    /// Always fully initialised: its length is the size offered to `pread`.
+    buf: Vec<u8>,
+}
+
+impl ProcFile {
+    fn new(path: PathBuf) -> Self {
+        ProcFile {
+            path,
+            file: None,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The whole file, read with one `pread` at offset 0 once the buffer is big enough.
+    ///
+    /// A short read means the end of the file: true for regular files and for the
+    /// kernel's seq_file-backed `/proc` files, which fill the buffer as far as they can.
+    /// After an error the file is closed, so the next call reopens it.
+    fn read(&mut self) -> io::Result<&[u8]> {
+        self.read_with_path().1
+    }
+
+    /// [`read`](Self::read), with the path alongside for messages (borrowed, not cloned).
+    fn read_with_path(&mut self) -> (&Path, io::Result<&[u8]>) {
+        let ProcFile { path, file, buf } = self;
+        // Taken out while reading: an error drops (closes) it, success puts it back.
+        let open = match file.take() {
+            Some(f) => f,
+            None => match File::open(&*path) {
+                Ok(f) => f,
+                Err(e) => return (path, Err(e)),
+            },
+        };
+        if buf.is_empty() {
+            buf.resize(INITIAL_READ_BUFFER, 0);
+        }
+        let mut filled = 0;
+        loop {
+            if filled == buf.len() {
+                let bigger = buf.len() * 2;
+                buf.resize(bigger, 0);
+            }
+            match open.read_at(&mut buf[filled..], filled as u64) {
+                Ok(0) => break,
+                Ok(n) => {
+                    filled += n;
+                    if filled < buf.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return (path, Err(e)),
+            }
+        }
+        *file = Some(open);
+        (path, Ok(&buf[..filled]))
+    }
+
+    /// [`read`](Self::read) as UTF-8 (`/proc/stat`, `meminfo` and `loadavg` are ASCII).
+    fn read_text(&mut self) -> io::Result<&str> {
+        let bytes = self.read()?;
+        std::str::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}
+
+#[cfg(test)]
+mod tests;
