@@ -43,6 +43,13 @@ pub struct Reading {
 pub struct RuleBook {
     cpu: Option<Arc<Rule>>,
     memory: Option<Arc<Rule>>,
+    swap: Option<Arc<Rule>>,
+    iowait: Option<Arc<Rule>>,
+    steal: Option<Arc<Rule>>,
+    cpu_core: Option<Arc<Rule>>,
+    load: Option<Arc<Rule>>,
+    disk: Option<Arc<Rule>>,
+    inodes: Option<Arc<Rule>>,
     watches: Vec<WatchRules>,
     active: Vec<ActiveRules>,
 }
@@ -140,9 +147,17 @@ impl RuleBook {
     /// The rules `cfg` asks for.
     pub fn new(cfg: &AgentConfig) -> Self {
         let arc = |r: &Option<Rule>| r.clone().map(Arc::new);
+        let h = &cfg.host_rules;
         RuleBook {
             cpu: arc(&cfg.cpu),
             memory: arc(&cfg.memory),
+            swap: arc(&h.swap),
+            iowait: arc(&h.iowait),
+            steal: arc(&h.steal),
+            cpu_core: arc(&h.cpu_core),
+            load: arc(&h.load),
+            disk: arc(&h.disk),
+            inodes: arc(&h.inodes),
             watches: cfg
                 .processes
                 .iter()
@@ -192,6 +207,7 @@ impl RuleBook {
                 None,
             );
         }
+        self.host_readings(sample, &mut push);
         for (w, p) in self.watches.iter().zip(&sample.processes) {
             let count = Some(f64::from(p.count));
             push(
@@ -304,6 +320,102 @@ impl RuleBook {
             }
         }
         out
+    }
+}
+
+impl RuleBook {
+    /// Swap, iowait, steal, per-core, load, disk and inode readings.
+    fn host_readings(
+        &self,
+        sample: &Sample,
+        push: &mut impl FnMut(
+            String,
+            &BTreeMap<String, String>,
+            &'static str,
+            &Arc<Rule>,
+            Option<f64>,
+            Option<String>,
+        ),
+    ) {
+        let none = BTreeMap::new();
+        let host = &sample.host;
+        let cpu = host.cpu.as_ref();
+        if let Some(r) = &self.iowait {
+            push(
+                "cpu_iowait".into(),
+                &none,
+                "percent",
+                r,
+                cpu.map(|c| c.iowait_pct),
+                None,
+            );
+        }
+        if let Some(r) = &self.steal {
+            push(
+                "cpu_steal".into(),
+                &none,
+                "percent",
+                r,
+                cpu.map(|c| c.steal_pct),
+                None,
+            );
+        }
+        if let (Some(r), Some(c)) = (&self.cpu_core, cpu) {
+            for (n, v) in c.per_core_busy_pct.iter().enumerate() {
+                // A core skipped this cycle (offline, counters reset) keeps its last state.
+                if let Some(v) = v {
+                    let labels = BTreeMap::from([("core".to_owned(), n.to_string())]);
+                    push(
+                        format!("cpu_core:{n}"),
+                        &labels,
+                        "percent",
+                        r,
+                        Some(*v),
+                        None,
+                    );
+                }
+            }
+        }
+        if let (Some(r), Some(m)) = (&self.swap, &host.memory)
+            && let Some(pct) = m.swap_used_pct
+        {
+            push("swap".into(), &none, "percent", r, Some(pct), None);
+        }
+        if let Some(r) = &self.load {
+            let per_core = host
+                .load
+                .as_ref()
+                .filter(|l| l.cores > 0)
+                .map(|l| l.one / l.cores as f64);
+            push("load".into(), &none, "per core", r, per_core, None);
+        }
+        for d in &host.disks {
+            let labels = BTreeMap::from([
+                ("mount".to_owned(), d.mount.clone()),
+                ("device".to_owned(), d.device.clone()),
+                ("fstype".to_owned(), d.fstype.clone()),
+            ]);
+            if let Some(r) = &self.disk {
+                push(
+                    format!("disk:{}", d.mount),
+                    &labels,
+                    "percent",
+                    r,
+                    Some(d.used_pct),
+                    None,
+                );
+            }
+            if let (Some(r), Some(pct)) = (&self.inodes, d.inodes_used_pct) {
+                push(
+                    format!("inodes:{}", d.mount),
+                    &labels,
+                    "percent",
+                    r,
+                    Some(pct),
+                    None,
+                );
+            }
+        }
     }
 }
 
@@ -1049,6 +1161,7 @@ mod tests {
             cpu_busy_pct: Some(cpu),
             memory_used_pct: None,
             processes: Vec::new(),
+            host: crate::host::HostSample::default(),
             active: Vec::new(),
         }
     }
@@ -1132,6 +1245,7 @@ mod gap_tests {
             cpu_busy_pct: Some(99.0),
             memory_used_pct: None,
             processes: Vec::new(),
+            host: crate::host::HostSample::default(),
             active: Vec::new(),
         };
         let s = Duration::from_secs;

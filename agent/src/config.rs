@@ -73,6 +73,8 @@ pub struct RawConfig {
     pub aggregator: RawAggregatorLink,
     /// Resource rules.
     pub rules: RawRules,
+    /// Which filesystems are checked.
+    pub disks: RawDisks,
     /// Defaults shared by many checks (the seed's variables).
     pub defaults: RawDefaults,
     /// Watched processes (`[[process]]` tables).
@@ -147,6 +149,31 @@ pub struct RawRules {
     pub cpu: RawRule,
     /// Memory used %, from MemAvailable.
     pub memory: RawRule,
+    /// Swap used % (no check when the node has no swap).
+    pub swap: RawRule,
+    /// CPU time waiting for I/O, % of all cores.
+    pub iowait: RawRule,
+    /// CPU time stolen by the hypervisor, % of all cores.
+    pub steal: RawRule,
+    /// Busy % of each core (`cpu_core:N`); off by default (one busy core is often normal).
+    pub cpu_core: RawRule,
+    /// 1-minute load average per core (runnable and uninterruptible tasks / cores).
+    pub load: RawRule,
+    /// Disk space used %, per real filesystem (`disk:MOUNT`).
+    pub disk: RawRule,
+    /// Inodes used %, per real filesystem (`inodes:MOUNT`).
+    pub inodes: RawRule,
+}
+
+/// `[disks]`: which filesystems get `disk:` and `inodes:` checks.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDisks {
+    /// Only these mount points (empty: every real filesystem, pseudo, image and network
+    /// filesystems skipped, each device once).
+    pub include_mounts: Vec<String>,
+    /// Filesystem types to skip in addition to the built-in lists (`fuse.*` patterns).
+    pub exclude_fstypes: Vec<String>,
 }
 
 /// One threshold rule as written.
@@ -253,6 +280,7 @@ impl Default for RawConfig {
             labels: BTreeMap::new(),
             aggregator: RawAggregatorLink::default(),
             rules: RawRules::default(),
+            disks: RawDisks::default(),
             defaults: RawDefaults::default(),
             process: Vec::new(),
             http: Vec::new(),
@@ -286,11 +314,26 @@ impl Default for RawRules {
         RawRules {
             cpu: RawRule::above(CPU_WARNING_PCT, CPU_CRITICAL_PCT),
             memory: RawRule::above(MEMORY_WARNING_PCT, MEMORY_CRITICAL_PCT),
+            swap: RawRule::above(80.0, 95.0).hold("5m"),
+            iowait: RawRule::above(20.0, 50.0).hold("5m"),
+            steal: RawRule::above(10.0, 30.0).hold("5m"),
+            cpu_core: RawRule {
+                enabled: false,
+                ..RawRule::above(95.0, 100.0).hold("5m")
+            },
+            load: RawRule::above(2.0, 4.0).hold("5m"),
+            disk: RawRule::above(85.0, 95.0),
+            inodes: RawRule::above(85.0, 95.0),
         }
     }
 }
 
 impl RawRule {
+    fn hold(mut self, hold_for: &str) -> Self {
+        hold_for.clone_into(&mut self.hold_for);
+        self
+    }
+
     fn above(warning: f64, critical: f64) -> Self {
         RawRule {
             enabled: true,
@@ -374,6 +417,10 @@ pub struct AgentConfig {
     pub cpu: Option<Rule>,
     /// Memory rule, if enabled.
     pub memory: Option<Rule>,
+    /// Swap, iowait, steal, per-core, load-per-core, disk and inode rules, if enabled.
+    pub host_rules: HostRules,
+    /// Which filesystems are checked.
+    pub disks: crate::host::DiskOptions,
     /// Process watches.
     pub processes: Vec<ProcessWatch>,
     /// HTTP, TCP and exec checks, in that order.
@@ -384,6 +431,25 @@ pub struct AgentConfig {
     pub error_rate_warning: f64,
     /// Log settings.
     pub log: LogConfig,
+}
+
+/// The validated host rules beyond CPU and memory (`None` when disabled).
+#[derive(Debug, Clone, Default)]
+pub struct HostRules {
+    /// Swap used %.
+    pub swap: Option<Rule>,
+    /// iowait %.
+    pub iowait: Option<Rule>,
+    /// steal %.
+    pub steal: Option<Rule>,
+    /// Busy % of each core.
+    pub cpu_core: Option<Rule>,
+    /// 1-minute load per core.
+    pub load: Option<Rule>,
+    /// Disk used %.
+    pub disk: Option<Rule>,
+    /// Inodes used %.
+    pub inodes: Option<Rule>,
 }
 
 /// A secret string (token, key) that never shows in `Debug` or logs.
@@ -654,6 +720,28 @@ impl RawConfig {
 
         let cpu = validate_rule(&mut v, "rules.cpu", &self.rules.cpu, PERCENT);
         let memory = validate_rule(&mut v, "rules.memory", &self.rules.memory, PERCENT);
+        let r = &self.rules;
+        let host_rules = HostRules {
+            swap: validate_rule(&mut v, "rules.swap", &r.swap, PERCENT),
+            iowait: validate_rule(&mut v, "rules.iowait", &r.iowait, PERCENT),
+            steal: validate_rule(&mut v, "rules.steal", &r.steal, PERCENT),
+            cpu_core: validate_rule(&mut v, "rules.cpu_core", &r.cpu_core, PERCENT),
+            load: validate_rule(&mut v, "rules.load", &r.load, (0.0, 1.0e6)),
+            disk: validate_rule(&mut v, "rules.disk", &r.disk, PERCENT),
+            inodes: validate_rule(&mut v, "rules.inodes", &r.inodes, PERCENT),
+        };
+        for (i, m) in self.disks.include_mounts.iter().enumerate() {
+            if !Path::new(m).is_absolute() {
+                v.problem(
+                    &format!("disks.include_mounts.{i}"),
+                    format!("{m:?} must be an absolute mount point such as \"/var\""),
+                );
+            }
+        }
+        let disks = crate::host::DiskOptions {
+            include_mounts: self.disks.include_mounts.clone(),
+            exclude_fstypes: self.disks.exclude_fstypes.clone(),
+        };
 
         let recovery_timeout = v.seconds_or_duration(
             "defaults.recovery_timeout",
@@ -801,6 +889,8 @@ impl RawConfig {
             tls,
             cpu,
             memory,
+            host_rules,
+            disks,
             processes,
             active,
             health_check_timeout,

@@ -38,7 +38,7 @@ pub struct Row {
 /// # Errors
 /// [`SamplerError`] when the system cannot be read.
 pub fn run(cfg: &AgentConfig) -> Result<Vec<Row>, SamplerError> {
-    let mut sampler = Sampler::new(cfg.processes.clone())?;
+    let mut sampler = Sampler::new(cfg.processes.clone(), cfg.disks.clone())?;
     sampler.sample(Duration::ZERO, true);
     // The active checks run (concurrently) while CPU usage gets its second reading.
     let started = std::time::Instant::now();

@@ -85,7 +85,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     }
     let restored = spool.check_states()?;
     let spool = spool::spawn(spool)?;
-    let sampler = Sampler::new(cfg.processes.clone())?;
+    let sampler = Sampler::new(cfg.processes.clone(), cfg.disks.clone())?;
     let backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max)?;
     let (status_tx, status_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
 

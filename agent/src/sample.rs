@@ -1,9 +1,10 @@
-//! Sampling with `sysinfo`: CPU busy %, memory used % and watched processes.
+//! One sampling cycle: host metrics (CPU, memory, swap, load, disks — see
+//! [`crate::host`]) and watched processes (with `sysinfo`).
 //!
-//! Owns one long-lived [`sysinfo::System`] (CPU usage is a difference between two
-//! refreshes, so a fresh `System` per sample would always read 0). It does not evaluate
-//! thresholds; it only turns the kernel's counters into values with units. Refreshing is
-//! blocking work: callers run [`Sampler::sample`] on a blocking thread.
+//! Owns one long-lived [`HostSampler`] (CPU usage is a difference between two readings)
+//! and one [`sysinfo::System`] for the process table. It does not evaluate thresholds; it
+//! only turns the kernel's counters into values with units. Refreshing is blocking work:
+//! callers run [`Sampler::sample`] on a blocking thread.
 //!
 //! Process watches cost little per cycle: only the processes already known to match are
 //! refreshed every cycle (liveness, CPU time, RSS). The full process table is read only
@@ -25,24 +26,25 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sysinfo::{
-    MemoryRefreshKind, Pid, ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System,
-    UpdateKind,
-};
+use sysinfo::{Pid, ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System, UpdateKind};
+
+use crate::host::{DiskOptions, HostSample, HostSampler};
 
 use crate::config::{Matcher, ProcessWatch};
 
 /// One sampling cycle's values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
-    /// Busy percent 0–100 of all cores, from /proc/stat via sysinfo. `None` on the first
-    /// cycle (a usage needs two readings) — never a fake 0.
+    /// Busy percent 0–100 of all cores, from /proc/stat. `None` on the first cycle (a
+    /// usage needs two readings) — never a fake 0.
     pub cpu_busy_pct: Option<f64>,
-    /// Used percent 0–100 = (MemTotal − MemAvailable) / MemTotal, from /proc/meminfo via
-    /// sysinfo; page cache is not "used". `None` when the total reads 0.
+    /// Used percent 0–100 = (MemTotal − MemAvailable) / MemTotal, from /proc/meminfo;
+    /// page cache is not "used". `None` when /proc/meminfo cannot be read.
     pub memory_used_pct: Option<f64>,
     /// One entry per watch, in config order.
     pub processes: Vec<ProcessSample>,
+    /// CPU breakdown, memory and swap, load, disks (see [`crate::host`]).
+    pub host: HostSample,
     /// The latest result of each active check (HTTP, TCP, exec), in config order; filled
     /// in by the collector from the [`crate::active::Board`].
     pub active: Vec<crate::active::Snapshot>,
@@ -91,9 +93,11 @@ struct WatchState {
 #[derive(Debug)]
 pub struct Sampler {
     sys: System,
+    host: HostSampler,
+    /// Host sampling errors already logged (each is logged once).
+    logged_errors: HashSet<String>,
     watches: Vec<ProcessWatch>,
     states: Vec<WatchState>,
-    cpu_primed: bool,
     /// Monotonic time of the last full process-table read.
     last_discovery: Option<Duration>,
     /// Monotonic time of the last cycle, for CPU rates.
@@ -122,14 +126,15 @@ impl Sampler {
     ///
     /// # Errors
     /// [`SamplerError`] when sysinfo cannot read the system.
-    pub fn new(watches: Vec<ProcessWatch>) -> Result<Self, SamplerError> {
+    pub fn new(watches: Vec<ProcessWatch>, disks: DiskOptions) -> Result<Self, SamplerError> {
         let sys = System::new().map_err(|e| SamplerError(e.to_string()))?;
         let states = watches.iter().map(|_| WatchState::default()).collect();
         Ok(Sampler {
             sys,
+            host: HostSampler::new(PathBuf::from("/"), disks),
+            logged_errors: HashSet::new(),
             watches,
             states,
-            cpu_primed: false,
             last_discovery: None,
             last_cycle: None,
             own_pid: std::process::id(),
@@ -141,22 +146,14 @@ impl Sampler {
     /// cycle, used for restart windows and rates. `rediscover` forces a read of the full
     /// process table (a watched process exited).
     pub fn sample(&mut self, now: Duration, rediscover: bool) -> Sample {
-        self.sys.refresh_cpu_usage();
-        let cpu_busy_pct = if self.cpu_primed {
-            Some(f64::from(self.sys.global_cpu_usage()).clamp(0.0, 100.0))
-        } else {
-            self.cpu_primed = true;
-            None
-        };
-
-        self.sys
-            .refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
-        let total = self.sys.total_memory();
-        let memory_used_pct = (total > 0).then(|| {
-            let used = total.saturating_sub(self.sys.available_memory());
-            used as f64 * 100.0 / total as f64
-        });
-
+        let host = self.host.sample();
+        for e in &host.errors {
+            if self.logged_errors.len() < 1000 && self.logged_errors.insert(e.clone()) {
+                tracing::warn!(error = %e, "a host metric could not be read (logged once)");
+            }
+        }
+        let cpu_busy_pct = host.cpu.as_ref().map(|c| c.busy_pct);
+        let memory_used_pct = host.memory.as_ref().map(|m| m.used_pct);
         let processes = if self.watches.is_empty() {
             Vec::new()
         } else {
@@ -167,6 +164,7 @@ impl Sampler {
             cpu_busy_pct,
             memory_used_pct,
             processes,
+            host,
             active: Vec::new(),
         }
     }
@@ -493,10 +491,10 @@ mod tests {
 
     #[test]
     fn first_cpu_sample_is_withheld_then_real() {
-        let mut s = Sampler::new(Vec::new()).expect("sysinfo");
+        let mut s = Sampler::new(Vec::new(), DiskOptions::default()).expect("sysinfo");
         let first = s.sample(Duration::ZERO, false);
         assert_eq!(first.cpu_busy_pct, None);
-        std::thread::sleep(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL * 2);
+        std::thread::sleep(Duration::from_millis(300));
         let second = s.sample(Duration::from_secs(1), false);
         let cpu = second.cpu_busy_pct.expect("second sample has a value");
         assert!((0.0..=100.0).contains(&cpu));

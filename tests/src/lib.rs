@@ -610,6 +610,13 @@ impl AggregatorToml {
     }
 }
 
+/// Agent config lines that turn off the host rules beyond CPU and memory (swap, iowait,
+/// steal, load, disks, inodes), so a test sees only the checks it asks for even on a
+/// busy or nearly full build machine.
+pub const QUIET_HOST_RULES: &str = "[rules.swap]\nenabled = false\n[rules.iowait]\nenabled = false\n\
+[rules.steal]\nenabled = false\n[rules.load]\nenabled = false\n[rules.disk]\nenabled = false\n\
+[rules.inodes]\nenabled = false\n";
+
 /// An agent config for tests: fast sampling (250 ms) and heartbeats (500 ms), quick
 /// reconnects (100–500 ms), no admin port, CPU and memory rules off (so a busy test
 /// machine pages nothing), state in `DIR/agent-<id>`; add a process watch, endpoints or
@@ -688,6 +695,7 @@ impl AgentToml {
             s.push('\n');
         }
         s.push_str("[rules.cpu]\nenabled = false\n[rules.memory]\nenabled = false\n");
+        s.push_str(QUIET_HOST_RULES);
         if let Some(name) = &self.watch {
             s.push_str(&format!("[[process]]\nname = \"{name}\"\n"));
         }

@@ -16,9 +16,10 @@ async fn agent_metrics_pass_promtool_and_health_reports_the_connection() -> Resu
     let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
     let agent_cfg = format!(
         "agent_id = \"node-metrics\"\ninterval = \"250ms\"\nadmin_listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n\
-         [aggregator]\nendpoints = [\"http://{}\"]\n[rules.cpu]\nenabled = false\n",
+         [aggregator]\nendpoints = [\"http://{}\"]\n[rules.cpu]\nenabled = false\n{}",
         dir.path().join("agent").display(),
-        agg.grpc
+        agg.grpc,
+        tocsin_e2e::QUIET_HOST_RULES
     );
     let mut agent = start_agent(dir.path(), &agent_cfg)?;
     let out = agent.wait_for_output("admin listening").await?;
@@ -70,9 +71,10 @@ fn the_quick_diagnostic_exits_with_the_worst_state() -> Result<()> {
         std::fs::write(
             &cfg,
             format!(
-                "state_dir = \"{}\"\n[rules.cpu]\nenabled = false\n[rules.memory]\nwarning = 99\ncritical = 99.9\n\
+                "state_dir = \"{}\"\n[rules.cpu]\nenabled = false\n[rules.memory]\nwarning = 99\ncritical = 99.9\n{}\
                  [[process]]\nname = \"{watch}\"\n",
-                dir.path().join("s").display()
+                dir.path().join("s").display(),
+                tocsin_e2e::QUIET_HOST_RULES
             ),
         )?;
         Ok(())
@@ -135,11 +137,12 @@ async fn aggregator_metrics_count_events_incidents_deliveries_and_refusals() -> 
     dummy.start()?;
     let agent_cfg = format!(
         "agent_id = \"node-m\"\ninterval = \"250ms\"\nadmin_listen = \"\"\nstate_dir = \"{}\"\n\
-         [aggregator]\nendpoints = [\"http://{}\"]\ntoken_file = \"{}\"\n[rules.cpu]\nenabled = false\n\
+         [aggregator]\nendpoints = [\"http://{}\"]\ntoken_file = \"{}\"\n[rules.cpu]\nenabled = false\n{}\
          [[process]]\nname = \"{}\"\n",
         dir.path().join("agent").display(),
         agg.grpc,
         token.display(),
+        tocsin_e2e::QUIET_HOST_RULES,
         dummy.name
     );
     let _agent = start_agent(dir.path(), &agent_cfg)?;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Result;
-use tocsin_e2e::{Aggregator, Dummy, WebhookReceiver, start_agent};
+use tocsin_e2e::{Aggregator, Dummy, QUIET_HOST_RULES, WebhookReceiver, start_agent};
 
 fn aggregator_config(dir: &std::path::Path, webhook: &str, grpc: &str) -> String {
     format!(
@@ -59,7 +59,7 @@ backoff_max = "500ms"
 const NO_RESOURCE_RULES: &str = "[rules.cpu]\nenabled = false\n[rules.memory]\nenabled = false\n";
 
 fn process_rules(name: &str) -> String {
-    format!("{NO_RESOURCE_RULES}\n[[process]]\nname = \"{name}\"\nmin = 1\n")
+    format!("{NO_RESOURCE_RULES}{QUIET_HOST_RULES}\n[[process]]\nname = \"{name}\"\nmin = 1\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,10 +175,12 @@ warning = 75
 critical = 85
 clear = 60
 for = "0s"
-"#;
+"#
+    .to_owned()
+        + QUIET_HOST_RULES;
     let _agent = start_agent(
         dir.path(),
-        &agent_config(dir.path(), "node-cpu", agg.grpc, rules),
+        &agent_config(dir.path(), "node-cpu", agg.grpc, &rules),
     )?;
     agg.wait_connected("node-cpu").await?;
     agg.wait_reported("node-cpu").await?;

@@ -59,8 +59,9 @@ fn agent_config(state: &Path, id: &str, endpoint: &str, process: &str, extra: &s
     format!(
         "agent_id = \"{id}\"\ninterval = \"250ms\"\nheartbeat_interval = \"500ms\"\nstate_dir = \"{}\"\n\
          [aggregator]\nendpoints = [\"{endpoint}\"]\nbackoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n{extra}\n\
-         [rules.cpu]\nenabled = false\n[rules.memory]\nenabled = false\n[[process]]\nname = \"{process}\"\n",
-        state.display()
+         [rules.cpu]\nenabled = false\n[rules.memory]\nenabled = false\n{quiet}[[process]]\nname = \"{process}\"\n",
+        state.display(),
+        quiet = tocsin_e2e::QUIET_HOST_RULES
     )
 }
 

@@ -59,7 +59,14 @@ async fn up_runs_the_main_job_in_one_command() -> Result<()> {
         .await?
         .json()
         .await?;
-    assert_eq!(body["incidents"][0]["check"], check.as_str(), "{body}");
+    // The default rules run too (a nearly full build disk may open `disk:/`): look for
+    // the killed process among the open incidents.
+    assert!(
+        body["incidents"]
+            .as_array()
+            .is_some_and(|all| all.iter().any(|i| i["check"] == check.as_str())),
+        "{body}"
+    );
 
     // The CLI reads the same API.
     let cli = std::process::Command::new(bin("tocsin"))

@@ -51,7 +51,7 @@ pub use memory::MemoryUsage;
 ///
 /// Each source fails on its own: a value that could not be read is `None` (or a disk is
 /// missing from `disks`) and the reason is in `errors`; the other values are still there.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct HostSample {
     /// CPU usage since the previous sample. `None` on the first cycle (a usage needs two
     /// readings — never a fake 0), when `/proc/stat` could not be read, or when its total
