@@ -66,6 +66,59 @@ impl Metrics {
     }
 }
 
+/// Exposes the current value and state of every check at scrape time, from the status
+/// the collector publishes after each cycle:
+/// `tocsin_check_value{check,unit}` (the last value, in `unit`; checks without a value
+/// are absent) and `tocsin_check_state{check,state}` (1 for the current state).
+#[derive(Debug)]
+pub struct CheckCollector {
+    status: watch::Receiver<Arc<Vec<crate::event::CheckStatus>>>,
+}
+
+impl CheckCollector {
+    /// A collector reading `status` (the collector's published check status).
+    pub fn new(status: watch::Receiver<Arc<Vec<crate::event::CheckStatus>>>) -> Self {
+        CheckCollector { status }
+    }
+}
+
+impl prometheus_client::collector::Collector for CheckCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let status = Arc::clone(&self.status.borrow());
+        {
+            let mut family = encoder.encode_descriptor(
+                "tocsin_check_value",
+                "Last value of each check, in the unit of the unit label",
+                None,
+                MetricType::Gauge,
+            )?;
+            for c in status.iter() {
+                if let Some(v) = c.value.filter(|v| v.is_finite()) {
+                    let labels = [("check", c.check.as_str()), ("unit", c.unit.as_str())];
+                    ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "tocsin_check_state",
+            "Current state of each check (1 for the state in the state label)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for c in status.iter() {
+            let labels = [("check", c.check.as_str()), ("state", c.state.as_str())];
+            ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone)]
 struct AdminState {
     registry: Arc<Registry>,

@@ -88,6 +88,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let sampler = Sampler::new(cfg.processes.clone(), cfg.disks.clone())?;
     let backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max)?;
     let (status_tx, status_rx) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+    registry.register_collector(Box::new(admin::CheckCollector::new(status_tx.subscribe())));
 
     let hello = v1::Hello {
         agent_id: cfg.agent_id.clone(),

@@ -16,7 +16,8 @@ async fn agent_metrics_pass_promtool_and_health_reports_the_connection() -> Resu
     let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
     let agent_cfg = format!(
         "agent_id = \"node-metrics\"\ninterval = \"250ms\"\nadmin_listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n\
-         [aggregator]\nendpoints = [\"http://{}\"]\n[rules.cpu]\nenabled = false\n{}",
+         [aggregator]\nendpoints = [\"http://{}\"]\n[rules.cpu]\nenabled = false\n{}\
+         [[process]]\nname = 'we\"ird\\ näme'\n",
         dir.path().join("agent").display(),
         agg.grpc,
         tocsin_e2e::QUIET_HOST_RULES
@@ -52,6 +53,10 @@ async fn agent_metrics_pass_promtool_and_health_reports_the_connection() -> Resu
         "tocsin_spool_events",
         "tocsin_events_total",
         "tocsin_ship_connected 1",
+        "tocsin_check_value{check=\"memory\",unit=\"percent\"}",
+        "tocsin_check_state{check=\"memory\",state=\"ok\"} 1",
+        // Label values are escaped: a process name with a quote and a backslash.
+        "tocsin_check_state{check=\"process:we\\\"ird\\\\ näme\",state=\"critical\"} 1",
     ] {
         assert!(body.contains(name), "{name} missing in:\n{body}");
     }
