@@ -25,9 +25,17 @@ use crate::ship::ConnState;
 /// Default admin address (loopback).
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7602";
 
+/// Upper bounds (seconds) of the cycle-duration histogram buckets.
+pub const CYCLE_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
 /// The agent's metrics. Cloning shares the underlying values.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Metrics {
+    /// `tocsin_cycle_duration_seconds`: wall time of one sample-and-evaluate cycle
+    /// (sampling on its blocking thread, evaluation, spool commit).
+    pub cycle_seconds: prometheus_client::metrics::histogram::Histogram,
     /// `tocsin_spool_dropped_total`: events evicted from a full spool.
     pub spool_dropped: Counter,
     /// `tocsin_spool_events`: events waiting for an ack.
@@ -41,7 +49,18 @@ pub struct Metrics {
 impl Metrics {
     /// Registers every metric in `registry` under the `tocsin_` names above.
     pub fn register(registry: &mut Registry) -> Self {
-        let m = Metrics::default();
+        let m = Metrics {
+            cycle_seconds: prometheus_client::metrics::histogram::Histogram::new(CYCLE_BUCKETS),
+            spool_dropped: Counter::default(),
+            spool_events: Gauge::default(),
+            events: Counter::default(),
+            connected: Gauge::default(),
+        };
+        registry.register(
+            "tocsin_cycle_duration_seconds",
+            "Wall time of one sample-evaluate-commit cycle",
+            m.cycle_seconds.clone(),
+        );
         registry.register(
             "tocsin_spool_dropped",
             "Events evicted from a full spool",

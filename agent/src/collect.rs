@@ -776,6 +776,8 @@ pub struct Collector {
     last_spool_error_log: Option<Instant>,
     /// `tocsin_events_total`.
     events_total: prometheus_client::metrics::counter::Counter,
+    /// `tocsin_cycle_duration_seconds`.
+    cycle_seconds: prometheus_client::metrics::histogram::Histogram,
     /// pidfds of the watched processes: a death starts a cycle at once.
     deaths: DeathWatch,
     /// Monotonic time of the last cycle, to notice gaps in observation.
@@ -825,12 +827,13 @@ impl Collector {
         sampler: Sampler,
         spool: SpoolHandle,
         status_tx: watch::Sender<Arc<Vec<CheckStatus>>>,
-        events_total: prometheus_client::metrics::counter::Counter,
+        metrics: &crate::admin::Metrics,
         restored: HashMap<String, (State, i64)>,
         board: Board,
     ) -> Self {
         Collector {
-            events_total,
+            events_total: metrics.events.clone(),
+            cycle_seconds: metrics.cycle_seconds.clone(),
             interval: cfg.interval,
             sampler: Some(sampler),
             book: RuleBook::new(cfg),
@@ -897,6 +900,7 @@ impl Collector {
             return false;
         };
         let now = self.start.elapsed();
+        let began = Instant::now();
         let joined = tokio::task::spawn_blocking(move || {
             let s = sampler.sample(now, rediscover);
             (sampler, s)
@@ -929,6 +933,7 @@ impl Collector {
         self.recover(&events, now, wall, &mut extra);
         events.extend(extra);
         self.commit(events).await;
+        self.cycle_seconds.observe(began.elapsed().as_secs_f64());
         true
     }
 

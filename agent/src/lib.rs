@@ -21,6 +21,7 @@ pub mod exec;
 pub mod host;
 pub mod nagios;
 pub mod probe;
+pub mod procscan;
 pub mod recovery;
 pub mod sample;
 pub mod settings;
@@ -48,7 +49,7 @@ pub enum AgentError {
     /// The spool could not be opened.
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
-    /// sysinfo could not read the system.
+    /// /proc cannot be read.
     #[error(transparent)]
     Sampler(#[from] sample::SamplerError),
     /// The state directory is used by another agent.
@@ -122,7 +123,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         sampler,
         spool,
         status_tx,
-        metrics.events.clone(),
+        &metrics,
         restored,
         board.clone(),
     );

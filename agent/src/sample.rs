@@ -1,8 +1,8 @@
 //! One sampling cycle: host metrics (CPU, memory, swap, load, disks — see
-//! [`crate::host`]) and watched processes (with `sysinfo`).
+//! [`crate::host`]) and watched processes (read from `/proc`, see [`crate::procscan`]).
 //!
 //! Owns one long-lived [`HostSampler`] (CPU usage is a difference between two readings)
-//! and one [`sysinfo::System`] for the process table. It does not evaluate thresholds; it
+//! and the process watches' memory between cycles. It does not evaluate thresholds; it
 //! only turns the kernel's counters into values with units. Refreshing is blocking work:
 //! callers run [`Sampler::sample`] on a blocking thread.
 //!
@@ -14,10 +14,10 @@
 //!
 //! | value | unit | source |
 //! |---|---|---|
-//! | live count | processes | `/proc/PID/stat` state (zombies are not live), via sysinfo |
+//! | live count | processes | `/proc/PID/stat` state (zombies are not live) |
 //! | restarts | new (PID, start time) identities in the window | same |
 //! | CPU | % of one core, summed over the watch | Δ(utime+stime) / Δwall of processes seen in both cycles |
-//! | RSS | MiB, summed | `/proc/PID/statm` via sysinfo |
+//! | RSS | MiB, summed | `/proc/PID/stat` rss × page size |
 //! | pidfile | the PID written in the file | the file, read every cycle |
 //! | unit | every PID in the unit's cgroup (and sub-cgroups) | `cgroup.procs` under the systemd hierarchy |
 
@@ -26,7 +26,9 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sysinfo::{Pid, ProcessRefreshKind, ProcessStatus, ProcessesToUpdate, System, UpdateKind};
+use std::os::unix::ffi::OsStrExt;
+
+use crate::procscan::{ProcReader, ProcStat};
 
 use crate::host::{DiskOptions, HostSample, HostSampler};
 
@@ -89,10 +91,19 @@ struct WatchState {
     cgroup: Option<PathBuf>,
 }
 
+/// Length of the kernel's process name (`comm`, `TASK_COMM_LEN` − 1), bytes.
+const COMM_LEN: usize = 15;
+
 /// The sampler; see the module docs.
 #[derive(Debug)]
 pub struct Sampler {
-    sys: System,
+    procs: ProcReader,
+    /// Joined command lines by process identity (only with pattern watches).
+    cmdlines: HashMap<Identity, String>,
+    /// Bytes per page, for RSS.
+    page_size: u64,
+    /// Clock ticks per second, for CPU times.
+    ticks_per_second: u64,
     host: HostSampler,
     /// Host sampling errors already logged (each is logged once).
     logged_errors: HashSet<String>,
@@ -108,7 +119,7 @@ pub struct Sampler {
     cgroup_roots: Vec<PathBuf>,
 }
 
-/// sysinfo could not initialise (e.g. /proc is not mounted).
+/// The system cannot be read (/proc is not mounted).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot read system information: {0}")]
 pub struct SamplerError(String);
@@ -125,12 +136,17 @@ impl Sampler {
     /// A sampler for the given watches.
     ///
     /// # Errors
-    /// [`SamplerError`] when sysinfo cannot read the system.
+    /// [`SamplerError`] when /proc is not mounted.
     pub fn new(watches: Vec<ProcessWatch>, disks: DiskOptions) -> Result<Self, SamplerError> {
-        let sys = System::new().map_err(|e| SamplerError(e.to_string()))?;
+        if !Path::new("/proc/self/stat").is_file() {
+            return Err(SamplerError("/proc is not mounted".to_owned()));
+        }
         let states = watches.iter().map(|_| WatchState::default()).collect();
         Ok(Sampler {
-            sys,
+            procs: ProcReader::default(),
+            cmdlines: HashMap::new(),
+            page_size: rustix::param::page_size() as u64,
+            ticks_per_second: rustix::param::clock_ticks_per_second().max(1),
             host: HostSampler::new(PathBuf::from("/"), disks),
             logged_errors: HashSet::new(),
             watches,
@@ -194,6 +210,74 @@ impl Sampler {
             })
     }
 
+    /// Reads the whole process table once and records, per watch, the PIDs whose name
+    /// or command line matches. Only `/proc/PID/stat` is read for every process; the
+    /// executable link only where the kernel's 15-byte name could be the watched name,
+    /// the command line only for pattern watches (cached per process identity).
+    fn discover(&mut self, candidates: &mut [Vec<u32>]) {
+        let wants_cmdline = self
+            .watches
+            .iter()
+            .any(|w| matches!(w.matcher, Matcher::Cmdline(_)));
+        let mut cache = std::mem::take(&mut self.cmdlines);
+        let mut live_ids = HashSet::new();
+        for pid in self.procs.pids() {
+            let Some(stat) = self.procs.stat(pid) else {
+                continue;
+            };
+            if !stat.is_live() {
+                continue;
+            }
+            let id = (pid, stat.start_ticks);
+            let mut cmdline: Option<String> = None;
+            if wants_cmdline && pid != self.own_pid {
+                live_ids.insert(id);
+                let joined = match cache.get(&id) {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = self
+                            .procs
+                            .cmdline(pid)
+                            .map(|args| joined_cmdline(&args))
+                            .unwrap_or_default();
+                        cache.insert(id, c.clone());
+                        c
+                    }
+                };
+                cmdline = Some(joined);
+            }
+            for (i, w) in self.watches.iter().enumerate() {
+                let hit = match &w.matcher {
+                    Matcher::Exe(name) => {
+                        let name = name.as_bytes();
+                        let comm_len = name.len().min(COMM_LEN);
+                        if stat.comm != name[..comm_len] {
+                            false
+                        } else if name.len() <= COMM_LEN {
+                            true
+                        } else {
+                            let argv0 = self.procs.cmdline(pid).and_then(|a| a.into_iter().next());
+                            matches_name(
+                                std::str::from_utf8(name).unwrap_or_default(),
+                                OsStr::from_bytes(&stat.comm),
+                                self.procs.exe_name(pid).as_deref(),
+                                argv0.as_ref(),
+                            )
+                        }
+                    }
+                    Matcher::Cmdline(re) => cmdline.as_deref().is_some_and(|c| re.is_match(c)),
+                    Matcher::Pidfile(_) | Matcher::Unit(_) => false,
+                };
+                if hit {
+                    candidates[i].push(pid);
+                }
+            }
+        }
+        // Forget the command lines of processes that are gone.
+        cache.retain(|id, _| live_ids.contains(id));
+        self.cmdlines = cache;
+    }
+
     fn sample_processes(&mut self, now: Duration, rediscover: bool) -> Vec<ProcessSample> {
         let mut notes: Vec<Option<String>> = vec![None; self.watches.len()];
         // Candidates per watch: PIDs that may match, checked for liveness below.
@@ -201,36 +285,7 @@ impl Sampler {
         let discover = self.needs_discovery(now, rediscover);
         if discover {
             self.last_discovery = Some(now);
-            // exe for names, the command line for patterns and interpreters
-            // (`python3 /opt/worker`): both read once per process.
-            let kind = ProcessRefreshKind::nothing()
-                .without_tasks()
-                .with_exe(UpdateKind::OnlyIfNotSet)
-                .with_cmd(UpdateKind::OnlyIfNotSet);
-            self.sys
-                .refresh_processes_specifics(ProcessesToUpdate::All, true, kind);
-            for (pid, p) in self.sys.processes() {
-                if p.thread_kind().is_some() {
-                    continue;
-                }
-                for (i, w) in self.watches.iter().enumerate() {
-                    let hit = match &w.matcher {
-                        Matcher::Exe(name) => matches_name(
-                            name,
-                            p.name(),
-                            p.exe().and_then(|e| e.file_name()),
-                            p.cmd().first(),
-                        ),
-                        Matcher::Cmdline(re) => {
-                            pid.as_u32() != self.own_pid && re.is_match(&joined_cmdline(p.cmd()))
-                        }
-                        Matcher::Pidfile(_) | Matcher::Unit(_) => false,
-                    };
-                    if hit {
-                        candidates[i].push(pid.as_u32());
-                    }
-                }
-            }
+            self.discover(&mut candidates);
         } else {
             for (i, st) in self.states.iter().enumerate() {
                 candidates[i].extend(st.known.iter().map(|&(pid, _)| pid));
@@ -259,24 +314,14 @@ impl Sampler {
             }
         }
 
-        // Refresh exactly the candidates: liveness, start time, CPU time, RSS.
-        let mut all: Vec<Pid> = candidates
-            .iter()
-            .flatten()
-            .map(|&p| Pid::from_u32(p))
-            .collect();
+        // Read exactly the candidates: liveness, start time, CPU time, RSS.
+        let mut all: Vec<u32> = candidates.iter().flatten().copied().collect();
         all.sort_unstable();
         all.dedup();
-        if !all.is_empty() {
-            self.sys.refresh_processes_specifics(
-                ProcessesToUpdate::Some(&all),
-                true,
-                ProcessRefreshKind::nothing()
-                    .without_tasks()
-                    .with_cpu()
-                    .with_memory(),
-            );
-        }
+        let stats: HashMap<u32, ProcStat> = all
+            .into_iter()
+            .filter_map(|pid| Some((pid, self.procs.stat(pid)?)))
+            .collect();
 
         let dt_ms = self
             .last_cycle
@@ -290,21 +335,16 @@ impl Sampler {
             let mut cpu_ms_now = HashMap::new();
             let mut cpu_delta_ms = 0u64;
             for &pid in &candidates[i] {
-                let Some(p) = self.sys.process(Pid::from_u32(pid)) else {
+                let Some(p) = stats.get(&pid).filter(|p| p.is_live()) else {
                     continue;
                 };
-                if p.thread_kind().is_some()
-                    || matches!(p.status(), ProcessStatus::Zombie | ProcessStatus::Dead)
-                {
-                    continue;
-                }
-                let id = (pid, p.start_time());
+                let id = (pid, p.start_ticks);
                 if ids.contains(&id) {
                     continue;
                 }
                 ids.push(id);
-                rss_bytes = rss_bytes.saturating_add(p.memory());
-                let cpu = p.accumulated_cpu_time();
+                rss_bytes = rss_bytes.saturating_add(p.rss_pages.saturating_mul(self.page_size));
+                let cpu = p.cpu_ticks.saturating_mul(1000) / self.ticks_per_second;
                 if let Some(&before) = st.cpu_ms.get(&id) {
                     cpu_delta_ms = cpu_delta_ms.saturating_add(cpu.saturating_sub(before));
                 }
@@ -491,7 +531,7 @@ mod tests {
 
     #[test]
     fn first_cpu_sample_is_withheld_then_real() {
-        let mut s = Sampler::new(Vec::new(), DiskOptions::default()).expect("sysinfo");
+        let mut s = Sampler::new(Vec::new(), DiskOptions::default()).expect("/proc");
         let first = s.sample(Duration::ZERO, false);
         assert_eq!(first.cpu_busy_pct, None);
         std::thread::sleep(Duration::from_millis(300));

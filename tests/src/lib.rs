@@ -5,6 +5,7 @@
 //! Waiting is always on state ([`eventually`]), never on fixed sleeps; a daemon's stderr
 //! is printed when a test fails.
 
+pub mod measure;
 pub mod sim;
 
 use std::io::Write;
