@@ -287,8 +287,12 @@ impl Sampler {
             self.last_discovery = Some(now);
             self.discover(&mut candidates);
         } else {
-            for (i, st) in self.states.iter().enumerate() {
-                candidates[i].extend(st.known.iter().map(|&(pid, _)| pid));
+            for (i, (w, st)) in self.watches.iter().zip(&self.states).enumerate() {
+                // Pidfile and unit watches read their PIDs afresh every cycle: a process
+                // the file or cgroup named before but not now is no longer theirs.
+                if matches!(w.matcher, Matcher::Exe(_) | Matcher::Cmdline(_)) {
+                    candidates[i].extend(st.known.iter().map(|&(pid, _)| pid));
+                }
             }
         }
         for (i, w) in self.watches.iter().enumerate() {
@@ -521,6 +525,49 @@ mod tests {
         assert!(read_pidfile(&p).is_err());
         let missing = read_pidfile(&dir.path().join("none.pid")).expect_err("missing");
         assert!(missing.contains("none.pid"), "{missing}");
+    }
+
+    /// Regression: a pidfile watch kept counting the PID its file named earlier, so a
+    /// pidfile rewritten to a dead PID, or removed, stayed OK while that process lived.
+    #[test]
+    fn pidfile_watch_counts_only_the_pid_in_the_file_now() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("d.pid");
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[process]]\nname = \"d\"\npidfile = \"{}\"\n",
+                pidfile.display()
+            ),
+        )
+        .expect("write config");
+        let cfg = crate::config::load(Some(&config)).expect("config");
+        let mut live = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let mut gone = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let dead = gone.id();
+        gone.wait().expect("reap true");
+
+        let mut s = Sampler::new(cfg.processes).expect("sysinfo");
+        std::fs::write(&pidfile, format!("{}\n", live.id())).expect("write pidfile");
+        let first = s.sample(Duration::ZERO, false);
+        std::fs::write(&pidfile, format!("{dead}\n")).expect("write pidfile");
+        let stale = s.sample(Duration::from_secs(1), false);
+        std::fs::remove_file(&pidfile).expect("remove pidfile");
+        let missing = s.sample(Duration::from_secs(2), false);
+        let _ = live.kill();
+        let _ = live.wait();
+
+        assert_eq!(first.processes[0].pids, vec![live.id()]);
+        assert_eq!(stale.processes[0].count, 0, "{stale:?}");
+        assert_eq!(missing.processes[0].count, 0, "{missing:?}");
+        let note = missing.processes[0].note.clone().unwrap_or_default();
+        assert!(note.contains("d.pid"), "{note}");
     }
 
     #[test]
