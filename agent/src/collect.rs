@@ -949,6 +949,8 @@ impl Collector {
                 if state == State::Ok {
                     let r = &mut self.recoverers[i];
                     r.exhausted = false;
+                    // The process is back: a new crash is acted on at once.
+                    r.last_finished = None;
                     let recovered = self
                         .checks
                         .get(&r.name)

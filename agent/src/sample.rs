@@ -26,8 +26,6 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use std::os::unix::ffi::OsStrExt;
-
 use crate::procscan::{ProcReader, ProcStat};
 
 use crate::host::{DiskOptions, HostSample, HostSampler};
@@ -249,21 +247,9 @@ impl Sampler {
             for (i, w) in self.watches.iter().enumerate() {
                 let hit = match &w.matcher {
                     Matcher::Exe(name) => {
-                        let name = name.as_bytes();
-                        let comm_len = name.len().min(COMM_LEN);
-                        if stat.comm != name[..comm_len] {
-                            false
-                        } else if name.len() <= COMM_LEN {
-                            true
-                        } else {
-                            let argv0 = self.procs.cmdline(pid).and_then(|a| a.into_iter().next());
-                            matches_name(
-                                std::str::from_utf8(name).unwrap_or_default(),
-                                OsStr::from_bytes(&stat.comm),
-                                self.procs.exe_name(pid).as_deref(),
-                                argv0.as_ref(),
-                            )
-                        }
+                        let procs = &mut self.procs;
+                        let exe = procs.exe_name(pid);
+                        matches_exe(name, &stat.comm, exe.as_deref(), || procs.cmdline(pid))
                     }
                     Matcher::Cmdline(re) => cmdline.as_deref().is_some_and(|c| re.is_match(c)),
                     Matcher::Pidfile(_) | Matcher::Unit(_) => false,
@@ -390,18 +376,32 @@ impl Sampler {
     }
 }
 
-/// A process matches a watch name when its executable's file name, its `argv[0]` file
-/// name or (for names that fit the kernel's 15-byte `comm`) its process name is equal.
-fn matches_name(
+/// Whether a process is an instance of the executable `name`. The kernel's name
+/// (`comm`) must be `name`, or its first 15 bytes for longer names; a longer name must
+/// also be the file name of the executable, or of one of the first three arguments (a
+/// script run through its `#!` interpreter: its `comm` is the script's name, `argv` is
+/// `[interpreter, (option,) script, …]`). A helper whose arguments merely mention the
+/// name has another `comm` and is never counted. `args` is read only when needed.
+fn matches_exe(
     name: &str,
-    comm: &OsStr,
+    comm: &[u8],
     exe_file: Option<&OsStr>,
-    argv0: Option<&std::ffi::OsString>,
+    args: impl FnOnce() -> Option<Vec<std::ffi::OsString>>,
 ) -> bool {
+    let name_bytes = name.as_bytes();
+    if comm != &name_bytes[..name_bytes.len().min(COMM_LEN)] {
+        return false;
+    }
+    if name_bytes.len() <= COMM_LEN {
+        return true;
+    }
     let name = OsStr::new(name);
     exe_file == Some(name)
-        || argv0.is_some_and(|a| std::path::Path::new(a).file_name() == Some(name))
-        || (name.len() <= 15 && comm == name)
+        || args().is_some_and(|args| {
+            args.iter()
+                .take(3)
+                .any(|a| Path::new(a).file_name() == Some(name))
+        })
 }
 
 /// The command line as one string, arguments joined by single spaces; bytes that are
@@ -486,31 +486,37 @@ mod tests {
     #[test]
     fn name_matching() {
         let n = OsStr::new;
-        assert!(matches_name("nginx", n("nginx"), None, None));
-        assert!(matches_name(
-            "a-very-long-daemon-name",
-            n("a-very-long-dae"),
-            Some(n("a-very-long-daemon-name")),
-            None
+        let no_args = || None;
+        assert!(matches_exe("nginx", b"nginx", None, no_args));
+        assert!(!matches_exe("nginx", b"bash", Some(n("nginx")), no_args));
+        let long = "a-very-long-daemon-name";
+        assert!(matches_exe(
+            long,
+            b"a-very-long-dae",
+            Some(n(long)),
+            no_args
         ));
-        assert!(!matches_name(
-            "a-very-long-daemon-name",
-            n("a-very-long-dae"),
-            None,
-            None
+        assert!(!matches_exe(
+            long,
+            b"a-very-long-dae",
+            Some(n("other")),
+            no_args
         ));
-        assert!(!matches_name(
-            "nginx",
-            n("bash"),
-            Some(n("bash")),
-            Some(&"bash".into())
+        // A script run through its interpreter: comm is the script's name.
+        assert!(matches_exe(
+            long,
+            b"a-very-long-dae",
+            Some(n("dash")),
+            || { Some(vec!["/bin/sh".into(), format!("/opt/{long}").into()]) }
         ));
-        assert!(matches_name(
-            "worker",
-            n("python3"),
-            Some(n("python3.11")),
-            Some(&"/opt/worker".into())
-        ));
+        // A helper mentioning the name in its arguments has another comm.
+        assert!(!matches_exe(long, b"sh", Some(n("dash")), || {
+            Some(vec!["sh".into(), "-c".into(), long.into()])
+        }));
+        // Multi-byte names cut mid-character by the kernel's 15 bytes.
+        let mb = "tocsin-dümmy-服务";
+        let comm = &mb.as_bytes()[..15];
+        assert!(matches_exe(mb, comm, Some(n(mb)), no_args));
     }
 
     #[test]
@@ -553,7 +559,7 @@ mod tests {
         let dead = gone.id();
         gone.wait().expect("reap true");
 
-        let mut s = Sampler::new(cfg.processes).expect("sysinfo");
+        let mut s = Sampler::new(cfg.processes, DiskOptions::default()).expect("/proc");
         std::fs::write(&pidfile, format!("{}\n", live.id())).expect("write pidfile");
         let first = s.sample(Duration::ZERO, false);
         std::fs::write(&pidfile, format!("{dead}\n")).expect("write pidfile");
