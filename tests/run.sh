@@ -24,6 +24,7 @@ command -v setpriv >/dev/null || apt_missing+=(util-linux)         # run as the 
 command -v python3 >/dev/null || apt_missing+=(python3 python3-venv)
 command -v promtool >/dev/null || apt_missing+=(prometheus)        # promtool check metrics
 command -v mount >/dev/null || apt_missing+=(mount)                # tmpfs for disk-full tests
+[ -x /usr/lib/nagios/plugins/check_load ] || apt_missing+=(monitoring-plugins-basic) # exec checks
 if ((${#apt_missing[@]})); then
     log "installing ${apt_missing[*]}"
     apt-get update && apt-get install -y --no-install-recommends "${apt_missing[@]}"

@@ -434,7 +434,8 @@ pub struct Check {
     flap: evaluate::FlapDetector,
     /// The cycle that last gave this check a reading.
     generation: u64,
-    /// A value was seen since the agent started.
+    /// A value was seen since the agent started, or a first result without a value was
+    /// reported as UNKNOWN.
     observed: bool,
     /// Set by the agent itself ([`Checks::set_external`]), not from readings.
     external: bool,
@@ -638,6 +639,30 @@ fn evaluate_one(
     // The first CPU cycle has no value yet: stay silent rather than report unknown (also
     // for a state restored from before a restart).
     if value.is_none() && (c.state.state == State::Unknown || !c.observed) {
+        // But a first result without a value that says why (a plugin answering UNKNOWN
+        // or hanging from its first run) is news, once: a check broken from the start
+        // must not be invisible.
+        if let Some(d) = detail
+            && !c.observed
+            && c.state.state == State::Unknown
+        {
+            c.observed = true;
+            c.since_ms = wall_ms;
+            events.push(Event {
+                seq: 0,
+                check: c.name.clone(),
+                labels: c.labels.clone(),
+                state: State::Unknown,
+                previous: State::Unknown,
+                value: None,
+                unit: c.unit.to_owned(),
+                threshold: None,
+                message: format!("{} {}: {d}", c.name, State::Unknown.as_str()),
+                observed_at_ms: wall_ms,
+                breach_started_at_ms: 0,
+                flapping: false,
+            });
+        }
         return;
     }
     c.observed |= value.is_some();
@@ -1295,6 +1320,42 @@ mod gap_tests {
             ev[0].message.contains("no longer collected"),
             "{}",
             ev[0].message
+        );
+    }
+
+    #[test]
+    fn regression_a_check_unknown_from_its_first_result_is_reported_once() {
+        let rule = Arc::new(status_rule());
+        let mut checks = Checks::default();
+        let reading = |v: Option<f64>, detail: Option<&str>| Reading {
+            check: "exec:hang".into(),
+            labels: BTreeMap::new(),
+            unit: "status",
+            rule: Arc::clone(&rule),
+            value: v,
+            detail: detail.map(str::to_owned),
+        };
+        let timed_out = Some("timed out after 1.0s");
+        let ev = checks.evaluate(vec![reading(None, timed_out)], Duration::ZERO, 0);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0].state, State::Unknown);
+        assert_eq!(ev[0].message, "exec:hang unknown: timed out after 1.0s");
+        for i in 1..4 {
+            let ev = checks.evaluate(vec![reading(None, timed_out)], Duration::from_secs(i), 0);
+            assert!(ev.is_empty(), "reported once: {ev:?}");
+        }
+        let ev = checks.evaluate(
+            vec![reading(Some(0.0), Some("OK"))],
+            Duration::from_secs(5),
+            0,
+        );
+        assert_eq!((ev[0].previous, ev[0].state), (State::Unknown, State::Ok));
+        // Without a reason (CPU's first cycle) a missing value stays silent.
+        let mut checks = Checks::default();
+        assert!(
+            checks
+                .evaluate(vec![reading(None, None)], Duration::ZERO, 0)
+                .is_empty()
         );
     }
 

@@ -198,6 +198,10 @@ async fn run_with(spec: &Spec, use_pidfd: bool) -> Outcome {
         // Unreachable after a successful spawn; kill_on_drop cleans up.
         return Outcome::failed(format!("{program}: spawned but has no process id"));
     };
+    // Declared after `child`, so dropped before it: a run abandoned mid-way (its future
+    // dropped, e.g. when the agent shuts down) kills the whole group while the leader is
+    // not reaped yet, instead of only the leader (`kill_on_drop`).
+    let mut group = GroupKill(Some(pgid));
     let stop = CancellationToken::new();
     let mut pumps = Pumps::new(
         child.stdout.take(),
@@ -235,6 +239,8 @@ async fn run_with(spec: &Spec, use_pidfd: bool) -> Outcome {
         // Without a pidfd the leader was reaped already; see the module docs.
         signal_group(pgid, Signal::KILL);
     }
+    // Reaped and cleaned up: the group id may be reused from now on.
+    group.disarm();
     stop.cancel();
     let (out, err) = pumps.finish().await;
     let status = match status {
@@ -318,6 +324,24 @@ async fn leader_exit(
             Ok(None)
         }
         None => child.wait().await.map(Some),
+    }
+}
+
+/// SIGKILLs a child's process group when dropped, unless disarmed.
+#[derive(Debug)]
+struct GroupKill(Option<Pid>);
+
+impl GroupKill {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupKill {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0.take() {
+            signal_group(pgid, Signal::KILL);
+        }
     }
 }
 
@@ -672,6 +696,38 @@ mod tests {
         let pid: i32 = out.stdout.trim().parse().expect("grandchild pid");
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while pid_alive(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!pid_alive(pid), "grandchild {pid} still running");
+    }
+
+    #[tokio::test]
+    async fn regression_an_abandoned_run_leaves_no_grandchild() {
+        // The agent shutting down drops a run in progress: before the fix only the leader
+        // was killed (kill_on_drop) and its children ran on.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pid");
+        let spec = sh(&format!("sleep 60 & echo $! > {}; wait", file.display()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut run = Box::pin(run(&spec));
+        let pid: i32 = loop {
+            tokio::select! {
+                out = run.as_mut() => panic!("the run ended: {out:?}"),
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            if let Some(pid) = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break pid;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no grandchild started"
+            );
+        };
+        drop(run);
+        while pid_alive(pid) && std::time::Instant::now() < deadline + Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(!pid_alive(pid), "grandchild {pid} still running");
