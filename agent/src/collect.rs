@@ -17,7 +17,7 @@ use crate::deathwatch::DeathWatch;
 use crate::evaluate::{self, Direction, Rule, RuleState, State};
 use crate::event::{CheckStatus, Event, now_ms};
 use crate::nagios::PluginState;
-use crate::sample::{Sample, Sampler};
+use crate::sample::{Discoverer, Found, Sample, Sampler};
 use crate::spool::SpoolHandle;
 
 /// One check's observation in one cycle, built from a [`Sample`] (or a probe result)
@@ -818,6 +818,26 @@ pub struct Collector {
     ),
     /// Identity passed to recovery actions.
     agent_id: String,
+    /// Finds new processes of the watches; `None` while a scan runs.
+    discoverer: Option<Discoverer>,
+    /// The scan in progress.
+    discovery: Option<tokio::task::JoinHandle<(Discoverer, Found)>>,
+    /// Monotonic time the last scan started.
+    last_discovery: Option<Duration>,
+    /// A scan should start at the next cycle (a process exited, a watch is short).
+    discovery_wanted: bool,
+    /// A finished scan not yet used by a cycle.
+    scanned: Option<Result<(Discoverer, Found), tokio::task::JoinError>>,
+}
+
+/// The result of the scan in progress; pending forever when none runs.
+async fn discovery_done(
+    scan: &mut Option<tokio::task::JoinHandle<(Discoverer, Found)>>,
+) -> Result<(Discoverer, Found), tokio::task::JoinError> {
+    match scan {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A finished recovery run: (recoverer index, outcome).
@@ -891,6 +911,11 @@ impl Collector {
                 .collect(),
             recovery_done: mpsc::unbounded_channel(),
             agent_id: cfg.agent_id.clone(),
+            discoverer: Some(Discoverer::new(cfg.processes.clone())),
+            discovery: None,
+            last_discovery: None,
+            discovery_wanted: false,
+            scanned: None,
         }
     }
 
@@ -907,10 +932,17 @@ impl Collector {
                     tracing::debug!(pid, "watched process exited");
                     true
                 }
+                done = discovery_done(&mut self.discovery) => {
+                    // New processes are counted at once, not at the next tick.
+                    self.discovery = None;
+                    self.scanned = Some(done);
+                    false
+                }
                 Some((i, outcome)) = self.recovery_done.1.recv() => {
                     let events = self.recovery_finished(i, &outcome);
                     self.commit(events).await;
-                    continue;
+                    // The action may have started the replacement: look for it now.
+                    true
                 }
             };
             if !self.cycle(rediscover).await {
@@ -926,17 +958,30 @@ impl Collector {
         };
         let now = self.start.elapsed();
         let began = Instant::now();
+        let (found, first_scan) = self.discovery_step(now, rediscover).await;
         let joined = tokio::task::spawn_blocking(move || {
-            let s = sampler.sample(now, rediscover);
-            (sampler, s)
+            // The very first scan runs before the first sample: a watched process must
+            // not look absent for a cycle.
+            let found = match first_scan {
+                Some(mut d) => {
+                    let f = d.scan();
+                    return (sampler.sample(now, Some(f)), sampler, Some(d));
+                }
+                None => found,
+            };
+            (sampler.sample(now, found), sampler, None)
         })
         .await;
-        let Ok((sampler, mut sample)) = joined else {
+        let Ok((mut sample, sampler, first)) = joined else {
             tracing::error!("sampler thread panicked; collection stopped");
             return false;
         };
-        sample.active = self.board.snapshot(now);
+        if let Some(d) = first {
+            self.discoverer = Some(d);
+        }
+        self.discovery_wanted = sampler.wants_discovery();
         self.sampler = Some(sampler);
+        sample.active = self.board.snapshot(now);
         self.deaths
             .track(sample.processes.iter().flat_map(|p| p.pids.iter().copied()));
         // Monotonic time keeps running while the agent is stopped (SIGSTOP, a paused
@@ -960,6 +1005,61 @@ impl Collector {
         self.commit(events).await;
         self.cycle_seconds.observe(began.elapsed().as_secs_f64());
         true
+    }
+
+    /// Collects a finished process scan and starts the next one when due (every
+    /// discovery period, after a watched process exited, or while a watch is short of
+    /// its minimum). Returns the finished scan's result, or — before the first scan —
+    /// the discoverer, to scan in line with the first sample.
+    async fn discovery_step(
+        &mut self,
+        now: Duration,
+        exited: bool,
+    ) -> (Option<Found>, Option<Discoverer>) {
+        let mut found = None;
+        let finished = match self.scanned.take() {
+            Some(done) => Some(done),
+            None if self.discovery.as_ref().is_some_and(|h| h.is_finished()) => {
+                match self.discovery.take() {
+                    Some(handle) => Some(handle.await),
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        if let Some(done) = finished {
+            match done {
+                Ok((d, f)) => {
+                    self.discoverer = Some(d);
+                    found = Some(f);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "process discovery failed; new processes are no longer found");
+                }
+            }
+        }
+        let Some(d) = self.discoverer.as_ref().filter(|d| d.is_needed()) else {
+            return (found, None);
+        };
+        if self.last_discovery.is_none() {
+            self.last_discovery = Some(now);
+            return (found, self.discoverer.take());
+        }
+        let since = self
+            .last_discovery
+            .map_or(Duration::MAX, |t| now.saturating_sub(t));
+        // A short watch is looked after at most once per sampling interval (a scan's end
+        // starts a cycle: no back-to-back scanning while a process stays down).
+        let due =
+            exited || (self.discovery_wanted && since >= self.interval) || since >= d.period();
+        if due && let Some(mut d) = self.discoverer.take() {
+            self.last_discovery = Some(now);
+            self.discovery = Some(tokio::task::spawn_blocking(move || {
+                let f = d.scan();
+                (d, f)
+            }));
+        }
+        (found, None)
     }
 
     /// Starts recovery actions of watches whose count is critical, within their budgets;

@@ -39,13 +39,14 @@ pub struct Row {
 /// [`SamplerError`] when the system cannot be read.
 pub fn run(cfg: &AgentConfig) -> Result<Vec<Row>, SamplerError> {
     let mut sampler = Sampler::new(cfg.processes.clone(), cfg.disks.clone())?;
-    sampler.sample(Duration::ZERO, true);
+    let mut discoverer = crate::sample::Discoverer::new(cfg.processes.clone());
+    sampler.sample(Duration::ZERO, Some(discoverer.scan()));
     // The active checks run (concurrently) while CPU usage gets its second reading.
     let started = std::time::Instant::now();
     let active = run_active(&cfg.active);
     let settle = sysinfo::MINIMUM_CPU_UPDATE_INTERVAL + Duration::from_millis(50);
     std::thread::sleep(settle.saturating_sub(started.elapsed()));
-    let mut sample = sampler.sample(started.elapsed().max(settle), false);
+    let mut sample = sampler.sample(started.elapsed().max(settle), None);
     sample.active = active;
     let book = RuleBook::new(cfg);
     Ok(rows(book.readings(&sample)))

@@ -7,10 +7,11 @@
 //! callers run [`Sampler::sample`] on a blocking thread.
 //!
 //! Process watches cost little per cycle: only the processes already known to match are
-//! refreshed every cycle (liveness, CPU time, RSS). The full process table is read only
-//! when discovery needs it: on the first cycle, every [`ProcessWatch::discovery`], when a
-//! watched process died or a watch is below its minimum (looking for the replacement),
-//! and when the caller asks (a pidfd said a process exited).
+//! refreshed every cycle (liveness, CPU time, RSS). The full process table is read by a
+//! [`Discoverer`], apart from the cycle (the caller runs it on its own blocking task):
+//! before the first sample, every [`ProcessWatch::discovery`], when a watched process
+//! exited (a pidfd said so) and while a watch is below its minimum (looking for the
+//! replacement); its [`Found`] PIDs join the next cycle.
 //!
 //! | value | unit | source |
 //! |---|---|---|
@@ -96,8 +97,6 @@ const COMM_LEN: usize = 15;
 #[derive(Debug)]
 pub struct Sampler {
     procs: ProcReader,
-    /// Joined command lines by process identity (only with pattern watches).
-    cmdlines: HashMap<Identity, String>,
     /// Bytes per page, for RSS.
     page_size: u64,
     /// Clock ticks per second, for CPU times.
@@ -107,12 +106,8 @@ pub struct Sampler {
     logged_errors: HashSet<String>,
     watches: Vec<ProcessWatch>,
     states: Vec<WatchState>,
-    /// Monotonic time of the last full process-table read.
-    last_discovery: Option<Duration>,
     /// Monotonic time of the last cycle, for CPU rates.
     last_cycle: Option<Duration>,
-    /// This agent's own PID: never counted by a command-line pattern.
-    own_pid: u32,
     /// Roots searched for a unit's cgroup directory.
     cgroup_roots: Vec<PathBuf>,
 }
@@ -142,24 +137,21 @@ impl Sampler {
         let states = watches.iter().map(|_| WatchState::default()).collect();
         Ok(Sampler {
             procs: ProcReader::default(),
-            cmdlines: HashMap::new(),
             page_size: rustix::param::page_size() as u64,
             ticks_per_second: rustix::param::clock_ticks_per_second().max(1),
             host: HostSampler::new(PathBuf::from("/"), disks),
             logged_errors: HashSet::new(),
             watches,
             states,
-            last_discovery: None,
             last_cycle: None,
-            own_pid: std::process::id(),
             cgroup_roots: CGROUP_ROOTS.iter().map(PathBuf::from).collect(),
         })
     }
 
     /// Refreshes and returns the current values. `now` is the monotonic time of this
-    /// cycle, used for restart windows and rates. `rediscover` forces a read of the full
-    /// process table (a watched process exited).
-    pub fn sample(&mut self, now: Duration, rediscover: bool) -> Sample {
+    /// cycle, used for restart windows and rates; `found` is the result of a
+    /// [`Discoverer::scan`] finished since the last cycle (new processes of the watches).
+    pub fn sample(&mut self, now: Duration, found: Option<Found>) -> Sample {
         let host = self.host.sample();
         for e in &host.errors {
             if self.logged_errors.len() < 1000 && self.logged_errors.insert(e.clone()) {
@@ -171,7 +163,7 @@ impl Sampler {
         let processes = if self.watches.is_empty() {
             Vec::new()
         } else {
-            self.sample_processes(now, rediscover)
+            self.sample_processes(now, found)
         };
         self.last_cycle = Some(now);
         Sample {
@@ -183,102 +175,31 @@ impl Sampler {
         }
     }
 
-    /// Whether this cycle must read the whole process table.
-    fn needs_discovery(&self, now: Duration, forced: bool) -> bool {
-        let scanned = self
-            .watches
-            .iter()
-            .any(|w| matches!(w.matcher, Matcher::Exe(_) | Matcher::Cmdline(_)));
-        if !scanned {
-            return false;
-        }
-        let interval = self
-            .watches
-            .iter()
-            .map(|w| w.discovery)
-            .min()
-            .unwrap_or(Duration::ZERO);
-        forced
-            || self
-                .last_discovery
-                .is_none_or(|t| now.saturating_sub(t) >= interval)
-            || self.watches.iter().zip(&self.states).any(|(w, st)| {
-                matches!(w.matcher, Matcher::Exe(_) | Matcher::Cmdline(_))
-                    && (st.known.len() as u64) < u64::from(w.min)
-            })
+    /// Whether a discovery should run now regardless of its period: a watch matched by
+    /// name or pattern has fewer live processes than its minimum (its replacement is
+    /// looked for at once).
+    pub fn wants_discovery(&self) -> bool {
+        self.watches.iter().zip(&self.states).any(|(w, st)| {
+            matches!(w.matcher, Matcher::Exe(_) | Matcher::Cmdline(_))
+                && (st.known.len() as u64) < u64::from(w.min)
+        })
     }
 
-    /// Reads the whole process table once and records, per watch, the PIDs whose name
-    /// or command line matches. Only `/proc/PID/stat` is read for every process; the
-    /// executable link only where the kernel's 15-byte name could be the watched name,
-    /// the command line only for pattern watches (cached per process identity).
-    fn discover(&mut self, candidates: &mut [Vec<u32>]) {
-        let wants_cmdline = self
-            .watches
-            .iter()
-            .any(|w| matches!(w.matcher, Matcher::Cmdline(_)));
-        let mut cache = std::mem::take(&mut self.cmdlines);
-        let mut live_ids = HashSet::new();
-        for pid in self.procs.pids() {
-            let Some(stat) = self.procs.stat(pid) else {
-                continue;
-            };
-            if !stat.is_live() {
-                continue;
-            }
-            let id = (pid, stat.start_ticks);
-            let mut cmdline: Option<String> = None;
-            if wants_cmdline && pid != self.own_pid {
-                live_ids.insert(id);
-                let joined = match cache.get(&id) {
-                    Some(c) => c.clone(),
-                    None => {
-                        let c = self
-                            .procs
-                            .cmdline(pid)
-                            .map(|args| joined_cmdline(&args))
-                            .unwrap_or_default();
-                        cache.insert(id, c.clone());
-                        c
-                    }
-                };
-                cmdline = Some(joined);
-            }
-            for (i, w) in self.watches.iter().enumerate() {
-                let hit = match &w.matcher {
-                    Matcher::Exe(name) => {
-                        let procs = &mut self.procs;
-                        let exe = procs.exe_name(pid);
-                        matches_exe(name, &stat.comm, exe.as_deref(), || procs.cmdline(pid))
-                    }
-                    Matcher::Cmdline(re) => cmdline.as_deref().is_some_and(|c| re.is_match(c)),
-                    Matcher::Pidfile(_) | Matcher::Unit(_) => false,
-                };
-                if hit {
-                    candidates[i].push(pid);
-                }
-            }
-        }
-        // Forget the command lines of processes that are gone.
-        cache.retain(|id, _| live_ids.contains(id));
-        self.cmdlines = cache;
-    }
-
-    fn sample_processes(&mut self, now: Duration, rediscover: bool) -> Vec<ProcessSample> {
+    fn sample_processes(&mut self, now: Duration, found: Option<Found>) -> Vec<ProcessSample> {
         let mut notes: Vec<Option<String>> = vec![None; self.watches.len()];
-        // Candidates per watch: PIDs that may match, checked for liveness below.
+        // Candidates per watch: PIDs that may match, checked for liveness below: what the
+        // last discovery found, and the processes already known.
         let mut candidates: Vec<Vec<u32>> = vec![Vec::new(); self.watches.len()];
-        let discover = self.needs_discovery(now, rediscover);
-        if discover {
-            self.last_discovery = Some(now);
-            self.discover(&mut candidates);
-        } else {
-            for (i, (w, st)) in self.watches.iter().zip(&self.states).enumerate() {
-                // Pidfile and unit watches read their PIDs afresh every cycle: a process
-                // the file or cgroup named before but not now is no longer theirs.
-                if matches!(w.matcher, Matcher::Exe(_) | Matcher::Cmdline(_)) {
-                    candidates[i].extend(st.known.iter().map(|&(pid, _)| pid));
-                }
+        if let Some(found) = found {
+            for (c, f) in candidates.iter_mut().zip(found.0) {
+                c.extend(f);
+            }
+        }
+        for (i, (w, st)) in self.watches.iter().zip(&self.states).enumerate() {
+            // Pidfile and unit watches read their PIDs afresh every cycle: a process the
+            // file or cgroup named before but not now is no longer theirs.
+            if matches!(w.matcher, Matcher::Exe(_) | Matcher::Cmdline(_)) {
+                candidates[i].extend(st.known.iter().map(|&(pid, _)| pid));
             }
         }
         for (i, w) in self.watches.iter().enumerate() {
@@ -373,6 +294,111 @@ impl Sampler {
             });
         }
         out
+    }
+}
+
+/// PIDs per watch (config order) found by a [`Discoverer::scan`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Found(pub Vec<Vec<u32>>);
+
+/// Finds the processes of name and pattern watches in the whole process table. It runs
+/// apart from the sampling cycle (its own blocking task), so a node with tens of
+/// thousands of processes never delays a cycle; the sampler then only re-reads the
+/// processes already found.
+#[derive(Debug)]
+pub struct Discoverer {
+    procs: ProcReader,
+    watches: Vec<ProcessWatch>,
+    /// Joined command lines by process identity (only with pattern watches).
+    cmdlines: HashMap<Identity, String>,
+    /// This agent's own PID: never counted by a command-line pattern.
+    own_pid: u32,
+}
+
+impl Discoverer {
+    /// A discoverer for `watches` (the same list, in the same order, as the sampler's).
+    pub fn new(watches: Vec<ProcessWatch>) -> Self {
+        Discoverer {
+            procs: ProcReader::default(),
+            watches,
+            cmdlines: HashMap::new(),
+            own_pid: std::process::id(),
+        }
+    }
+
+    /// Whether any watch is matched by name or pattern (else there is nothing to scan).
+    pub fn is_needed(&self) -> bool {
+        self.watches
+            .iter()
+            .any(|w| matches!(w.matcher, Matcher::Exe(_) | Matcher::Cmdline(_)))
+    }
+
+    /// The shortest discovery period of the watches.
+    pub fn period(&self) -> Duration {
+        self.watches
+            .iter()
+            .filter(|w| matches!(w.matcher, Matcher::Exe(_) | Matcher::Cmdline(_)))
+            .map(|w| w.discovery)
+            .min()
+            .unwrap_or(Duration::from_secs(10))
+    }
+
+    /// Reads the whole process table once and records, per watch, the PIDs whose name
+    /// or command line matches. Only `/proc/PID/stat` is read for every process; the
+    /// executable link only where the kernel's 15-byte name could be the watched name,
+    /// the command line only for pattern watches (cached per process identity).
+    pub fn scan(&mut self) -> Found {
+        let mut candidates: Vec<Vec<u32>> = vec![Vec::new(); self.watches.len()];
+        let wants_cmdline = self
+            .watches
+            .iter()
+            .any(|w| matches!(w.matcher, Matcher::Cmdline(_)));
+        let mut cache = std::mem::take(&mut self.cmdlines);
+        let mut live_ids = HashSet::new();
+        for pid in self.procs.pids() {
+            let Some(stat) = self.procs.stat(pid) else {
+                continue;
+            };
+            if !stat.is_live() {
+                continue;
+            }
+            let id = (pid, stat.start_ticks);
+            let mut cmdline: Option<String> = None;
+            if wants_cmdline && pid != self.own_pid {
+                live_ids.insert(id);
+                let joined = match cache.get(&id) {
+                    Some(c) => c.clone(),
+                    None => {
+                        let c = self
+                            .procs
+                            .cmdline(pid)
+                            .map(|args| joined_cmdline(&args))
+                            .unwrap_or_default();
+                        cache.insert(id, c.clone());
+                        c
+                    }
+                };
+                cmdline = Some(joined);
+            }
+            for (i, w) in self.watches.iter().enumerate() {
+                let hit = match &w.matcher {
+                    Matcher::Exe(name) => {
+                        let procs = &mut self.procs;
+                        let exe = procs.exe_name(pid);
+                        matches_exe(name, &stat.comm, exe.as_deref(), || procs.cmdline(pid))
+                    }
+                    Matcher::Cmdline(re) => cmdline.as_deref().is_some_and(|c| re.is_match(c)),
+                    Matcher::Pidfile(_) | Matcher::Unit(_) => false,
+                };
+                if hit {
+                    candidates[i].push(pid);
+                }
+            }
+        }
+        // Forget the command lines of processes that are gone.
+        cache.retain(|id, _| live_ids.contains(id));
+        self.cmdlines = cache;
+        Found(candidates)
     }
 }
 
@@ -561,11 +587,11 @@ mod tests {
 
         let mut s = Sampler::new(cfg.processes, DiskOptions::default()).expect("/proc");
         std::fs::write(&pidfile, format!("{}\n", live.id())).expect("write pidfile");
-        let first = s.sample(Duration::ZERO, false);
+        let first = s.sample(Duration::ZERO, None);
         std::fs::write(&pidfile, format!("{dead}\n")).expect("write pidfile");
-        let stale = s.sample(Duration::from_secs(1), false);
+        let stale = s.sample(Duration::from_secs(1), None);
         std::fs::remove_file(&pidfile).expect("remove pidfile");
-        let missing = s.sample(Duration::from_secs(2), false);
+        let missing = s.sample(Duration::from_secs(2), None);
         let _ = live.kill();
         let _ = live.wait();
 
@@ -585,10 +611,10 @@ mod tests {
     #[test]
     fn first_cpu_sample_is_withheld_then_real() {
         let mut s = Sampler::new(Vec::new(), DiskOptions::default()).expect("/proc");
-        let first = s.sample(Duration::ZERO, false);
+        let first = s.sample(Duration::ZERO, None);
         assert_eq!(first.cpu_busy_pct, None);
         std::thread::sleep(Duration::from_millis(300));
-        let second = s.sample(Duration::from_secs(1), false);
+        let second = s.sample(Duration::from_secs(1), None);
         let cpu = second.cpu_busy_pct.expect("second sample has a value");
         assert!((0.0..=100.0).contains(&cpu));
         let mem = second.memory_used_pct.expect("memory");
