@@ -94,6 +94,8 @@ pub struct Snapshot {
     pub error_rate_pct: Option<f64>,
     /// P95 latency of an HTTP check over its window, milliseconds.
     pub p95_ms: Option<f64>,
+    /// Results in the window of an HTTP check.
+    pub samples: usize,
 }
 
 #[derive(Debug)]
@@ -164,6 +166,7 @@ impl Board {
                     .as_ref()
                     .and_then(|w| w.p95(now))
                     .map(|d| d.as_secs_f64() * 1000.0),
+                samples: s.window.as_ref().map_or(0, |w| w.len(now)),
             })
             .collect()
     }

@@ -64,6 +64,9 @@ struct ActiveRules {
     error_rate: Option<Arc<Rule>>,
     latency: Option<Arc<Rule>>,
     perf: Vec<(String, Arc<Rule>)>,
+    /// Results needed in the window before the error rate and P95 mean something (one
+    /// failed first probe is not "100 % errors"): 5, or fewer if the window holds fewer.
+    min_samples: usize,
 }
 
 /// The rule of a Nagios-style status value (0 OK, 1 WARNING, 2 CRITICAL).
@@ -81,10 +84,10 @@ fn status_rule() -> Rule {
 
 impl ActiveRules {
     fn new(check: &ActiveCheck) -> Self {
-        let (kind, name) = match check {
-            ActiveCheck::Http(h) => ("http", h.name.clone()),
-            ActiveCheck::Tcp(t) => ("tcp", t.name.clone()),
-            ActiveCheck::Exec(e) => ("exec", e.name.clone()),
+        let (kind, name, hold_for) = match check {
+            ActiveCheck::Http(h) => ("http", h.name.clone(), h.hold_for),
+            ActiveCheck::Tcp(t) => ("tcp", t.name.clone(), t.hold_for),
+            ActiveCheck::Exec(e) => ("exec", e.name.clone(), e.hold_for),
         };
         let above = |warning: f64, critical: f64| {
             Arc::new(Rule {
@@ -115,11 +118,22 @@ impl ActiveRules {
                 .collect(),
             _ => Vec::new(),
         };
+        let min_samples = match check {
+            ActiveCheck::Http(h) => {
+                let fit = h.window.as_secs_f64() / h.interval.as_secs_f64().max(0.001);
+                (fit.floor() as usize).clamp(1, 5)
+            }
+            _ => 1,
+        };
         ActiveRules {
+            min_samples,
             kind,
             labels: BTreeMap::from([(kind.to_owned(), name.clone())]),
             name,
-            status: Arc::new(status_rule()),
+            status: Arc::new(Rule {
+                hold_for,
+                ..status_rule()
+            }),
             error_rate,
             latency,
             perf,
@@ -284,7 +298,9 @@ impl RuleBook {
                 Some(detail),
             );
             let fresh = |v: Option<f64>| if snap.stale { None } else { v };
-            if let Some(r) = &a.error_rate {
+            // Until the window holds enough results, the rates are not evaluated at all.
+            let enough = snap.stale || snap.samples >= a.min_samples;
+            if let Some(r) = a.error_rate.as_ref().filter(|_| enough) {
                 push(
                     format!("http_error_rate:{}", a.name),
                     &a.labels,
@@ -294,7 +310,7 @@ impl RuleBook {
                     None,
                 );
             }
-            if let Some(r) = &a.latency {
+            if let Some(r) = a.latency.as_ref().filter(|_| enough) {
                 push(
                     format!("http_latency:{}", a.name),
                     &a.labels,
@@ -736,7 +752,12 @@ fn message(
     value: Option<f64>,
     threshold: Option<f64>,
 ) -> String {
-    let unit = if unit == "percent" { "%" } else { "" };
+    let unit = match unit {
+        "percent" => "%",
+        "ms" => " ms",
+        "MiB" => " MiB",
+        _ => "",
+    };
     let Some(v) = value else {
         return format!("{check} {}: no value (collection failed)", state.as_str());
     };
@@ -1070,7 +1091,9 @@ impl Collector {
             let Some(state) = self.checks.get(&r.check).map(Check::state) else {
                 continue;
             };
-            if state != State::Critical {
+            // Act as soon as the breach starts: with a `for` on the watch, a restart that
+            // works resolves it before anyone is paged (remediate, verify, then page).
+            if !matches!(state, State::Critical | State::Pending) {
                 if state == State::Ok {
                     let r = &mut self.recoverers[i];
                     r.exhausted = false;
@@ -1137,10 +1160,10 @@ impl Collector {
             r.exhausted = false;
             let trigger = events.iter().find(|e| e.check == r.check);
             let mut env = vec![
-                ("TOCSIN_AGENT_ID".to_owned(), self.agent_id.clone()),
+                ("TOCSIN_NODE".to_owned(), self.agent_id.clone()),
                 ("TOCSIN_CHECK".to_owned(), r.check.clone()),
                 ("TOCSIN_PROCESS".to_owned(), r.watch.clone()),
-                ("TOCSIN_STATE".to_owned(), "critical".to_owned()),
+                ("TOCSIN_STATE".to_owned(), state.as_str().to_owned()),
             ];
             if let Some(e) = trigger {
                 env.push(("TOCSIN_MESSAGE".to_owned(), e.message.clone()));
@@ -1151,6 +1174,8 @@ impl Collector {
             let mut spec = crate::exec::Spec::new(r.cfg.command.clone());
             spec.env = env;
             spec.timeout = r.cfg.timeout;
+            // It may start the daemon itself: what it leaves running is the point.
+            spec.keep_leftovers = true;
             tracing::info!(watch = %r.watch, command = ?r.cfg.command, "running the recovery action");
             let tx = self.recovery_done.0.clone();
             tokio::spawn(async move {

@@ -23,6 +23,8 @@ pub const DEFAULT_INTERVAL: &str = "1s";
 pub const MIN_INTERVAL: Duration = Duration::from_millis(200);
 /// Default heartbeat interval (current state of every check sent to the aggregator).
 pub const DEFAULT_HEARTBEAT_INTERVAL: &str = "5s";
+/// Longest heartbeat interval: dead-node detection waits for 3 missed heartbeats.
+pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 /// Default aggregator gRPC endpoint (loopback).
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7601";
 /// Default largest gRPC message, bytes (4 MiB, tonic's default).
@@ -619,6 +621,16 @@ impl RawConfig {
         }
         let heartbeat_interval =
             v.positive_duration("heartbeat_interval", &self.heartbeat_interval, fallback);
+        if heartbeat_interval > MAX_HEARTBEAT_INTERVAL {
+            v.problem(
+                "heartbeat_interval",
+                format!(
+                    "{:?} is longer than 60s: the aggregator declares a node down only after \
+                     3 missed heartbeats, so a dead node would go unnoticed that long",
+                    self.heartbeat_interval
+                ),
+            );
+        }
         let connect_timeout = v.positive_duration(
             "aggregator.connect_timeout",
             &self.aggregator.connect_timeout,
@@ -711,10 +723,26 @@ impl RawConfig {
         if self.aggregator.endpoints.is_empty() {
             v.problem("aggregator.endpoints", "at least one endpoint is required");
         }
+        for e in &self.aggregator.endpoints {
+            let authority = e.split_once("://").map_or("", |(_, rest)| {
+                rest.split(['/', '?', '#']).next().unwrap_or("")
+            });
+            if authority.contains('@') {
+                v.problem(
+                    "aggregator.endpoints",
+                    format!(
+                        "{} carries credentials, which are not used and would be logged: \
+                         give the agent's token with aggregator.token_file",
+                        crate::probe::redact_url(e)
+                    ),
+                );
+            }
+        }
         let endpoints: Vec<String> = self
             .aggregator
             .endpoints
             .iter()
+            .filter(|e| !e.contains('@'))
             .filter_map(|e| v.endpoint("aggregator.endpoints", e))
             .collect();
 
@@ -955,14 +983,31 @@ fn validate_watch(
         Matcher::Exe(name.to_owned())
     };
     let matcher = if let Some(re) = &p.cmdline {
+        if re.trim().is_empty() {
+            v.problem(
+                &format!("{key}.cmdline"),
+                "an empty pattern matches every process: give part of the command line",
+            );
+        }
         match regex::RegexBuilder::new(re).size_limit(1 << 20).build() {
             Ok(re) => Matcher::Cmdline(re),
             Err(e) => {
+                // The regex crate's message spans lines (pattern, caret, reason): keep
+                // the reason, on one line.
+                let text = e.to_string();
+                let reason = text
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .trim()
+                    .trim_start_matches("error: ")
+                    .to_owned();
                 v.problem(
                     &format!("{key}.cmdline"),
                     format!(
-                        "not a regular expression: {}",
-                        crate::event::printable(&e.to_string())
+                        "{re:?} is not a regular expression: {}",
+                        crate::event::printable(&reason)
                     ),
                 );
                 Matcher::Exe(p.name.clone())
@@ -1028,6 +1073,15 @@ fn validate_watch(
         &p.discovery_interval,
         Duration::from_secs(10),
     );
+    if discovery < Duration::from_secs(1) {
+        v.problem(
+            &format!("{key}.discovery_interval"),
+            format!(
+                "{:?} is shorter than 1s: each discovery reads the whole process table",
+                p.discovery_interval
+            ),
+        );
+    }
     if p.restarts_warning > p.restarts_critical {
         v.problem(
             &format!("{key}.restarts_warning"),
@@ -1037,16 +1091,16 @@ fn validate_watch(
             ),
         );
     }
-    let mut usage = |what: &str, warning: Option<f64>, critical: Option<f64>| {
+    let mut usage = |fields: [&str; 2], warning: Option<f64>, critical: Option<f64>| {
         if warning.is_none() && critical.is_none() {
             return None;
         }
-        for (name, level) in [("warning", warning), ("critical", critical)] {
+        for (field, level) in fields.iter().zip([warning, critical]) {
             if let Some(l) = level
                 && !(l.is_finite() && l > 0.0)
             {
                 v.problem(
-                    &format!("{key}.{what}_{name}"),
+                    &format!("{key}.{field}"),
                     format!("{l} must be a positive number"),
                 );
             }
@@ -1055,7 +1109,7 @@ fn validate_watch(
             && w > c
         {
             v.problem(
-                &format!("{key}.{what}_warning"),
+                &format!("{key}.{}", fields[0]),
                 format!("{w} is above the critical level {c}"),
             );
         }
@@ -1069,8 +1123,16 @@ fn validate_watch(
             inclusive: false,
         })
     };
-    let cpu_rule = usage("cpu", p.cpu_warning, p.cpu_critical);
-    let rss_rule = usage("rss", p.rss_warning_mib, p.rss_critical_mib);
+    let cpu_rule = usage(
+        ["cpu_warning", "cpu_critical"],
+        p.cpu_warning,
+        p.cpu_critical,
+    );
+    let rss_rule = usage(
+        ["rss_warning_mib", "rss_critical_mib"],
+        p.rss_warning_mib,
+        p.rss_critical_mib,
+    );
     let recover = p.recover.as_ref().map(|r| {
         if r.command.is_empty() || r.command[0].trim().is_empty() {
             v.problem(
@@ -1278,5 +1340,29 @@ mod tests {
             .expect_err("fails")
             .to_string();
         assert!(err.contains("rules.cpu.warning"), "{err}");
+    }
+
+    #[test]
+    fn review_findings_are_config_errors() {
+        let err = load_str(
+            "heartbeat_interval = \"5m\"\n\
+             [aggregator]\nendpoints = [\"http://user:hunter2@127.0.0.1:7601\"]\n\
+             [[process]]\nname = \"all\"\ncmdline = \"\"\n\
+             [[process]]\nname = \"big\"\nrss_warning_mib = -5.0\ndiscovery_interval = \"1ms\"\n\
+             [[process]]\nname = \"re\"\ncmdline = \"([unclosed\"\n",
+        )
+        .expect_err("fails")
+        .to_string();
+        assert!(err.contains("key `heartbeat_interval`"), "{err}");
+        assert!(err.contains("carries credentials"), "{err}");
+        assert!(!err.contains("hunter2"), "a password never shows: {err}");
+        assert!(err.contains("empty pattern"), "{err}");
+        assert!(err.contains("key `process.1.rss_warning_mib`"), "{err}");
+        assert!(err.contains("key `process.1.discovery_interval`"), "{err}");
+        let re = err
+            .lines()
+            .find(|l| l.contains("process.2.cmdline"))
+            .expect("regex problem");
+        assert!(re.contains("unclosed"), "{re}");
     }
 }

@@ -16,8 +16,8 @@
 //! - When [`Spec::timeout`] passes, the whole group gets SIGTERM, and SIGKILL
 //!   [`Spec::kill_grace`] later if the leader is still alive.
 //! - When the leader has exited, the pipes are drained for at most [`DRAIN_AFTER_EXIT`];
-//!   then **whatever is left in the group is SIGKILLed**. A command that must leave a
-//!   daemon behind has to start it in its own session (`setsid`) or through systemd.
+//!   then **whatever is left in the group is SIGKILLed** — unless
+//!   [`Spec::keep_leftovers`] (recovery actions that start a daemon).
 //! - The leader is always reaped. On Linux ≥ 5.3 its exit is observed through a pidfd
 //!   *before* it is reaped, so the group id cannot have been recycled when it is
 //!   signalled; without pidfd (old kernel, seccomp) the stragglers are killed right after
@@ -84,6 +84,10 @@ pub struct Spec {
     /// Bytes kept per stream (stdout, stderr); the rest is read and discarded so the child
     /// never blocks on a full pipe.
     pub max_output: usize,
+    /// Leave the processes the command started running after it exits (a recovery
+    /// action that starts a daemon). Off: whatever is left in the group is killed.
+    /// A timeout kills the whole group either way.
+    pub keep_leftovers: bool,
 }
 
 impl Spec {
@@ -97,6 +101,7 @@ impl Spec {
             timeout: DEFAULT_TIMEOUT,
             kill_grace: DEFAULT_KILL_GRACE,
             max_output: DEFAULT_MAX_OUTPUT,
+            keep_leftovers: false,
         }
     }
 }
@@ -218,7 +223,9 @@ async fn run_with(spec: &Spec, use_pidfd: bool) -> Outcome {
     let (status, reaped) = pumps
         .alongside(supervise(&mut child, pidfd.as_ref(), pgid, spec))
         .await;
-    if !pumps.until(Instant::now() + DRAIN_AFTER_EXIT).await {
+    let timed_out = matches!(status, Some(ExitKind::TimedOut));
+    let keep = spec.keep_leftovers && !timed_out;
+    if !pumps.until(Instant::now() + DRAIN_AFTER_EXIT).await && !keep {
         // Someone in the group still holds a pipe open: a background grandchild.
         signal_group(pgid, Signal::KILL);
         pumps.until(Instant::now() + DRAIN_AFTER_KILL).await;
@@ -228,14 +235,16 @@ async fn run_with(spec: &Spec, use_pidfd: bool) -> Outcome {
         None => {
             // With a pidfd the leader is an unreaped zombie: its group id cannot be reused
             // yet, so this reaches only our stragglers.
-            signal_group(pgid, Signal::KILL);
+            if !keep {
+                signal_group(pgid, Signal::KILL);
+            }
             tokio::time::timeout(REAP_AFTER_KILL, child.wait())
                 .await
                 .ok()
                 .and_then(Result::ok)
         }
     };
-    if pidfd.is_none() {
+    if pidfd.is_none() && !keep {
         // Without a pidfd the leader was reaped already; see the module docs.
         signal_group(pgid, Signal::KILL);
     }
@@ -699,6 +708,21 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(!pid_alive(pid), "grandchild {pid} still running");
+    }
+
+    #[tokio::test]
+    async fn a_recovery_action_may_leave_its_daemon_running() {
+        let mut spec = sh("sleep 60 >/dev/null 2>&1 & echo $!");
+        spec.keep_leftovers = true;
+        let out = run(&spec).await;
+        assert_eq!(out.status, ExitKind::Exited(0));
+        let pid: i32 = out.stdout.trim().parse().expect("daemon pid");
+        std::thread::sleep(Duration::from_millis(300));
+        let alive = pid_alive(pid);
+        if let Some(p) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(p, Signal::KILL);
+        }
+        assert!(alive, "the started daemon {pid} was killed");
     }
 
     #[tokio::test]

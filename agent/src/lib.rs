@@ -76,7 +76,18 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     let _lock = settings::lock_dir(&cfg.state_dir, "agent.lock", "tocsin-agent")?;
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = admin::Metrics::register(&mut registry);
-    let (mut spool, moved) = spool::Spool::open_or_recover(&cfg.state_dir, cfg.spool_limits)?;
+    let (mut spool, moved) = match spool::Spool::open_or_recover(&cfg.state_dir, cfg.spool_limits) {
+        Ok(opened) => opened,
+        Err(error) => {
+            // Monitoring and paging matter more than durability: go on with a spool in
+            // memory, and say so loudly.
+            tracing::error!(
+                error = %telemetry::chain(&error),
+                "cannot open the spool in state_dir (disk full? permissions?): keeping events in memory; they are lost if the agent stops before the aggregator has them"
+            );
+            (spool::Spool::in_memory(cfg.spool_limits)?, None)
+        }
+    };
     spool.set_metrics(metrics.spool_dropped.clone(), metrics.spool_events.clone());
     if let Some(aside) = moved {
         tracing::error!(

@@ -74,7 +74,17 @@ fn main() -> ExitCode {
             }
         }
         Command::CheckConfig => match config::load(file) {
-            Ok(_) => ExitCode::SUCCESS,
+            Ok(_) => {
+                let what = file.map_or_else(
+                    || "built-in defaults and environment (no --config given)".to_owned(),
+                    |f| f.display().to_string(),
+                );
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stdout(),
+                    format!("config ok: {what}\n").as_bytes(),
+                );
+                ExitCode::SUCCESS
+            }
             Err(e) => fail_config(&e),
         },
         Command::Probe => match config::load(file) {

@@ -347,6 +347,9 @@ pub struct RawExecCheck {
     pub timeout: String,
     /// Time between runs, default [`DEFAULT_EXEC_INTERVAL`].
     pub interval: String,
+    /// How long a WARNING or CRITICAL result must last before the check fires.
+    #[serde(rename = "for")]
+    pub hold_for: String,
     /// Extra environment for the plugin (added to `PATH` and `LC_ALL=C`, see `exec`).
     pub env: BTreeMap<String, String>,
     /// Thresholds on perfdata values, by perfdata label.
@@ -360,6 +363,7 @@ impl Default for RawExecCheck {
             command: Vec::new(),
             timeout: String::new(),
             interval: DEFAULT_EXEC_INTERVAL.to_owned(),
+            hold_for: "0s".to_owned(),
             env: BTreeMap::new(),
             perfdata: BTreeMap::new(),
         }
@@ -402,6 +406,8 @@ pub struct ExecCheck {
     pub spec: Spec,
     /// Time between runs.
     pub interval: Duration,
+    /// How long a WARNING or CRITICAL result must last before the check fires.
+    pub hold_for: Duration,
     /// Thresholds by perfdata label, in label order.
     pub perf_rules: Vec<(String, Rule)>,
 }
@@ -500,6 +506,7 @@ impl RawExecCheck {
             checked_duration(v, &format!("{key}.timeout"), &self.timeout, true)
         };
         let interval = checked_duration(v, &format!("{key}.interval"), &self.interval, true);
+        let hold_for = checked_duration(v, &format!("{key}.for"), &self.hold_for, false);
 
         let mut perf_rules = Vec::new();
         for (label, raw) in &self.perfdata {
@@ -517,7 +524,7 @@ impl RawExecCheck {
                 None => ok = false,
             }
         }
-        let (Some(timeout), Some(interval)) = (timeout, interval) else {
+        let (Some(timeout), Some(interval), Some(hold_for)) = (timeout, interval, hold_for) else {
             return None;
         };
 
@@ -530,8 +537,10 @@ impl RawExecCheck {
                 timeout,
                 kill_grace: crate::exec::DEFAULT_KILL_GRACE,
                 max_output: crate::exec::DEFAULT_MAX_OUTPUT,
+                keep_leftovers: false,
             },
             interval,
+            hold_for,
             perf_rules,
         })
     }

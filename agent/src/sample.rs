@@ -281,6 +281,16 @@ impl Sampler {
             {
                 st.restarts.pop_front();
             }
+            if let Matcher::Pidfile(path) = &w.matcher
+                && ids.is_empty()
+                && notes[i].is_none()
+                && let Some(pid) = candidates[i].first()
+            {
+                notes[i] = Some(format!(
+                    "pidfile {} names PID {pid}, which is not running",
+                    path.display()
+                ));
+            }
             let mut pids: Vec<u32> = ids.iter().map(|&(pid, _)| pid).collect();
             pids.sort_unstable();
             out.push(ProcessSample {

@@ -138,6 +138,8 @@ pub struct Shipper {
     state_tx: watch::Sender<ConnState>,
     /// When the current or last session got its Welcome.
     connected_at: Option<std::time::Instant>,
+    /// When a failed spool ack was last logged (logged at most once a minute).
+    ack_error_logged: Option<std::time::Instant>,
 }
 
 impl Shipper {
@@ -159,6 +161,7 @@ impl Shipper {
                 backoff,
                 state_tx,
                 connected_at: None,
+                ack_error_logged: None,
             },
             state_rx,
         )
@@ -285,9 +288,15 @@ impl Shipper {
                 "spool was behind the aggregator (state lost?); renumbered waiting events"
             );
         }
-        self.spool.ack(welcome.last_seq).await?;
-        if let Some(loss) = self.spool.report_loss().await? {
-            tracing::warn!(seq = loss.seq, "{}", loss.message);
+        self.ack(welcome.last_seq).await?;
+        match self.spool.report_loss().await {
+            Ok(Some(loss)) => tracing::warn!(seq = loss.seq, "{}", loss.message),
+            Ok(None) => {}
+            Err(SpoolError::Stopped) => return Err(ShipError::Spool(SpoolError::Stopped)),
+            // Reported on a later connection; the stream (and heartbeats) go on.
+            Err(e) => {
+                tracing::warn!(error = %crate::telemetry::chain(&e), "cannot record the data-loss report in the spool (disk full?); it is sent later")
+            }
         }
         self.connected_at = Some(std::time::Instant::now());
         self.state_tx.send_replace(ConnState::Connected {
@@ -347,7 +356,7 @@ impl Shipper {
                         self.backoff.reset();
                         if a.seq > acked {
                             acked = a.seq;
-                            self.spool.ack(a.seq).await?;
+                            self.ack(a.seq).await?;
                         }
                         while inflight.front().is_some_and(|&s| s <= acked) {
                             inflight.pop_front();
@@ -362,6 +371,35 @@ impl Shipper {
                     let hb = v1::Heartbeat { sent_at_ms: now_ms(), checks, last_seq: *latest.borrow() };
                     tx.send(msg(agent_message::Msg::Heartbeat(hb))).await.map_err(|_| closed("send failed"))?;
                 }
+            }
+        }
+    }
+}
+
+impl Shipper {
+    /// Deletes acknowledged events from the spool. A local failure (disk full: even a
+    /// DELETE needs room in SQLite's journal) must not cut the node off from the
+    /// aggregator: the events stay until a later ack can delete them (the aggregator
+    /// drops duplicates by sequence number), and the stream goes on.
+    ///
+    /// # Errors
+    /// Only when the spool task is gone.
+    async fn ack(&mut self, seq: u64) -> Result<(), ShipError> {
+        match self.spool.ack(seq).await {
+            Ok(_) => Ok(()),
+            Err(SpoolError::Stopped) => Err(ShipError::Spool(SpoolError::Stopped)),
+            Err(e) => {
+                if self
+                    .ack_error_logged
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                {
+                    tracing::error!(
+                        error = %crate::telemetry::chain(&e),
+                        "cannot delete acknowledged events from the spool (disk full?); they stay until it can, and streaming goes on"
+                    );
+                    self.ack_error_logged = Some(std::time::Instant::now());
+                }
+                Ok(())
             }
         }
     }

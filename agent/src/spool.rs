@@ -186,6 +186,16 @@ impl Spool {
         }
     }
 
+    /// A spool in memory, for when the state directory cannot hold one (disk full, I/O
+    /// errors, permissions): the agent keeps monitoring and delivering, but what it holds
+    /// is lost if the agent stops before the aggregator acknowledged it.
+    ///
+    /// # Errors
+    /// [`SpoolError::Sqlite`] if SQLite cannot even open a memory database.
+    pub fn in_memory(limits: SpoolLimits) -> Result<Self, SpoolError> {
+        Self::try_open(Path::new(":memory:"), limits)
+    }
+
     fn try_open(path: &Path, limits: SpoolLimits) -> Result<Self, SpoolError> {
         let conn = Connection::open(path).map_err(|source| SpoolError::Sqlite {
             path: path.to_owned(),

@@ -942,7 +942,7 @@ async fn the_recovery_action_sees_the_event_in_its_environment() -> Result<()> {
     for want in [
         format!("TOCSIN_CHECK=process:{name}"),
         format!("TOCSIN_PROCESS={name}"),
-        "TOCSIN_AGENT_ID=node-renv".to_owned(),
+        "TOCSIN_NODE=node-renv".to_owned(),
         "TOCSIN_STATE=critical".to_owned(),
         "TOCSIN_VALUE=0".to_owned(),
     ] {

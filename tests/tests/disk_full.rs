@@ -82,6 +82,46 @@ async fn a_full_disk_under_the_spool_still_pages_and_recovers_without_restart() 
     Ok(())
 }
 
+/// An agent (re)started on a full disk: acknowledged events cannot be deleted from the
+/// spool, which must not cut the node off — the stream stays up (no reconnect loop), a
+/// new fault still pages, and heartbeats keep the node alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_on_a_full_disk_keeps_its_stream() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let disk = SmallDisk::mount(&dir.path().join("disk"))?;
+    let receiver = WebhookReceiver::start().await?;
+    let mut dummy = Dummy::new(dir.path(), "g")?;
+    dummy.start()?;
+    let agg_cfg = AggregatorToml::new(dir.path())
+        .webhook(&receiver.url)
+        .build();
+    let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
+    let agent_cfg = AgentToml::new(dir.path(), "node-refull", agg.grpc)
+        .state_dir(&disk.path.join("state"))
+        .watch(&dummy.name)
+        .build();
+    let mut agent = start_agent(dir.path(), &agent_cfg)?;
+    agg.wait_reported("node-refull").await?;
+    assert_eq!(agent.stop("TERM")?, Some(0));
+
+    let _filler = disk.fill()?;
+    let mut agent = start_agent(dir.path(), &agent_cfg)?;
+    agent.wait_for_output("connected to aggregator").await?;
+    let check = format!("process:{}", dummy.name);
+    dummy.kill();
+    let trigger = receiver.wait_for("trigger", "node-refull", &check).await?;
+    assert_eq!(trigger["incident"]["state"], "critical");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let log = agent.output();
+    // The log file holds both runs: one stream each, no reconnect loop.
+    assert_eq!(
+        log.matches("connected to aggregator").count(),
+        2,
+        "one stream per run, no reconnect loop:\n{log}"
+    );
+    Ok(())
+}
+
 /// The aggregator's disk fills up: it stops acking (nothing it acked is lost, nothing is
 /// dropped), the agent keeps the events spooled, and everything arrives once space
 /// returns — without restarting either daemon.

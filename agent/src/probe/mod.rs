@@ -50,6 +50,8 @@ pub const LATENCY_WARNING: &str = "2s";
 pub const LATENCY_CRITICAL: &str = "5s";
 /// Methods a check may use.
 pub const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"];
+/// Most redirects a check may follow.
+pub const MAX_REDIRECTS: u32 = 20;
 /// Longest check name, bytes.
 pub const MAX_NAME_LEN: usize = 200;
 /// Most bytes of a response body read (and matched against `body_contains` /
@@ -81,6 +83,9 @@ pub struct RawHttpCheck {
     pub timeout: Option<String>,
     /// Time between two runs (duration); default [`DEFAULT_INTERVAL`].
     pub interval: String,
+    /// How long the check must keep failing before it fires (duration, default "0s").
+    #[serde(rename = "for")]
+    pub hold_for: String,
     /// Redirects followed: 0 (default) = a 3xx is the answer; N = follow up to N, and the
     /// response after the N-th hop is the answer even if it is a 3xx again.
     pub follow_redirects: u32,
@@ -115,6 +120,7 @@ impl Default for RawHttpCheck {
             body_regex: None,
             timeout: None,
             interval: DEFAULT_INTERVAL.to_owned(),
+            hold_for: "0s".to_owned(),
             follow_redirects: 0,
             tls_verify: true,
             headers: BTreeMap::new(),
@@ -140,6 +146,9 @@ pub struct RawTcpCheck {
     pub timeout: Option<String>,
     /// Time between two runs (duration); default [`DEFAULT_INTERVAL`].
     pub interval: String,
+    /// How long the check must keep failing before it fires (duration, default "0s").
+    #[serde(rename = "for")]
+    pub hold_for: String,
 }
 
 impl Default for RawTcpCheck {
@@ -149,6 +158,7 @@ impl Default for RawTcpCheck {
             address: String::new(),
             timeout: None,
             interval: DEFAULT_INTERVAL.to_owned(),
+            hold_for: "0s".to_owned(),
         }
     }
 }
@@ -222,6 +232,8 @@ pub struct HttpCheck {
     pub timeout: Duration,
     /// Time between two runs.
     pub interval: Duration,
+    /// How long the check must keep failing before it fires.
+    pub hold_for: Duration,
     /// Redirects followed (0 = a 3xx is the answer).
     pub follow_redirects: u32,
     /// Verify the server certificate.
@@ -265,6 +277,7 @@ impl fmt::Debug for HttpCheck {
             )
             .field("timeout", &self.timeout)
             .field("interval", &self.interval)
+            .field("hold_for", &self.hold_for)
             .field("follow_redirects", &self.follow_redirects)
             .field("tls_verify", &self.tls_verify)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
@@ -288,6 +301,8 @@ pub struct TcpCheck {
     pub timeout: Duration,
     /// Time between two runs.
     pub interval: Duration,
+    /// How long the check must keep failing before it fires.
+    pub hold_for: Duration,
 }
 
 /// What one probe found.
@@ -424,6 +439,20 @@ impl<'v, 'a> Checked<'v, 'a> {
     }
 
     /// A positive duration no longer than [`crate::settings::MAX_DURATION`].
+    /// A `for` duration (zero allowed).
+    fn hold_for(&mut self, raw: &str) -> Option<Duration> {
+        match parse_duration(raw) {
+            Some(d) if d <= crate::settings::MAX_DURATION => Some(d),
+            _ => {
+                self.problem(
+                    "for",
+                    format!("invalid duration {raw:?} (expected {DURATION_FORM})"),
+                );
+                None
+            }
+        }
+    }
+
     fn duration(&mut self, field: &str, raw: &str) -> Option<Duration> {
         match parse_duration(raw) {
             Some(d) if d > crate::settings::MAX_DURATION => {
@@ -595,6 +624,13 @@ impl RawHttpCheck {
 
         let timeout = c.timeout(self.timeout.as_deref(), default_timeout);
         let interval = c.duration("interval", &self.interval);
+        let hold_for = c.hold_for(&self.hold_for);
+        if self.follow_redirects > MAX_REDIRECTS {
+            c.problem(
+                "follow_redirects",
+                format!("{} is more than {MAX_REDIRECTS}", self.follow_redirects),
+            );
+        }
         let window = c.duration("window", &self.window);
         if let (Some(window), Some(interval)) = (window, interval)
             && window < interval
@@ -677,6 +713,7 @@ impl RawHttpCheck {
             body_regex,
             timeout: timeout?,
             interval: interval?,
+            hold_for: hold_for?,
             follow_redirects: self.follow_redirects,
             tls_verify: self.tls_verify,
             headers,
@@ -712,6 +749,7 @@ impl RawTcpCheck {
         }
         let timeout = c.timeout(self.timeout.as_deref(), default_timeout);
         let interval = c.duration("interval", &self.interval);
+        let hold_for = c.hold_for(&self.hold_for);
         if c.bad {
             return None;
         }
@@ -720,6 +758,7 @@ impl RawTcpCheck {
             address: self.address.trim().to_owned(),
             timeout: timeout?,
             interval: interval?,
+            hold_for: hold_for?,
         })
     }
 }

@@ -85,6 +85,7 @@ mod tests {
             address,
             timeout: Duration::from_secs(5),
             interval: Duration::from_secs(10),
+            hold_for: Duration::ZERO,
         }
     }
 
