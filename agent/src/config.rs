@@ -1073,11 +1073,11 @@ fn validate_watch(
         &p.discovery_interval,
         Duration::from_secs(10),
     );
-    if discovery < Duration::from_secs(1) {
+    if discovery < Duration::from_millis(100) {
         v.problem(
             &format!("{key}.discovery_interval"),
             format!(
-                "{:?} is shorter than 1s: each discovery reads the whole process table",
+                "{:?} is shorter than 100ms: each discovery reads the whole process table",
                 p.discovery_interval
             ),
         );
