@@ -861,6 +861,15 @@ async fn discovery_done(
     }
 }
 
+/// What the agent remembers from before a restart (read from the spool at start).
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Check name → (state, since Unix ms).
+    pub checks: HashMap<String, (State, i64)>,
+    /// Watch name → Unix ms of its recovery runs, oldest first.
+    pub recovery_runs: HashMap<String, Vec<i64>>,
+}
+
 /// A finished recovery run: (recoverer index, outcome).
 type RunDone = (usize, crate::exec::Outcome);
 
@@ -894,16 +903,17 @@ impl Collector {
         spool: SpoolHandle,
         status_tx: watch::Sender<Arc<Vec<CheckStatus>>>,
         metrics: &crate::admin::Metrics,
-        restored: HashMap<String, (State, i64)>,
+        restored: Restored,
         board: Board,
     ) -> Self {
+        let wall = now_ms();
         Collector {
             events_total: metrics.events.clone(),
             cycle_seconds: metrics.cycle_seconds.clone(),
             interval: cfg.interval,
             sampler: Some(sampler),
             book: RuleBook::new(cfg),
-            checks: Checks::with_restored(restored),
+            checks: Checks::with_restored(restored.checks),
             spool,
             status_tx,
             start: board.start(),
@@ -917,12 +927,25 @@ impl Collector {
                 .iter()
                 .filter_map(|p| {
                     let r = p.recover.clone()?;
+                    let mut budget = crate::recovery::RestartBudget::new(r.max_runs, r.window);
+                    let ages: Vec<Duration> = restored
+                        .recovery_runs
+                        .get(&p.name)
+                        .map(|runs| {
+                            runs.iter()
+                                .map(|&at| {
+                                    Duration::from_millis(u64::try_from(wall - at).unwrap_or(0))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    budget.restore(&ages, Duration::ZERO);
                     Some(Recoverer {
                         watch: p.name.clone(),
                         check: process_check(&p.name),
                         name: format!("recovery:{}", p.name),
                         labels: BTreeMap::from([("process".to_owned(), p.name.clone())]),
-                        budget: crate::recovery::RestartBudget::new(r.max_runs, r.window),
+                        budget,
                         cfg: r,
                         running: false,
                         last_finished: None,
@@ -1171,6 +1194,14 @@ impl Collector {
                     env.push(("TOCSIN_VALUE".to_owned(), format!("{v}")));
                 }
             }
+            // The budget survives a restart of the agent (config changes need one).
+            let spool = self.spool.clone();
+            let watch = r.watch.clone();
+            tokio::spawn(async move {
+                if let Err(e) = spool.record_recovery(watch, wall).await {
+                    tracing::warn!(error = %crate::telemetry::chain(&e), "cannot record the recovery run in the spool; after a restart the budget may allow it again");
+                }
+            });
             let mut spec = crate::exec::Spec::new(r.cfg.command.clone());
             spec.env = env;
             spec.timeout = r.cfg.timeout;

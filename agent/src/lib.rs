@@ -95,7 +95,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             "the spool was damaged: moved aside and started a fresh one; events it held are lost"
         );
     }
-    let restored = spool.check_states()?;
+    let restored = collect::Restored {
+        checks: spool.check_states()?,
+        recovery_runs: spool.recovery_runs()?,
+    };
     let spool = spool::spawn(spool)?;
     let sampler = Sampler::new(cfg.processes.clone(), cfg.disks.clone())?;
     let backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max)?;

@@ -28,6 +28,17 @@ impl RestartBudget {
         }
     }
 
+    /// Counts runs that happened before the agent started, `ages` ago (oldest first):
+    /// each counts from `now − age`, or from `now` when that would be before the
+    /// monotonic origin — the budget never allows more than it would have.
+    pub fn restore(&mut self, ages: &[Duration], now: Duration) {
+        for &age in ages {
+            if age < self.window {
+                self.runs.push_back(now.saturating_sub(age));
+            }
+        }
+    }
+
     /// The configured maximum runs per window.
     pub fn max_runs(&self) -> u32 {
         self.max_runs
@@ -195,5 +206,15 @@ mod tests {
                 prop_assert!(n <= max as usize);
             }
         }
+    }
+
+    #[test]
+    fn runs_before_a_restart_still_count() {
+        let m = Duration::from_secs(60);
+        let mut b = RestartBudget::new(2, m * 10);
+        b.restore(&[m * 20, m * 3, m], Duration::ZERO);
+        assert_eq!(b.remaining(Duration::ZERO), 0, "two runs within the window");
+        assert!(!b.try_acquire(Duration::from_secs(1)));
+        assert!(b.try_acquire(m * 10 + Duration::from_secs(1)));
     }
 }

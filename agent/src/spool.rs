@@ -226,6 +226,10 @@ impl Spool {
                  );
                  CREATE INDEX IF NOT EXISTS events_check ON events (check_key, seq);
                  CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS recovery_runs (
+                     watch TEXT NOT NULL,
+                     at_ms INTEGER NOT NULL
+                 );
                  CREATE TABLE IF NOT EXISTS check_state (
                      check_name TEXT PRIMARY KEY,
                      state      TEXT NOT NULL,
@@ -440,6 +444,51 @@ impl Spool {
                 Some((check, (state, since)))
             })
             .collect())
+    }
+
+    /// Records that the recovery action of `watch` ran at `at_ms` (Unix ms), so its
+    /// restart budget survives a restart of the agent. Runs older than a day go.
+    ///
+    /// # Errors
+    /// [`SpoolError::Sqlite`] (e.g. disk full).
+    pub fn record_recovery(&mut self, watch: &str, at_ms: i64) -> Result<(), SpoolError> {
+        let path = self.path.clone();
+        let err = |source| SpoolError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        tx.execute(
+            "INSERT INTO recovery_runs (watch, at_ms) VALUES (?1, ?2)",
+            params![watch, at_ms],
+        )
+        .map_err(err)?;
+        tx.execute(
+            "DELETE FROM recovery_runs WHERE at_ms < ?1",
+            [at_ms - 86_400_000],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// When each watch's recovery action ran (Unix ms, oldest first), within the last day.
+    ///
+    /// # Errors
+    /// [`SpoolError::Sqlite`] when the table cannot be read.
+    pub fn recovery_runs(&self) -> Result<HashMap<String, Vec<i64>>, SpoolError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT watch, at_ms FROM recovery_runs ORDER BY at_ms")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .and_then(Iterator::collect::<rusqlite::Result<Vec<_>>>)
+            .map_err(|e| self.err(e))?;
+        let mut out: HashMap<String, Vec<i64>> = HashMap::new();
+        for (watch, at) in rows {
+            out.entry(watch).or_default().push(at);
+        }
+        Ok(out)
     }
 
     /// Events evicted and not yet reported.
@@ -668,6 +717,7 @@ enum Cmd {
     Ack(u64, oneshot::Sender<Result<usize, SpoolError>>),
     Rebase(u64, oneshot::Sender<Result<bool, SpoolError>>),
     ReportLoss(oneshot::Sender<Result<Option<Event>, SpoolError>>),
+    RecordRecovery(String, i64, oneshot::Sender<Result<(), SpoolError>>),
 }
 
 /// Async access to the spool thread. Cloneable; the thread ends when every handle is
@@ -715,6 +765,9 @@ pub fn spawn(mut spool: Spool) -> Result<SpoolHandle, SpoolError> {
                     }
                     Cmd::Ack(upto, reply) => {
                         let _ = reply.send(spool.ack(upto));
+                    }
+                    Cmd::RecordRecovery(watch, at_ms, reply) => {
+                        let _ = reply.send(spool.record_recovery(&watch, at_ms));
                     }
                     Cmd::Rebase(floor, reply) => {
                         let r = spool.rebase(floor);
@@ -776,6 +829,14 @@ impl SpoolHandle {
     /// [`SpoolError`].
     pub async fn report_loss(&self) -> Result<Option<Event>, SpoolError> {
         self.call(Cmd::ReportLoss).await
+    }
+
+    /// See [`Spool::record_recovery`].
+    ///
+    /// # Errors
+    /// As [`Spool::record_recovery`], or [`SpoolError::Stopped`].
+    pub async fn record_recovery(&self, watch: String, at_ms: i64) -> Result<(), SpoolError> {
+        self.call(|r| Cmd::RecordRecovery(watch, at_ms, r)).await
     }
 
     /// See [`Spool::rebase`].

@@ -826,6 +826,48 @@ async fn time_until_running(
 /// the replacement running well within one 5 s sampling interval. Two more kills exhaust
 /// the budget of 2: a CRITICAL `recovery:NAME` says so, nothing restarts the process,
 /// and monitoring goes on (a manual start resolves both checks).
+/// The restart budget survives a restart of the agent (a config change needs one):
+/// with `max_runs = 1`, the run spent before the restart still counts after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_restart_budget_survives_an_agent_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let name = format!("tocsin-budget-{}", tag());
+    let mut sleeper = Sleeper::new(dir.path(), &name)?;
+    sleeper.start()?;
+    let agg = Aggregator::start(dir.path(), &AggregatorToml::new(dir.path()).build()).await?;
+    let recover = format!(
+        "recover = {{ command = [\"setsid\", \"-f\", \"{}\", \"3600\"], max_runs = 1, window = \"10m\" }}",
+        sleeper.path.display()
+    );
+    let cfg = AgentToml::new(dir.path(), "node-budget", agg.grpc)
+        .set(&process_table(&name, &[&recover]))
+        .build();
+    let mut agent = start_agent(dir.path(), &cfg)?;
+    agg.wait_reported("node-budget").await?;
+    let original = sleeper.kill_one().context("the original instance")?;
+    let (replacement, _) = time_until_running(&sleeper, Instant::now(), original).await?;
+    let check = format!("process:{name}");
+    wait_resolved(&agg, &check, 1).await?;
+    assert_eq!(agent.stop("TERM")?, Some(0));
+
+    let mut agent = start_agent(dir.path(), &cfg)?;
+    agent.wait_for_output("connected to aggregator").await?;
+    kill_pid(replacement);
+    let exhausted = wait_open(&agg, &format!("recovery:{name}")).await?;
+    assert!(
+        exhausted["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("budget exhausted")),
+        "{exhausted}"
+    );
+    assert!(
+        sleeper.running().is_empty(),
+        "the budget was spent before the restart: nothing restarts it"
+    );
+    agent.stop("TERM")?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_restarts_at_once_through_pidfd_until_the_budget_is_spent() -> Result<()> {
     let dir = tempfile::tempdir()?;
