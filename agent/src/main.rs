@@ -105,7 +105,11 @@ fn main() -> ExitCode {
                 Err(e) => return fail_config(&e),
             };
             telemetry::init(cfg.log.json, &cfg.log.level);
-            tocsin_agent::shutdown::run_daemon("agent", |shutdown| tocsin_agent::run(cfg, shutdown))
+            tocsin_agent::shutdown::run_daemon_on(
+                tocsin_agent::shutdown::agent_runtime(),
+                "agent",
+                |shutdown| tocsin_agent::run(cfg, shutdown),
+            )
         }
     }
 }

@@ -30,7 +30,34 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let runtime = match runtime() {
+    run_daemon_on(runtime(), what, daemon)
+}
+
+/// The agent's runtime: one thread for every task (the agent's async work is light: a
+/// sample per second, a stream, probes), blocking work on tokio's blocking pool. Fewer
+/// threads, fewer wake-ups and allocator arenas than [`runtime`].
+///
+/// # Errors
+/// When the OS refuses a thread or an event loop.
+pub fn agent_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(8)
+        .build()
+}
+
+/// [`run_daemon`] on a given runtime.
+pub fn run_daemon_on<F, Fut, E>(
+    runtime: std::io::Result<tokio::runtime::Runtime>,
+    what: &'static str,
+    daemon: F,
+) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");

@@ -211,7 +211,15 @@ impl HttpProbe {
     /// credentials or query.
     fn describe(&self, failure: Failure) -> String {
         let e = &failure.error;
-        let target = &self.target;
+        // After a redirect the failing request is another host: name that one.
+        let failed_at = e.url().map(|u| {
+            format!(
+                "{}:{}",
+                u.host_str().unwrap_or_default(),
+                u.port_or_known_default().unwrap_or_default()
+            )
+        });
+        let target = failed_at.as_ref().unwrap_or(&self.target);
         if let Some(io) = find::<std::io::Error>(e) {
             use std::io::ErrorKind as K;
             let what = match io.kind() {
