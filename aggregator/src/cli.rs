@@ -59,8 +59,30 @@ pub enum Command {
     },
     /// List nodes (agents) and when they were last heard from.
     Nodes,
+    /// Acknowledge an incident: someone is on it (recorded with who and why).
+    Ack(ChangeArgs),
+    /// Resolve an incident by hand (recorded with who and why; a check that still fires
+    /// pages again at its next breach).
+    Resolve(ChangeArgs),
     /// Validate the CLI config and exit 0, or print every problem and exit 64.
     CheckConfig,
+}
+
+/// Arguments of `tocsin ack` and `tocsin resolve`.
+#[derive(Debug, clap::Args)]
+pub struct ChangeArgs {
+    /// Incident id.
+    pub id: i64,
+    /// Why (shown on the timeline).
+    #[arg(long, default_value = "")]
+    pub note: String,
+    /// Who (default: the login name from $USER).
+    #[arg(long, env = "USER")]
+    pub by: Option<String>,
+    /// File holding the API token (`auth.api_token_file` of the aggregator); also
+    /// TOCSIN_API_TOKEN.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Arguments of `tocsin up`.
@@ -170,9 +192,82 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Incidents { status } => incidents(&api, &status, cli.json).await,
             Command::Show { id } => show(&api, id, cli.json).await,
             Command::Nodes => nodes(&api, cli.json).await,
+            Command::Ack(a) => change(&api, a, "ack", cli.json).await,
+            Command::Resolve(a) => change(&api, a, "resolve", cli.json).await,
             Command::Up(_) => ExitCode::FAILURE,
         }
     })
+}
+
+/// `tocsin ack|resolve ID`: exit 0 when done or already so, 1 on failure, 3 when the
+/// incident does not exist, 4 when its state forbids it (acknowledging a resolved one).
+async fn change(api: &str, a: ChangeArgs, verb: &str, json: bool) -> ExitCode {
+    let token = match &a.token_file {
+        Some(f) => match std::fs::read_to_string(f) {
+            Ok(t) => Some(t.trim().to_owned()),
+            Err(e) => {
+                complain(&format!("--token-file {}: {e}", f.display()));
+                return ExitCode::from(64);
+            }
+        },
+        None => std::env::var("TOCSIN_API_TOKEN").ok(),
+    };
+    let by = a.by.clone().unwrap_or_else(|| "unknown".to_owned());
+    let url = format!("{api}/api/v1/incidents/{}/{verb}", a.id);
+    let client = match reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            complain(&e.to_string());
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut req = client
+        .post(&url)
+        .json(&serde_json::json!({ "by": by, "note": a.note }));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            complain(&format!(
+                "cannot reach {url}: {}",
+                tocsin_agent::telemetry::chain(&e.without_url())
+            ));
+            return ExitCode::FAILURE;
+        }
+    };
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    if json {
+        say(&format!("{body}\n"));
+    }
+    match status.as_u16() {
+        200 => {
+            if !json {
+                say(&format!("{}\n", text(&body["message"], "done")));
+            }
+            ExitCode::SUCCESS
+        }
+        404 => {
+            complain(&text(&body["error"], "no such incident"));
+            ExitCode::from(3)
+        }
+        409 => {
+            complain(&text(&body["error"], "conflict"));
+            ExitCode::from(4)
+        }
+        _ => {
+            complain(&format!(
+                "{url}: HTTP {status}: {}",
+                text(&body["error"], "")
+            ));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn get_json(url: &str) -> Result<serde_json::Value, String> {

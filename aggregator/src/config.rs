@@ -58,6 +58,10 @@ pub struct RawAuth {
     /// File of accepted agent tokens, one `AGENT_ID TOKEN` per line (`*` as the id
     /// accepts the token from any agent; `#` starts a comment). Unset: no token needed.
     pub tokens_file: Option<String>,
+    /// File holding the token that changes need on the HTTP API (acknowledge, resolve):
+    /// `Authorization: Bearer TOKEN`. Unset: changes are accepted only when
+    /// `listen_http` is a loopback address.
+    pub api_token_file: Option<String>,
 }
 
 /// `[tls]`.
@@ -167,6 +171,8 @@ pub struct AggregatorConfig {
     pub webhooks: Vec<Webhook>,
     /// Accepted agent tokens; `None` when no token is needed.
     pub tokens: Option<Tokens>,
+    /// Token that API changes need (`auth.api_token_file`); never logged.
+    pub api_token: Option<tocsin_agent::config::Secret>,
     /// TLS on the gRPC ingest.
     pub tls: Option<ServerTls>,
     /// Log settings.
@@ -405,6 +411,14 @@ impl RawConfig {
             });
         }
         let log = tocsin_agent::telemetry::validate(&mut v, &self.log);
+        let api_token = self.auth.api_token_file.as_deref().and_then(|f| {
+            let t = v.secret_file("auth.api_token_file", f)?;
+            if t.is_empty() {
+                v.problem("auth.api_token_file", format!("{f} is empty"));
+                return None;
+            }
+            Some(tocsin_agent::config::Secret::new(t))
+        });
         let tokens = self.auth.tokens_file.as_deref().and_then(|f| {
             let text = v.secret_file("auth.tokens_file", f)?;
             match Tokens::parse(&text) {
@@ -486,6 +500,7 @@ impl RawConfig {
             give_up_after,
             webhooks,
             tokens,
+            api_token,
             tls,
             log,
         })

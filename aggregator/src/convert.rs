@@ -73,6 +73,13 @@ fn clip_ident(s: &str) -> String {
     truncate(clean, MAX_ID_LEN - '…'.len_utf8())
 }
 
+/// A person's note (acknowledge, resolve): control characters become `?` (newlines and
+/// tabs stay), at most [`MAX_MESSAGE_LEN`] bytes, cut on a character boundary with a
+/// marker.
+pub fn clip_text(s: &str) -> String {
+    tocsin_agent::event::truncate_marked(&clean_text(s), MAX_MESSAGE_LEN)
+}
+
 /// Free text (a check's message) keeps newlines and tabs; other control characters —
 /// terminal escapes above all — become `?`.
 fn clean_text(s: &str) -> String {

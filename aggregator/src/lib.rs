@@ -150,6 +150,7 @@ pub async fn run(
     if cfg.tokens.is_none() && !cfg.listen_grpc.ip().is_loopback() {
         tracing::warn!(listen_grpc = %addrs.grpc, "ingest is reachable from other machines and needs no token: set auth.tokens_file");
     }
+    let api_wake = wake_tx.clone();
     let ingest = ingest::IngestService::new(
         store.clone(),
         wake_tx,
@@ -205,6 +206,8 @@ pub async fn run(
     let app = web::router(web::AppState {
         store: store.clone(),
         registry: std::sync::Arc::new(registry),
+        writes: web::WriteAccess::new(cfg.api_token.clone(), cfg.listen_http),
+        outbox_wake: api_wake,
     });
     let http_shutdown = shutdown.clone();
     tracker.spawn(async move {

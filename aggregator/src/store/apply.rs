@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{IngestOutcome, enqueue, load_incident, timeline};
+use super::{IngestOutcome, enqueue, load_incident, notify_triggered, timeline};
 use crate::correlate::{self, Decision};
 use crate::model::{Severity, State};
 
@@ -133,20 +133,9 @@ pub fn apply(
                 params![id, now, obs.value, obs.message],
             )?;
             timeline(conn, id, now, "resolved", obs.actor, obs.message)?;
-            let incident = load_incident(conn, id)?;
             // A resolve goes exactly to the channels that were sent the trigger (or still
             // may be): never a lone resolve to a channel that refused the trigger.
-            let triggered: Vec<String> = conn
-                .prepare_cached(
-                    "SELECT channel FROM outbox WHERE incident_id = ?1 AND kind = 'trigger' AND status != 'failed'
-                     ORDER BY id",
-                )?
-                .query_map([id], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            for ch in &triggered {
-                enqueue(conn, &incident, ch, "resolve", now)?;
-                out.notifications += 1;
-            }
+            out.notifications += notify_triggered(conn, id, "resolve", now)?;
             out.resolved.push(id);
         }
         _ => {}

@@ -23,6 +23,19 @@ use crate::model::{
 };
 use crate::notify::payload;
 
+/// What a change asked by a person did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Applied.
+    Done,
+    /// Nothing to do (already in that state), with why.
+    Unchanged(String),
+    /// Not possible in the incident's state (acknowledging a resolved incident).
+    Conflict(String),
+    /// No such incident.
+    NotFound,
+}
+
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -581,6 +594,87 @@ impl Store {
         Ok(rows)
     }
 
+    /// A person acknowledges incident `id`: status `acknowledged`, a timeline entry with
+    /// who and why, and an `acknowledge` notification to every channel that got the
+    /// trigger. Serialised with every other change of the incident (one store thread).
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn acknowledge(&mut self, id: i64, by: &str, note: &str) -> Result<Change, StoreError> {
+        self.change(id, by, note, "acknowledged")
+    }
+
+    /// A person resolves incident `id`: status `resolved`, the resolution says who and
+    /// why, and a `resolve` goes to every channel that got the trigger. If the check
+    /// still fires, it pages again at its next breach.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn resolve_by_hand(&mut self, id: i64, by: &str, note: &str) -> Result<Change, StoreError> {
+        self.change(id, by, note, "resolved")
+    }
+
+    fn change(&mut self, id: i64, by: &str, note: &str, to: &str) -> Result<Change, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let now = now_ms();
+        let tx = self.conn.transaction().map_err(err)?;
+        let Some(incident) = load_incident_opt(&tx, id).map_err(err)? else {
+            return Ok(Change::NotFound);
+        };
+        let actor = format!("user:{by}");
+        let why = if note.is_empty() {
+            String::new()
+        } else {
+            format!(": {note}")
+        };
+        let outcome = match (incident.status, to) {
+            (Status::Resolved, "acknowledged") => Change::Conflict(format!(
+                "incident {id} is resolved: there is nothing to acknowledge"
+            )),
+            (Status::Resolved, _) => {
+                Change::Unchanged(format!("incident {id} was already resolved"))
+            }
+            (Status::Acknowledged, "acknowledged") => {
+                Change::Unchanged(format!("incident {id} was already acknowledged"))
+            }
+            (_, "acknowledged") => {
+                tx.execute(
+                    "UPDATE incidents SET status = 'acknowledged', acknowledged_at_ms = ?2 WHERE id = ?1",
+                    params![id, now],
+                )
+                .map_err(err)?;
+                timeline(
+                    &tx,
+                    id,
+                    now,
+                    "acknowledged",
+                    &actor,
+                    &format!("acknowledged by {by}{why}"),
+                )
+                .map_err(err)?;
+                notify_triggered(&tx, id, "acknowledge", now).map_err(err)?;
+                Change::Done
+            }
+            _ => {
+                let resolution = format!("resolved by {by}{why}");
+                tx.execute(
+                    "UPDATE incidents SET status = 'resolved', resolved_at_ms = ?2, resolution = ?3 WHERE id = ?1",
+                    params![id, now, resolution],
+                )
+                .map_err(err)?;
+                timeline(&tx, id, now, "resolved", &actor, &resolution).map_err(err)?;
+                notify_triggered(&tx, id, "resolve", now).map_err(err)?;
+                Change::Done
+            }
+        };
+        tx.commit().map_err(err)?;
+        Ok(outcome)
+    }
+
     /// One incident with its timeline and notifications.
     ///
     /// # Errors
@@ -938,6 +1032,23 @@ fn timeline(
     )?
     .execute(params![incident_id, at, kind, actor, note])?;
     Ok(())
+}
+
+/// Enqueues `kind` for `id` on every channel that was sent (or may still send) the
+/// trigger: never a lone acknowledge or resolve. Returns how many were enqueued.
+fn notify_triggered(conn: &Connection, id: i64, kind: &str, now: i64) -> rusqlite::Result<usize> {
+    let incident = load_incident(conn, id)?;
+    let channels: Vec<String> = conn
+        .prepare_cached(
+            "SELECT channel FROM outbox WHERE incident_id = ?1 AND kind = 'trigger' AND status != 'failed'
+             ORDER BY id",
+        )?
+        .query_map([id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for ch in &channels {
+        enqueue(conn, &incident, ch, kind, now)?;
+    }
+    Ok(channels.len())
 }
 
 fn enqueue(

@@ -6,7 +6,7 @@
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -24,6 +24,69 @@ pub struct AppState {
     pub store: StoreHandle,
     /// The aggregator's metrics, for `/metrics`.
     pub registry: std::sync::Arc<prometheus_client::registry::Registry>,
+    /// Who may change things through the API.
+    pub writes: WriteAccess,
+    /// Bumped when a change enqueued notifications (wakes the dispatchers).
+    pub outbox_wake: tokio::sync::watch::Sender<u64>,
+}
+
+/// Who may acknowledge and resolve through the API.
+#[derive(Debug, Clone)]
+pub enum WriteAccess {
+    /// Requests bearing this token (`auth.api_token_file`).
+    Token(tocsin_agent::config::Secret),
+    /// Anyone who can connect: the API listens on loopback only.
+    Loopback,
+    /// Nobody: the API listens beyond loopback and no token is configured.
+    Closed,
+}
+
+impl WriteAccess {
+    /// The policy for an API on `listen` with an optional token.
+    pub fn new(token: Option<tocsin_agent::config::Secret>, listen: std::net::SocketAddr) -> Self {
+        match token {
+            Some(t) => WriteAccess::Token(t),
+            None if listen.ip().is_loopback() => WriteAccess::Loopback,
+            None => WriteAccess::Closed,
+        }
+    }
+
+    fn check(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+        match self {
+            WriteAccess::Loopback => Ok(()),
+            WriteAccess::Closed => Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "changes are refused: the API listens beyond loopback and auth.api_token_file is not set".into(),
+            )),
+            WriteAccess::Token(t) => {
+                let given = headers
+                    .get(axum::http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("");
+                let ok: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), t.expose().as_bytes()).into();
+                if ok {
+                    Ok(())
+                } else {
+                    Err(ApiError(
+                        StatusCode::UNAUTHORIZED,
+                        "a valid `Authorization: Bearer TOKEN` is needed to change incidents".into(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Body of `POST /api/v1/incidents/{id}/ack` and `…/resolve`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangeRequest {
+    /// Who does it (shown on the timeline).
+    by: String,
+    /// Why (optional).
+    #[serde(default)]
+    note: String,
 }
 
 /// The router.
@@ -33,6 +96,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/incidents", get(list_incidents))
         .route("/api/v1/incidents/{id}", get(get_incident))
+        .route("/api/v1/incidents/{id}/ack", post(ack_incident))
+        .route("/api/v1/incidents/{id}/resolve", post(resolve_incident))
         .route("/api/v1/nodes", get(list_nodes))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .with_state(state)
@@ -135,6 +200,86 @@ async fn get_incident(
     v["timeline"] = serde_json::to_value(d.timeline).unwrap_or_default();
     v["notifications"] = serde_json::to_value(d.notifications).unwrap_or_default();
     Ok(Json(v))
+}
+
+fn parse_id(id: &str) -> Result<i64, ApiError> {
+    id.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("incident id {id:?} is not a number"),
+        )
+    })
+}
+
+async fn ack_incident(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    change(st, &id, &headers, &body, "acknowledged").await
+}
+
+async fn resolve_incident(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    change(st, &id, &headers, &body, "resolved").await
+}
+
+/// Applies an acknowledge or resolve asked through the API: 200 with the incident
+/// (`result` `done` or `unchanged`), 404, 409 when the state forbids it, 400 for a bad
+/// body, 401/403 without the right to change.
+async fn change(
+    st: AppState,
+    id: &str,
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+    to: &'static str,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    st.writes.check(headers)?;
+    let id = parse_id(id)?;
+    let req: ChangeRequest = serde_json::from_slice(body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("body must be JSON {{\"by\": \"name\", \"note\": \"why\"}}: {e}"),
+        )
+    })?;
+    let by = req.by.trim().to_owned();
+    if by.is_empty() || by.len() > 128 || by.chars().any(char::is_control) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "`by` must name who does it (1 to 128 printable characters)".into(),
+        ));
+    }
+    let note = crate::convert::clip_text(&req.note);
+    let outcome = st
+        .store
+        .call(move |s| match to {
+            "acknowledged" => s.acknowledge(id, &by, &note),
+            _ => s.resolve_by_hand(id, &by, &note),
+        })
+        .await?;
+    let (result, message) = match outcome {
+        crate::store::Change::Done => {
+            st.outbox_wake.send_modify(|n| *n += 1);
+            ("done", format!("incident {id} {to}"))
+        }
+        crate::store::Change::Unchanged(m) => ("unchanged", m),
+        crate::store::Change::Conflict(m) => return Err(ApiError(StatusCode::CONFLICT, m)),
+        crate::store::Change::NotFound => {
+            return Err(ApiError(StatusCode::NOT_FOUND, format!("no incident {id}")));
+        }
+    };
+    let detail: Option<IncidentDetail> = st.store.call(move |s| s.incident(id)).await?;
+    let incident = detail
+        .map(|d| serde_json::to_value(IncidentView::from(d.incident)).unwrap_or_default())
+        .unwrap_or_default();
+    Ok(Json(
+        json!({ "result": result, "message": message, "incident": incident }),
+    ))
 }
 
 async fn list_nodes(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

@@ -1,0 +1,185 @@
+//! Incident lifecycle by hand: acknowledge and resolve through the API and the `tocsin`
+//! CLI, recorded with who and why, notified exactly once to the channels that got the
+//! trigger, and refused when the state forbids it. Real aggregator, agent, webhook
+//! receiver and CLI binary on 127.0.0.1.
+
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use tocsin_e2e::{
+    AgentToml, Aggregator, AggregatorToml, Dummy, PATIENCE, WebhookReceiver, bin, eventually,
+    start_agent,
+};
+
+fn tocsin(api: &str, args: &[&str]) -> Result<(Option<i32>, String, String)> {
+    let out = Command::new(bin("tocsin"))
+        .arg("--api")
+        .arg(api)
+        .args(args)
+        .env_remove("TOCSIN_API_TOKEN")
+        .output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledge_and_resolve_by_hand_are_recorded_and_notified_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = WebhookReceiver::start().await?;
+    let mut dummy = Dummy::new(dir.path(), "l")?;
+    dummy.start()?;
+    let agg = Aggregator::start(
+        dir.path(),
+        &AggregatorToml::new(dir.path())
+            .webhook(&receiver.url)
+            .build(),
+    )
+    .await?;
+    let _agent = start_agent(
+        dir.path(),
+        &AgentToml::new(dir.path(), "node-life", agg.grpc)
+            .watch(&dummy.name)
+            .build(),
+    )?;
+    agg.wait_reported("node-life").await?;
+    let check = format!("process:{}", dummy.name);
+    dummy.kill();
+    let trigger = receiver.wait_for("trigger", "node-life", &check).await?;
+    let id = trigger["incident"]["id"]
+        .as_i64()
+        .context("incident id in the trigger")?;
+    let api = format!("http://{}", agg.http);
+    let id_s = id.to_string();
+
+    let (code, out, err) = tocsin(&api, &["ack", &id_s, "--by", "alice", "--note", "on it"])?;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let ack = receiver
+        .wait_for("acknowledge", "node-life", &check)
+        .await?;
+    assert_eq!(ack["incident"]["status"], "acknowledged", "{ack}");
+    let detail = agg.get(&format!("/api/v1/incidents/{id}")).await?;
+    assert_eq!(detail["status"], "acknowledged", "{detail}");
+    let entry = detail["timeline"]
+        .as_array()
+        .and_then(|t| t.iter().find(|e| e["kind"] == "acknowledged"))
+        .cloned()
+        .context("an acknowledged entry on the timeline")?;
+    assert_eq!(entry["actor"], "user:alice", "{entry}");
+    assert!(
+        entry["note"].as_str().is_some_and(|n| n.contains("on it")),
+        "{entry}"
+    );
+
+    // Again: a no-op, said so, nothing sent.
+    let (code, out, _) = tocsin(&api, &["ack", &id_s, "--by", "bob"])?;
+    assert_eq!(code, Some(0));
+    assert!(out.contains("already acknowledged"), "{out}");
+
+    let (code, out, err) = tocsin(&api, &["resolve", &id_s, "--by", "bob", "--note", "fixed"])?;
+    assert_eq!(code, Some(0), "{out}{err}");
+    receiver.wait_for("resolve", "node-life", &check).await?;
+    let detail = agg.get(&format!("/api/v1/incidents/{id}")).await?;
+    assert_eq!(detail["status"], "resolved", "{detail}");
+    assert!(
+        detail["resolution"]
+            .as_str()
+            .is_some_and(|r| r.contains("resolved by bob: fixed")),
+        "{detail}"
+    );
+
+    // An ack that comes after the resolve never reopens it: 409, exit 4.
+    let (code, _, err) = tocsin(&api, &["ack", &id_s, "--by", "carol"])?;
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("resolved"), "{err}");
+    let (code, _, err) = tocsin(&api, &["ack", "999999", "--by", "carol"])?;
+    assert_eq!(code, Some(3), "{err}");
+
+    // The process comes back: the incident is already resolved, no second resolve.
+    dummy.start()?;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(receiver.events("trigger", "node-life", &check).len(), 1);
+    assert_eq!(receiver.events("acknowledge", "node-life", &check).len(), 1);
+    assert_eq!(receiver.events("resolve", "node-life", &check).len(), 1);
+    let detail = agg.get(&format!("/api/v1/incidents/{id}")).await?;
+    assert_eq!(detail["status"], "resolved");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_need_the_api_token_when_one_is_set() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let token = dir.path().join("api.token");
+    std::fs::write(&token, "s3cret-api-token\n")?;
+    let mut dummy = Dummy::new(dir.path(), "t")?;
+    dummy.start()?;
+    let agg = Aggregator::start(
+        dir.path(),
+        &AggregatorToml::new(dir.path())
+            .set(&format!("[auth]\napi_token_file = \"{}\"", token.display()))
+            .build(),
+    )
+    .await?;
+    let _agent = start_agent(
+        dir.path(),
+        &AgentToml::new(dir.path(), "node-tok", agg.grpc)
+            .watch(&dummy.name)
+            .build(),
+    )?;
+    agg.wait_reported("node-tok").await?;
+    dummy.kill();
+    let check = format!("process:{}", dummy.name);
+    let id = eventually("an open incident", PATIENCE, || async {
+        let body = agg.get("/api/v1/incidents?status=open").await.ok()?;
+        body["incidents"]
+            .as_array()?
+            .iter()
+            .find(|i| i["check"] == check.as_str())
+            .and_then(|i| i["id"].as_i64())
+    })
+    .await?;
+    let api = format!("http://{}", agg.http);
+    let url = format!("{api}/api/v1/incidents/{id}/ack");
+    let client = reqwest::Client::new();
+    let body = serde_json::json!({ "by": "mallory" });
+    let no_token = client.post(&url).json(&body).send().await?;
+    assert_eq!(no_token.status(), 401);
+    let wrong = client
+        .post(&url)
+        .bearer_auth("guess")
+        .json(&body)
+        .send()
+        .await?;
+    assert_eq!(wrong.status(), 401);
+    let bad_body = client
+        .post(&url)
+        .bearer_auth("s3cret-api-token")
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(bad_body.status(), 400);
+    let err: Value = bad_body.json().await?;
+    assert!(
+        err["error"].as_str().is_some_and(|e| e.contains("by")),
+        "{err}"
+    );
+
+    let (code, out, err) = tocsin(
+        &api,
+        &[
+            "ack",
+            &id.to_string(),
+            "--by",
+            "alice",
+            "--token-file",
+            token.to_str().context("utf-8")?,
+        ],
+    )?;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let detail = agg.get(&format!("/api/v1/incidents/{id}")).await?;
+    assert_eq!(detail["status"], "acknowledged", "{detail}");
+    Ok(())
+}
