@@ -546,6 +546,9 @@ pub struct FlapDetector {
 
 /// Evaluations remembered by a [`FlapDetector`].
 pub const FLAP_WINDOW: usize = 21;
+/// Fewest recorded states before a check can be called flapping: half the window, so a
+/// check that flaps from the start is recognised after about five pages, not ten.
+pub const FLAP_MIN_SAMPLES: usize = 11;
 /// Default percent state change below which a flapping check calms down.
 pub const FLAP_LOW_PCT: f64 = 25.0;
 /// Default percent state change above which a check is flapping.
@@ -568,14 +571,15 @@ impl FlapDetector {
         }
     }
 
-    /// Records one evaluated state; returns whether the check is flapping now. Until the
-    /// window is full nothing is called flapping.
+    /// Records one evaluated state; returns whether the check is flapping now. Until
+    /// [`FLAP_MIN_SAMPLES`] states are recorded nothing is called flapping (one incident,
+    /// open then resolved, is never flapping).
     pub fn observe(&mut self, state: State) -> bool {
         if self.history.len() == FLAP_WINDOW {
             self.history.pop_front();
         }
         self.history.push_back(state);
-        if self.history.len() < FLAP_WINDOW {
+        if self.history.len() < FLAP_MIN_SAMPLES {
             return self.flapping;
         }
         let pct = self.change_pct();
@@ -636,8 +640,8 @@ mod flap_tests {
         }
         assert_eq!(
             flapped_at,
-            Some(FLAP_WINDOW - 1),
-            "flapping as soon as the window is full"
+            Some(FLAP_MIN_SAMPLES - 1),
+            "flapping as soon as enough states are recorded"
         );
         // Settles: stays flapping while changes are still in the window, then stops.
         let mut calm_at = None;

@@ -600,6 +600,76 @@ async fn a_flapping_check_is_flagged_and_says_when_it_stopped() -> Result<()> {
     Ok(())
 }
 
+/// Flapping does not page on every change: once the agent flags the check, the
+/// aggregator holds paging (one incident stays open through the flaps), pages once when
+/// the check settles while firing, and resolves it once when it is steady OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_check_pages_once_not_on_every_change() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = WebhookReceiver::start().await?;
+    let web = Web::start(Answer::Cycle(vec![200, 500])).await?;
+    let checks = format!(
+        "[[http]]\nname = \"flappy\"\nurl = \"{}\"\ninterval = \"200ms\"\ntimeout = \"5s\"\n\
+         error_rate_critical = 100.0\nerror_rate_warning = 100.0\n",
+        web.url("/")
+    );
+    let (agg, _agent) = start_pair(dir.path(), "node-flap2", &checks, &[], Some(&receiver)).await?;
+    wait_stored(dir.path(), "node-flap2", "a flapping event", |e| {
+        e.check == "http:flappy" && e.flapping
+    })
+    .await?;
+    // Let the pages of the changes before the flag settle, then count.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = receiver
+        .events("trigger", "node-flap2", "http:flappy")
+        .len();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during = receiver
+        .events("trigger", "node-flap2", "http:flappy")
+        .len();
+    assert_eq!(
+        during, before,
+        "about 20 changes while flapping, no new page ({before} before the flag)"
+    );
+    // Flap detection needs 11 evaluations (250 ms each here) of which more than half
+    // are changes: a handful of pages come first.
+    assert!(before <= 8, "{before} pages before the agent flagged it");
+
+    // Steady failure: it settles while firing and is paged (or stays paged) once.
+    web.set(Answer::Status(500));
+    let open = eventually("one open incident, paged", PATIENCE, || async {
+        let open: Vec<Value> = incidents_of(&agg, "http:flappy")
+            .await
+            .ok()?
+            .into_iter()
+            .filter(|i| i["status"] != "resolved")
+            .collect();
+        let id = open.first()?["id"].as_i64()?;
+        let paged = receiver
+            .events("trigger", "node-flap2", "http:flappy")
+            .iter()
+            .any(|t| t["incident"]["id"].as_i64() == Some(id));
+        (open.len() == 1 && paged).then_some(id)
+    })
+    .await?;
+    web.set(Answer::Status(200));
+    eventually("the incident resolves", PATIENCE, || async {
+        let resolves = receiver.events("resolve", "node-flap2", "http:flappy");
+        resolves
+            .iter()
+            .any(|r| r["incident"]["id"].as_i64() == Some(open))
+            .then_some(())
+    })
+    .await?;
+    let resolves_of_open = receiver
+        .events("resolve", "node-flap2", "http:flappy")
+        .iter()
+        .filter(|r| r["incident"]["id"].as_i64() == Some(open))
+        .count();
+    assert_eq!(resolves_of_open, 1);
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // TCP.
 

@@ -36,6 +36,9 @@ pub struct Observation<'a> {
     /// From a heartbeat, not an event: only opens and resolves (a refresh per heartbeat
     /// would flood the timeline).
     pub reconcile: bool,
+    /// The check is flapping (the agent's flap detection): paging is held — an incident
+    /// opens without a trigger and stays open through OK — until it settles.
+    pub flapping: bool,
 }
 
 /// What the store passes along: channels, install id, node labels, the time.
@@ -49,6 +52,31 @@ pub struct Context<'a> {
     pub node_labels: &'a BTreeMap<String, String>,
     /// Now (Unix ms).
     pub now: i64,
+}
+
+/// Sends the trigger of incident `id` to every channel; returns how many.
+fn page(conn: &Connection, ctx: &Context<'_>, id: i64, now: i64) -> rusqlite::Result<usize> {
+    let incident = load_incident(conn, id)?;
+    for ch in ctx.channels {
+        enqueue(conn, &incident, ch, "trigger", now)?;
+    }
+    Ok(ctx.channels.len())
+}
+
+/// Whether incident `id` was opened while flapping and never paged.
+fn held(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
+    let paged: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE incident_id = ?1 AND kind = 'trigger')",
+        )?
+        .query_row([id], |r| r.get(0))?;
+    if paged {
+        return Ok(false);
+    }
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM timeline WHERE incident_id = ?1 AND kind = 'flapping')",
+    )?
+    .query_row([id], |r| r.get(0))
 }
 
 /// Opens, reclassifies, refreshes or resolves the incident of `obs`'s fingerprint as
@@ -98,12 +126,52 @@ pub fn apply(
             )?;
             let note = format!("{} {}: {}", sev.as_str(), obs.state.as_str(), obs.message);
             timeline(conn, id, now, "triggered", obs.actor, &note)?;
-            let incident = load_incident(conn, id)?;
-            for ch in ctx.channels {
-                enqueue(conn, &incident, ch, "trigger", now)?;
-                out.notifications += 1;
+            if obs.flapping {
+                timeline(
+                    conn,
+                    id,
+                    now,
+                    "flapping",
+                    obs.actor,
+                    "the check is flapping: paging is held until it settles",
+                )?;
+            } else {
+                out.notifications += page(conn, ctx, id, now)?;
             }
             out.opened.push(id);
+        }
+        // One incident for the whole flapping stretch, not one per flap.
+        (Decision::Resolve, Some(_)) if obs.flapping && obs.reconcile => {}
+        (Decision::Resolve, Some((id, _))) if obs.flapping => {
+            timeline(
+                conn,
+                id,
+                now,
+                "state",
+                obs.actor,
+                &format!(
+                    "ok while flapping, kept open until it settles: {}",
+                    obs.message
+                ),
+            )?;
+        }
+        (Decision::Reclassify(_) | Decision::Refresh, Some((id, _)))
+            if !obs.flapping && obs.state.is_firing() && held(conn, id)? =>
+        {
+            // It settled while firing: the page that flapping held goes out now.
+            conn.execute(
+                "UPDATE incidents SET state = ?2, value = ?3, threshold = ?4, summary = ?5 WHERE id = ?1",
+                params![id, obs.state.as_str(), obs.value, obs.threshold, obs.message],
+            )?;
+            timeline(
+                conn,
+                id,
+                now,
+                "flapping",
+                obs.actor,
+                &format!("settled while firing, paging now: {}", obs.message),
+            )?;
+            out.notifications += page(conn, ctx, id, now)?;
         }
         (Decision::Reclassify(sev), Some((id, _))) => {
             conn.execute(

@@ -140,6 +140,7 @@ fn node_back(
         breach_started_at_ms: 0,
         actor: "aggregator",
         reconcile: false,
+        flapping: false,
     };
     apply::apply(conn, ctx, &obs, out)
 }
@@ -471,6 +472,7 @@ impl Store {
                     breach_started_at_ms: if c.state.is_firing() { c.since_ms } else { 0 },
                     actor: "aggregator",
                     reconcile: true,
+                    flapping: last_event_flapping(&tx, agent_id, &c.check).map_err(err)?,
                 };
                 apply::apply(&tx, &ctx, &obs, &mut out).map_err(err)?;
             }
@@ -559,6 +561,7 @@ impl Store {
                 breach_started_at_ms: last_seen,
                 actor: "aggregator",
                 reconcile: false,
+                flapping: false,
             };
             apply::apply(&tx, &ctx, &obs, &mut out).map_err(err)?;
             self.down.insert(agent_id.clone());
@@ -848,6 +851,17 @@ pub enum Attempt {
     },
 }
 
+/// Whether the last event of `check` on `agent_id` said it was flapping (heartbeats do
+/// not carry the flag).
+fn last_event_flapping(conn: &Connection, agent_id: &str, check: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT flapping FROM events WHERE agent_id = ?1 AND check_name = ?2 ORDER BY seq DESC LIMIT 1",
+    )?
+    .query_row(params![agent_id, check], |r| r.get::<_, bool>(0))
+    .optional()
+    .map(Option::unwrap_or_default)
+}
+
 /// The body of [`Store::ingest_group`] for one agent's batch, inside the transaction.
 fn ingest_in(
     tx: &Connection,
@@ -934,6 +948,7 @@ fn ingest_in(
             breach_started_at_ms: e.breach_started_at_ms,
             actor: &actor,
             reconcile: false,
+            flapping: e.flapping,
         };
         apply::apply(tx, &ctx, &obs, &mut out)?;
     }
