@@ -64,8 +64,48 @@ pub enum Command {
     /// Resolve an incident by hand (recorded with who and why; a check that still fires
     /// pages again at its next breach).
     Resolve(ChangeArgs),
+    /// Silences: mute paging (never recording) for incidents that match.
+    #[command(subcommand)]
+    Silence(SilenceCommand),
     /// Validate the CLI config and exit 0, or print every problem and exit 64.
     CheckConfig,
+}
+
+/// `tocsin silence …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum SilenceCommand {
+    /// Add a silence: `--match node=web-1 --match check=~disk:.* --for 2h --reason "…"`.
+    Add {
+        /// Matcher (repeatable, all must match): name=value, name!=value, name=~regex,
+        /// name!~regex; names are node, check, severity or a label.
+        #[arg(long = "match", required = true)]
+        matchers: Vec<String>,
+        /// How long, e.g. 30m, 2h (at most 30d).
+        #[arg(long = "for")]
+        duration: String,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
+        /// Owner (default: $USER).
+        #[arg(long, env = "USER")]
+        by: Option<String>,
+        /// File holding the API token; also TOCSIN_API_TOKEN.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// List silences: active, pending and expired.
+    List,
+    /// End a silence now.
+    Expire {
+        /// Silence id.
+        id: i64,
+        /// Who (default: $USER).
+        #[arg(long, env = "USER")]
+        by: Option<String>,
+        /// File holding the API token; also TOCSIN_API_TOKEN.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
 }
 
 /// Arguments of `tocsin ack` and `tocsin resolve`.
@@ -192,6 +232,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Incidents { status } => incidents(&api, &status, cli.json).await,
             Command::Show { id } => show(&api, id, cli.json).await,
             Command::Nodes => nodes(&api, cli.json).await,
+            Command::Silence(c) => silence(&api, c, cli.json).await,
             Command::Ack(a) => change(&api, a, "ack", cli.json).await,
             Command::Resolve(a) => change(&api, a, "resolve", cli.json).await,
             Command::Up(_) => ExitCode::FAILURE,
@@ -199,53 +240,172 @@ pub fn main(cli: Cli) -> ExitCode {
     })
 }
 
-/// `tocsin ack|resolve ID`: exit 0 when done or already so, 1 on failure, 3 when the
-/// incident does not exist, 4 when its state forbids it (acknowledging a resolved one).
-async fn change(api: &str, a: ChangeArgs, verb: &str, json: bool) -> ExitCode {
-    let token = match &a.token_file {
+/// The API token from `--token-file` or TOCSIN_API_TOKEN; `Err` exit code 64.
+fn api_token(file: Option<&Path>) -> Result<Option<String>, ExitCode> {
+    match file {
         Some(f) => match std::fs::read_to_string(f) {
-            Ok(t) => Some(t.trim().to_owned()),
+            Ok(t) => Ok(Some(t.trim().to_owned())),
             Err(e) => {
                 complain(&format!("--token-file {}: {e}", f.display()));
-                return ExitCode::from(64);
+                Err(ExitCode::from(64))
             }
         },
-        None => std::env::var("TOCSIN_API_TOKEN").ok(),
-    };
-    let by = a.by.clone().unwrap_or_else(|| "unknown".to_owned());
-    let url = format!("{api}/api/v1/incidents/{}/{verb}", a.id);
-    let client = match reqwest::Client::builder()
+        None => Ok(std::env::var("TOCSIN_API_TOKEN").ok()),
+    }
+}
+
+/// POSTs `body` to `url`; returns the status and the JSON answer.
+async fn post_json(
+    url: &str,
+    body: &serde_json::Value,
+    token: Option<String>,
+) -> Result<(u16, serde_json::Value), String> {
+    let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            complain(&e.to_string());
-            return ExitCode::FAILURE;
-        }
-    };
-    let mut req = client
-        .post(&url)
-        .json(&serde_json::json!({ "by": by, "note": a.note }));
+        .map_err(|e| e.to_string())?;
+    let mut req = client.post(url).json(body);
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
-    let resp = match req.send().await {
+    let resp = req.send().await.map_err(|e| {
+        format!(
+            "cannot reach {url}: {}",
+            tocsin_agent::telemetry::chain(&e.without_url())
+        )
+    })?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().await.unwrap_or_default()))
+}
+
+async fn silence(api: &str, c: SilenceCommand, json: bool) -> ExitCode {
+    let (url, body, token) = match c {
+        SilenceCommand::List => {
+            let body = match get_json(&format!("{api}/api/v1/silences")).await {
+                Ok(b) => b,
+                Err(e) => {
+                    complain(&e);
+                    return ExitCode::FAILURE;
+                }
+            };
+            if json {
+                say(&format!("{}\n", body["silences"]));
+                return ExitCode::SUCCESS;
+            }
+            let mut out = format!(
+                "{:<5} {:<8} {:<21} {:<12} {:<40} {}\n",
+                "ID", "STATE", "ENDS", "BY", "MATCHERS", "REASON"
+            );
+            for s in body["silences"].as_array().into_iter().flatten() {
+                let matchers: Vec<String> = s["matchers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|m| text(m, ""))
+                    .collect();
+                out.push_str(&format!(
+                    "{:<5} {:<8} {:<21} {:<12} {:<40} {}\n",
+                    s["id"],
+                    text(&s["state"], ""),
+                    s["ends_at_ms"].as_i64().map_or_else(String::new, |ms| {
+                        crate::model::rfc3339(ms).chars().take(19).collect()
+                    }),
+                    text(&s["created_by"], ""),
+                    matchers.join(" "),
+                    text(&s["reason"], "")
+                ));
+            }
+            say(&out);
+            return ExitCode::SUCCESS;
+        }
+        SilenceCommand::Add {
+            matchers,
+            duration,
+            reason,
+            by,
+            token_file,
+        } => {
+            let token = match api_token(token_file.as_deref()) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            (
+                format!("{api}/api/v1/silences"),
+                serde_json::json!({
+                    "matchers": matchers,
+                    "duration": duration,
+                    "reason": reason,
+                    "by": by.unwrap_or_else(|| "unknown".into()),
+                }),
+                token,
+            )
+        }
+        SilenceCommand::Expire { id, by, token_file } => {
+            let token = match api_token(token_file.as_deref()) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            (
+                format!("{api}/api/v1/silences/{id}/expire"),
+                serde_json::json!({ "by": by.unwrap_or_else(|| "unknown".into()) }),
+                token,
+            )
+        }
+    };
+    match post_json(&url, &body, token).await {
+        Ok((200 | 201, answer)) => {
+            if json {
+                say(&format!("{answer}\n"));
+            } else if let Some(id) = answer["silence"]["id"].as_i64() {
+                say(&format!("silence {id} added\n"));
+            } else {
+                say("silence expired\n");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((404, answer)) => {
+            complain(&text(&answer["error"], "not found"));
+            ExitCode::from(3)
+        }
+        Ok((400, answer)) => {
+            complain(&text(&answer["error"], "bad request"));
+            ExitCode::from(64)
+        }
+        Ok((status, answer)) => {
+            complain(&format!(
+                "{url}: HTTP {status}: {}",
+                text(&answer["error"], "")
+            ));
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            complain(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tocsin ack|resolve ID`: exit 0 when done or already so, 1 on failure, 3 when the
+/// incident does not exist, 4 when its state forbids it (acknowledging a resolved one).
+async fn change(api: &str, a: ChangeArgs, verb: &str, json: bool) -> ExitCode {
+    let token = match api_token(a.token_file.as_deref()) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let by = a.by.clone().unwrap_or_else(|| "unknown".to_owned());
+    let url = format!("{api}/api/v1/incidents/{}/{verb}", a.id);
+    let body = serde_json::json!({ "by": by, "note": a.note });
+    let (status, body) = match post_json(&url, &body, token).await {
         Ok(r) => r,
         Err(e) => {
-            complain(&format!(
-                "cannot reach {url}: {}",
-                tocsin_agent::telemetry::chain(&e.without_url())
-            ));
+            complain(&e);
             return ExitCode::FAILURE;
         }
     };
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
     if json {
         say(&format!("{body}\n"));
     }
-    match status.as_u16() {
+    match status {
         200 => {
             if !json {
                 say(&format!("{}\n", text(&body["message"], "done")));

@@ -15,6 +15,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod silence;
 pub mod store;
 pub mod tls;
 pub mod web;

@@ -70,6 +70,12 @@ impl Liveness {
                 }
                 Err(e) => tracing::error!(error = %e, "liveness sweep failed"),
             }
+            // Pages that a silence held go out once it no longer mutes them.
+            match self.store.call(|s| s.release_silenced(now_ms())).await {
+                Ok(0) => {}
+                Ok(_) => self.outbox_wake.send_modify(|n| *n += 1),
+                Err(e) => tracing::error!(error = %e, "releasing silenced pages failed"),
+            }
         }
     }
 }

@@ -183,3 +183,108 @@ async fn changes_need_the_api_token_when_one_is_set() -> Result<()> {
     assert_eq!(detail["status"], "acknowledged", "{detail}");
     Ok(())
 }
+
+/// A silence mutes paging, never recording: the incident opens and is listed, its page
+/// is held; when the silence is expired while the check still fires, the page goes out.
+/// A silence without a reason is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silence_holds_the_page_until_it_ends() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = WebhookReceiver::start().await?;
+    let mut dummy = Dummy::new(dir.path(), "s")?;
+    dummy.start()?;
+    let agg = Aggregator::start(
+        dir.path(),
+        &AggregatorToml::new(dir.path())
+            .webhook(&receiver.url)
+            .build(),
+    )
+    .await?;
+    let _agent = start_agent(
+        dir.path(),
+        &AgentToml::new(dir.path(), "node-quiet", agg.grpc)
+            .watch(&dummy.name)
+            .build(),
+    )?;
+    agg.wait_reported("node-quiet").await?;
+    let api = format!("http://{}", agg.http);
+
+    let (code, _, err) = tocsin(
+        &api,
+        &[
+            "silence",
+            "add",
+            "--match",
+            "node=node-quiet",
+            "--for",
+            "1h",
+            "--reason",
+            "",
+        ],
+    )?;
+    assert_eq!(code, Some(64), "a reason is required: {err}");
+    let (code, out, err) = tocsin(
+        &api,
+        &[
+            "silence",
+            "add",
+            "--match",
+            "node=node-quiet",
+            "--match",
+            "check=~process:.*",
+            "--for",
+            "1h",
+            "--reason",
+            "planned maintenance",
+            "--by",
+            "alice",
+        ],
+    )?;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let id = out
+        .split_whitespace()
+        .nth(1)
+        .context("silence id printed")?
+        .to_owned();
+
+    let check = format!("process:{}", dummy.name);
+    dummy.kill();
+    let incident = eventually("the incident is recorded", PATIENCE, || async {
+        let body = agg.get("/api/v1/incidents?status=open").await.ok()?;
+        body["incidents"]
+            .as_array()?
+            .iter()
+            .find(|i| i["check"] == check.as_str())
+            .cloned()
+    })
+    .await?;
+    let iid = incident["id"].as_i64().context("id")?;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert!(
+        receiver.events("trigger", "node-quiet", &check).is_empty(),
+        "silenced: no page"
+    );
+    let detail = agg.get(&format!("/api/v1/incidents/{iid}")).await?;
+    assert!(
+        detail["timeline"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|e| e["kind"] == "silenced")),
+        "{detail}"
+    );
+    let (code, out, _) = tocsin(&api, &["silence", "list"])?;
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("active") && out.contains("planned maintenance"),
+        "{out}"
+    );
+
+    let (code, out, err) = tocsin(&api, &["silence", "expire", &id, "--by", "alice"])?;
+    assert_eq!(code, Some(0), "{out}{err}");
+    let trigger = receiver.wait_for("trigger", "node-quiet", &check).await?;
+    assert_eq!(trigger["incident"]["id"].as_i64(), Some(iid));
+    let (_, out, _) = tocsin(&api, &["silence", "list"])?;
+    assert!(out.contains("expired"), "{out}");
+    let (code, _, _) = tocsin(&api, &["silence", "expire", "999999"])?;
+    assert_eq!(code, Some(3));
+    Ok(())
+}

@@ -52,6 +52,8 @@ pub struct Context<'a> {
     pub node_labels: &'a BTreeMap<String, String>,
     /// Now (Unix ms).
     pub now: i64,
+    /// Silences (active or not; checked against `now`).
+    pub silences: &'a [crate::silence::Silence],
 }
 
 /// Sends the trigger of incident `id` to every channel; returns how many.
@@ -126,7 +128,20 @@ pub fn apply(
             )?;
             let note = format!("{} {}: {}", sev.as_str(), obs.state.as_str(), obs.message);
             timeline(conn, id, now, "triggered", obs.actor, &note)?;
-            if obs.flapping {
+            let fields = crate::silence::fields(obs.node, obs.check, sev.as_str(), &labels);
+            if let Some(s) = ctx.silences.iter().find(|s| s.mutes(&fields, now)) {
+                timeline(
+                    conn,
+                    id,
+                    now,
+                    "silenced",
+                    obs.actor,
+                    &format!(
+                        "silenced by #{} ({}: {}): paging is held until it ends",
+                        s.id, s.created_by, s.reason
+                    ),
+                )?;
+            } else if obs.flapping {
                 timeline(
                     conn,
                     id,

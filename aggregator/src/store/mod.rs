@@ -92,6 +92,8 @@ pub struct Store {
     /// Open agent streams: agent id → (instance id, session number). In memory only: after
     /// an aggregator restart no stream is open.
     sessions: std::collections::HashMap<String, (String, u64)>,
+    /// Every silence, as stored (few; matched in memory).
+    silences: Vec<crate::silence::Silence>,
 }
 
 /// Answer to an agent's `Hello`.
@@ -231,6 +233,7 @@ impl Store {
             seen_flushed_ms: 0,
             hb_memo: Default::default(),
             down: Default::default(),
+            silences: Vec::new(),
         };
         store
             .conn
@@ -255,7 +258,168 @@ impl Store {
             .prepare("SELECT node FROM incidents WHERE check_name = ?1 AND status != 'resolved'")
             .and_then(|mut st| st.query_map([NODE_DOWN], |r| r.get(0))?.collect())
             .map_err(|e| store.err(e))?;
+        store.silences = store.load_silences()?;
         Ok(store)
+    }
+
+    fn load_silences(&self) -> Result<Vec<crate::silence::Silence>, StoreError> {
+        let rows: Vec<(i64, String, i64, i64, String, String)> = self
+            .conn
+            .prepare(
+                "SELECT id, matchers, starts_ms, ends_ms, created_by, reason FROM silences ORDER BY id",
+            )
+            .and_then(|mut st| {
+                st.query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                })?
+                .collect()
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, matchers, starts_ms, ends_ms, created_by, reason)| {
+                let texts: Vec<String> = serde_json::from_str(&matchers).ok()?;
+                let matchers = texts
+                    .iter()
+                    .map(|t| crate::silence::Matcher::parse(t))
+                    .collect::<Result<_, _>>()
+                    .ok()?;
+                Some(crate::silence::Silence {
+                    id,
+                    matchers,
+                    starts_ms,
+                    ends_ms,
+                    created_by,
+                    reason,
+                })
+            })
+            .collect())
+    }
+
+    /// Adds a silence; returns its id. The matchers are already parsed.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn add_silence(
+        &mut self,
+        matchers: Vec<crate::silence::Matcher>,
+        starts_ms: i64,
+        ends_ms: i64,
+        by: &str,
+        reason: &str,
+    ) -> Result<i64, StoreError> {
+        let texts: Vec<&str> = matchers.iter().map(|m| m.text.as_str()).collect();
+        self.conn
+            .execute(
+                "INSERT INTO silences (matchers, starts_ms, ends_ms, created_by, reason, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    serde_json::to_string(&texts).unwrap_or_default(),
+                    starts_ms,
+                    ends_ms,
+                    by,
+                    reason,
+                    now_ms()
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+        let id = self.conn.last_insert_rowid();
+        self.silences.push(crate::silence::Silence {
+            id,
+            matchers,
+            starts_ms,
+            ends_ms,
+            created_by: by.to_owned(),
+            reason: reason.to_owned(),
+        });
+        Ok(id)
+    }
+
+    /// Every silence as the API shows it at `now`, newest first.
+    pub fn silences(&self, now: i64) -> Vec<crate::silence::SilenceView> {
+        self.silences
+            .iter()
+            .rev()
+            .map(|s| crate::silence::SilenceView::of(s, now))
+            .collect()
+    }
+
+    /// Ends silence `id` now (`by` recorded); `false` when there is no such silence.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn expire_silence(&mut self, id: i64, by: &str) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let Some(s) = self.silences.iter_mut().find(|s| s.id == id) else {
+            return Ok(false);
+        };
+        if s.ends_ms > now {
+            s.ends_ms = now;
+        }
+        let ends = s.ends_ms;
+        self.conn
+            .execute(
+                "UPDATE silences SET ends_ms = ?2, expired_by = ?3 WHERE id = ?1",
+                params![id, ends, by],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(true)
+    }
+
+    /// Pages the incidents whose page a silence held, once no silence mutes them any
+    /// more (the silence ended or was expired) and they still fire. Run by the liveness
+    /// sweep every second.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn release_silenced(&mut self, now: i64) -> Result<usize, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let held: Vec<i64> = self
+            .conn
+            .prepare_cached(
+                "SELECT i.id FROM incidents i
+                 WHERE i.status != 'resolved'
+                   AND EXISTS (SELECT 1 FROM timeline t WHERE t.incident_id = i.id AND t.kind = 'silenced')
+                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.incident_id = i.id AND o.kind = 'trigger')",
+            )
+            .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+            .map_err(err)?;
+        if held.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.conn.transaction().map_err(err)?;
+        let mut sent = 0;
+        for id in held {
+            let incident = load_incident(&tx, id).map_err(err)?;
+            let fields = crate::silence::fields(
+                &incident.node,
+                &incident.check,
+                incident.severity.as_str(),
+                &incident.labels,
+            );
+            if self.silences.iter().any(|s| s.mutes(&fields, now)) {
+                continue;
+            }
+            timeline(
+                &tx,
+                id,
+                now,
+                "unsilenced",
+                "aggregator",
+                "no silence mutes it any more: paging now",
+            )
+            .map_err(err)?;
+            for ch in &self.channels {
+                enqueue(&tx, &incident, ch, "trigger", now).map_err(err)?;
+                sent += 1;
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(sent)
     }
 
     fn err(&self, source: rusqlite::Error) -> StoreError {
@@ -354,7 +518,15 @@ impl Store {
             let outs = batches
                 .iter()
                 .map(|(agent, events)| {
-                    ingest_in(&tx, &self.channels, &self.install_id, agent, events, now)
+                    ingest_in(
+                        &tx,
+                        &self.channels,
+                        &self.silences,
+                        &self.install_id,
+                        agent,
+                        events,
+                        now,
+                    )
                 })
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             tx.commit()?;
@@ -426,6 +598,7 @@ impl Store {
             ..IngestOutcome::default()
         };
         let ctx = apply::Context {
+            silences: &self.silences,
             channels: &self.channels,
             install_id: &self.install_id,
             node_labels: &node_labels,
@@ -538,6 +711,7 @@ impl Store {
             let node_labels: BTreeMap<String, String> =
                 serde_json::from_str(&labels).unwrap_or_default();
             let ctx = apply::Context {
+                silences: &self.silences,
                 channels: &self.channels,
                 install_id: &self.install_id,
                 node_labels: &node_labels,
@@ -863,9 +1037,11 @@ fn last_event_flapping(conn: &Connection, agent_id: &str, check: &str) -> rusqli
 }
 
 /// The body of [`Store::ingest_group`] for one agent's batch, inside the transaction.
+#[allow(clippy::too_many_arguments)]
 fn ingest_in(
     tx: &Connection,
     channels: &[String],
+    silences: &[crate::silence::Silence],
     install_id: &str,
     agent_id: &str,
     events: &[Event],
@@ -883,6 +1059,7 @@ fn ingest_in(
     let mut out = IngestOutcome::default();
     let actor = format!("agent:{agent_id}");
     let back_ctx = apply::Context {
+        silences,
         channels,
         install_id,
         node_labels: &node_labels,
@@ -931,6 +1108,7 @@ fn ingest_in(
             ?;
 
         let ctx = apply::Context {
+            silences,
             channels,
             install_id,
             node_labels: &node_labels,

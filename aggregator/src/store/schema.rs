@@ -77,6 +77,17 @@ CREATE TABLE IF NOT EXISTS incidents (
 );
 CREATE INDEX IF NOT EXISTS incidents_open ON incidents (fingerprint) WHERE status != 'resolved';
 
+CREATE TABLE IF NOT EXISTS silences (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    matchers    TEXT NOT NULL,
+    starts_ms   INTEGER NOT NULL,
+    ends_ms     INTEGER NOT NULL,
+    created_by  TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    expired_by  TEXT
+);
+
 CREATE TABLE IF NOT EXISTS timeline (
     id          INTEGER PRIMARY KEY,
     incident_id INTEGER NOT NULL REFERENCES incidents (id),

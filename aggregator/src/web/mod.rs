@@ -99,6 +99,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/incidents/{id}/ack", post(ack_incident))
         .route("/api/v1/incidents/{id}/resolve", post(resolve_incident))
         .route("/api/v1/nodes", get(list_nodes))
+        .route("/api/v1/silences", get(list_silences).post(add_silence))
+        .route("/api/v1/silences/{id}/expire", post(expire_silence))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .with_state(state)
 }
@@ -280,6 +282,112 @@ async fn change(
     Ok(Json(
         json!({ "result": result, "message": message, "incident": incident }),
     ))
+}
+
+/// Body of `POST /api/v1/silences`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SilenceRequest {
+    /// `name=value`, `name!=value`, `name=~regex`, `name!~regex`; all must match.
+    matchers: Vec<String>,
+    /// How long from `starts_at_ms` (e.g. `"2h"`).
+    duration: String,
+    /// Start (Unix ms); default now.
+    #[serde(default)]
+    starts_at_ms: Option<i64>,
+    /// Owner.
+    by: String,
+    /// Why (required).
+    reason: String,
+}
+
+/// Longest silence: a forgotten silence must not mute a node for ever.
+const MAX_SILENCE: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
+async fn add_silence(
+    State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    st.writes.check(&headers)?;
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+    let req: SilenceRequest = serde_json::from_slice(&body).map_err(|e| {
+        bad(format!(
+            "body must be JSON {{\"matchers\": [\"node=web-1\"], \"duration\": \"2h\", \"by\": \"name\", \"reason\": \"why\"}}: {e}"
+        ))
+    })?;
+    if req.matchers.is_empty() {
+        return Err(bad("a silence needs at least one matcher".into()));
+    }
+    let matchers = req
+        .matchers
+        .iter()
+        .map(|m| crate::silence::Matcher::parse(m))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(bad)?;
+    let by = req.by.trim().to_owned();
+    let reason = crate::convert::clip_text(req.reason.trim());
+    if by.is_empty() || by.len() > 128 || by.chars().any(char::is_control) {
+        return Err(bad(
+            "`by` must name the owner (1 to 128 printable characters)".into(),
+        ));
+    }
+    if reason.is_empty() {
+        return Err(bad("`reason` is required: say why paging is muted".into()));
+    }
+    let duration = tocsin_agent::settings::parse_duration(&req.duration)
+        .filter(|d| !d.is_zero() && *d <= MAX_SILENCE)
+        .ok_or_else(|| {
+            bad(format!(
+                "duration {:?}: expected e.g. \"30m\" or \"2h\", at most 30d",
+                req.duration
+            ))
+        })?;
+    let now = crate::model::now_ms();
+    let starts = req.starts_at_ms.unwrap_or(now);
+    let ends = starts.saturating_add(i64::try_from(duration.as_millis()).unwrap_or(i64::MAX));
+    let id = st
+        .store
+        .call(move |s| s.add_silence(matchers, starts, ends, &by, &reason))
+        .await?;
+    let views = st
+        .store
+        .call(move |s| Ok(s.silences(crate::model::now_ms())))
+        .await?;
+    let view = views.into_iter().find(|v| v.id == id);
+    Ok((StatusCode::CREATED, Json(json!({ "silence": view }))))
+}
+
+async fn list_silences(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let views = st
+        .store
+        .call(|s| Ok(s.silences(crate::model::now_ms())))
+        .await?;
+    Ok(Json(json!({ "silences": views })))
+}
+
+async fn expire_silence(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    st.writes.check(&headers)?;
+    let id: i64 = id.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("silence id {id:?} is not a number"),
+        )
+    })?;
+    let by = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["by"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into());
+    let found = st.store.call(move |s| s.expire_silence(id, &by)).await?;
+    if !found {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no silence {id}")));
+    }
+    Ok(Json(json!({ "result": "expired", "id": id })))
 }
 
 async fn list_nodes(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
