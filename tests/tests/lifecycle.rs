@@ -26,26 +26,46 @@ fn tocsin(api: &str, args: &[&str]) -> Result<(Option<i32>, String, String)> {
     ))
 }
 
+/// An aggregator (configured by `agg`) and an agent `node` watching a running dummy
+/// process; returns once the aggregator stored the agent's first event.
+struct Node {
+    agg: Aggregator,
+    dummy: Dummy,
+    _agent: tocsin_e2e::Daemon,
+}
+
+async fn watched_node(dir: &std::path::Path, node: &str, agg: AggregatorToml) -> Result<Node> {
+    let mut dummy = Dummy::new(dir, &node[node.len().saturating_sub(1)..])?;
+    dummy.start()?;
+    let agg = Aggregator::start(dir, &agg.build()).await?;
+    let agent = start_agent(
+        dir,
+        &AgentToml::new(dir, node, agg.grpc)
+            .watch(&dummy.name)
+            .build(),
+    )?;
+    agg.wait_reported(node).await?;
+    Ok(Node {
+        agg,
+        dummy,
+        _agent: agent,
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledge_and_resolve_by_hand_are_recorded_and_notified_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let receiver = WebhookReceiver::start().await?;
-    let mut dummy = Dummy::new(dir.path(), "l")?;
-    dummy.start()?;
-    let agg = Aggregator::start(
+    let Node {
+        agg,
+        mut dummy,
+        _agent,
+    } = watched_node(
         dir.path(),
-        &AggregatorToml::new(dir.path())
-            .webhook(&receiver.url)
-            .build(),
+        "node-life",
+        AggregatorToml::new(dir.path()).webhook(&receiver.url),
     )
     .await?;
-    let _agent = start_agent(
-        dir.path(),
-        &AgentToml::new(dir.path(), "node-life", agg.grpc)
-            .watch(&dummy.name)
-            .build(),
-    )?;
-    agg.wait_reported("node-life").await?;
     let check = format!("process:{}", dummy.name);
     dummy.kill();
     let trigger = receiver.wait_for("trigger", "node-life", &check).await?;
@@ -114,22 +134,17 @@ async fn changes_need_the_api_token_when_one_is_set() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let token = dir.path().join("api.token");
     std::fs::write(&token, "s3cret-api-token\n")?;
-    let mut dummy = Dummy::new(dir.path(), "t")?;
-    dummy.start()?;
-    let agg = Aggregator::start(
+    let Node {
+        agg,
+        mut dummy,
+        _agent,
+    } = watched_node(
         dir.path(),
-        &AggregatorToml::new(dir.path())
-            .set(&format!("[auth]\napi_token_file = \"{}\"", token.display()))
-            .build(),
+        "node-tok",
+        AggregatorToml::new(dir.path())
+            .set(&format!("[auth]\napi_token_file = \"{}\"", token.display())),
     )
     .await?;
-    let _agent = start_agent(
-        dir.path(),
-        &AgentToml::new(dir.path(), "node-tok", agg.grpc)
-            .watch(&dummy.name)
-            .build(),
-    )?;
-    agg.wait_reported("node-tok").await?;
     dummy.kill();
     let check = format!("process:{}", dummy.name);
     let id = eventually("an open incident", PATIENCE, || async {
@@ -191,22 +206,16 @@ async fn changes_need_the_api_token_when_one_is_set() -> Result<()> {
 async fn a_silence_holds_the_page_until_it_ends() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let receiver = WebhookReceiver::start().await?;
-    let mut dummy = Dummy::new(dir.path(), "s")?;
-    dummy.start()?;
-    let agg = Aggregator::start(
+    let Node {
+        agg,
+        mut dummy,
+        _agent,
+    } = watched_node(
         dir.path(),
-        &AggregatorToml::new(dir.path())
-            .webhook(&receiver.url)
-            .build(),
+        "node-quiet",
+        AggregatorToml::new(dir.path()).webhook(&receiver.url),
     )
     .await?;
-    let _agent = start_agent(
-        dir.path(),
-        &AgentToml::new(dir.path(), "node-quiet", agg.grpc)
-            .watch(&dummy.name)
-            .build(),
-    )?;
-    agg.wait_reported("node-quiet").await?;
     let api = format!("http://{}", agg.http);
 
     let (code, _, err) = tocsin(
