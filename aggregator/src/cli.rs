@@ -62,7 +62,7 @@ pub enum Command {
     /// Acknowledge an incident: someone is on it (recorded with who and why).
     Ack(ChangeArgs),
     /// Resolve an incident by hand (recorded with who and why; a check that still fires
-    /// pages again at its next breach).
+    /// opens a new incident, and pages, at its agent's next heartbeat).
     Resolve(ChangeArgs),
     /// Silences: mute paging (never recording) for incidents that match.
     #[command(subcommand)]
@@ -640,6 +640,7 @@ async fn up(args: UpArgs) -> ExitCode {
         agg.webhooks.push(crate::config::Webhook {
             name: format!("webhook-cli-{}", i + 1),
             url: url.clone(),
+            format: crate::notify::Format::Generic,
             timeout: std::time::Duration::from_secs(10),
         });
     }

@@ -101,6 +101,12 @@ pub struct RawWebhook {
     pub name: String,
     /// `http://` or `https://` URL receiving a JSON POST.
     pub url: String,
+    /// `generic` (tocsin's JSON), `slack` (an incoming-webhook URL) or `pagerduty`
+    /// (Events API v2; `url` defaults to PagerDuty's endpoint).
+    pub kind: String,
+    /// For `pagerduty`: file holding the integration's routing key (or the seed's
+    /// `PAGERDUTY_KEY` variable).
+    pub routing_key_file: Option<String>,
     /// Per-request timeout.
     pub timeout: String,
 }
@@ -139,6 +145,8 @@ impl Default for RawWebhook {
         RawWebhook {
             name: String::new(),
             url: String::new(),
+            kind: "generic".into(),
+            routing_key_file: None,
             timeout: DEFAULT_NOTIFY_TIMEOUT.into(),
         }
     }
@@ -281,6 +289,8 @@ pub struct Webhook {
     pub name: String,
     /// Target URL.
     pub url: String,
+    /// The receiver's format.
+    pub format: crate::notify::Format,
     /// Per-request timeout.
     pub timeout: Duration,
 }
@@ -375,8 +385,75 @@ impl RawConfig {
         }
         let mut webhooks = Vec::new();
         let mut names = std::collections::BTreeSet::new();
-        for (i, w) in self.notify.webhook.iter().enumerate() {
+        // The seed's variables add a Slack and a PagerDuty channel.
+        let mut raw_hooks = self.notify.webhook.clone();
+        if let Ok(url) = std::env::var("SLACK_WEBHOOK_URL")
+            && !url.trim().is_empty()
+            && !raw_hooks.iter().any(|w| w.name == "slack")
+        {
+            raw_hooks.push(RawWebhook {
+                name: "slack".into(),
+                url: url.trim().to_owned(),
+                kind: "slack".into(),
+                ..RawWebhook::default()
+            });
+        }
+        let seed_pd_key = std::env::var("PAGERDUTY_KEY")
+            .ok()
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty());
+        if seed_pd_key.is_some() && !raw_hooks.iter().any(|w| w.name == "pagerduty") {
+            raw_hooks.push(RawWebhook {
+                name: "pagerduty".into(),
+                kind: "pagerduty".into(),
+                ..RawWebhook::default()
+            });
+        }
+        for (i, w) in raw_hooks.iter().enumerate() {
             let key = format!("notify.webhook.{i}");
+            let mut w = w.clone();
+            if w.kind == "pagerduty" && w.url.is_empty() {
+                crate::notify::pagerduty::EVENTS_URL.clone_into(&mut w.url);
+            }
+            let format = match w.kind.as_str() {
+                "generic" => crate::notify::Format::Generic,
+                "slack" => crate::notify::Format::Slack,
+                "pagerduty" => {
+                    let key_text = match &w.routing_key_file {
+                        Some(f) => v.secret_file(&format!("{key}.routing_key_file"), f),
+                        None => seed_pd_key.clone(),
+                    };
+                    match key_text {
+                        Some(k) if !k.is_empty() && k.len() <= 64 => {
+                            crate::notify::Format::PagerDuty(tocsin_agent::config::Secret::new(k))
+                        }
+                        Some(_) => {
+                            v.problem(
+                                &format!("{key}.routing_key_file"),
+                                "the routing key must be 1 to 64 characters",
+                            );
+                            crate::notify::Format::Generic
+                        }
+                        None => {
+                            if w.routing_key_file.is_none() {
+                                v.problem(
+                                    &format!("{key}.routing_key_file"),
+                                    "a pagerduty channel needs its routing key: routing_key_file, or PAGERDUTY_KEY",
+                                );
+                            }
+                            crate::notify::Format::Generic
+                        }
+                    }
+                }
+                other => {
+                    v.problem(
+                        &format!("{key}.kind"),
+                        format!("invalid value {other:?} (expected \"generic\", \"slack\" or \"pagerduty\")"),
+                    );
+                    crate::notify::Format::Generic
+                }
+            };
+            let w = &w;
             let name = if w.name.is_empty() {
                 format!("webhook-{}", i + 1)
             } else {
@@ -407,6 +484,7 @@ impl RawConfig {
             webhooks.push(Webhook {
                 name,
                 url: w.url.clone(),
+                format,
                 timeout,
             });
         }

@@ -114,6 +114,7 @@ pub async fn run(
     for w in &cfg.webhooks {
         let target = Target::Webhook {
             url: w.url.clone(),
+            format: w.format.clone(),
             timeout: w.timeout,
             client: client.clone(),
         };

@@ -35,15 +35,26 @@ async fn fault_after_losing_the_agent_state_dir_is_still_paged() -> Result<()> {
     let mut agent = start_agent(dir.path(), &cfg)?;
     agg.wait_reported("node-lost").await?;
     // Several state changes so the aggregator's sequence is ahead of a fresh spool.
-    for _ in 0..2 {
+    let check = format!("process:{}", dummy.name);
+    for round in 1..=2 {
         dummy.kill();
-        receiver
-            .wait_for("trigger", "node-lost", &format!("process:{}", dummy.name))
-            .await?;
+        tocsin_e2e::eventually(
+            "the trigger of this round",
+            tocsin_e2e::PATIENCE,
+            || async {
+                (receiver.events("trigger", "node-lost", &check).len() >= round).then_some(())
+            },
+        )
+        .await?;
         dummy.start()?;
-        receiver
-            .wait_for("resolve", "node-lost", &format!("process:{}", dummy.name))
-            .await?;
+        tocsin_e2e::eventually(
+            "the resolve of this round",
+            tocsin_e2e::PATIENCE,
+            || async {
+                (receiver.events("resolve", "node-lost", &check).len() >= round).then_some(())
+            },
+        )
+        .await?;
     }
     agent.stop("TERM")?;
     std::fs::remove_dir_all(&state)?;

@@ -118,12 +118,26 @@ async fn acknowledge_and_resolve_by_hand_are_recorded_and_notified_once() -> Res
     let (code, _, err) = tocsin(&api, &["ack", "999999", "--by", "carol"])?;
     assert_eq!(code, Some(3), "{err}");
 
-    // The process comes back: the incident is already resolved, no second resolve.
+    // The process comes back. (Resolved by hand while it still fired, the check may have
+    // opened a new incident at the next heartbeat; that one is not this incident.)
     dummy.start()?;
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    assert_eq!(receiver.events("trigger", "node-life", &check).len(), 1);
-    assert_eq!(receiver.events("acknowledge", "node-life", &check).len(), 1);
-    assert_eq!(receiver.events("resolve", "node-life", &check).len(), 1);
+    let of_this = |kind: &str| {
+        receiver
+            .events(kind, "node-life", &check)
+            .iter()
+            .filter(|e| e["incident"]["id"].as_i64() == Some(id))
+            .count()
+    };
+    assert_eq!(
+        (
+            of_this("trigger"),
+            of_this("acknowledge"),
+            of_this("resolve")
+        ),
+        (1, 1, 1),
+        "one of each for incident {id}"
+    );
     let detail = agg.get(&format!("/api/v1/incidents/{id}")).await?;
     assert_eq!(detail["status"], "resolved");
     Ok(())
@@ -295,5 +309,152 @@ async fn a_silence_holds_the_page_until_it_ends() -> Result<()> {
     assert!(out.contains("expired"), "{out}");
     let (code, _, _) = tocsin(&api, &["silence", "expire", "999999"])?;
     assert_eq!(code, Some(3));
+    Ok(())
+}
+
+/// A receiver that behaves like PagerDuty's Events API v2: 429 with `Retry-After` on the
+/// first request, 400 when the routing key is wrong or a limit is exceeded, 202
+/// otherwise; records every accepted event.
+async fn pagerduty_like(
+    key: &'static str,
+) -> Result<(String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>)> {
+    use axum::http::StatusCode;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (s, f) = (seen.clone(), first.clone());
+    let app = axum::Router::new().route(
+        "/v2/enqueue",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let (s, f) = (s.clone(), f.clone());
+            async move {
+                if f.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    return (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        [("Retry-After", "1")],
+                        "rate limited".to_owned(),
+                    );
+                }
+                let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        [("Retry-After", "0")],
+                        "not JSON".into(),
+                    );
+                };
+                let summary_ok = v["payload"]["summary"]
+                    .as_str()
+                    .is_none_or(|t| t.chars().count() <= 1024);
+                let key_ok = v["dedup_key"]
+                    .as_str()
+                    .is_some_and(|k| !k.is_empty() && k.len() <= 255);
+                if v["routing_key"] != key || !summary_ok || !key_ok || body.len() > 512 * 1024 {
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        [("Retry-After", "0")],
+                        format!("invalid event: {v}"),
+                    );
+                }
+                s.lock().expect("lock").push(v);
+                (
+                    StatusCode::ACCEPTED,
+                    [("Retry-After", "0")],
+                    "{\"status\":\"success\"}".into(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/v2/enqueue", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((url, seen))
+}
+
+/// PagerDuty (Events API v2) and Slack channels: one dedup key from trigger through
+/// acknowledge to resolve, the 429 honoured, a CJK summary kept whole, Slack lines for
+/// each step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pagerduty_and_slack_channels_follow_the_incident() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let slack = WebhookReceiver::start().await?;
+    let (pd_url, pd) = pagerduty_like("PDKEY123").await?;
+    let key_file = dir.path().join("pd.key");
+    std::fs::write(&key_file, "PDKEY123\n")?;
+    let agg_cfg = format!(
+        "{}[notify]\nretry_min = \"100ms\"\nretry_max = \"2s\"\n\
+         [[notify.webhook]]\nname = \"pd\"\nkind = \"pagerduty\"\nurl = \"{pd_url}\"\nrouting_key_file = \"{}\"\n\
+         [[notify.webhook]]\nname = \"chat\"\nkind = \"slack\"\nurl = \"{}\"\n",
+        AggregatorToml::new(dir.path()).build(),
+        key_file.display(),
+        slack.url
+    );
+    let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
+    let plugin = "printf 'CRITICAL: '; i=0; while [ $i -lt 300 ]; do printf '服务'; i=$((i+1)); done; echo; exit 2";
+    let _agent = start_agent(
+        dir.path(),
+        &AgentToml::new(dir.path(), "node-pd", agg.grpc)
+            .set(&format!(
+                "[[exec]]\nname = \"cjk\"\ncommand = [\"/bin/sh\", \"-c\", \"{plugin}\"]\ninterval = \"1s\""
+            ))
+            .build(),
+    )?;
+    let trigger = eventually("a PagerDuty trigger", PATIENCE, || async {
+        pd.lock()
+            .expect("lock")
+            .iter()
+            .find(|e| e["event_action"] == "trigger")
+            .cloned()
+    })
+    .await?;
+    let dedup = trigger["dedup_key"]
+        .as_str()
+        .context("dedup key")?
+        .to_owned();
+    assert_eq!(trigger["payload"]["severity"], "error", "P2: {trigger}");
+    assert_eq!(trigger["payload"]["source"], "node-pd");
+    let summary = trigger["payload"]["summary"].as_str().context("summary")?;
+    assert!(
+        summary.contains("服务") && !summary.contains('\u{fffd}'),
+        "{summary}"
+    );
+
+    let id = eventually("the incident", PATIENCE, || async {
+        let body = agg.get("/api/v1/incidents?status=open").await.ok()?;
+        body["incidents"]
+            .as_array()?
+            .iter()
+            .find(|i| i["check"] == "exec:cjk")?["id"]
+            .as_i64()
+    })
+    .await?;
+    let api = format!("http://{}", agg.http);
+    let (code, _, err) = tocsin(&api, &["ack", &id.to_string(), "--by", "alice"])?;
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = tocsin(&api, &["resolve", &id.to_string(), "--by", "alice"])?;
+    assert_eq!(code, Some(0), "{err}");
+    eventually("acknowledge and resolve at PagerDuty", PATIENCE, || async {
+        let events = pd.lock().expect("lock").clone();
+        let actions: Vec<&str> = events
+            .iter()
+            .filter(|e| e["dedup_key"] == dedup.as_str())
+            .filter_map(|e| e["event_action"].as_str())
+            .collect();
+        (actions == ["trigger", "acknowledge", "resolve"]).then_some(())
+    })
+    .await?;
+    let texts = eventually("three Slack messages", PATIENCE, || async {
+        let texts: Vec<String> = slack
+            .received()
+            .iter()
+            .filter_map(|v| v["text"].as_str().map(str::to_owned))
+            .filter(|t| t.contains("exec:cjk"))
+            .collect();
+        (texts.len() >= 3).then_some(texts)
+    })
+    .await?;
+    assert!(texts[0].contains("TRIGGERED P2"), "{texts:?}");
+    assert!(texts[1].contains("ACKNOWLEDGED"), "{texts:?}");
+    assert!(texts[2].contains("RESOLVED"), "{texts:?}");
     Ok(())
 }

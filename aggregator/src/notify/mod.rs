@@ -8,7 +8,9 @@
 //! record sends again, with the same `Idempotency-Key`.
 
 pub mod console;
+pub mod pagerduty;
 pub mod payload;
+pub mod slack;
 pub mod webhook;
 
 use std::time::Duration;
@@ -46,15 +48,28 @@ pub enum Delivery {
 pub enum Target {
     /// Standard output.
     Console,
-    /// A generic JSON webhook.
+    /// An HTTP receiver: tocsin's JSON, Slack or PagerDuty.
     Webhook {
         /// URL.
         url: String,
+        /// The body the receiver understands.
+        format: Format,
         /// Per-request timeout.
         timeout: Duration,
         /// Shared HTTP client.
         client: reqwest::Client,
     },
+}
+
+/// The body an HTTP channel sends.
+#[derive(Debug, Clone)]
+pub enum Format {
+    /// tocsin's JSON ([`payload::render`]).
+    Generic,
+    /// A Slack incoming-webhook message.
+    Slack,
+    /// A PagerDuty Events API v2 event, with this routing key.
+    PagerDuty(tocsin_agent::config::Secret),
 }
 
 /// Delivers one channel's outbox rows in order.
@@ -132,9 +147,17 @@ impl Dispatcher {
             Target::Console => console::deliver(&n.payload),
             Target::Webhook {
                 url,
+                format,
                 timeout,
                 client,
-            } => webhook::deliver(client, url, *timeout, &n.idempotency_key, &n.payload).await,
+            } => {
+                let body = match format {
+                    Format::Generic => n.payload.clone(),
+                    Format::Slack => slack::body(&n.payload),
+                    Format::PagerDuty(key) => pagerduty::body(&n.payload, key.expose()),
+                };
+                webhook::deliver(client, url, *timeout, &n.idempotency_key, &body).await
+            }
         };
         match delivery {
             Delivery::Ok => {

@@ -783,7 +783,7 @@ impl Store {
 
     /// A person resolves incident `id`: status `resolved`, the resolution says who and
     /// why, and a `resolve` goes to every channel that got the trigger. If the check
-    /// still fires, it pages again at its next breach.
+    /// still fires, the next heartbeat opens a new incident (and pages).
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
