@@ -433,7 +433,7 @@ pub fn parse_duration(raw: &str) -> Option<Duration> {
             _ => return None,
         };
         rest = &rest[unit_len..];
-        total += Duration::try_from_secs_f64(number * seconds_per_unit).ok()?;
+        total = total.checked_add(Duration::try_from_secs_f64(number * seconds_per_unit).ok()?)?;
     }
     Some(total)
 }
@@ -463,6 +463,15 @@ pub fn format_duration(d: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_huge_duration_is_invalid_not_a_panic() {
+        assert_eq!(
+            parse_duration("10000000000000000000s10000000000000000000s"),
+            None
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -420,6 +420,10 @@ async fn change(api: &str, a: ChangeArgs, verb: &str, json: bool) -> ExitCode {
             complain(&text(&body["error"], "conflict"));
             ExitCode::from(4)
         }
+        400 => {
+            complain(&text(&body["error"], "bad request"));
+            ExitCode::from(64)
+        }
         _ => {
             complain(&format!(
                 "{url}: HTTP {status}: {}",

@@ -183,9 +183,27 @@ async fn changes_need_the_api_token_when_one_is_set() -> Result<()> {
         .send()
         .await?;
     assert_eq!(wrong.status(), 401);
+    // A web page cannot do it for a user: no form posts, no foreign origin.
+    let form = client
+        .post(&url)
+        .bearer_auth("s3cret-api-token")
+        .header("Content-Type", "text/plain")
+        .body(body.to_string())
+        .send()
+        .await?;
+    assert_eq!(form.status(), 415);
+    let cross_site = client
+        .post(&url)
+        .bearer_auth("s3cret-api-token")
+        .header("Origin", "https://evil.example")
+        .json(&body)
+        .send()
+        .await?;
+    assert_eq!(cross_site.status(), 403);
     let bad_body = client
         .post(&url)
         .bearer_auth("s3cret-api-token")
+        .header("Content-Type", "application/json")
         .body("{}")
         .send()
         .await?;

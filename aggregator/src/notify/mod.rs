@@ -143,6 +143,19 @@ impl Dispatcher {
     }
 
     async fn attempt(&self, n: &Notification) -> Attempt {
+        if n.kind != "trigger" {
+            let (id, channel) = (n.incident_id, self.name.clone());
+            if let Ok(true) = self
+                .store
+                .call(move |s| s.trigger_failed(id, &channel))
+                .await
+            {
+                return Attempt::Failed {
+                    error: "not sent: the trigger to this channel failed, so no lone acknowledge or resolve"
+                        .into(),
+                };
+            }
+        }
         let delivery = match &self.target {
             Target::Console => console::deliver(&n.payload),
             Target::Webhook {

@@ -69,9 +69,11 @@ fn page(conn: &Connection, ctx: &Context<'_>, id: i64, now: i64) -> rusqlite::Re
 fn held(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
     let paged: bool = conn
         .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM outbox WHERE incident_id = ?1 AND kind = 'trigger')",
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE incident_id = ?1 AND kind = 'trigger')
+                 OR EXISTS (SELECT 1 FROM incidents WHERE id = ?1 AND status = 'acknowledged')",
         )?
         .query_row([id], |r| r.get(0))?;
+    // An acknowledged incident is someone's already: it is never paged.
     if paged {
         return Ok(false);
     }
@@ -178,15 +180,36 @@ pub fn apply(
                 "UPDATE incidents SET state = ?2, value = ?3, threshold = ?4, summary = ?5 WHERE id = ?1",
                 params![id, obs.state.as_str(), obs.value, obs.threshold, obs.message],
             )?;
-            timeline(
-                conn,
-                id,
-                now,
-                "flapping",
-                obs.actor,
-                &format!("settled while firing, paging now: {}", obs.message),
-            )?;
-            out.notifications += page(conn, ctx, id, now)?;
+            let incident = load_incident(conn, id)?;
+            let fields = crate::silence::fields(
+                &incident.node,
+                &incident.check,
+                incident.severity.as_str(),
+                &incident.labels,
+            );
+            if let Some(s) = ctx.silences.iter().find(|s| s.mutes(&fields, now)) {
+                timeline(
+                    conn,
+                    id,
+                    now,
+                    "silenced",
+                    obs.actor,
+                    &format!(
+                        "settled while firing, silenced by #{} ({}: {}): paging is held until it ends",
+                        s.id, s.created_by, s.reason
+                    ),
+                )?;
+            } else {
+                timeline(
+                    conn,
+                    id,
+                    now,
+                    "flapping",
+                    obs.actor,
+                    &format!("settled while firing, paging now: {}", obs.message),
+                )?;
+                out.notifications += page(conn, ctx, id, now)?;
+            }
         }
         (Decision::Reclassify(sev), Some((id, _))) => {
             conn.execute(

@@ -335,6 +335,21 @@ impl Store {
         Ok(id)
     }
 
+    /// Whether the trigger of `incident_id` to `channel` failed for good: then its
+    /// acknowledge and resolve are not sent there either (never a lone one).
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn trigger_failed(&self, incident_id: i64, channel: &str) -> Result<bool, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM outbox WHERE incident_id = ?1 AND channel = ?2
+                     AND kind = 'trigger' AND status = 'failed')",
+            )
+            .and_then(|mut st| st.query_row(params![incident_id, channel], |r| r.get(0)))
+            .map_err(|e| self.err(e))
+    }
+
     /// Every silence as the API shows it at `now`, newest first.
     pub fn silences(&self, now: i64) -> Vec<crate::silence::SilenceView> {
         self.silences
@@ -356,11 +371,13 @@ impl Store {
         if s.ends_ms > now {
             s.ends_ms = now;
         }
-        let ends = s.ends_ms;
+        s.starts_ms = s.starts_ms.min(s.ends_ms);
+        let (starts, ends) = (s.starts_ms, s.ends_ms);
         self.conn
             .execute(
-                "UPDATE silences SET ends_ms = ?2, expired_by = ?3 WHERE id = ?1",
-                params![id, ends, by],
+                "UPDATE silences SET starts_ms = ?2, ends_ms = ?3, expired_by = coalesce(expired_by, ?4)
+                 WHERE id = ?1",
+                params![id, starts, ends, by],
             )
             .map_err(|e| self.err(e))?;
         Ok(true)
@@ -382,7 +399,7 @@ impl Store {
             .conn
             .prepare_cached(
                 "SELECT i.id FROM incidents i
-                 WHERE i.status != 'resolved'
+                 WHERE i.status = 'triggered'
                    AND EXISTS (SELECT 1 FROM timeline t WHERE t.incident_id = i.id AND t.kind = 'silenced')
                    AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.incident_id = i.id AND o.kind = 'trigger')",
             )

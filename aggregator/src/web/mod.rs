@@ -52,6 +52,48 @@ impl WriteAccess {
     }
 
     fn check(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+        // A web page cannot make a browser send JSON to another site without a CORS
+        // preflight (which this API never grants), and browsers name their origin: so
+        // changes need `application/json` and no foreign `Origin` (cross-site request
+        // forgery); in loopback mode the Host must be loopback too (DNS rebinding).
+        let json = headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim_start().starts_with("application/json"));
+        if !json {
+            return Err(ApiError(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "changes need Content-Type: application/json".into(),
+            ));
+        }
+        if headers.contains_key(axum::http::header::ORIGIN) {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "changes from a web page (an Origin header) are refused".into(),
+            ));
+        }
+        if matches!(self, WriteAccess::Loopback) {
+            let host = headers
+                .get(axum::http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let name = host
+                .rsplit_once(':')
+                .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
+                .map_or(host, |(h, _)| h);
+            let loopback = name == "localhost"
+                || name
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                return Err(ApiError(
+                    StatusCode::FORBIDDEN,
+                    format!("changes need a loopback Host, not {host:?}"),
+                ));
+            }
+        }
         match self {
             WriteAccess::Loopback => Ok(()),
             WriteAccess::Closed => Err(ApiError(
@@ -70,7 +112,7 @@ impl WriteAccess {
                 } else {
                     Err(ApiError(
                         StatusCode::UNAUTHORIZED,
-                        "a valid `Authorization: Bearer TOKEN` is needed to change incidents".into(),
+                        "a valid `Authorization: Bearer TOKEN` is needed for changes".into(),
                     ))
                 }
             }
@@ -345,6 +387,12 @@ async fn add_silence(
         })?;
     let now = crate::model::now_ms();
     let starts = req.starts_at_ms.unwrap_or(now);
+    let year_ms = 365 * 86_400_000;
+    if starts < now - 86_400_000 || starts > now + year_ms {
+        return Err(bad(
+            "starts_at_ms must be within a day before and a year after now (Unix ms)".into(),
+        ));
+    }
     let ends = starts.saturating_add(i64::try_from(duration.as_millis()).unwrap_or(i64::MAX));
     let id = st
         .store
@@ -381,8 +429,14 @@ async fn expire_silence(
     })?;
     let by = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
-        .and_then(|v| v["by"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".into());
+        .and_then(|v| v["by"].as_str().map(|b| b.trim().to_owned()))
+        .unwrap_or_default();
+    if by.is_empty() || by.len() > 128 || by.chars().any(char::is_control) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "`by` must name who ends it (1 to 128 printable characters)".into(),
+        ));
+    }
     let found = st.store.call(move |s| s.expire_silence(id, &by)).await?;
     if !found {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no silence {id}")));
