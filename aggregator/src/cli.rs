@@ -305,7 +305,7 @@ async fn silence(api: &str, c: SilenceCommand, json: bool) -> ExitCode {
                     .collect();
                 out.push_str(&format!(
                     "{:<5} {:<8} {:<21} {:<12} {:<40} {}\n",
-                    s["id"],
+                    s["id"].as_i64().unwrap_or(0),
                     text(&s["state"], ""),
                     s["ends_at_ms"].as_i64().map_or_else(String::new, |ms| {
                         crate::model::rfc3339(ms).chars().take(19).collect()

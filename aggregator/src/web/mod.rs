@@ -246,6 +246,17 @@ async fn get_incident(
     Ok(Json(v))
 }
 
+/// A name for the timeline: 1 to 128 bytes, no control characters and no invisible
+/// format characters (zero-width, bidirectional overrides) that could disguise it.
+fn valid_actor(by: &str) -> bool {
+    !by.is_empty()
+        && by.len() <= 128
+        && !by.chars().any(|c| {
+            c.is_control()
+                || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+        })
+}
+
 fn parse_id(id: &str) -> Result<i64, ApiError> {
     id.parse().map_err(|_| {
         ApiError(
@@ -292,7 +303,7 @@ async fn change(
         )
     })?;
     let by = req.by.trim().to_owned();
-    if by.is_empty() || by.len() > 128 || by.chars().any(char::is_control) {
+    if !valid_actor(&by) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "`by` must name who does it (1 to 128 printable characters)".into(),
@@ -369,7 +380,7 @@ async fn add_silence(
         .map_err(bad)?;
     let by = req.by.trim().to_owned();
     let reason = crate::convert::clip_text(req.reason.trim());
-    if by.is_empty() || by.len() > 128 || by.chars().any(char::is_control) {
+    if !valid_actor(&by) {
         return Err(bad(
             "`by` must name the owner (1 to 128 printable characters)".into(),
         ));
@@ -431,7 +442,7 @@ async fn expire_silence(
         .ok()
         .and_then(|v| v["by"].as_str().map(|b| b.trim().to_owned()))
         .unwrap_or_default();
-    if by.is_empty() || by.len() > 128 || by.chars().any(char::is_control) {
+    if !valid_actor(&by) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "`by` must name who ends it (1 to 128 printable characters)".into(),
@@ -447,4 +458,21 @@ async fn expire_silence(
 async fn list_nodes(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let nodes: Vec<Node> = st.store.call(|s| s.nodes()).await?;
     Ok(Json(json!({ "nodes": nodes })))
+}
+
+#[cfg(test)]
+mod actor_tests {
+    use super::valid_actor;
+
+    #[test]
+    fn actors_are_visible_names() {
+        assert!(valid_actor("alice"));
+        assert!(valid_actor("Zoë 张"));
+        assert!(!valid_actor(""));
+        assert!(!valid_actor("a\nb"));
+        assert!(!valid_actor("\u{1b}[31malice"));
+        assert!(!valid_actor("ali\u{202E}ecila"));
+        assert!(!valid_actor("ali\u{200B}ce"));
+        assert!(!valid_actor(&"x".repeat(129)));
+    }
 }
