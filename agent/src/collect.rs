@@ -704,11 +704,24 @@ fn evaluate_one(
                 value,
                 unit: c.unit.to_owned(),
                 threshold: None,
-                message: format!(
-                    "{} {note} ({:.0}% state changes)",
-                    c.name,
-                    c.flap.change_pct()
-                ),
+                // Say where the check stands too: when it settles firing, this is the
+                // message the held page carries.
+                message: {
+                    let now_text = match (c.unit, detail) {
+                        ("status", Some(d)) => {
+                            format!("{} {}: {d}", c.name, c.state.state.as_str())
+                        }
+                        (_, Some(d)) => format!(
+                            "{} ({d})",
+                            message(&c.name, c.unit, &c.rule, c.state.state, value, None)
+                        ),
+                        (_, None) => message(&c.name, c.unit, &c.rule, c.state.state, value, None),
+                    };
+                    format!(
+                        "{now_text}; {note} ({:.0}% state changes)",
+                        c.flap.change_pct()
+                    )
+                },
                 observed_at_ms: wall_ms,
                 breach_started_at_ms: 0,
                 flapping,
