@@ -822,28 +822,62 @@ async fn time_until_running(
     }
 }
 
-/// Local recovery: a SIGKILL is noticed through the pidfd and the recovery action has
-/// the replacement running well within one 5 s sampling interval. Two more kills exhaust
-/// the budget of 2: a CRITICAL `recovery:NAME` says so, nothing restarts the process,
-/// and monitoring goes on (a manual start resolves both checks).
+/// A watched sleeper `name`, an aggregator, and the agent `node` watching it with a
+/// `setsid -f` recovery action allowed `max_runs` times in 10 minutes (`interval`
+/// overrides the sampling interval); returns once the first cycle's events are stored.
+struct Recovering {
+    name: String,
+    sleeper: Sleeper,
+    agg: Aggregator,
+    agent: tocsin_e2e::Daemon,
+    cfg: String,
+}
+
+async fn recovering(
+    dir: &Path,
+    prefix: &str,
+    node: &str,
+    max_runs: u32,
+    interval: Option<&str>,
+) -> Result<Recovering> {
+    let name = format!("{prefix}-{}", tag());
+    let mut sleeper = Sleeper::new(dir, &name)?;
+    sleeper.start()?;
+    let agg = Aggregator::start(dir, &AggregatorToml::new(dir).build()).await?;
+    let recover = format!(
+        "recover = {{ command = [\"setsid\", \"-f\", \"{}\", \"3600\"], max_runs = {max_runs}, window = \"10m\" }}",
+        sleeper.path.display()
+    );
+    let mut cfg = AgentToml::new(dir, node, agg.grpc)
+        .set(&process_table(&name, &[&recover]))
+        .build();
+    if let Some(i) = interval {
+        cfg = with_interval(cfg, i)?;
+    }
+    let agent = start_agent(dir, &cfg)?;
+    // The first cycle's events are stored: the PID is tracked by a pidfd now.
+    agg.wait_reported(node).await?;
+    Ok(Recovering {
+        name,
+        sleeper,
+        agg,
+        agent,
+        cfg,
+    })
+}
+
 /// The restart budget survives a restart of the agent (a config change needs one):
 /// with `max_runs = 1`, the run spent before the restart still counts after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_restart_budget_survives_an_agent_restart() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let name = format!("tocsin-budget-{}", tag());
-    let mut sleeper = Sleeper::new(dir.path(), &name)?;
-    sleeper.start()?;
-    let agg = Aggregator::start(dir.path(), &AggregatorToml::new(dir.path()).build()).await?;
-    let recover = format!(
-        "recover = {{ command = [\"setsid\", \"-f\", \"{}\", \"3600\"], max_runs = 1, window = \"10m\" }}",
-        sleeper.path.display()
-    );
-    let cfg = AgentToml::new(dir.path(), "node-budget", agg.grpc)
-        .set(&process_table(&name, &[&recover]))
-        .build();
-    let mut agent = start_agent(dir.path(), &cfg)?;
-    agg.wait_reported("node-budget").await?;
+    let Recovering {
+        name,
+        mut sleeper,
+        agg,
+        mut agent,
+        cfg,
+    } = recovering(dir.path(), "tocsin-budget", "node-budget", 1, None).await?;
     let original = sleeper.kill_one().context("the original instance")?;
     let (replacement, _) = time_until_running(&sleeper, Instant::now(), original).await?;
     let check = format!("process:{name}");
@@ -868,26 +902,21 @@ async fn the_restart_budget_survives_an_agent_restart() -> Result<()> {
     Ok(())
 }
 
+/// Local recovery: a SIGKILL is noticed through the pidfd and the recovery action has
+/// the replacement running well within one 5 s sampling interval. Two more kills exhaust
+/// the budget of 2: a CRITICAL `recovery:NAME` says so, nothing restarts the process,
+/// and monitoring goes on (a manual start resolves both checks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_restarts_at_once_through_pidfd_until_the_budget_is_spent() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let name = format!("tocsin-recover-{}", tag());
-    let mut sleeper = Sleeper::new(dir.path(), &name)?;
-    sleeper.start()?;
-
-    let agg = Aggregator::start(dir.path(), &AggregatorToml::new(dir.path()).build()).await?;
-    let recover = format!(
-        "recover = {{ command = [\"setsid\", \"-f\", \"{}\", \"3600\"], max_runs = 2, window = \"10m\" }}",
-        sleeper.path.display()
-    );
-    let cfg = AgentToml::new(dir.path(), "node-recover", agg.grpc)
-        .set(&process_table(&name, &[&recover]))
-        .build();
-    let cfg = with_interval(cfg, "5s")?;
-    let mut agent = start_agent(dir.path(), &cfg)?;
+    let Recovering {
+        name,
+        mut sleeper,
+        agg,
+        mut agent,
+        ..
+    } = recovering(dir.path(), "tocsin-recover", "node-recover", 2, Some("5s")).await?;
     let (check, recovery) = (format!("process:{name}"), format!("recovery:{name}"));
-    // The first cycle's events are stored: the PID is tracked by a pidfd now.
-    agg.wait_reported("node-recover").await?;
 
     let killed_at = Instant::now();
     let original = sleeper.kill_one().context("the original instance")?;
