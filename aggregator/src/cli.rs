@@ -80,9 +80,12 @@ pub enum SilenceCommand {
         /// name!~regex; names are node, check, severity or a label.
         #[arg(long = "match", required = true)]
         matchers: Vec<String>,
-        /// How long, e.g. 30m, 2h (at most 30d).
-        #[arg(long = "for")]
-        duration: String,
+        /// How long, e.g. 30m, 2h (at most 30d); optional with --until-resolved.
+        #[arg(long = "for", required_unless_present = "until_resolved")]
+        duration: Option<String>,
+        /// End the silence when incident ID resolves (at the latest after --for, or 30d).
+        #[arg(long = "until-resolved", value_name = "ID")]
+        until_resolved: Option<i64>,
         /// Why (required).
         #[arg(long)]
         reason: String,
@@ -321,6 +324,7 @@ async fn silence(api: &str, c: SilenceCommand, json: bool) -> ExitCode {
         SilenceCommand::Add {
             matchers,
             duration,
+            until_resolved,
             reason,
             by,
             token_file,
@@ -334,6 +338,7 @@ async fn silence(api: &str, c: SilenceCommand, json: bool) -> ExitCode {
                 serde_json::json!({
                     "matchers": matchers,
                     "duration": duration,
+                    "ends_with_incident": until_resolved,
                     "reason": reason,
                     "by": by.unwrap_or_else(|| "unknown".into()),
                 }),
@@ -354,6 +359,9 @@ async fn silence(api: &str, c: SilenceCommand, json: bool) -> ExitCode {
     };
     match post_json(&url, &body, token).await {
         Ok((200 | 201, answer)) => {
+            for w in answer["warnings"].as_array().into_iter().flatten() {
+                complain(&format!("warning: {}", text(w, "")));
+            }
             if json {
                 say(&format!("{answer}\n"));
             } else if let Some(id) = answer["silence"]["id"].as_i64() {

@@ -43,12 +43,56 @@ pub struct RawConfig {
     pub node_timeout: String,
     /// Notification channels.
     pub notify: RawNotify,
+    /// Grouping of firing fingerprints into incidents.
+    pub correlation: RawCorrelation,
+    /// Severity rules (`[[severity]]`), first match wins; the seed's defaults follow.
+    pub severity: Vec<RawSeverityRule>,
     /// Agent authentication.
     pub auth: RawAuth,
     /// TLS on the gRPC ingest.
     pub tls: RawTls,
     /// Logging.
     pub log: tocsin_agent::telemetry::RawLog,
+}
+
+/// `[correlation]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCorrelation {
+    /// Firing fingerprints with the same values of these names share one incident:
+    /// `node`, `check` or label names (default `["check"]`).
+    pub group_by: Vec<String>,
+    /// Hold a new incident's trigger this long so the page names every member that
+    /// joins meanwhile ("0s": page at once; later members join without a second page).
+    pub group_wait: String,
+    /// A fingerprint that fires again within this time after its incident resolved
+    /// reopens that incident ("0s": never).
+    pub reopen_window: String,
+}
+
+impl Default for RawCorrelation {
+    fn default() -> Self {
+        RawCorrelation {
+            group_by: crate::correlate::DEFAULT_GROUP_BY
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            group_wait: crate::correlate::DEFAULT_GROUP_WAIT.into(),
+            reopen_window: crate::correlate::DEFAULT_REOPEN_WINDOW.into(),
+        }
+    }
+}
+
+/// One `[[severity]]` rule.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSeverityRule {
+    /// Matchers, all must match a firing member: `name=value`, `name!=value`,
+    /// `name=~regex`, `name!~regex`; names `node`, `check`, `state` or a label.
+    #[serde(rename = "match")]
+    pub matchers: Vec<String>,
+    /// `P1` … `P4`.
+    pub level: String,
 }
 
 /// `[auth]`.
@@ -121,6 +165,8 @@ impl Default for RawConfig {
             max_message_bytes: 4 * 1024 * 1024,
             keepalive: "10s".into(),
             notify: RawNotify::default(),
+            correlation: RawCorrelation::default(),
+            severity: Vec::new(),
             auth: RawAuth::default(),
             tls: RawTls::default(),
             log: tocsin_agent::telemetry::RawLog::default(),
@@ -177,6 +223,8 @@ pub struct AggregatorConfig {
     pub give_up_after: Duration,
     /// Webhook channels.
     pub webhooks: Vec<Webhook>,
+    /// Grouping, group wait, re-open window and severity rules.
+    pub correlation: crate::correlate::Correlation,
     /// Accepted agent tokens; `None` when no token is needed.
     pub tokens: Option<Tokens>,
     /// Token that API changes need (`auth.api_token_file`); never logged.
@@ -489,6 +537,7 @@ impl RawConfig {
             });
         }
         let log = tocsin_agent::telemetry::validate(&mut v, &self.log);
+        let correlation = self.validate_correlation(&mut v);
         let api_token = self.auth.api_token_file.as_deref().and_then(|f| {
             let t = v.secret_file("auth.api_token_file", f)?;
             if t.is_empty() {
@@ -577,11 +626,76 @@ impl RawConfig {
             retry_max,
             give_up_after,
             webhooks,
+            correlation,
             tokens,
             api_token,
             tls,
             log,
         })
+    }
+}
+
+impl RawConfig {
+    /// `[correlation]` and `[[severity]]`, each problem recorded with its key.
+    fn validate_correlation(&self, v: &mut Validator<'_>) -> crate::correlate::Correlation {
+        let c = &self.correlation;
+        for (i, name) in c.group_by.iter().enumerate() {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+            {
+                v.problem(
+                    &format!("correlation.group_by.{i}"),
+                    format!("{name:?} is not a name (expected node, check or a label name: letters, digits, _)"),
+                );
+            }
+        }
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let group_wait = v.duration("correlation.group_wait", &c.group_wait, Duration::ZERO);
+        let reopen_window = v.duration(
+            "correlation.reopen_window",
+            &c.reopen_window,
+            Duration::from_secs(300),
+        );
+        let mut severity = Vec::new();
+        for (i, rule) in self.severity.iter().enumerate() {
+            let key = format!("severity.{i}");
+            let level = crate::model::Severity::parse(rule.level.trim());
+            if level.is_none() {
+                v.problem(
+                    &format!("{key}.level"),
+                    format!(
+                        "invalid value {:?} (expected \"P1\", \"P2\", \"P3\" or \"P4\")",
+                        rule.level
+                    ),
+                );
+            }
+            if rule.matchers.is_empty() {
+                v.problem(
+                    &format!("{key}.match"),
+                    "a rule needs at least one matcher, e.g. match = [\"check=node_down\"]",
+                );
+            }
+            let mut matchers = Vec::new();
+            for (j, text) in rule.matchers.iter().enumerate() {
+                match crate::silence::Matcher::parse(text) {
+                    Ok(m) => matchers.push(m),
+                    Err(e) => v.problem(&format!("{key}.match.{j}"), e),
+                }
+            }
+            if let Some(level) = level
+                && matchers.len() == rule.matchers.len()
+            {
+                severity.push(crate::correlate::SeverityRule { matchers, level });
+            }
+        }
+        crate::correlate::Correlation {
+            group_by: c.group_by.clone(),
+            group_wait_ms: ms(group_wait),
+            reopen_window_ms: ms(reopen_window),
+            severity,
+        }
     }
 }
 

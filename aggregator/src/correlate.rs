@@ -1,12 +1,294 @@
-//! Correlation: which incident change a check's new state causes. Pure: no I/O, no
-//! clock; the store applies the decision in the same transaction as the event.
-//!
-//! This slice keeps one incident per firing fingerprint (node + check + labels);
-//! grouping by labels, inhibition and silences come with the incidents work.
+//! Correlation: which incident change a check's new state causes, which incident a
+//! firing fingerprint joins (its **group key**, from `[correlation] group_by`), which
+//! severity P1–P4 an incident has (ordered `[[severity]]` rules, then the seed's
+//! defaults), and how a group incident describes itself. Pure: no I/O, no clock; the
+//! store (`store::apply`) gathers the facts, applies the decision in the same
+//! transaction as the event, and owns inhibition, silences, group waits and re-opening.
 
 use std::collections::BTreeMap;
 
+use serde::Serialize;
+
 use crate::model::{Severity, State};
+use crate::silence::Matcher;
+
+/// Check name of the incident a silent node raises (see `liveness`).
+pub const NODE_DOWN: &str = "node_down";
+
+/// Default `[correlation] group_by`: one incident per check, whatever the node
+/// ("CPU critical on 12 web nodes" is one incident, not 12).
+pub const DEFAULT_GROUP_BY: &[&str] = &["check"];
+/// Default `[correlation] group_wait`: the first member pages at once.
+pub const DEFAULT_GROUP_WAIT: &str = "0s";
+/// Default `[correlation] reopen_window`: a fingerprint firing again this soon after its
+/// incident resolved reopens that incident.
+pub const DEFAULT_REOPEN_WINDOW: &str = "5m";
+
+/// Node label that marks a node critical: `node_down` of a node labelled
+/// `tier = "critical"` is P1 by default.
+pub const TIER_LABEL: &str = "tier";
+/// Value of [`TIER_LABEL`] that marks a critical node.
+pub const CRITICAL_TIER: &str = "critical";
+/// Node label naming the service a node serves: critical on at least half (and at least
+/// two) of a service's known nodes is P1 by default.
+pub const SERVICE_LABEL: &str = "service";
+
+/// Correlation settings, validated from `[correlation]` and `[[severity]]`.
+#[derive(Debug, Clone)]
+pub struct Correlation {
+    /// Names whose values make the group key: `node`, `check`, or label names (a label
+    /// a fingerprint lacks counts as empty). Empty: one group for everything.
+    pub group_by: Vec<String>,
+    /// How long a new incident's trigger is held so that the page names every member
+    /// that joins meanwhile, ms (0: page at once).
+    pub group_wait_ms: i64,
+    /// A fingerprint firing again within this time after its incident resolved reopens
+    /// that incident, ms (0: never reopen).
+    pub reopen_window_ms: i64,
+    /// User severity rules, first match wins; the seed's defaults follow them.
+    pub severity: Vec<SeverityRule>,
+}
+
+impl Default for Correlation {
+    fn default() -> Self {
+        Correlation {
+            group_by: DEFAULT_GROUP_BY.iter().map(|s| (*s).to_owned()).collect(),
+            group_wait_ms: 0,
+            reopen_window_ms: 300_000,
+            severity: Vec::new(),
+        }
+    }
+}
+
+/// One `[[severity]]` rule: when every matcher matches a firing member (fields `node`,
+/// `check`, `state` and the member's labels), the member has severity `level`.
+#[derive(Debug, Clone)]
+pub struct SeverityRule {
+    /// All must match (silence-style: `=`, `!=`, `=~`, `!~`).
+    pub matchers: Vec<Matcher>,
+    /// Severity given.
+    pub level: Severity,
+}
+
+/// The group key of a fingerprint: `name=value` for each `group_by` name, joined with
+/// `,` (`check=cpu`). Names are `node`, `check` or label names; a missing label is empty.
+pub fn group_key(
+    group_by: &[String],
+    node: &str,
+    check: &str,
+    labels: &BTreeMap<String, String>,
+) -> String {
+    let parts: Vec<String> = group_by
+        .iter()
+        .map(|name| {
+            let v = match name.as_str() {
+                "node" => node,
+                "check" => check,
+                label => labels.get(label).map_or("", String::as_str),
+            };
+            format!("{name}={v}")
+        })
+        .collect();
+    // Never empty: an empty key means "ungrouped" (incidents from before grouping).
+    format!("[{}]", parts.join(","))
+}
+
+/// What severity classification knows about one firing member.
+#[derive(Debug, Clone)]
+pub struct MemberFacts<'a> {
+    /// Agent id of the node.
+    pub node: &'a str,
+    /// Check name.
+    pub check: &'a str,
+    /// Current state.
+    pub state: State,
+    /// Node and check labels merged.
+    pub labels: &'a BTreeMap<String, String>,
+    /// For a critical member of a node labelled `service`: how many distinct known nodes
+    /// of that service are critical on this check (this one included), and how many
+    /// nodes of that service the store knows (from the `agents` table's labels).
+    pub service_share: Option<(u64, u64)>,
+}
+
+/// The severity of one member: `None` when it is not firing; else the first user rule
+/// that matches, else the seed's defaults — P1 (system unavailable or data at risk):
+/// `node_down` of a node labelled `tier = "critical"`, or critical on at least half of
+/// a service's known nodes (at least two of them); P2 (core function affected):
+/// critical; P3 (non-core function): warning. P4 (minor) comes only from rules.
+pub fn classify(m: &MemberFacts<'_>, rules: &[SeverityRule]) -> Option<Severity> {
+    if !m.state.is_firing() {
+        return None;
+    }
+    let mut fields = m.labels.clone();
+    fields.insert("node".into(), m.node.into());
+    fields.insert("check".into(), m.check.into());
+    fields.insert("state".into(), m.state.as_str().into());
+    if let Some(rule) = rules
+        .iter()
+        .find(|r| r.matchers.iter().all(|x| x.matches(&fields)))
+    {
+        return Some(rule.level);
+    }
+    let critical_tier = m.labels.get(TIER_LABEL).map(String::as_str) == Some(CRITICAL_TIER);
+    if m.check == NODE_DOWN && critical_tier {
+        return Some(Severity::P1);
+    }
+    if m.state == State::Critical
+        && let Some((critical, total)) = m.service_share
+        && critical >= 2
+        && critical * 2 >= total
+    {
+        return Some(Severity::P1);
+    }
+    Some(severity(m.state))
+}
+
+/// The severity of an incident: the most severe of its firing members' (`None` when no
+/// member fires: the incident keeps the severity it has).
+pub fn incident_severity(members: &[MemberFacts<'_>], rules: &[SeverityRule]) -> Option<Severity> {
+    members.iter().filter_map(|m| classify(m, rules)).min()
+}
+
+/// A member of an incident: one fingerprint, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Member {
+    /// Fingerprint (`node/check{labels}`).
+    pub fingerprint: String,
+    /// Agent id of the node.
+    pub node: String,
+    /// Check name.
+    pub check: String,
+    /// Node and check labels merged.
+    pub labels: BTreeMap<String, String>,
+    /// Latest state (`ok` once it recovered).
+    pub state: State,
+    /// Latest value.
+    pub value: Option<f64>,
+    /// Latest message.
+    pub message: String,
+    /// In this state since (Unix ms, aggregator clock).
+    pub since_ms: i64,
+    /// Last observed (Unix ms, aggregator clock).
+    pub updated_ms: i64,
+}
+
+/// How an incident describes its members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Description {
+    /// The node they share, else `"N nodes"`.
+    pub node: String,
+    /// The check they share, else `"N checks"`.
+    pub check: String,
+    /// The labels every member has with the same value.
+    pub labels: BTreeMap<String, String>,
+    /// Worst state of the firing members (critical over warning).
+    pub state: Option<State>,
+    /// One line: a lone member's message, else e.g. `cpu critical on 12 nodes: web-1,
+    /// web-2, …` naming every firing member (up to [`SUMMARY_NAMES`], then `+N more`).
+    pub summary: String,
+}
+
+/// Most member names a summary lists.
+pub const SUMMARY_NAMES: usize = 20;
+
+/// Describes an incident from its members (join order). `None` when there is none.
+pub fn describe(members: &[Member]) -> Option<Description> {
+    let first = members.first()?;
+    let firing: Vec<&Member> = members.iter().filter(|m| m.state.is_firing()).collect();
+    let shown: Vec<&Member> = if firing.is_empty() {
+        members.iter().collect()
+    } else {
+        firing.clone()
+    };
+    let distinct = |f: fn(&Member) -> &str| -> Vec<&str> {
+        let mut seen: Vec<&str> = Vec::new();
+        for m in members {
+            if !seen.contains(&f(m)) {
+                seen.push(f(m));
+            }
+        }
+        seen
+    };
+    let nodes = distinct(|m| m.node.as_str());
+    let checks = distinct(|m| m.check.as_str());
+    let mut labels = first.labels.clone();
+    labels.retain(|k, v| members.iter().all(|m| m.labels.get(k) == Some(v)));
+    let state = firing.iter().map(|m| m.state).max_by_key(|s| match s {
+        State::Critical => 2,
+        State::Warning => 1,
+        _ => 0,
+    });
+    let node = if nodes.len() == 1 {
+        first.node.clone()
+    } else {
+        format!("{} nodes", nodes.len())
+    };
+    let check = if checks.len() == 1 {
+        first.check.clone()
+    } else {
+        format!("{} checks", checks.len())
+    };
+    let summary = if members.len() == 1 {
+        first.message.clone()
+    } else {
+        let state_word = state.map_or("firing", State::as_str);
+        let list = |names: Vec<String>| -> String {
+            let more = names.len().saturating_sub(SUMMARY_NAMES);
+            let mut s = names
+                .into_iter()
+                .take(SUMMARY_NAMES)
+                .collect::<Vec<_>>()
+                .join(", ");
+            if more > 0 {
+                s.push_str(&format!(", … (+{more} more)"));
+            }
+            s
+        };
+        let shown_nodes: Vec<String> = {
+            let mut v: Vec<String> = Vec::new();
+            for m in &shown {
+                if !v.contains(&m.node) {
+                    v.push(m.node.clone());
+                }
+            }
+            v
+        };
+        if checks.len() == 1 {
+            format!(
+                "{} {state_word} on {} node{}: {}",
+                first.check,
+                shown_nodes.len(),
+                if shown_nodes.len() == 1 { "" } else { "s" },
+                list(shown_nodes)
+            )
+        } else if nodes.len() == 1 {
+            format!(
+                "{} checks {state_word} on {}: {}",
+                shown.len(),
+                first.node,
+                list(shown.iter().map(|m| m.check.clone()).collect())
+            )
+        } else {
+            format!(
+                "{} alerts {state_word}: {}",
+                shown.len(),
+                list(
+                    shown
+                        .iter()
+                        .map(|m| format!("{}/{}", m.node, m.check))
+                        .collect()
+                )
+            )
+        }
+    };
+    Some(Description {
+        node,
+        check,
+        labels,
+        state,
+        summary,
+    })
+}
 
 /// What to do with the incident of a fingerprint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

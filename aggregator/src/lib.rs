@@ -121,7 +121,9 @@ pub async fn run(
         targets.push((w.name.clone(), target));
     }
     let channels = targets.iter().map(|(name, _)| name.clone()).collect();
-    let store = store::spawn(store::Store::open(&cfg.data_dir, channels)?)?;
+    let store = store::spawn(
+        store::Store::open(&cfg.data_dir, channels)?.with_correlation(cfg.correlation.clone()),
+    )?;
 
     let (wake_tx, wake_rx) = watch::channel(0u64);
     let tracker = TaskTracker::new();
