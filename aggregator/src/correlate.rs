@@ -375,4 +375,211 @@ mod tests {
         );
         assert_eq!(fingerprint("web-1", "cpu", &BTreeMap::new()), "web-1/cpu");
     }
+
+    fn rule(matchers: &[&str], level: Severity) -> SeverityRule {
+        SeverityRule {
+            matchers: matchers
+                .iter()
+                .map(|m| Matcher::parse(m).expect(m))
+                .collect(),
+            level,
+        }
+    }
+
+    fn facts<'a>(
+        node: &'a str,
+        check: &'a str,
+        state: State,
+        labels: &'a BTreeMap<String, String>,
+    ) -> MemberFacts<'a> {
+        MemberFacts {
+            node,
+            check,
+            state,
+            labels,
+            service_share: None,
+        }
+    }
+
+    #[test]
+    fn severity_defaults_follow_the_seed() {
+        let none = BTreeMap::new();
+        let critical_tier = BTreeMap::from([(TIER_LABEL.to_owned(), CRITICAL_TIER.to_owned())]);
+        let c = |f: MemberFacts<'_>| classify(&f, &[]);
+        assert_eq!(
+            c(facts("a", "cpu", State::Critical, &none)),
+            Some(Severity::P2)
+        );
+        assert_eq!(
+            c(facts("a", "cpu", State::Warning, &none)),
+            Some(Severity::P3)
+        );
+        assert_eq!(c(facts("a", "cpu", State::Ok, &none)), None);
+        assert_eq!(c(facts("a", "cpu", State::Unknown, &none)), None);
+        assert_eq!(
+            c(facts("a", NODE_DOWN, State::Critical, &none)),
+            Some(Severity::P2)
+        );
+        assert_eq!(
+            c(facts("a", NODE_DOWN, State::Critical, &critical_tier)),
+            Some(Severity::P1),
+            "node_down of a critical node"
+        );
+        assert_eq!(
+            c(facts("a", "cpu", State::Critical, &critical_tier)),
+            Some(Severity::P2),
+            "only node_down of a critical node is P1 by itself"
+        );
+        let share = |critical, total| MemberFacts {
+            service_share: Some((critical, total)),
+            ..facts("a", "cpu", State::Critical, &none)
+        };
+        assert_eq!(c(share(2, 4)), Some(Severity::P1), "half the service");
+        assert_eq!(c(share(3, 4)), Some(Severity::P1));
+        assert_eq!(c(share(2, 5)), Some(Severity::P2), "less than half");
+        assert_eq!(
+            c(share(1, 1)),
+            Some(Severity::P2),
+            "one node is not a fleet"
+        );
+        let warning_share = MemberFacts {
+            state: State::Warning,
+            ..share(4, 4)
+        };
+        assert_eq!(c(warning_share), Some(Severity::P3), "P1 needs critical");
+    }
+
+    #[test]
+    fn the_first_matching_user_rule_wins_over_the_defaults() {
+        let web = BTreeMap::from([("service".to_owned(), "web".to_owned())]);
+        let rules = [
+            rule(&["check=~disk:.*", "state=warning"], Severity::P4),
+            rule(&["service=web", "state=critical"], Severity::P1),
+            rule(&["service=web"], Severity::P3),
+        ];
+        let c = |f: MemberFacts<'_>| classify(&f, &rules);
+        assert_eq!(
+            c(facts("a", "disk:/var", State::Warning, &web)),
+            Some(Severity::P4)
+        );
+        assert_eq!(
+            c(facts("a", "cpu", State::Critical, &web)),
+            Some(Severity::P1)
+        );
+        assert_eq!(
+            c(facts("a", "cpu", State::Warning, &web)),
+            Some(Severity::P3)
+        );
+        let none = BTreeMap::new();
+        assert_eq!(
+            c(facts("a", "cpu", State::Critical, &none)),
+            Some(Severity::P2),
+            "no rule matches: the defaults"
+        );
+        assert_eq!(
+            c(facts("a", "cpu", State::Ok, &web)),
+            None,
+            "rules see firing members only"
+        );
+        let members = [
+            facts("a", "disk:/var", State::Warning, &web),
+            facts("b", "cpu", State::Critical, &none),
+            facts("c", "cpu", State::Ok, &web),
+        ];
+        assert_eq!(
+            incident_severity(&members, &rules),
+            Some(Severity::P2),
+            "the worst"
+        );
+        assert_eq!(incident_severity(&members[2..], &rules), None);
+    }
+
+    #[test]
+    fn group_keys_use_node_check_and_labels() {
+        let labels = BTreeMap::from([("service".to_owned(), "web".to_owned())]);
+        let by =
+            |names: &[&str]| -> Vec<String> { names.iter().map(|s| (*s).to_owned()).collect() };
+        assert_eq!(
+            group_key(&by(&["check"]), "a", "cpu", &labels),
+            "[check=cpu]"
+        );
+        assert_eq!(
+            group_key(&by(&["check"]), "a", "cpu", &labels),
+            group_key(&by(&["check"]), "b", "cpu", &BTreeMap::new()),
+            "the node does not matter"
+        );
+        assert_eq!(
+            group_key(&by(&["service", "node"]), "a", "cpu", &labels),
+            "[service=web,node=a]"
+        );
+        assert_eq!(group_key(&by(&["team"]), "a", "cpu", &labels), "[team=]");
+        assert_ne!(
+            group_key(&[], "a", "cpu", &labels),
+            "",
+            "never the legacy key"
+        );
+    }
+
+    fn member(node: &str, check: &str, state: State, message: &str) -> Member {
+        Member {
+            fingerprint: fingerprint(node, check, &BTreeMap::new()),
+            node: node.into(),
+            check: check.into(),
+            labels: BTreeMap::from([
+                ("service".to_owned(), "web".to_owned()),
+                ("host".to_owned(), node.to_owned()),
+            ]),
+            state,
+            value: None,
+            message: message.into(),
+            since_ms: 0,
+            updated_ms: 0,
+        }
+    }
+
+    #[test]
+    fn descriptions_name_the_members() {
+        assert_eq!(describe(&[]), None);
+        let one = describe(&[member("web-1", "cpu", State::Critical, "cpu 97%")]).expect("one");
+        assert_eq!(
+            (one.node.as_str(), one.check.as_str(), one.summary.as_str()),
+            ("web-1", "cpu", "cpu 97%")
+        );
+        assert_eq!(one.labels.get("host").map(String::as_str), Some("web-1"));
+        let many: Vec<Member> = (1..=25)
+            .map(|n| member(&format!("web-{n}"), "cpu", State::Critical, "hot"))
+            .collect();
+        let d = describe(&many).expect("many");
+        assert_eq!((d.node.as_str(), d.check.as_str()), ("25 nodes", "cpu"));
+        assert!(
+            d.summary
+                .starts_with("cpu critical on 25 nodes: web-1, web-2, web-3"),
+            "{}",
+            d.summary
+        );
+        assert!(d.summary.ends_with("web-20, … (+5 more)"), "{}", d.summary);
+        assert_eq!(
+            d.labels.len(),
+            1,
+            "only the labels all share: {:?}",
+            d.labels
+        );
+        let mixed = [
+            member("web-1", "cpu", State::Warning, ""),
+            member("web-1", "memory", State::Critical, ""),
+            member("web-1", "disk", State::Ok, ""),
+        ];
+        let d = describe(&mixed).expect("mixed");
+        assert_eq!(d.state, Some(State::Critical));
+        assert_eq!(d.summary, "2 checks critical on web-1: cpu, memory");
+        assert_eq!(d.check, "3 checks");
+        let spread = [
+            member("web-1", "cpu", State::Warning, ""),
+            member("web-2", "memory", State::Warning, ""),
+        ];
+        assert_eq!(
+            describe(&spread).expect("spread").summary,
+            "2 alerts warning: web-1/cpu, web-2/memory"
+        );
+    }
 }
