@@ -738,4 +738,49 @@ mod tests {
             "{all}"
         );
     }
+
+    fn load_text(text: &str) -> Result<super::AggregatorConfig, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let path = dir.path().join("aggregator.toml");
+        std::fs::write(&path, text).map_err(|e| e.to_string())?;
+        super::load(Some(&path)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn correlation_defaults_and_rules() {
+        let cfg = load_text("").expect("defaults");
+        assert_eq!(cfg.correlation.group_by, vec!["check".to_owned()]);
+        assert_eq!(cfg.correlation.group_wait_ms, 0);
+        assert_eq!(cfg.correlation.reopen_window_ms, 300_000);
+        let cfg = load_text(
+            "[correlation]\ngroup_by = [\"service\", \"check\"]\ngroup_wait = \"30s\"\nreopen_window = \"0s\"\n\
+             [[severity]]\nmatch = [\"check=node_down\", \"tier=critical\"]\nlevel = \"P1\"\n",
+        )
+        .expect("valid");
+        assert_eq!(cfg.correlation.group_wait_ms, 30_000);
+        assert_eq!(cfg.correlation.reopen_window_ms, 0);
+        assert_eq!(cfg.correlation.severity.len(), 1);
+        assert_eq!(
+            cfg.correlation.severity[0].level,
+            crate::model::Severity::P1
+        );
+    }
+
+    #[test]
+    fn bad_correlation_settings_are_all_reported_with_their_keys() {
+        let err = load_text(
+            "[correlation]\ngroup_by = [\"a b\"]\ngroup_wait = \"soon\"\n\
+             [[severity]]\nmatch = [\"check=~([\"]\nlevel = \"P5\"\n[[severity]]\nlevel = \"P2\"\n",
+        )
+        .expect_err("invalid");
+        for key in [
+            "correlation.group_by.0",
+            "correlation.group_wait",
+            "severity.0.level",
+            "severity.0.match.0",
+            "severity.1.match",
+        ] {
+            assert!(err.contains(key), "{key} missing from: {err}");
+        }
+    }
 }

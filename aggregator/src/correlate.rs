@@ -200,14 +200,10 @@ pub fn describe(members: &[Member]) -> Option<Description> {
     } else {
         firing.clone()
     };
+    // In first-seen order; a set keeps large groups (thousands of members) linear.
     let distinct = |f: fn(&Member) -> &str| -> Vec<&str> {
-        let mut seen: Vec<&str> = Vec::new();
-        for m in members {
-            if !seen.contains(&f(m)) {
-                seen.push(f(m));
-            }
-        }
-        seen
+        let mut seen = std::collections::HashSet::new();
+        members.iter().map(f).filter(|v| seen.insert(*v)).collect()
     };
     let nodes = distinct(|m| m.node.as_str());
     let checks = distinct(|m| m.check.as_str());
@@ -245,13 +241,12 @@ pub fn describe(members: &[Member]) -> Option<Description> {
             s
         };
         let shown_nodes: Vec<String> = {
-            let mut v: Vec<String> = Vec::new();
-            for m in &shown {
-                if !v.contains(&m.node) {
-                    v.push(m.node.clone());
-                }
-            }
-            v
+            let mut seen = std::collections::HashSet::new();
+            shown
+                .iter()
+                .filter(|m| seen.insert(m.node.as_str()))
+                .map(|m| m.node.clone())
+                .collect()
         };
         if checks.len() == 1 {
             format!(

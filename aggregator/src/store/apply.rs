@@ -180,11 +180,20 @@ fn refresh(
     let Some(d) = correlate::describe(&all) else {
         return Ok(());
     };
+    // One count per (check, service), however many members share it.
+    let mut counted: std::collections::HashMap<(&str, &str), (u64, u64)> = Default::default();
     let mut shares = Vec::with_capacity(all.len());
     for m in &all {
         let share = match m.labels.get(correlate::SERVICE_LABEL) {
             Some(service) if m.state == State::Critical => {
-                Some(service_share(conn, &m.check, service)?)
+                let key = (m.check.as_str(), service.as_str());
+                if let Some(s) = counted.get(&key) {
+                    Some(*s)
+                } else {
+                    let s = service_share(conn, &m.check, service)?;
+                    counted.insert(key, s);
+                    Some(s)
+                }
             }
             _ => None,
         };
