@@ -315,7 +315,11 @@ async fn silence(api: &str, c: SilenceCommand, json: bool) -> ExitCode {
                     }),
                     text(&s["created_by"], ""),
                     matchers.join(" "),
-                    text(&s["reason"], "")
+                    match s["ends_with_incident"].as_i64() {
+                        Some(id) =>
+                            format!("{} (until incident {id} resolves)", text(&s["reason"], "")),
+                        None => text(&s["reason"], ""),
+                    }
                 ));
             }
             say(&out);

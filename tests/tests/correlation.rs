@@ -496,6 +496,12 @@ async fn a_silence_until_resolved_ends_with_its_incident_and_unknown_labels_warn
         ],
     )?;
     assert_eq!(code, Some(64), "neither --for nor --until-resolved: {err}");
+    let (code, out, _) = tocsin(&api, &["silence", "list"])?;
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains(&format!("(until incident {id} resolves)")),
+        "{out}"
+    );
     node.send(&[("process:postfix", "ok")]).await?;
     let silence = eventually("the silence expired", PATIENCE, || async {
         let list = agg.get("/api/v1/silences").await.ok()?;
@@ -529,5 +535,51 @@ async fn a_silence_until_resolved_ends_with_its_incident_and_unknown_labels_warn
     )?;
     assert_eq!(code, Some(64), "{err}");
     assert!(err.contains("already resolved"), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_group_survives_an_aggregator_restart_and_pages_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = WebhookReceiver::start().await?;
+    let config = |grpc: String| {
+        AggregatorToml::new(dir.path())
+            .webhook(&receiver.url)
+            .grpc(grpc)
+            .set("node_timeout = \"10m\"")
+            .set("[correlation]")
+            .set("group_wait = \"3s\"")
+            .build()
+    };
+    let mut agg = Aggregator::start(dir.path(), &config("127.0.0.1:0".into())).await?;
+    let grpc = agg.grpc;
+    let mut a = ScriptedNode::connect(&endpoint(&agg), "q-1", &[], HEARTBEAT).await?;
+    let mut b = ScriptedNode::connect(&endpoint(&agg), "q-2", &[], HEARTBEAT).await?;
+    a.send(&[("queue:jobs", "critical")]).await?;
+    b.send(&[("queue:jobs", "critical")]).await?;
+    // Killed while the group gathers (or, on a slow machine, just after it paged: then
+    // the restart must not page it again).
+    agg.daemon.stop("KILL")?;
+    drop((a, b));
+    let agg = Aggregator::start(dir.path(), &config(grpc.to_string())).await?;
+    let id = id_of(&incident_of(&agg, "queue:jobs").await?)?;
+    let page = eventually("the page after the restart", PATIENCE, || async {
+        sent(&receiver, "trigger", id).into_iter().next()
+    })
+    .await?;
+    assert_eq!(
+        page["incident"]["summary"], "queue:jobs critical on 2 nodes: q-1, q-2",
+        "{page}"
+    );
+    // A resolve by hand queues behind the trigger on the channel: once it is in, any
+    // second trigger would be too.
+    let api = format!("http://{}", agg.http);
+    let (code, out, err) = tocsin(&api, &["resolve", &id.to_string(), "--by", "ops"])?;
+    assert_eq!(code, Some(0), "{out}{err}");
+    eventually("the resolve", PATIENCE, || async {
+        (!sent(&receiver, "resolve", id).is_empty()).then_some(())
+    })
+    .await?;
+    assert_eq!(sent(&receiver, "trigger", id).len(), 1);
     Ok(())
 }
