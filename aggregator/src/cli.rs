@@ -566,6 +566,20 @@ async fn show(api: &str, id: i64, json: bool) -> ExitCode {
             text(&n["last_error"], ""),
         ));
     }
+    // A group incident lists its members (one per fingerprint), in join order.
+    let members = body["members"].as_array().map_or(&[][..], Vec::as_slice);
+    if members.len() > 1 {
+        out.push_str("\nmembers:\n");
+        for m in members {
+            out.push_str(&format!(
+                "  {:<9} {:<24} {:<20} {}\n",
+                text(&m["state"], "?"),
+                text(&m["node"], "?"),
+                text(&m["check"], "?"),
+                text(&m["message"], ""),
+            ));
+        }
+    }
     say(&out);
     ExitCode::SUCCESS
 }

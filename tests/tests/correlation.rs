@@ -172,6 +172,12 @@ async fn three_checks_grouped_stay_open_while_one_fires_and_resolve_once() -> Re
     let id = id_of(&d)?;
     assert_eq!(d["severity"], "P2", "{d}");
     assert_eq!(d["node"], "db-1", "{d}");
+    let (code, out, _) = tocsin(&format!("http://{}", agg.http), &["show", &id.to_string()])?;
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("members:") && out.contains("memory is critical on db-1"),
+        "{out}"
+    );
     node.send(&[("memory", "ok")]).await?;
     let d = wait_incident(&agg, id, "P3 after memory recovered", |d| {
         d["severity"] == "P3"
