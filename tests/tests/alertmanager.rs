@@ -344,6 +344,7 @@ async fn incidents_become_alerts_with_stable_labels_kept_alive_and_ended_on_reso
         ) && !l.ends_with(" 0")),
         "{metrics}"
     );
+    tocsin_e2e::promtool_check(&metrics)?;
     let mut am = am;
     am.daemon.stop("TERM")?;
     Ok(())

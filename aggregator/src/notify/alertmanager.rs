@@ -329,7 +329,7 @@ impl Reposter {
             let (label, stop) = match &outcome {
                 Delivery::Ok => ("posted", false),
                 Delivery::Transient { error, .. } => {
-                    tracing::warn!(channel = %self.channel, alerts = chunk.len(), error = %error, "re-post to Alertmanager failed, next try in {:?}", self.options.repost_interval);
+                    tracing::warn!(channel = %self.channel, alerts = chunk.len(), retry_in = ?self.options.repost_interval, error = %error, "re-post to Alertmanager failed");
                     ("failed", true)
                 }
                 Delivery::Permanent { error } => {
