@@ -645,6 +645,61 @@ mod tests {
     }
 
     #[test]
+    fn alertmanager_channels_take_a_repost_interval_and_only_they_do() {
+        use super::{RawConfig, RawWebhook};
+        let hook = |kind: &str, repost: Option<&str>| RawWebhook {
+            name: format!("{kind}-{}", repost.unwrap_or("default")),
+            url: "http://127.0.0.1:9093".into(),
+            kind: kind.into(),
+            repost_interval: repost.map(str::to_owned),
+            ..RawWebhook::default()
+        };
+        let mut raw = RawConfig::default();
+        raw.notify.webhook = vec![
+            hook("alertmanager", None),
+            hook("alertmanager", Some("15s")),
+        ];
+        let cfg = raw
+            .validate(&figment::Figment::new())
+            .expect("valid config");
+        let intervals: Vec<_> = cfg
+            .webhooks
+            .iter()
+            .filter_map(|w| match &w.format {
+                crate::notify::Format::Alertmanager(o) => Some(o.repost_interval),
+                _ => None, // SLACK_WEBHOOK_URL / PAGERDUTY_KEY in the environment
+            })
+            .collect();
+        assert_eq!(
+            intervals,
+            [
+                std::time::Duration::from_secs(60),
+                std::time::Duration::from_secs(15)
+            ]
+        );
+        let mut raw = RawConfig::default();
+        raw.notify.webhook = vec![
+            hook("alertmanager", Some("500ms")),
+            hook("alertmanager", Some("0s")),
+            hook("generic", Some("1m")),
+        ];
+        let err = raw
+            .validate(&figment::Figment::new())
+            .expect_err("refused")
+            .to_string();
+        for part in [
+            "notify.webhook.0.repost_interval",
+            "minimum of 1s",
+            "notify.webhook.1.repost_interval",
+            "greater than zero",
+            "notify.webhook.2.repost_interval",
+            "only for kind = \"alertmanager\"",
+        ] {
+            assert!(err.contains(part), "{part:?} missing in {err}");
+        }
+    }
+
+    #[test]
     fn bad_token_files_name_the_line() {
         assert_eq!(
             Tokens::parse("web-1\n").err().as_deref(),

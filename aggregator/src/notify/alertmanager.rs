@@ -288,9 +288,12 @@ impl Reposter {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = tick.tick() => {
-                    self.round().await;
-                }
+                _ = tick.tick() => {}
+            }
+            // A round waiting on a slow Alertmanager must not hold up shutdown.
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = self.round() => {}
             }
         }
     }
