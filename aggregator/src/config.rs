@@ -145,12 +145,17 @@ pub struct RawWebhook {
     pub name: String,
     /// `http://` or `https://` URL receiving a JSON POST.
     pub url: String,
-    /// `generic` (tocsin's JSON), `slack` (an incoming-webhook URL) or `pagerduty`
-    /// (Events API v2; `url` defaults to PagerDuty's endpoint).
+    /// `generic` (tocsin's JSON), `slack` (an incoming-webhook URL), `pagerduty`
+    /// (Events API v2; `url` defaults to PagerDuty's endpoint) or `alertmanager`
+    /// (API v2; `url` is Alertmanager's base URL, e.g. `http://127.0.0.1:9093`).
     pub kind: String,
     /// For `pagerduty`: file holding the integration's routing key (or the seed's
     /// `PAGERDUTY_KEY` variable).
     pub routing_key_file: Option<String>,
+    /// For `alertmanager` only: every open incident the channel was paged for is posted
+    /// again this often (default `1m`, at least `1s`), so Alertmanager does not resolve
+    /// it by its `resolve_timeout` (default 5m): keep it below that.
+    pub repost_interval: Option<String>,
     /// Per-request timeout.
     pub timeout: String,
 }
@@ -193,6 +198,7 @@ impl Default for RawWebhook {
             url: String::new(),
             kind: "generic".into(),
             routing_key_file: None,
+            repost_interval: None,
             timeout: DEFAULT_NOTIFY_TIMEOUT.into(),
         }
     }
@@ -493,14 +499,25 @@ impl RawConfig {
                         }
                     }
                 }
+                "alertmanager" => {
+                    crate::notify::Format::Alertmanager(crate::notify::alertmanager::Options::new(
+                        repost_interval(&mut v, &key, w.repost_interval.as_deref()),
+                    ))
+                }
                 other => {
                     v.problem(
                         &format!("{key}.kind"),
-                        format!("invalid value {other:?} (expected \"generic\", \"slack\" or \"pagerduty\")"),
+                        format!("invalid value {other:?} (expected \"generic\", \"slack\", \"pagerduty\" or \"alertmanager\")"),
                     );
                     crate::notify::Format::Generic
                 }
             };
+            if w.kind != "alertmanager" && w.repost_interval.is_some() {
+                v.problem(
+                    &format!("{key}.repost_interval"),
+                    "only for kind = \"alertmanager\"",
+                );
+            }
             let w = &w;
             let name = if w.name.is_empty() {
                 format!("webhook-{}", i + 1)
@@ -699,6 +716,25 @@ impl RawConfig {
     }
 }
 
+/// The `repost_interval` of an Alertmanager channel at `key` (default
+/// [`crate::notify::alertmanager::DEFAULT_REPOST_INTERVAL`], at least
+/// [`crate::notify::alertmanager::MIN_REPOST_INTERVAL`]).
+fn repost_interval(v: &mut Validator<'_>, key: &str, raw: Option<&str>) -> Duration {
+    use crate::notify::alertmanager::{DEFAULT_REPOST_INTERVAL, MIN_REPOST_INTERVAL};
+    let key = format!("{key}.repost_interval");
+    let raw = raw.unwrap_or(DEFAULT_REPOST_INTERVAL);
+    let fallback = Duration::from_secs(60);
+    let d = v.positive_duration(&key, raw, fallback);
+    if d < MIN_REPOST_INTERVAL && settings::parse_duration(raw).is_some() {
+        v.problem(
+            &key,
+            format!("{raw:?} is below the minimum of 1s (keep it below Alertmanager's resolve_timeout, default 5m)"),
+        );
+        return fallback;
+    }
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::Tokens;
@@ -720,6 +756,61 @@ mod tests {
         assert!(!t.accepts("web-1", ""));
         assert!(!t.accepts("web-1", "aa"));
         assert!(format!("{t:?}").contains("redacted") && !format!("{t:?}").contains("aaa"));
+    }
+
+    #[test]
+    fn alertmanager_channels_take_a_repost_interval_and_only_they_do() {
+        use super::{RawConfig, RawWebhook};
+        let hook = |kind: &str, repost: Option<&str>| RawWebhook {
+            name: format!("{kind}-{}", repost.unwrap_or("default")),
+            url: "http://127.0.0.1:9093".into(),
+            kind: kind.into(),
+            repost_interval: repost.map(str::to_owned),
+            ..RawWebhook::default()
+        };
+        let mut raw = RawConfig::default();
+        raw.notify.webhook = vec![
+            hook("alertmanager", None),
+            hook("alertmanager", Some("15s")),
+        ];
+        let cfg = raw
+            .validate(&figment::Figment::new())
+            .expect("valid config");
+        let intervals: Vec<_> = cfg
+            .webhooks
+            .iter()
+            .filter_map(|w| match &w.format {
+                crate::notify::Format::Alertmanager(o) => Some(o.repost_interval),
+                _ => None, // SLACK_WEBHOOK_URL / PAGERDUTY_KEY in the environment
+            })
+            .collect();
+        assert_eq!(
+            intervals,
+            [
+                std::time::Duration::from_secs(60),
+                std::time::Duration::from_secs(15)
+            ]
+        );
+        let mut raw = RawConfig::default();
+        raw.notify.webhook = vec![
+            hook("alertmanager", Some("500ms")),
+            hook("alertmanager", Some("0s")),
+            hook("generic", Some("1m")),
+        ];
+        let err = raw
+            .validate(&figment::Figment::new())
+            .expect_err("refused")
+            .to_string();
+        for part in [
+            "notify.webhook.0.repost_interval",
+            "minimum of 1s",
+            "notify.webhook.1.repost_interval",
+            "greater than zero",
+            "notify.webhook.2.repost_interval",
+            "only for kind = \"alertmanager\"",
+        ] {
+            assert!(err.contains(part), "{part:?} missing in {err}");
+        }
     }
 
     #[test]

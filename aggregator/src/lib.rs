@@ -143,6 +143,14 @@ pub async fn run(
         };
         tracker.spawn(d.run(shutdown.clone()));
     }
+    notify::alertmanager::spawn_reposters(
+        &cfg.webhooks,
+        &client,
+        &store,
+        &mut registry,
+        &tracker,
+        &shutdown,
+    );
 
     let liveness = liveness::Liveness {
         store: store.clone(),

@@ -89,6 +89,17 @@ const CASES: &[(&str, &str, &[&str])] = &[
     ),
     (
         "tocsin-aggregator",
+        "aggregator_bad_repost.toml",
+        &[
+            "aggregator_bad_repost.toml:5",
+            "key `notify.webhook.0.repost_interval`",
+            "\"500ms\"",
+            "minimum of 1s",
+            "resolve_timeout",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
         "aggregator_bad_retry.toml",
         &[
             "aggregator_bad_retry.toml:2",

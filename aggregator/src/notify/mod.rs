@@ -7,6 +7,7 @@
 //! incident's timeline. Delivery is at-least-once: a crash between the send and the
 //! record sends again, with the same `Idempotency-Key`.
 
+pub mod alertmanager;
 pub mod console;
 pub mod pagerduty;
 pub mod payload;
@@ -70,6 +71,8 @@ pub enum Format {
     Slack,
     /// A PagerDuty Events API v2 event, with this routing key.
     PagerDuty(tocsin_agent::config::Secret),
+    /// Alertmanager API v2 alerts to `<url>/api/v2/alerts` ([`alertmanager`]).
+    Alertmanager(alertmanager::Options),
 }
 
 /// Delivers one channel's outbox rows in order.
@@ -160,6 +163,15 @@ impl Dispatcher {
             Target::Console => console::deliver(&n.payload),
             Target::Webhook {
                 url,
+                format: Format::Alertmanager(am),
+                timeout,
+                client,
+            } => {
+                am.deliver(&self.name, &self.store, client, url, *timeout, n)
+                    .await
+            }
+            Target::Webhook {
+                url,
                 format,
                 timeout,
                 client,
@@ -168,6 +180,8 @@ impl Dispatcher {
                     Format::Generic => n.payload.clone(),
                     Format::Slack => slack::body(&n.payload),
                     Format::PagerDuty(key) => pagerduty::body(&n.payload, key.expose()),
+                    // Delivered by the arm above.
+                    Format::Alertmanager(_) => n.payload.clone(),
                 };
                 webhook::deliver(client, url, *timeout, &n.idempotency_key, &body).await
             }

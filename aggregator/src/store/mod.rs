@@ -7,6 +7,7 @@
 //! outbox rows for them commit in **one** transaction: when the agent gets its ack, the
 //! page is already owed and survives a crash.
 
+pub mod alertmanager;
 mod apply;
 mod schema;
 
