@@ -43,12 +43,25 @@ pub struct RawConfig {
     pub node_timeout: String,
     /// Notification channels.
     pub notify: RawNotify,
+    /// Message templates.
+    pub templates: RawTemplates,
     /// Agent authentication.
     pub auth: RawAuth,
     /// TLS on the gRPC ingest.
     pub tls: RawTls,
     /// Logging.
     pub log: tocsin_agent::telemetry::RawLog,
+}
+
+/// `[templates]`: overrides of the built-in message templates (see `notify::template`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTemplates {
+    /// Directory of override files (`incident.md.j2`, `status.md.j2`, `email.txt.j2`,
+    /// `email-subject.txt.j2`; any subset). Unset: the built-in templates.
+    pub dir: Option<String>,
+    /// Strings every template sees as `vars.NAME` (e.g. `contact`, `service`).
+    pub vars: std::collections::BTreeMap<String, String>,
 }
 
 /// `[auth]`.
@@ -91,6 +104,8 @@ pub struct RawNotify {
     pub give_up_after: String,
     /// Generic JSON webhooks (`[[notify.webhook]]`).
     pub webhook: Vec<RawWebhook>,
+    /// E-mail over SMTP (`[[notify.email]]`).
+    pub email: Vec<crate::notify::email::RawEmail>,
 }
 
 /// One `[[notify.webhook]]`.
@@ -121,6 +136,7 @@ impl Default for RawConfig {
             max_message_bytes: 4 * 1024 * 1024,
             keepalive: "10s".into(),
             notify: RawNotify::default(),
+            templates: RawTemplates::default(),
             auth: RawAuth::default(),
             tls: RawTls::default(),
             log: tocsin_agent::telemetry::RawLog::default(),
@@ -136,6 +152,7 @@ impl Default for RawNotify {
             retry_max: "5m".into(),
             give_up_after: "24h".into(),
             webhook: Vec::new(),
+            email: Vec::new(),
         }
     }
 }
@@ -177,6 +194,10 @@ pub struct AggregatorConfig {
     pub give_up_after: Duration,
     /// Webhook channels.
     pub webhooks: Vec<Webhook>,
+    /// E-mail channels.
+    pub emails: Vec<crate::notify::email::EmailChannel>,
+    /// Message templates, compiled (built-in, overridden from `templates.dir`).
+    pub templates: std::sync::Arc<crate::notify::template::Templates>,
     /// Accepted agent tokens; `None` when no token is needed.
     pub tokens: Option<Tokens>,
     /// Token that API changes need (`auth.api_token_file`); never logged.
@@ -488,6 +509,19 @@ impl RawConfig {
                 timeout,
             });
         }
+        let emails = crate::notify::email::validate(&mut v, &self.notify.email, &mut names);
+        let templates = match crate::notify::template::Templates::load(
+            self.templates.dir.as_deref().map(Path::new),
+            self.templates.vars.clone(),
+        ) {
+            Ok(t) => t,
+            Err(errors) => {
+                for e in errors {
+                    v.problem("templates.dir", e.to_string());
+                }
+                crate::notify::template::Templates::defaults(self.templates.vars.clone())
+            }
+        };
         let log = tocsin_agent::telemetry::validate(&mut v, &self.log);
         let api_token = self.auth.api_token_file.as_deref().and_then(|f| {
             let t = v.secret_file("auth.api_token_file", f)?;
@@ -577,6 +611,8 @@ impl RawConfig {
             retry_max,
             give_up_after,
             webhooks,
+            emails,
+            templates: std::sync::Arc::new(templates),
             tokens,
             api_token,
             tls,

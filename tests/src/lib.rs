@@ -7,6 +7,7 @@
 
 pub mod measure;
 pub mod sim;
+pub mod smtp;
 
 use std::io::Write;
 use std::net::SocketAddr;

@@ -8,9 +8,12 @@
 //! record sends again, with the same `Idempotency-Key`.
 
 pub mod console;
+pub mod email;
 pub mod pagerduty;
 pub mod payload;
 pub mod slack;
+pub mod template;
+pub mod truncate;
 pub mod webhook;
 
 use std::time::Duration;
@@ -59,6 +62,8 @@ pub enum Target {
         /// Shared HTTP client.
         client: reqwest::Client,
     },
+    /// An SMTP server (`[[notify.email]]`).
+    Email(Box<email::EmailChannel>),
 }
 
 /// The body an HTTP channel sends.
@@ -92,6 +97,8 @@ pub struct Dispatcher {
     pub give_up_after: Duration,
     /// Counters.
     pub metrics: crate::metrics::Metrics,
+    /// Message templates (Slack text, PagerDuty summary, e-mail).
+    pub templates: std::sync::Arc<template::Templates>,
 }
 
 impl Dispatcher {
@@ -166,11 +173,14 @@ impl Dispatcher {
             } => {
                 let body = match format {
                     Format::Generic => n.payload.clone(),
-                    Format::Slack => slack::body(&n.payload),
-                    Format::PagerDuty(key) => pagerduty::body(&n.payload, key.expose()),
+                    Format::Slack => slack::body(&n.payload, &self.templates),
+                    Format::PagerDuty(key) => {
+                        pagerduty::body(&n.payload, key.expose(), &self.templates)
+                    }
                 };
                 webhook::deliver(client, url, *timeout, &n.idempotency_key, &body).await
             }
+            Target::Email(ch) => email::deliver(ch, &self.templates, n).await,
         };
         match delivery {
             Delivery::Ok => {
