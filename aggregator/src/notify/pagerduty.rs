@@ -114,7 +114,7 @@ mod tests {
         let t: Value = serde_json::from_str(&body(&p, "KEY", &templates)).expect("json");
         let summary = t["payload"]["summary"].as_str().expect("summary");
         assert!(
-            summary.starts_with("🚨 [P1] INCIDENT #7: http:checkout on web-1"),
+            summary.starts_with("🚨 TRIGGERED P1 #7: http:checkout on web-1"),
             "{summary}"
         );
         assert!(summary.contains(" · Severity: P1"), "{summary}");

@@ -53,6 +53,10 @@ mod tests {
             "{}",
             &text[..300]
         );
-        assert!(text.starts_with("🚨 *[P1] INCIDENT #7"), "{}", &text[..300]);
+        assert!(
+            text.starts_with("🚨 *TRIGGERED P1 #7: http:checkout on web-1*"),
+            "{}",
+            &text[..300]
+        );
     }
 }
