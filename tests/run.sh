@@ -26,6 +26,7 @@ command -v promtool >/dev/null || apt_missing+=(prometheus)        # promtool ch
 command -v prometheus-alertmanager >/dev/null || apt_missing+=(prometheus-alertmanager) # real Alertmanager
 command -v mount >/dev/null || apt_missing+=(mount)                # tmpfs for disk-full tests
 [ -x /usr/lib/nagios/plugins/check_load ] || apt_missing+=(monitoring-plugins-basic) # exec checks
+/usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || apt_missing+=(python3-aiosmtpd) # SMTP server
 if ((${#apt_missing[@]})); then
     log "installing ${apt_missing[*]}"
     apt-get update && apt-get install -y --no-install-recommends "${apt_missing[@]}"

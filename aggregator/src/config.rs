@@ -47,6 +47,8 @@ pub struct RawConfig {
     pub correlation: RawCorrelation,
     /// Severity rules (`[[severity]]`), first match wins; the seed's defaults follow.
     pub severity: Vec<RawSeverityRule>,
+    /// Message templates.
+    pub templates: RawTemplates,
     /// Agent authentication.
     pub auth: RawAuth,
     /// TLS on the gRPC ingest.
@@ -95,6 +97,17 @@ pub struct RawSeverityRule {
     pub level: String,
 }
 
+/// `[templates]`: overrides of the built-in message templates (see `notify::template`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTemplates {
+    /// Directory of override files (`incident.md.j2`, `status.md.j2`, `email.txt.j2`,
+    /// `email-subject.txt.j2`; any subset). Unset: the built-in templates.
+    pub dir: Option<String>,
+    /// Strings every template sees as `vars.NAME` (e.g. `contact`, `service`).
+    pub vars: std::collections::BTreeMap<String, String>,
+}
+
 /// `[auth]`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -135,6 +148,8 @@ pub struct RawNotify {
     pub give_up_after: String,
     /// Generic JSON webhooks (`[[notify.webhook]]`).
     pub webhook: Vec<RawWebhook>,
+    /// E-mail over SMTP (`[[notify.email]]`).
+    pub email: Vec<crate::notify::email::RawEmail>,
 }
 
 /// One `[[notify.webhook]]`.
@@ -172,6 +187,7 @@ impl Default for RawConfig {
             notify: RawNotify::default(),
             correlation: RawCorrelation::default(),
             severity: Vec::new(),
+            templates: RawTemplates::default(),
             auth: RawAuth::default(),
             tls: RawTls::default(),
             log: tocsin_agent::telemetry::RawLog::default(),
@@ -187,6 +203,7 @@ impl Default for RawNotify {
             retry_max: "5m".into(),
             give_up_after: "24h".into(),
             webhook: Vec::new(),
+            email: Vec::new(),
         }
     }
 }
@@ -231,6 +248,10 @@ pub struct AggregatorConfig {
     pub webhooks: Vec<Webhook>,
     /// Grouping, group wait, re-open window and severity rules.
     pub correlation: crate::correlate::Correlation,
+    /// E-mail channels.
+    pub emails: Vec<crate::notify::email::EmailChannel>,
+    /// Message templates, compiled (built-in, overridden from `templates.dir`).
+    pub templates: std::sync::Arc<crate::notify::template::Templates>,
     /// Accepted agent tokens; `None` when no token is needed.
     pub tokens: Option<Tokens>,
     /// Token that API changes need (`auth.api_token_file`); never logged.
@@ -553,6 +574,19 @@ impl RawConfig {
                 timeout,
             });
         }
+        let emails = crate::notify::email::validate(&mut v, &self.notify.email, &mut names);
+        let templates = match crate::notify::template::Templates::load(
+            self.templates.dir.as_deref().map(Path::new),
+            self.templates.vars.clone(),
+        ) {
+            Ok(t) => t,
+            Err(errors) => {
+                for e in errors {
+                    v.problem("templates.dir", e.to_string());
+                }
+                crate::notify::template::Templates::defaults(self.templates.vars.clone())
+            }
+        };
         let log = tocsin_agent::telemetry::validate(&mut v, &self.log);
         let correlation = self.validate_correlation(&mut v);
         let api_token = self.auth.api_token_file.as_deref().and_then(|f| {
@@ -644,6 +678,8 @@ impl RawConfig {
             give_up_after,
             webhooks,
             correlation,
+            emails,
+            templates: std::sync::Arc::new(templates),
             tokens,
             api_token,
             tls,

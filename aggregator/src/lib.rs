@@ -120,6 +120,9 @@ pub async fn run(
         };
         targets.push((w.name.clone(), target));
     }
+    for e in &cfg.emails {
+        targets.push((e.name.clone(), Target::Email(Box::new(e.clone()))));
+    }
     let channels = targets.iter().map(|(name, _)| name.clone()).collect();
     let store = store::spawn(
         store::Store::open(&cfg.data_dir, channels)?.with_correlation(cfg.correlation.clone()),
@@ -140,6 +143,7 @@ pub async fn run(
             retry_max: cfg.retry_max,
             give_up_after: cfg.give_up_after,
             metrics: metrics.clone(),
+            templates: cfg.templates.clone(),
         };
         tracker.spawn(d.run(shutdown.clone()));
     }

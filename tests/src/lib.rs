@@ -8,6 +8,7 @@
 pub mod measure;
 pub mod scripted;
 pub mod sim;
+pub mod smtp;
 
 use std::io::Write;
 use std::net::SocketAddr;

@@ -184,6 +184,26 @@ const CASES: &[(&str, &str, &[&str])] = &[
             "different ports",
         ],
     ),
+    (
+        "tocsin-aggregator",
+        "aggregator_bad_email_tls.toml",
+        &[
+            "aggregator_bad_email_tls.toml:3",
+            "key `notify.email.0.tls`",
+            "\"ssl\"",
+            "\"starttls\"",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
+        "aggregator_bad_email_to.toml",
+        &[
+            "aggregator_bad_email_to.toml",
+            "key `notify.email.0.to.0`",
+            "\"ops at example.org\"",
+            "Ops <ops@example.org>",
+        ],
+    ),
 ];
 
 fn run(binary: &str, args: &[&str]) -> (Option<i32>, String) {

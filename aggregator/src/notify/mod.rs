@@ -9,9 +9,12 @@
 
 pub mod alertmanager;
 pub mod console;
+pub mod email;
 pub mod pagerduty;
 pub mod payload;
 pub mod slack;
+pub mod template;
+pub mod truncate;
 pub mod webhook;
 
 use std::time::Duration;
@@ -60,6 +63,8 @@ pub enum Target {
         /// Shared HTTP client.
         client: reqwest::Client,
     },
+    /// An SMTP server (`[[notify.email]]`).
+    Email(Box<email::EmailChannel>),
 }
 
 /// The body an HTTP channel sends.
@@ -95,6 +100,8 @@ pub struct Dispatcher {
     pub give_up_after: Duration,
     /// Counters.
     pub metrics: crate::metrics::Metrics,
+    /// Message templates (Slack text, PagerDuty summary, e-mail).
+    pub templates: std::sync::Arc<template::Templates>,
 }
 
 impl Dispatcher {
@@ -178,13 +185,16 @@ impl Dispatcher {
             } => {
                 let body = match format {
                     Format::Generic => n.payload.clone(),
-                    Format::Slack => slack::body(&n.payload),
-                    Format::PagerDuty(key) => pagerduty::body(&n.payload, key.expose()),
                     // Delivered by the arm above.
                     Format::Alertmanager(_) => n.payload.clone(),
+                    Format::Slack => slack::body(&n.payload, &self.templates),
+                    Format::PagerDuty(key) => {
+                        pagerduty::body(&n.payload, key.expose(), &self.templates)
+                    }
                 };
                 webhook::deliver(client, url, *timeout, &n.idempotency_key, &body).await
             }
+            Target::Email(ch) => email::deliver(ch, &self.templates, n).await,
         };
         match delivery {
             Delivery::Ok => {

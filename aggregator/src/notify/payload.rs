@@ -15,7 +15,8 @@ pub const PAYLOAD_VERSION: &str = "1";
 ///  "incident":{"id":7,"status":"triggered","severity":"P2","node":"web-1",
 ///              "check":"process:nginx","state":"critical","value":0.0,"unit":"count",
 ///              "threshold":1.0,"summary":"…","labels":{…},"fingerprint":"…",
-///              "triggered_at":"…","resolved_at":null,"breach_started_at":"…"}}
+///              "triggered_at":"…","acknowledged_at":null,"resolved_at":null,
+///              "breach_started_at":"…"}}
 /// ```
 pub fn render(kind: &str, i: &Incident, now_ms: i64) -> String {
     json!({
@@ -37,6 +38,7 @@ pub fn render(kind: &str, i: &Incident, now_ms: i64) -> String {
             "labels": i.labels,
             "fingerprint": i.fingerprint,
             "triggered_at": rfc3339(i.triggered_at_ms),
+            "acknowledged_at": i.acknowledged_at_ms.map(rfc3339),
             "resolved_at": i.resolved_at_ms.map(rfc3339),
             "resolution": i.resolution,
             "breach_started_at": (i.breach_started_at_ms > 0).then(|| rfc3339(i.breach_started_at_ms)),
