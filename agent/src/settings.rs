@@ -151,16 +151,96 @@ pub fn figment<T: Serialize>(
     Ok(fig)
 }
 
+/// Most type problems [`extract`] reports from one config (a bound on its retries).
+const MAX_TYPE_PROBLEMS: usize = 64;
+
 /// Extracts the raw struct, turning figment's errors into [`Problem`]s.
+///
+/// serde stops at the first value of a wrong type or unknown key, so after a failure
+/// the offending key is dropped from a copy of the merged data and the extraction is
+/// tried again, until it succeeds (at most [`MAX_TYPE_PROBLEMS`] rounds): every such
+/// problem is reported at once, each with the origin of the key in the real config.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] with every problem found.
 pub fn extract<T: DeserializeOwned>(fig: &Figment) -> Result<T, ConfigError> {
-    fig.extract_lossy::<T>().map_err(|errors| {
-        ConfigError::Invalid(
-            errors
-                .into_iter()
-                .map(|e| problem_from_figment(fig, e))
-                .collect(),
-        )
-    })
+    let errors = match fig.extract_lossy::<T>() {
+        Ok(value) => return Ok(value),
+        Err(errors) => errors,
+    };
+    let mut problems: Vec<Problem> = errors
+        .into_iter()
+        .map(|e| problem_from_figment(fig, e))
+        .collect();
+    let profile = fig.profile().clone();
+    let Some(mut data) = fig
+        .data()
+        .ok()
+        .and_then(|mut by_profile| by_profile.remove(&profile))
+    else {
+        return Err(ConfigError::Invalid(problems));
+    };
+    while problems.len() < MAX_TYPE_PROBLEMS {
+        let Some(last) = problems.last() else { break };
+        if last.key.is_empty() || !remove_key(&mut data, &last.key) {
+            break;
+        }
+        let retry = Figment::from(Serialized::from(&data, profile.clone()));
+        let Err(errors) = retry.extract_lossy::<T>() else {
+            break;
+        };
+        let before = problems.len();
+        for mut e in errors {
+            // The retry's data is serialized: name the origin from the real config.
+            e.metadata = None;
+            let p = problem_from_figment(fig, e);
+            // A key dropped for its type is not also "missing".
+            if !problems.iter().any(|q| q.key == p.key) {
+                problems.push(p);
+            }
+        }
+        if problems.len() == before {
+            break;
+        }
+    }
+    Err(ConfigError::Invalid(problems))
+}
+
+/// Removes the value at the dotted `key` (`process.1.min`) from `data`; whether it was
+/// there.
+fn remove_key(data: &mut Dict, key: &str) -> bool {
+    let parts: Vec<&str> = key.split('.').collect();
+    let Some((leaf, path)) = parts.split_last() else {
+        return false;
+    };
+    let mut node: Option<&mut Value> = None;
+    for (i, part) in path.iter().enumerate() {
+        let next = if i == 0 {
+            data.get_mut(*part)
+        } else {
+            match node {
+                Some(Value::Dict(_, d)) => d.get_mut(*part),
+                Some(Value::Array(_, a)) => part.parse::<usize>().ok().and_then(|n| a.get_mut(n)),
+                _ => None,
+            }
+        };
+        match next {
+            Some(v) => node = Some(v),
+            None => return false,
+        }
+    }
+    match node {
+        None => data.remove(*leaf).is_some(),
+        Some(Value::Dict(_, d)) => d.remove(*leaf).is_some(),
+        Some(Value::Array(_, a)) => match leaf.parse::<usize>() {
+            Ok(n) if n < a.len() => {
+                a.remove(n);
+                true
+            }
+            _ => false,
+        },
+        Some(_) => false,
+    }
 }
 
 fn problem_from_figment(fig: &Figment, e: figment::Error) -> Problem {
@@ -184,8 +264,10 @@ fn problem_from_figment(fig: &Figment, e: figment::Error) -> Problem {
     };
     let origin = match &e.metadata {
         Some(md) => origin_of(md, &key),
-        None => fig
-            .find_metadata(&key)
+        // figment finds no metadata inside arrays (`process.1.min`): the nearest
+        // enclosing key that it knows names the source, the line is searched for `key`.
+        None => std::iter::successors(Some(key.as_str()), |k| k.rsplit_once('.').map(|(h, _)| h))
+            .find_map(|k| fig.find_metadata(k))
             .map_or_else(|| "config".to_owned(), |md| origin_of(md, &key)),
     };
     Problem {

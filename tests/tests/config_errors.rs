@@ -264,6 +264,53 @@ fn several_mistakes_are_reported_together() {
     }
 }
 
+/// Wrong types and unknown keys (which serde reports one at a time) are all reported
+/// together too, each with its file and line, in the agent's and the aggregator's config.
+#[test]
+fn several_type_mistakes_are_reported_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent,
+        "agent_id = \"x\"\ninterval = 5\nbogus = 1\n[aggregator]\nendpoints = \"http://127.0.0.1:1\"\n\
+         [[process]]\nname = \"a\"\nmin = -1\n[[process]]\nname = 7\nmax = \"two\"\n",
+    )
+    .expect("write");
+    let (code, stderr) = run(
+        "tocsin-agent",
+        &["--config", agent.to_str().expect("utf-8"), "check-config"],
+    );
+    assert_eq!(code, Some(64));
+    for want in [
+        "agent.toml:2: key `interval`: invalid type",
+        "agent.toml:3: key `bogus`: unknown key",
+        "agent.toml:5: key `aggregator.endpoints`: invalid type",
+        "agent.toml:8: key `process.0.min`",
+        "agent.toml:10: key `process.1.name`: invalid type",
+        "agent.toml:11: key `process.1.max`: invalid type",
+    ] {
+        assert!(stderr.contains(want), "missing {want:?} in:\n{stderr}");
+    }
+    let aggregator = dir.path().join("aggregator.toml");
+    std::fs::write(
+        &aggregator,
+        "listen_http = 7600\nnode_timeout = []\n[notify]\nretry_min = 1\n",
+    )
+    .expect("write");
+    let (code, stderr) = run(
+        "tocsin-aggregator",
+        &["--config", aggregator.to_str().expect("utf-8"), "check-config"],
+    );
+    assert_eq!(code, Some(64));
+    for want in [
+        "aggregator.toml:1: key `listen_http`",
+        "aggregator.toml:2: key `node_timeout`",
+        "aggregator.toml:4: key `notify.retry_min`",
+    ] {
+        assert!(stderr.contains(want), "missing {want:?} in:\n{stderr}");
+    }
+}
+
 #[test]
 fn missing_config_file_is_a_usage_error() {
     let (code, stderr) = run(
