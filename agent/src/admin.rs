@@ -44,6 +44,9 @@ pub struct Metrics {
     pub events: Counter,
     /// `tocsin_ship_connected`: 1 while a stream to an aggregator is open.
     pub connected: Gauge,
+    /// `tocsin_spool_durable`: 1 when the spool is on disk in `state_dir`, 0 when it could
+    /// not be opened and events are kept in memory only (lost if the agent stops).
+    pub spool_durable: Gauge,
 }
 
 impl Metrics {
@@ -55,7 +58,13 @@ impl Metrics {
             spool_events: Gauge::default(),
             events: Counter::default(),
             connected: Gauge::default(),
+            spool_durable: Gauge::default(),
         };
+        registry.register(
+            "tocsin_spool_durable",
+            "1 when the spool is on disk, 0 when events are kept in memory only",
+            m.spool_durable.clone(),
+        );
         registry.register(
             "tocsin_cycle_duration_seconds",
             "Wall time of one sample-evaluate-commit cycle",
@@ -143,6 +152,7 @@ struct AdminState {
     registry: Arc<Registry>,
     conn: watch::Receiver<ConnState>,
     connected: Gauge,
+    spool_durable: Gauge,
 }
 
 async fn metrics(
@@ -225,9 +235,17 @@ pub fn classic_text(openmetrics: &str) -> String {
     out
 }
 
+/// `/health`: `{"status": "ok"|"degraded", "connected": bool, "spool": "disk"|"memory"}`,
+/// always HTTP 200 while the agent serves (it still samples and pages); "degraded" when
+/// the spool is in memory only (state_dir unusable: disk full, permissions).
 async fn health(State(st): State<AdminState>) -> impl IntoResponse {
     let connected = matches!(*st.conn.borrow(), ConnState::Connected { .. });
-    axum::Json(serde_json::json!({ "status": "ok", "connected": connected }))
+    let durable = st.spool_durable.get() == 1;
+    axum::Json(serde_json::json!({
+        "status": if durable { "ok" } else { "degraded" },
+        "connected": connected,
+        "spool": if durable { "disk" } else { "memory" },
+    }))
 }
 
 /// Serves `/metrics` and `/health` on `addr` until `shutdown`; logs where it listens.
@@ -235,7 +253,7 @@ pub async fn serve(
     addr: SocketAddr,
     registry: Registry,
     conn: watch::Receiver<ConnState>,
-    connected: Gauge,
+    gauges: Metrics,
     shutdown: CancellationToken,
 ) {
     let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -253,7 +271,8 @@ pub async fn serve(
         .with_state(AdminState {
             registry: Arc::new(registry),
             conn,
-            connected,
+            connected: gauges.connected.clone(),
+            spool_durable: gauges.spool_durable.clone(),
         });
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())

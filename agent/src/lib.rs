@@ -88,6 +88,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             (spool::Spool::in_memory(cfg.spool_limits)?, None)
         }
     };
+    metrics.spool_durable.set(i64::from(spool.is_durable()));
     spool.set_metrics(metrics.spool_dropped.clone(), metrics.spool_events.clone());
     if let Some(aside) = moved {
         tracing::error!(
@@ -159,7 +160,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             addr,
             registry,
             conn_state,
-            metrics.connected.clone(),
+            metrics.clone(),
             shutdown.clone(),
         ));
     }

@@ -196,6 +196,11 @@ impl Spool {
         Self::try_open(Path::new(":memory:"), limits)
     }
 
+    /// Whether this spool is a file that survives the agent (false for [`Spool::in_memory`]).
+    pub fn is_durable(&self) -> bool {
+        self.path != Path::new(":memory:")
+    }
+
     fn try_open(path: &Path, limits: SpoolLimits) -> Result<Self, SpoolError> {
         let conn = Connection::open(path).map_err(|source| SpoolError::Sqlite {
             path: path.to_owned(),

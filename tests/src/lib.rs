@@ -681,10 +681,14 @@ impl AgentToml {
     pub fn build(&self) -> String {
         let endpoints: Vec<String> = self.endpoints.iter().map(|e| format!("\"{e}\"")).collect();
         let mut s = format!(
-            "agent_id = \"{}\"\ninterval = \"250ms\"\nheartbeat_interval = \"500ms\"\nadmin_listen = \"\"\nstate_dir = \"{}\"\n",
+            "agent_id = \"{}\"\ninterval = \"250ms\"\nheartbeat_interval = \"500ms\"\nstate_dir = \"{}\"\n",
             self.id,
             self.state_dir.display()
         );
+        // No admin port unless a test asks for one with `set("admin_listen = …")`.
+        if !self.top.iter().any(|l| l.starts_with("admin_listen")) {
+            s.push_str("admin_listen = \"\"\n");
+        }
         for line in &self.top {
             s.push_str(line);
             s.push('\n');

@@ -43,6 +43,7 @@ async fn agent_metrics_pass_promtool_and_health_reports_the_connection() -> Resu
     })
     .await?;
     assert_eq!(health["status"], "ok");
+    assert_eq!(health["spool"], "disk");
 
     let body = reqwest::get(format!("http://{addr}/metrics"))
         .await?

@@ -299,7 +299,11 @@ fn several_type_mistakes_are_reported_together() {
     .expect("write");
     let (code, stderr) = run(
         "tocsin-aggregator",
-        &["--config", aggregator.to_str().expect("utf-8"), "check-config"],
+        &[
+            "--config",
+            aggregator.to_str().expect("utf-8"),
+            "check-config",
+        ],
     );
     assert_eq!(code, Some(64));
     for want in [

@@ -122,6 +122,59 @@ async fn an_agent_restarted_on_a_full_disk_keeps_its_stream() -> Result<()> {
     Ok(())
 }
 
+/// An agent started on a disk so full that its spool cannot even be created: it keeps
+/// monitoring and paging with a spool in memory, and says so on `/health` ("degraded",
+/// spool "memory") and in `tocsin_spool_durable 0`, not only in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_a_usable_spool_pages_and_reports_degraded_health() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let disk = SmallDisk::mount(&dir.path().join("disk"))?;
+    let receiver = WebhookReceiver::start().await?;
+    let mut dummy = Dummy::new(dir.path(), "m")?;
+    dummy.start()?;
+    let agg_cfg = AggregatorToml::new(dir.path())
+        .webhook(&receiver.url)
+        .build();
+    let agg = Aggregator::start(dir.path(), &agg_cfg).await?;
+    let state = disk.path.join("state");
+    std::fs::create_dir_all(&state)?;
+    let _filler = disk.fill()?;
+    let agent_cfg = AgentToml::new(dir.path(), "node-nospool", agg.grpc)
+        .state_dir(&state)
+        .set("admin_listen = \"127.0.0.1:0\"")
+        .watch(&dummy.name)
+        .build();
+    let mut agent = start_agent(dir.path(), &agent_cfg)?;
+    let out = agent.wait_for_output("admin listening").await?;
+    assert!(
+        out.contains("keeping events in memory"),
+        "the fallback is logged:\n{out}"
+    );
+    let addr = out
+        .split("admin=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .context("admin address in the log")?
+        .to_owned();
+    let health: serde_json::Value = reqwest::get(format!("http://{addr}/health"))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(health["spool"], "memory", "{health}");
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await?
+        .text()
+        .await?;
+    assert!(metrics.contains("tocsin_spool_durable 0"), "{metrics}");
+    agg.wait_reported("node-nospool").await?;
+    let check = format!("process:{}", dummy.name);
+    dummy.kill();
+    let trigger = receiver.wait_for("trigger", "node-nospool", &check).await?;
+    assert_eq!(trigger["incident"]["state"], "critical");
+    Ok(())
+}
+
 /// The aggregator's disk fills up: it stops acking (nothing it acked is lost, nothing is
 /// dropped), the agent keeps the events spooled, and everything arrives once space
 /// returns — without restarting either daemon.
