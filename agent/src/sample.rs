@@ -19,7 +19,7 @@
 //! | restarts | new (PID, start time) identities in the window | same |
 //! | CPU | % of one core, summed over the watch | Δ(utime+stime) / Δwall of processes seen in both cycles |
 //! | RSS | MiB, summed | `/proc/PID/stat` rss × page size |
-//! | pidfile | the PID written in the file | the file, read every cycle |
+//! | pidfile | the PID written in the file; while the file is unchanged, only the process (PID, start time) it named when read — a reused PID is "stale pidfile", not running | the file and its mtime, read every cycle |
 //! | unit | every PID in the unit's cgroup (and sub-cgroups) | `cgroup.procs` under the systemd hierarchy |
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -88,6 +88,11 @@ struct WatchState {
     cpu_ms: HashMap<Identity, u64>,
     /// The resolved cgroup directory of a unit watch.
     cgroup: Option<PathBuf>,
+    /// A pidfile watch's file as last read (modification time, Unix seconds) and the
+    /// process it named then: while the file is unchanged, only that very process
+    /// (PID and start time) is the watch's — the same PID on a newer process is a reuse
+    /// after the writer died and left its file behind.
+    pidfile_bound: Option<(Option<f64>, Identity)>,
 }
 
 /// Length of the kernel's process name (`comm`, `TASK_COMM_LEN` − 1), bytes.
@@ -202,10 +207,15 @@ impl Sampler {
                 candidates[i].extend(st.known.iter().map(|&(pid, _)| pid));
             }
         }
+        // When each pidfile watch's file was last written (Unix seconds).
+        let mut written: Vec<Option<f64>> = vec![None; self.watches.len()];
         for (i, w) in self.watches.iter().enumerate() {
             match &w.matcher {
                 Matcher::Pidfile(path) => match read_pidfile(path) {
-                    Ok(pid) => candidates[i].push(pid),
+                    Ok((pid, mtime)) => {
+                        candidates[i].push(pid);
+                        written[i] = mtime;
+                    }
                     Err(e) => notes[i] = Some(e),
                 },
                 Matcher::Unit(unit) => {
@@ -250,6 +260,21 @@ impl Sampler {
                     continue;
                 };
                 let id = (pid, p.start_ticks);
+                if let Matcher::Pidfile(path) = &w.matcher {
+                    match st.pidfile_bound {
+                        Some((mtime, bound))
+                            if mtime == written[i] && bound.0 == pid && bound != id =>
+                        {
+                            notes[i] = Some(format!(
+                                "pidfile {} still names PID {pid}, but the process it named exited and the PID now belongs to another process (stale pidfile)",
+                                path.display()
+                            ));
+                            continue;
+                        }
+                        Some((mtime, bound)) if mtime == written[i] && bound == id => {}
+                        _ => st.pidfile_bound = Some((written[i], id)),
+                    }
+                }
                 if ids.contains(&id) {
                     continue;
                 }
@@ -453,18 +478,29 @@ fn joined_cmdline(cmd: &[std::ffi::OsString]) -> String {
     out
 }
 
-/// Reads the PID from a pidfile: the first line, decimal.
-fn read_pidfile(path: &Path) -> Result<u32, String> {
+/// Reads the PID from a pidfile (the first line, decimal) and when the file was last
+/// written (Unix seconds; `None` if the file system does not say).
+fn read_pidfile(path: &Path) -> Result<(u32, Option<f64>), String> {
     let text =
         std::fs::read_to_string(path).map_err(|e| format!("pidfile {}: {e}", path.display()))?;
+    let mtime = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64());
     let first = text.lines().next().unwrap_or("").trim();
-    first.parse::<u32>().ok().filter(|&p| p > 0).ok_or_else(|| {
-        format!(
-            "pidfile {}: {:?} is not a PID",
-            path.display(),
-            crate::event::truncate_marked(first, 40)
-        )
-    })
+    let pid = first
+        .parse::<u32>()
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| {
+            format!(
+                "pidfile {}: {:?} is not a PID",
+                path.display(),
+                crate::event::truncate_marked(first, 40)
+            )
+        })?;
+    Ok((pid, mtime))
 }
 
 /// Finds the cgroup directory named `unit` under the roots (depth ≤ 4, e.g.
@@ -560,7 +596,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("x.pid");
         std::fs::write(&p, "1234\n").expect("write");
-        assert_eq!(read_pidfile(&p), Ok(1234));
+        assert_eq!(read_pidfile(&p).map(|(pid, _)| pid), Ok(1234));
         std::fs::write(&p, "garbage").expect("write");
         assert!(read_pidfile(&p).expect_err("garbage").contains("not a PID"));
         std::fs::write(&p, "0").expect("write");
@@ -610,6 +646,58 @@ mod tests {
         assert_eq!(missing.processes[0].count, 0, "{missing:?}");
         let note = missing.processes[0].note.clone().unwrap_or_default();
         assert!(note.contains("d.pid"), "{note}");
+    }
+
+    /// A pidfile left behind by a dead writer whose PID now belongs to another process:
+    /// while the file is unchanged, only the process it named when read is the watch's.
+    /// (The PID reuse is staged by binding the file to an identity with another start
+    /// time, as the previous cycle would have; forcing the kernel to reuse a PID is not
+    /// practical in a test.)
+    #[test]
+    fn an_unchanged_pidfile_does_not_follow_its_pid_to_a_new_process() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("r.pid");
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[[process]]\nname = \"r\"\npidfile = \"{}\"\n",
+                pidfile.display()
+            ),
+        )
+        .expect("write config");
+        let cfg = crate::config::load(Some(&config)).expect("config");
+        let mut live = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = live.id();
+        std::fs::write(&pidfile, format!("{pid}\n")).expect("write pidfile");
+        let mut s = Sampler::new(cfg.processes, DiskOptions::default()).expect("/proc");
+        let first = s.sample(Duration::ZERO, None);
+        assert_eq!(first.processes[0].count, 1, "{first:?}");
+        let (mtime, (bound_pid, started)) = s.states[0].pidfile_bound.expect("bound");
+        assert_eq!(bound_pid, pid);
+        // The previous cycle saw an earlier process under this PID.
+        s.states[0].pidfile_bound = Some((mtime, (pid, started.saturating_sub(100))));
+        let reused = s.sample(Duration::from_secs(1), None);
+        assert_eq!(reused.processes[0].count, 0, "{reused:?}");
+        let note = reused.processes[0].note.clone().unwrap_or_default();
+        assert!(note.contains("stale pidfile"), "{note}");
+        // The daemon writes its file again: the process it names is the watch's.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&pidfile, format!("{pid}\n")).expect("rewrite pidfile");
+        let filetime = std::fs::File::options()
+            .write(true)
+            .open(&pidfile)
+            .expect("open");
+        filetime
+            .set_modified(std::time::SystemTime::now() + Duration::from_secs(1))
+            .expect("touch");
+        let rewritten = s.sample(Duration::from_secs(2), None);
+        assert_eq!(rewritten.processes[0].count, 1, "{rewritten:?}");
+        live.kill().expect("kill sleep");
+        live.wait().expect("reap sleep");
     }
 
     #[test]
