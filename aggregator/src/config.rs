@@ -49,6 +49,12 @@ pub struct RawConfig {
     pub tls: RawTls,
     /// Logging.
     pub log: tocsin_agent::telemetry::RawLog,
+    /// Routes (`[[route]]`), in order; none: every page to every channel.
+    pub route: Vec<crate::route::RawRoute>,
+    /// Response targets per severity (`[response_targets]`), for escalation.
+    pub response_targets: crate::route::RawResponseTargets,
+    /// Period of the paging sweep: repeats, escalations, storm summaries.
+    pub paging_sweep_interval: String,
 }
 
 /// `[auth]`.
@@ -91,6 +97,11 @@ pub struct RawNotify {
     pub give_up_after: String,
     /// Generic JSON webhooks (`[[notify.webhook]]`).
     pub webhook: Vec<RawWebhook>,
+    /// Default storm budget of every channel: triggers per `storm_window`; beyond it they
+    /// are held and summarised. 0 turns the guard off.
+    pub storm_budget: u32,
+    /// Default storm window (a duration).
+    pub storm_window: String,
 }
 
 /// One `[[notify.webhook]]`.
@@ -109,6 +120,10 @@ pub struct RawWebhook {
     pub routing_key_file: Option<String>,
     /// Per-request timeout.
     pub timeout: String,
+    /// This channel's storm budget (default `notify.storm_budget`; 0: no guard).
+    pub storm_budget: Option<u32>,
+    /// This channel's storm window (default `notify.storm_window`).
+    pub storm_window: Option<String>,
 }
 
 impl Default for RawConfig {
@@ -124,6 +139,9 @@ impl Default for RawConfig {
             auth: RawAuth::default(),
             tls: RawTls::default(),
             log: tocsin_agent::telemetry::RawLog::default(),
+            route: Vec::new(),
+            response_targets: crate::route::RawResponseTargets::default(),
+            paging_sweep_interval: crate::route::DEFAULT_PAGING_SWEEP_INTERVAL.into(),
         }
     }
 }
@@ -136,6 +154,8 @@ impl Default for RawNotify {
             retry_max: "5m".into(),
             give_up_after: "24h".into(),
             webhook: Vec::new(),
+            storm_budget: crate::route::DEFAULT_STORM_BUDGET,
+            storm_window: crate::route::DEFAULT_STORM_WINDOW.into(),
         }
     }
 }
@@ -148,6 +168,8 @@ impl Default for RawWebhook {
             kind: "generic".into(),
             routing_key_file: None,
             timeout: DEFAULT_NOTIFY_TIMEOUT.into(),
+            storm_budget: None,
+            storm_window: None,
         }
     }
 }
@@ -185,6 +207,8 @@ pub struct AggregatorConfig {
     pub tls: Option<ServerTls>,
     /// Log settings.
     pub log: tocsin_agent::telemetry::LogConfig,
+    /// Routes, response targets, storm budgets per channel, paging sweep period.
+    pub routing: crate::route::Routing,
 }
 
 impl std::fmt::Debug for Webhook {
@@ -385,6 +409,18 @@ impl RawConfig {
         }
         let mut webhooks = Vec::new();
         let mut names = std::collections::BTreeSet::new();
+        let default_storm = storm(
+            &mut v,
+            "notify",
+            self.notify.storm_budget,
+            &self.notify.storm_window,
+        );
+        let mut storms = std::collections::BTreeMap::new();
+        if self.notify.console
+            && let Some(s) = default_storm
+        {
+            storms.insert("console".to_owned(), s);
+        }
         // The seed's variables add a Slack and a PagerDuty channel.
         let mut raw_hooks = self.notify.webhook.clone();
         if let Ok(url) = std::env::var("SLACK_WEBHOOK_URL")
@@ -481,6 +517,21 @@ impl RawConfig {
                 &w.timeout,
                 Duration::from_secs(10),
             );
+            let channel_storm = if w.storm_budget.is_some() || w.storm_window.is_some() {
+                storm(
+                    &mut v,
+                    &key,
+                    w.storm_budget.unwrap_or(self.notify.storm_budget),
+                    w.storm_window
+                        .as_deref()
+                        .unwrap_or(&self.notify.storm_window),
+                )
+            } else {
+                default_storm
+            };
+            if let Some(s) = channel_storm {
+                storms.insert(name.clone(), s);
+            }
             webhooks.push(Webhook {
                 name,
                 url: w.url.clone(),
@@ -488,6 +539,19 @@ impl RawConfig {
                 timeout,
             });
         }
+        let mut channel_names: Vec<String> = Vec::new();
+        if self.notify.console {
+            channel_names.push("console".into());
+        }
+        channel_names.extend(webhooks.iter().map(|w| w.name.clone()));
+        let routing = crate::route::validate(
+            &mut v,
+            &self.route,
+            &self.response_targets,
+            &self.paging_sweep_interval,
+            &channel_names,
+            storms,
+        );
         let log = tocsin_agent::telemetry::validate(&mut v, &self.log);
         let api_token = self.auth.api_token_file.as_deref().and_then(|f| {
             let t = v.secret_file("auth.api_token_file", f)?;
@@ -581,8 +645,25 @@ impl RawConfig {
             api_token,
             tls,
             log,
+            routing,
         })
     }
+}
+
+/// The storm budget at `key` (`notify` or `notify.webhook.<i>`): `None` when the budget
+/// is 0 (no guard).
+fn storm(
+    v: &mut Validator<'_>,
+    key: &str,
+    budget: u32,
+    window: &str,
+) -> Option<crate::route::Storm> {
+    let window = v.positive_duration(
+        &format!("{key}.storm_window"),
+        window,
+        Duration::from_secs(300),
+    );
+    (budget > 0).then_some(crate::route::Storm { budget, window })
 }
 
 #[cfg(test)]

@@ -13,6 +13,8 @@ pub fn body(payload: &str) -> String {
     let (mark, verb) = match p["event"].as_str() {
         Some("resolve") => (":white_check_mark:", "RESOLVED"),
         Some("acknowledge") => (":eyes:", "ACKNOWLEDGED"),
+        Some("repeat") => (":repeat:", "STILL OPEN"),
+        Some("storm_summary") => (":cyclone:", "STORM"),
         _ => (":rotating_light:", "TRIGGERED"),
     };
     let text = format!(

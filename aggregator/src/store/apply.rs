@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{IngestOutcome, enqueue, load_incident, notify_triggered, timeline};
+use super::{IngestOutcome, load_incident, notify_triggered, timeline};
 use crate::correlate::{self, Decision};
 use crate::model::{Severity, State};
 
@@ -41,11 +41,11 @@ pub struct Observation<'a> {
     pub flapping: bool,
 }
 
-/// What the store passes along: channels, install id, node labels, the time.
+/// What the store passes along: routing, install id, node labels, the time.
 #[derive(Debug)]
 pub struct Context<'a> {
-    /// Notification channels for new triggers.
-    pub channels: &'a [String],
+    /// Channels and routes for new triggers.
+    pub router: &'a crate::route::Router,
     /// Install id for dedup keys.
     pub install_id: &'a str,
     /// Labels of the node, merged under the check's labels.
@@ -56,13 +56,10 @@ pub struct Context<'a> {
     pub silences: &'a [crate::silence::Silence],
 }
 
-/// Sends the trigger of incident `id` to every channel; returns how many.
+/// Sends the trigger of incident `id` to the channels its routes name (see
+/// `paging::page`); returns how many triggers were queued.
 fn page(conn: &Connection, ctx: &Context<'_>, id: i64, now: i64) -> rusqlite::Result<usize> {
-    let incident = load_incident(conn, id)?;
-    for ch in ctx.channels {
-        enqueue(conn, &incident, ch, "trigger", now)?;
-    }
-    Ok(ctx.channels.len())
+    super::paging::page(conn, ctx.router, id, now)
 }
 
 /// Whether incident `id` was opened while flapping and never paged.
@@ -73,8 +70,9 @@ fn held(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
                  OR EXISTS (SELECT 1 FROM incidents WHERE id = ?1 AND status = 'acknowledged')",
         )?
         .query_row([id], |r| r.get(0))?;
-    // An acknowledged incident is someone's already: it is never paged.
-    if paged {
+    // An acknowledged incident is someone's already: it is never paged. An incident
+    // paged under routing may have no trigger row (no channel, storm guard).
+    if paged || super::paging::routed(conn, id)? {
         return Ok(false);
     }
     conn.prepare_cached(

@@ -8,7 +8,10 @@
 //! page is already owed and survives a crash.
 
 mod apply;
+mod paging;
 mod schema;
+
+pub use paging::{REPEAT, STORM_SUMMARY, SweepOutcome};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -71,7 +74,8 @@ pub enum StoreError {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
-    channels: Vec<String>,
+    /// Channels, routes, response targets and storm budgets.
+    router: crate::route::Router,
     /// Random id of this store, made at creation: dedup keys are unique across
     /// installations and data resets (`tocsin-<install>-<incident id>`).
     install_id: String,
@@ -225,7 +229,7 @@ impl Store {
         let mut store = Store {
             conn,
             path,
-            channels,
+            router: crate::route::Router::every_channel(channels),
             sessions: Default::default(),
             install_id: String::new(),
             seen: Default::default(),
@@ -238,6 +242,10 @@ impl Store {
         store
             .conn
             .execute_batch(schema::SCHEMA)
+            .map_err(|e| store.err(e))?;
+        store
+            .conn
+            .execute_batch(paging::SCHEMA)
             .map_err(|e| store.err(e))?;
         let fresh = format!("{:08x}", fastrand::u32(..));
         store
@@ -260,6 +268,12 @@ impl Store {
             .map_err(|e| store.err(e))?;
         store.silences = store.load_silences()?;
         Ok(store)
+    }
+
+    /// Pages by `router` from now on (routes, response targets, storm budgets) instead of
+    /// every channel given to [`Store::open`].
+    pub fn set_router(&mut self, router: crate::route::Router) {
+        self.router = router;
     }
 
     fn load_silences(&self) -> Result<Vec<crate::silence::Silence>, StoreError> {
@@ -401,7 +415,8 @@ impl Store {
                 "SELECT i.id FROM incidents i
                  WHERE i.status = 'triggered'
                    AND EXISTS (SELECT 1 FROM timeline t WHERE t.incident_id = i.id AND t.kind = 'silenced')
-                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.incident_id = i.id AND o.kind = 'trigger')",
+                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.incident_id = i.id AND o.kind = 'trigger')
+                   AND NOT EXISTS (SELECT 1 FROM routing r WHERE r.incident_id = i.id)",
             )
             .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
             .map_err(err)?;
@@ -430,10 +445,7 @@ impl Store {
                 "no silence mutes it any more: paging now",
             )
             .map_err(err)?;
-            for ch in &self.channels {
-                enqueue(&tx, &incident, ch, "trigger", now).map_err(err)?;
-                sent += 1;
-            }
+            sent += paging::page(&tx, &self.router, id, now).map_err(err)?;
         }
         tx.commit().map_err(err)?;
         Ok(sent)
@@ -537,7 +549,7 @@ impl Store {
                 .map(|(agent, events)| {
                     ingest_in(
                         &tx,
-                        &self.channels,
+                        &self.router,
                         &self.silences,
                         &self.install_id,
                         agent,
@@ -616,7 +628,7 @@ impl Store {
         };
         let ctx = apply::Context {
             silences: &self.silences,
-            channels: &self.channels,
+            router: &self.router,
             install_id: &self.install_id,
             node_labels: &node_labels,
             now,
@@ -729,7 +741,7 @@ impl Store {
                 serde_json::from_str(&labels).unwrap_or_default();
             let ctx = apply::Context {
                 silences: &self.silences,
-                channels: &self.channels,
+                router: &self.router,
                 install_id: &self.install_id,
                 node_labels: &node_labels,
                 now,
@@ -1057,7 +1069,7 @@ fn last_event_flapping(conn: &Connection, agent_id: &str, check: &str) -> rusqli
 #[allow(clippy::too_many_arguments)]
 fn ingest_in(
     tx: &Connection,
-    channels: &[String],
+    router: &crate::route::Router,
     silences: &[crate::silence::Silence],
     install_id: &str,
     agent_id: &str,
@@ -1077,7 +1089,7 @@ fn ingest_in(
     let actor = format!("agent:{agent_id}");
     let back_ctx = apply::Context {
         silences,
-        channels,
+        router,
         install_id,
         node_labels: &node_labels,
         now,
@@ -1126,7 +1138,7 @@ fn ingest_in(
 
         let ctx = apply::Context {
             silences,
-            channels,
+            router,
             install_id,
             node_labels: &node_labels,
             now,
