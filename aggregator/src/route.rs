@@ -65,24 +65,51 @@ pub struct RawRoute {
     pub continue_matching: bool,
 }
 
-/// `[response_targets]` as written.
+/// `[response_targets]` as written. Keys `P1` … `P4` (or `p1` … `p4`: environment
+/// variables arrive lower-cased, and override the file's upper-case keys) and
+/// `timezone`; any other key is refused.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(try_from = "BTreeMap<String, String>")]
 pub struct RawResponseTargets {
     /// P1 target: a duration or `next-business-day`.
-    #[serde(rename = "P1", alias = "p1")]
+    #[serde(rename = "P1")]
     pub p1: String,
     /// P2 target.
-    #[serde(rename = "P2", alias = "p2")]
+    #[serde(rename = "P2")]
     pub p2: String,
     /// P3 target.
-    #[serde(rename = "P3", alias = "p3")]
+    #[serde(rename = "P3")]
     pub p3: String,
     /// P4 target.
-    #[serde(rename = "P4", alias = "p4")]
+    #[serde(rename = "P4")]
     pub p4: String,
     /// UTC offset of business days (`"+08:00"`, `"-05:00"`, `"UTC"`).
     pub timezone: String,
+}
+
+impl TryFrom<BTreeMap<String, String>> for RawResponseTargets {
+    type Error = String;
+
+    fn try_from(map: BTreeMap<String, String>) -> Result<Self, String> {
+        let mut t = RawResponseTargets::default();
+        // Key order puts `P1` before `p1`: the lower-cased environment value wins.
+        for (key, value) in map {
+            let slot = match key.as_str() {
+                "P1" | "p1" => &mut t.p1,
+                "P2" | "p2" => &mut t.p2,
+                "P3" | "p3" => &mut t.p3,
+                "P4" | "p4" => &mut t.p4,
+                "timezone" => &mut t.timezone,
+                other => {
+                    return Err(format!(
+                        "unknown field `{other}`, expected `P1`, `P2`, `P3`, `P4` or `timezone`"
+                    ));
+                }
+            };
+            *slot = value;
+        }
+        Ok(t)
+    }
 }
 
 impl Default for RawResponseTargets {

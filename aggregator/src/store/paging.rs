@@ -136,7 +136,7 @@ pub(super) fn page(
     }
     let mut sent = 0;
     for ch in &channels {
-        if send_trigger(conn, router, &incident, ch, now)? {
+        if send_trigger(conn, router, &incident, ch, now)? == Sent::Queued {
             sent += 1;
         }
     }
@@ -150,18 +150,29 @@ pub(super) fn routed(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
         .query_row([id], |r| r.get(0))
 }
 
-/// Queues the trigger of `incident` to `channel` unless the channel already has it
-/// (sent or held) or the channel is gone from the config; holds it when the channel's
-/// storm budget is spent. `true` when a trigger was queued.
+/// What became of one trigger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// Queued in the outbox.
+    Queued,
+    /// Held by the storm guard, for the window's summary.
+    Held,
+    /// Not sent: the channel already has this incident's trigger (queued, sent, failed
+    /// or held), or it is gone from the config.
+    Skipped,
+}
+
+/// Queues the trigger of `incident` to `channel` unless the channel already has it or
+/// is gone from the config; holds it when the channel's storm budget is spent.
 fn send_trigger(
     conn: &Connection,
     router: &Router,
     incident: &Incident,
     channel: &str,
     now: i64,
-) -> rusqlite::Result<bool> {
+) -> rusqlite::Result<Sent> {
     if !router.has_channel(channel) || has_page(conn, incident.id, channel)? {
-        return Ok(false);
+        return Ok(Sent::Skipped);
     }
     if let Some(storm) = router.storm(channel)
         && !admit(conn, storm, channel, now)?
@@ -192,10 +203,10 @@ fn send_trigger(
                 rfc3339(window_end)
             ),
         )?;
-        return Ok(false);
+        return Ok(Sent::Held);
     }
     enqueue(conn, incident, channel, "trigger", now)?;
-    Ok(true)
+    Ok(Sent::Queued)
 }
 
 /// Whether `channel` already has the trigger of incident `id`, queued, sent, failed or
@@ -300,18 +311,31 @@ fn escalate(
                 to.push(ch);
             }
         }
-        let mut paged = Vec::new();
+        let (mut paged, mut held, mut had) = (Vec::new(), Vec::new(), Vec::new());
         for ch in &to {
-            if send_trigger(tx, router, &incident, ch, now)? {
-                paged.push(ch.as_str());
-                out.notifications += 1;
+            match send_trigger(tx, router, &incident, ch, now)? {
+                Sent::Queued => {
+                    paged.push(ch.as_str());
+                    out.notifications += 1;
+                }
+                Sent::Held => held.push(ch.as_str()),
+                Sent::Skipped => had.push(ch.as_str()),
             }
         }
-        let what = if paged.is_empty() {
-            "every escalation channel already has the page or holds it".to_owned()
-        } else {
-            format!("paging {}", paged.join(", "))
-        };
+        let mut parts = Vec::new();
+        if !paged.is_empty() {
+            parts.push(format!("paging {}", paged.join(", ")));
+        }
+        if !held.is_empty() {
+            parts.push(format!("held by the storm guard for {}", held.join(", ")));
+        }
+        if !had.is_empty() {
+            parts.push(format!(
+                "{} already paged or not configured",
+                had.join(", ")
+            ));
+        }
+        let what = parts.join("; ");
         timeline(
             tx,
             id,
@@ -339,9 +363,9 @@ fn repeat(
 ) -> rusqlite::Result<()> {
     let rows: Vec<(i64, String, String, i64)> = tx
         .prepare_cached(
-            "SELECT r.incident_id, r.channels, r.escalate_to, r.repeat_ms FROM routing r
-             JOIN incidents i ON i.id = r.incident_id
-             WHERE r.repeat_ms IS NOT NULL AND i.status = 'triggered'
+            "SELECT r.incident_id, r.channels, r.escalate_to, r.repeat_ms
+             FROM incidents i CROSS JOIN routing r ON r.incident_id = i.id
+             WHERE i.status = 'triggered' AND r.repeat_ms IS NOT NULL
              ORDER BY r.id",
         )?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
@@ -639,4 +663,311 @@ fn summary(
     })
     .to_string();
     (text, payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use super::super::Store;
+    use crate::model::{AgentHello, Event, State, now_ms};
+    use crate::route::{ResponseTarget, Route, Router, Routing, Storm};
+
+    const MIN: i64 = 60_000;
+
+    fn hello() -> AgentHello {
+        AgentHello {
+            agent_id: "a".into(),
+            hostname: "a".into(),
+            labels: BTreeMap::from([("service".to_owned(), "web".to_owned())]),
+            version: "test".into(),
+            boot_id: String::new(),
+            instance_id: "i1".into(),
+            heartbeat_interval_ms: 1000,
+        }
+    }
+
+    fn event(seq: u64, check: &str, state: State, flapping: bool) -> Event {
+        Event {
+            seq,
+            check: check.into(),
+            labels: BTreeMap::new(),
+            state,
+            previous: State::Ok,
+            value: Some(0.0),
+            unit: "count".into(),
+            threshold: Some(1.0),
+            message: format!("{check} {}", state.as_str()),
+            observed_at_ms: 1,
+            breach_started_at_ms: 1,
+            flapping,
+        }
+    }
+
+    fn route(channels: &[&str], escalate_to: &[&str], repeat: Option<Duration>) -> Route {
+        Route {
+            name: "r".into(),
+            severities: Vec::new(),
+            matchers: Vec::new(),
+            channels: channels.iter().map(|c| (*c).to_owned()).collect(),
+            escalate_to: escalate_to.iter().map(|c| (*c).to_owned()).collect(),
+            repeat_interval: repeat,
+            continue_matching: false,
+        }
+    }
+
+    fn store(channels: &[&str], routing: Routing) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let channels: Vec<String> = channels.iter().map(|c| (*c).to_owned()).collect();
+        let mut s = Store::open(dir.path(), channels.clone()).expect("open");
+        s.set_router(Router { channels, routing });
+        s.hello(&hello(), 1).expect("hello");
+        (dir, s)
+    }
+
+    /// `(channel, kind, status)` of incident `id`'s outbox rows, in order.
+    fn outbox(s: &Store, id: i64) -> Vec<(String, String, String)> {
+        s.incident(id)
+            .expect("read")
+            .expect("exists")
+            .notifications
+            .into_iter()
+            .map(|n| (n.channel, n.kind, n.status))
+            .collect()
+    }
+
+    fn row(channel: &str, kind: &str, status: &str) -> (String, String, String) {
+        (channel.into(), kind.into(), status.into())
+    }
+
+    fn timeline_count(s: &Store, id: i64, kind: &str) -> usize {
+        s.incident(id)
+            .expect("read")
+            .expect("exists")
+            .timeline
+            .iter()
+            .filter(|t| t.kind == kind)
+            .count()
+    }
+
+    #[test]
+    fn storm_guard_holds_beyond_the_budget_and_summarises_once_when_the_window_turns() {
+        let routing = Routing {
+            storm: BTreeMap::from([(
+                "a".to_owned(),
+                Storm {
+                    budget: 2,
+                    window: Duration::from_secs(3600),
+                },
+            )]),
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["a", "b"], routing);
+        let batch: Vec<Event> = (1..=5)
+            .map(|i| event(i, &format!("c{i}"), State::Critical, false))
+            .collect();
+        let out = s.ingest("a", &batch).expect("ingest");
+        assert_eq!(out.notifications, 2 + 5, "a: its budget of 2; b: unlimited");
+        let ids = out.opened;
+        assert_eq!(
+            outbox(&s, ids[0]),
+            [
+                row("a", "trigger", "pending"),
+                row("b", "trigger", "pending")
+            ]
+        );
+        assert_eq!(outbox(&s, ids[2]), [row("b", "trigger", "pending")]);
+        assert_eq!(timeline_count(&s, ids[2], "storm"), 1);
+        let now = now_ms();
+        assert_eq!(
+            s.sweep_paging(now).expect("sweep").summaries,
+            0,
+            "window still open"
+        );
+        let turned = s.sweep_paging(now + 2 * 3_600_000).expect("sweep");
+        assert_eq!((turned.summaries, turned.notifications), (1, 1));
+        assert_eq!(
+            s.sweep_paging(now + 3 * 3_600_000)
+                .expect("sweep")
+                .summaries,
+            0,
+            "one summary per window"
+        );
+        let summary = s
+            .incident(ids[2])
+            .expect("read")
+            .expect("exists")
+            .notifications
+            .into_iter()
+            .find(|n| n.kind == super::STORM_SUMMARY)
+            .expect("the summary rides on the first held incident");
+        let p: serde_json::Value = serde_json::from_str(&summary.payload).expect("json");
+        assert_eq!(p["storm"]["held"], 3);
+        assert!(
+            p["incident"]["summary"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("+3 more incidents: 3 P2; 3 still open")),
+            "{p}"
+        );
+        // Resolves go where the triggers went: a for the first two only.
+        let clear: Vec<Event> = (6..=10)
+            .map(|i| event(i, &format!("c{}", i - 5), State::Ok, false))
+            .collect();
+        let resolved = s.ingest("a", &clear).expect("clear");
+        assert_eq!(resolved.notifications, 2 + 5);
+        assert!(
+            !outbox(&s, ids[3])
+                .iter()
+                .any(|(ch, kind, _)| ch == "a" && kind == "resolve")
+        );
+    }
+
+    #[test]
+    fn escalation_fires_once_past_the_target_and_never_after_an_acknowledge() {
+        let routing = Routing {
+            routes: vec![route(&["primary"], &["backup"], None)],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["primary", "backup"], routing);
+        let late = s
+            .ingest("a", &[event(1, "late", State::Critical, false)])
+            .expect("ingest")
+            .opened[0];
+        let quick = s
+            .ingest("a", &[event(2, "quick", State::Critical, false)])
+            .expect("ingest")
+            .opened[0];
+        s.acknowledge(quick, "alice", "").expect("ack");
+        let now = now_ms();
+        assert!(
+            s.sweep_paging(now + 29 * MIN)
+                .expect("sweep")
+                .escalated
+                .is_empty(),
+            "P2: 30m"
+        );
+        assert_eq!(
+            s.sweep_paging(now + 31 * MIN).expect("sweep").escalated,
+            [late]
+        );
+        assert!(
+            s.sweep_paging(now + 32 * MIN)
+                .expect("sweep")
+                .escalated
+                .is_empty()
+        );
+        assert_eq!(
+            outbox(&s, late),
+            [
+                row("primary", "trigger", "pending"),
+                row("backup", "trigger", "pending")
+            ]
+        );
+        assert_eq!(timeline_count(&s, quick, "escalated"), 0);
+        s.acknowledge(late, "bob", "").expect("ack");
+        let acks: Vec<String> = outbox(&s, late)
+            .into_iter()
+            .filter(|(_, kind, _)| kind == "acknowledge")
+            .map(|(ch, _, _)| ch)
+            .collect();
+        assert_eq!(acks, ["primary", "backup"]);
+    }
+
+    #[test]
+    fn next_business_day_target_escalates_at_nine_on_the_next_weekday() {
+        let mut routing = Routing {
+            routes: vec![route(&["primary"], &["backup"], None)],
+            ..Routing::default()
+        };
+        routing.targets.by_severity[2] = ResponseTarget::NextBusinessDay;
+        routing.targets.utc_offset_s = 8 * 3600;
+        let (_dir, mut s) = store(&["primary", "backup"], routing.clone());
+        let id = s
+            .ingest("a", &[event(1, "minor", State::Warning, false)])
+            .expect("ingest")
+            .opened[0];
+        let triggered = s
+            .incident(id)
+            .expect("read")
+            .expect("exists")
+            .incident
+            .triggered_at_ms;
+        let due = crate::route::next_business_day(triggered, 8 * 3600);
+        assert!(s.sweep_paging(due - 1).expect("sweep").escalated.is_empty());
+        assert_eq!(s.sweep_paging(due).expect("sweep").escalated, [id]);
+        let note = s
+            .incident(id)
+            .expect("read")
+            .expect("exists")
+            .timeline
+            .into_iter()
+            .find(|t| t.kind == "escalated")
+            .expect("escalated")
+            .note;
+        assert!(
+            note.contains("P3 response target (next-business-day"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn repeats_follow_the_interval_and_stop_at_the_acknowledge() {
+        let routing = Routing {
+            routes: vec![route(&["a"], &[], Some(Duration::from_secs(600)))],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["a", "b"], routing);
+        let id = s
+            .ingest("a", &[event(1, "c", State::Critical, false)])
+            .expect("ingest")
+            .opened[0];
+        let now = now_ms();
+        assert_eq!(s.sweep_paging(now + 5 * MIN).expect("sweep").repeats, 0);
+        assert_eq!(s.sweep_paging(now + 11 * MIN).expect("sweep").repeats, 1);
+        assert_eq!(s.sweep_paging(now + 12 * MIN).expect("sweep").repeats, 0);
+        assert_eq!(s.sweep_paging(now + 22 * MIN).expect("sweep").repeats, 1);
+        s.acknowledge(id, "alice", "").expect("ack");
+        assert_eq!(s.sweep_paging(now + 60 * MIN).expect("sweep").repeats, 0);
+        let kinds: Vec<(String, String, String)> = outbox(&s, id);
+        assert_eq!(
+            kinds,
+            [
+                row("a", "trigger", "pending"),
+                row("a", "repeat", "pending"),
+                row("a", "repeat", "pending"),
+                row("a", "acknowledge", "pending"),
+            ],
+            "b is on no route: nothing"
+        );
+    }
+
+    /// Regression: an incident paged to no channel (a route with `channels = []`) had no
+    /// trigger row, so the flapping hold took it for never paged and paged it again at
+    /// every event.
+    #[test]
+    fn an_incident_routed_to_no_channel_is_paged_once() {
+        let routing = Routing {
+            routes: vec![route(&[], &[], None)],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["a"], routing);
+        let id = s
+            .ingest("a", &[event(1, "f", State::Critical, true)])
+            .expect("flapping")
+            .opened[0];
+        s.ingest("a", &[event(2, "f", State::Critical, false)])
+            .expect("settled");
+        s.ingest("a", &[event(3, "f", State::Warning, false)])
+            .expect("again");
+        s.ingest("a", &[event(4, "f", State::Critical, false)])
+            .expect("again");
+        assert_eq!(timeline_count(&s, id, "routed"), 1);
+        assert_eq!(
+            timeline_count(&s, id, "flapping"),
+            2,
+            "held, then paged once"
+        );
+        assert!(outbox(&s, id).is_empty());
+    }
 }
