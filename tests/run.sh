@@ -23,8 +23,10 @@ command -v adduser >/dev/null || apt_missing+=(adduser)            # .deb mainta
 command -v setpriv >/dev/null || apt_missing+=(util-linux)         # run as the service user
 command -v python3 >/dev/null || apt_missing+=(python3 python3-venv)
 command -v promtool >/dev/null || apt_missing+=(prometheus)        # promtool check metrics
+command -v prometheus-alertmanager >/dev/null || apt_missing+=(prometheus-alertmanager) # real Alertmanager
 command -v mount >/dev/null || apt_missing+=(mount)                # tmpfs for disk-full tests
 [ -x /usr/lib/nagios/plugins/check_load ] || apt_missing+=(monitoring-plugins-basic) # exec checks
+/usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || apt_missing+=(python3-aiosmtpd) # SMTP server
 if ((${#apt_missing[@]})); then
     log "installing ${apt_missing[*]}"
     apt-get update && apt-get install -y --no-install-recommends "${apt_missing[@]}"

@@ -80,9 +80,12 @@ pub enum SilenceCommand {
         /// name!~regex; names are node, check, severity or a label.
         #[arg(long = "match", required = true)]
         matchers: Vec<String>,
-        /// How long, e.g. 30m, 2h (at most 30d).
-        #[arg(long = "for")]
-        duration: String,
+        /// How long, e.g. 30m, 2h (at most 30d); optional with --until-resolved.
+        #[arg(long = "for", required_unless_present = "until_resolved")]
+        duration: Option<String>,
+        /// End the silence when incident ID resolves (at the latest after --for, or 30d).
+        #[arg(long = "until-resolved", value_name = "ID")]
+        until_resolved: Option<i64>,
         /// Why (required).
         #[arg(long)]
         reason: String,
@@ -312,7 +315,11 @@ async fn silence(api: &str, c: SilenceCommand, json: bool) -> ExitCode {
                     }),
                     text(&s["created_by"], ""),
                     matchers.join(" "),
-                    text(&s["reason"], "")
+                    match s["ends_with_incident"].as_i64() {
+                        Some(id) =>
+                            format!("{} (until incident {id} resolves)", text(&s["reason"], "")),
+                        None => text(&s["reason"], ""),
+                    }
                 ));
             }
             say(&out);
@@ -321,6 +328,7 @@ async fn silence(api: &str, c: SilenceCommand, json: bool) -> ExitCode {
         SilenceCommand::Add {
             matchers,
             duration,
+            until_resolved,
             reason,
             by,
             token_file,
@@ -334,6 +342,7 @@ async fn silence(api: &str, c: SilenceCommand, json: bool) -> ExitCode {
                 serde_json::json!({
                     "matchers": matchers,
                     "duration": duration,
+                    "ends_with_incident": until_resolved,
                     "reason": reason,
                     "by": by.unwrap_or_else(|| "unknown".into()),
                 }),
@@ -354,6 +363,9 @@ async fn silence(api: &str, c: SilenceCommand, json: bool) -> ExitCode {
     };
     match post_json(&url, &body, token).await {
         Ok((200 | 201, answer)) => {
+            for w in answer["warnings"].as_array().into_iter().flatten() {
+                complain(&format!("warning: {}", text(w, "")));
+            }
             if json {
                 say(&format!("{answer}\n"));
             } else if let Some(id) = answer["silence"]["id"].as_i64() {
@@ -553,6 +565,20 @@ async fn show(api: &str, id: i64, json: bool) -> ExitCode {
             n["attempts"],
             text(&n["last_error"], ""),
         ));
+    }
+    // A group incident lists its members (one per fingerprint), in join order.
+    let members = body["members"].as_array().map_or(&[][..], Vec::as_slice);
+    if members.len() > 1 {
+        out.push_str("\nmembers:\n");
+        for m in members {
+            out.push_str(&format!(
+                "  {:<9} {:<24} {:<20} {}\n",
+                text(&m["state"], "?"),
+                text(&m["node"], "?"),
+                text(&m["check"], "?"),
+                text(&m["message"], ""),
+            ));
+        }
     }
     say(&out);
     ExitCode::SUCCESS

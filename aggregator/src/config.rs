@@ -43,6 +43,12 @@ pub struct RawConfig {
     pub node_timeout: String,
     /// Notification channels.
     pub notify: RawNotify,
+    /// Grouping of firing fingerprints into incidents.
+    pub correlation: RawCorrelation,
+    /// Severity rules (`[[severity]]`), first match wins; the seed's defaults follow.
+    pub severity: Vec<RawSeverityRule>,
+    /// Message templates.
+    pub templates: RawTemplates,
     /// Agent authentication.
     pub auth: RawAuth,
     /// TLS on the gRPC ingest.
@@ -55,6 +61,57 @@ pub struct RawConfig {
     pub response_targets: crate::route::RawResponseTargets,
     /// Period of the paging sweep: repeats, escalations, storm summaries.
     pub paging_sweep_interval: String,
+}
+
+/// `[correlation]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCorrelation {
+    /// Firing fingerprints with the same values of these names share one incident:
+    /// `node`, `check` or label names (default `["check"]`).
+    pub group_by: Vec<String>,
+    /// Hold a new incident's trigger this long so the page names every member that
+    /// joins meanwhile ("0s": page at once; later members join without a second page).
+    pub group_wait: String,
+    /// A fingerprint that fires again within this time after its incident resolved
+    /// reopens that incident ("0s": never).
+    pub reopen_window: String,
+}
+
+impl Default for RawCorrelation {
+    fn default() -> Self {
+        RawCorrelation {
+            group_by: crate::correlate::DEFAULT_GROUP_BY
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            group_wait: crate::correlate::DEFAULT_GROUP_WAIT.into(),
+            reopen_window: crate::correlate::DEFAULT_REOPEN_WINDOW.into(),
+        }
+    }
+}
+
+/// One `[[severity]]` rule.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSeverityRule {
+    /// Matchers, all must match a firing member: `name=value`, `name!=value`,
+    /// `name=~regex`, `name!~regex`; names `node`, `check`, `state` or a label.
+    #[serde(rename = "match")]
+    pub matchers: Vec<String>,
+    /// `P1` … `P4`.
+    pub level: String,
+}
+
+/// `[templates]`: overrides of the built-in message templates (see `notify::template`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTemplates {
+    /// Directory of override files (`incident.md.j2`, `status.md.j2`, `email.txt.j2`,
+    /// `email-subject.txt.j2`; any subset). Unset: the built-in templates.
+    pub dir: Option<String>,
+    /// Strings every template sees as `vars.NAME` (e.g. `contact`, `service`).
+    pub vars: std::collections::BTreeMap<String, String>,
 }
 
 /// `[auth]`.
@@ -102,6 +159,8 @@ pub struct RawNotify {
     pub storm_budget: u32,
     /// Default storm window (a duration).
     pub storm_window: String,
+    /// E-mail over SMTP (`[[notify.email]]`).
+    pub email: Vec<crate::notify::email::RawEmail>,
 }
 
 /// One `[[notify.webhook]]`.
@@ -112,12 +171,17 @@ pub struct RawWebhook {
     pub name: String,
     /// `http://` or `https://` URL receiving a JSON POST.
     pub url: String,
-    /// `generic` (tocsin's JSON), `slack` (an incoming-webhook URL) or `pagerduty`
-    /// (Events API v2; `url` defaults to PagerDuty's endpoint).
+    /// `generic` (tocsin's JSON), `slack` (an incoming-webhook URL), `pagerduty`
+    /// (Events API v2; `url` defaults to PagerDuty's endpoint) or `alertmanager`
+    /// (API v2; `url` is Alertmanager's base URL, e.g. `http://127.0.0.1:9093`).
     pub kind: String,
     /// For `pagerduty`: file holding the integration's routing key (or the seed's
     /// `PAGERDUTY_KEY` variable).
     pub routing_key_file: Option<String>,
+    /// For `alertmanager` only: every open incident the channel was paged for is posted
+    /// again this often (default `1m`, at least `1s`), so Alertmanager does not resolve
+    /// it by its `resolve_timeout` (default 5m): keep it below that.
+    pub repost_interval: Option<String>,
     /// Per-request timeout.
     pub timeout: String,
     /// This channel's storm budget (default `notify.storm_budget`; 0: no guard).
@@ -136,6 +200,9 @@ impl Default for RawConfig {
             max_message_bytes: 4 * 1024 * 1024,
             keepalive: "10s".into(),
             notify: RawNotify::default(),
+            correlation: RawCorrelation::default(),
+            severity: Vec::new(),
+            templates: RawTemplates::default(),
             auth: RawAuth::default(),
             tls: RawTls::default(),
             log: tocsin_agent::telemetry::RawLog::default(),
@@ -156,6 +223,7 @@ impl Default for RawNotify {
             webhook: Vec::new(),
             storm_budget: crate::route::DEFAULT_STORM_BUDGET,
             storm_window: crate::route::DEFAULT_STORM_WINDOW.into(),
+            email: Vec::new(),
         }
     }
 }
@@ -167,6 +235,7 @@ impl Default for RawWebhook {
             url: String::new(),
             kind: "generic".into(),
             routing_key_file: None,
+            repost_interval: None,
             timeout: DEFAULT_NOTIFY_TIMEOUT.into(),
             storm_budget: None,
             storm_window: None,
@@ -199,6 +268,12 @@ pub struct AggregatorConfig {
     pub give_up_after: Duration,
     /// Webhook channels.
     pub webhooks: Vec<Webhook>,
+    /// Grouping, group wait, re-open window and severity rules.
+    pub correlation: crate::correlate::Correlation,
+    /// E-mail channels.
+    pub emails: Vec<crate::notify::email::EmailChannel>,
+    /// Message templates, compiled (built-in, overridden from `templates.dir`).
+    pub templates: std::sync::Arc<crate::notify::template::Templates>,
     /// Accepted agent tokens; `None` when no token is needed.
     pub tokens: Option<Tokens>,
     /// Token that API changes need (`auth.api_token_file`); never logged.
@@ -481,14 +556,25 @@ impl RawConfig {
                         }
                     }
                 }
+                "alertmanager" => {
+                    crate::notify::Format::Alertmanager(crate::notify::alertmanager::Options::new(
+                        repost_interval(&mut v, &key, w.repost_interval.as_deref()),
+                    ))
+                }
                 other => {
                     v.problem(
                         &format!("{key}.kind"),
-                        format!("invalid value {other:?} (expected \"generic\", \"slack\" or \"pagerduty\")"),
+                        format!("invalid value {other:?} (expected \"generic\", \"slack\", \"pagerduty\" or \"alertmanager\")"),
                     );
                     crate::notify::Format::Generic
                 }
             };
+            if w.kind != "alertmanager" && w.repost_interval.is_some() {
+                v.problem(
+                    &format!("{key}.repost_interval"),
+                    "only for kind = \"alertmanager\"",
+                );
+            }
             let w = &w;
             let name = if w.name.is_empty() {
                 format!("webhook-{}", i + 1)
@@ -539,11 +625,31 @@ impl RawConfig {
                 timeout,
             });
         }
+        let emails = crate::notify::email::validate(&mut v, &self.notify.email, &mut names);
+        let templates = match crate::notify::template::Templates::load(
+            self.templates.dir.as_deref().map(Path::new),
+            self.templates.vars.clone(),
+        ) {
+            Ok(t) => t,
+            Err(errors) => {
+                for e in errors {
+                    v.problem("templates.dir", e.to_string());
+                }
+                crate::notify::template::Templates::defaults(self.templates.vars.clone())
+            }
+        };
         let mut channel_names: Vec<String> = Vec::new();
         if self.notify.console {
             channel_names.push("console".into());
         }
         channel_names.extend(webhooks.iter().map(|w| w.name.clone()));
+        channel_names.extend(emails.iter().map(|e| e.name.clone()));
+        // E-mail channels take the default storm budget.
+        if let Some(s) = default_storm {
+            for e in &emails {
+                storms.insert(e.name.clone(), s);
+            }
+        }
         let routing = crate::route::validate(
             &mut v,
             &self.route,
@@ -553,6 +659,7 @@ impl RawConfig {
             storms,
         );
         let log = tocsin_agent::telemetry::validate(&mut v, &self.log);
+        let correlation = self.validate_correlation(&mut v);
         let api_token = self.auth.api_token_file.as_deref().and_then(|f| {
             let t = v.secret_file("auth.api_token_file", f)?;
             if t.is_empty() {
@@ -641,6 +748,9 @@ impl RawConfig {
             retry_max,
             give_up_after,
             webhooks,
+            correlation,
+            emails,
+            templates: std::sync::Arc::new(templates),
             tokens,
             api_token,
             tls,
@@ -664,6 +774,89 @@ fn storm(
         Duration::from_secs(300),
     );
     (budget > 0).then_some(crate::route::Storm { budget, window })
+}
+
+impl RawConfig {
+    /// `[correlation]` and `[[severity]]`, each problem recorded with its key.
+    fn validate_correlation(&self, v: &mut Validator<'_>) -> crate::correlate::Correlation {
+        let c = &self.correlation;
+        for (i, name) in c.group_by.iter().enumerate() {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+            {
+                v.problem(
+                    &format!("correlation.group_by.{i}"),
+                    format!("{name:?} is not a name (expected node, check or a label name: letters, digits, _)"),
+                );
+            }
+        }
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let group_wait = v.duration("correlation.group_wait", &c.group_wait, Duration::ZERO);
+        let reopen_window = v.duration(
+            "correlation.reopen_window",
+            &c.reopen_window,
+            Duration::from_secs(300),
+        );
+        let mut severity = Vec::new();
+        for (i, rule) in self.severity.iter().enumerate() {
+            let key = format!("severity.{i}");
+            let level = crate::model::Severity::parse(rule.level.trim());
+            if level.is_none() {
+                v.problem(
+                    &format!("{key}.level"),
+                    format!(
+                        "invalid value {:?} (expected \"P1\", \"P2\", \"P3\" or \"P4\")",
+                        rule.level
+                    ),
+                );
+            }
+            if rule.matchers.is_empty() {
+                v.problem(
+                    &format!("{key}.match"),
+                    "a rule needs at least one matcher, e.g. match = [\"check=node_down\"]",
+                );
+            }
+            let mut matchers = Vec::new();
+            for (j, text) in rule.matchers.iter().enumerate() {
+                match crate::silence::Matcher::parse(text) {
+                    Ok(m) => matchers.push(m),
+                    Err(e) => v.problem(&format!("{key}.match.{j}"), e),
+                }
+            }
+            if let Some(level) = level
+                && matchers.len() == rule.matchers.len()
+            {
+                severity.push(crate::correlate::SeverityRule { matchers, level });
+            }
+        }
+        crate::correlate::Correlation {
+            group_by: c.group_by.clone(),
+            group_wait_ms: ms(group_wait),
+            reopen_window_ms: ms(reopen_window),
+            severity,
+        }
+    }
+}
+
+/// The `repost_interval` of an Alertmanager channel at `key` (default
+/// [`crate::notify::alertmanager::DEFAULT_REPOST_INTERVAL`], at least
+/// [`crate::notify::alertmanager::MIN_REPOST_INTERVAL`]).
+fn repost_interval(v: &mut Validator<'_>, key: &str, raw: Option<&str>) -> Duration {
+    use crate::notify::alertmanager::{DEFAULT_REPOST_INTERVAL, MIN_REPOST_INTERVAL};
+    let key = format!("{key}.repost_interval");
+    let raw = raw.unwrap_or(DEFAULT_REPOST_INTERVAL);
+    let fallback = Duration::from_secs(60);
+    let d = v.positive_duration(&key, raw, fallback);
+    if d < MIN_REPOST_INTERVAL && settings::parse_duration(raw).is_some() {
+        v.problem(
+            &key,
+            format!("{raw:?} is below the minimum of 1s (keep it below Alertmanager's resolve_timeout, default 5m)"),
+        );
+        return fallback;
+    }
+    d
 }
 
 #[cfg(test)]
@@ -690,6 +883,61 @@ mod tests {
     }
 
     #[test]
+    fn alertmanager_channels_take_a_repost_interval_and_only_they_do() {
+        use super::{RawConfig, RawWebhook};
+        let hook = |kind: &str, repost: Option<&str>| RawWebhook {
+            name: format!("{kind}-{}", repost.unwrap_or("default")),
+            url: "http://127.0.0.1:9093".into(),
+            kind: kind.into(),
+            repost_interval: repost.map(str::to_owned),
+            ..RawWebhook::default()
+        };
+        let mut raw = RawConfig::default();
+        raw.notify.webhook = vec![
+            hook("alertmanager", None),
+            hook("alertmanager", Some("15s")),
+        ];
+        let cfg = raw
+            .validate(&figment::Figment::new())
+            .expect("valid config");
+        let intervals: Vec<_> = cfg
+            .webhooks
+            .iter()
+            .filter_map(|w| match &w.format {
+                crate::notify::Format::Alertmanager(o) => Some(o.repost_interval),
+                _ => None, // SLACK_WEBHOOK_URL / PAGERDUTY_KEY in the environment
+            })
+            .collect();
+        assert_eq!(
+            intervals,
+            [
+                std::time::Duration::from_secs(60),
+                std::time::Duration::from_secs(15)
+            ]
+        );
+        let mut raw = RawConfig::default();
+        raw.notify.webhook = vec![
+            hook("alertmanager", Some("500ms")),
+            hook("alertmanager", Some("0s")),
+            hook("generic", Some("1m")),
+        ];
+        let err = raw
+            .validate(&figment::Figment::new())
+            .expect_err("refused")
+            .to_string();
+        for part in [
+            "notify.webhook.0.repost_interval",
+            "minimum of 1s",
+            "notify.webhook.1.repost_interval",
+            "greater than zero",
+            "notify.webhook.2.repost_interval",
+            "only for kind = \"alertmanager\"",
+        ] {
+            assert!(err.contains(part), "{part:?} missing in {err}");
+        }
+    }
+
+    #[test]
     fn bad_token_files_name_the_line() {
         assert_eq!(
             Tokens::parse("web-1\n").err().as_deref(),
@@ -704,5 +952,50 @@ mod tests {
             all.contains("line 1") && all.contains("line 3") && all.contains("line 4"),
             "{all}"
         );
+    }
+
+    fn load_text(text: &str) -> Result<super::AggregatorConfig, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let path = dir.path().join("aggregator.toml");
+        std::fs::write(&path, text).map_err(|e| e.to_string())?;
+        super::load(Some(&path)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn correlation_defaults_and_rules() {
+        let cfg = load_text("").expect("defaults");
+        assert_eq!(cfg.correlation.group_by, vec!["check".to_owned()]);
+        assert_eq!(cfg.correlation.group_wait_ms, 0);
+        assert_eq!(cfg.correlation.reopen_window_ms, 300_000);
+        let cfg = load_text(
+            "[correlation]\ngroup_by = [\"service\", \"check\"]\ngroup_wait = \"30s\"\nreopen_window = \"0s\"\n\
+             [[severity]]\nmatch = [\"check=node_down\", \"tier=critical\"]\nlevel = \"P1\"\n",
+        )
+        .expect("valid");
+        assert_eq!(cfg.correlation.group_wait_ms, 30_000);
+        assert_eq!(cfg.correlation.reopen_window_ms, 0);
+        assert_eq!(cfg.correlation.severity.len(), 1);
+        assert_eq!(
+            cfg.correlation.severity[0].level,
+            crate::model::Severity::P1
+        );
+    }
+
+    #[test]
+    fn bad_correlation_settings_are_all_reported_with_their_keys() {
+        let err = load_text(
+            "[correlation]\ngroup_by = [\"a b\"]\ngroup_wait = \"soon\"\n\
+             [[severity]]\nmatch = [\"check=~([\"]\nlevel = \"P5\"\n[[severity]]\nlevel = \"P2\"\n",
+        )
+        .expect_err("invalid");
+        for key in [
+            "correlation.group_by.0",
+            "correlation.group_wait",
+            "severity.0.level",
+            "severity.0.match.0",
+            "severity.1.match",
+        ] {
+            assert!(err.contains(key), "{key} missing from: {err}");
+        }
     }
 }

@@ -122,8 +122,12 @@ pub async fn run(
         };
         targets.push((w.name.clone(), target));
     }
+    for e in &cfg.emails {
+        targets.push((e.name.clone(), Target::Email(Box::new(e.clone()))));
+    }
     let channels: Vec<String> = targets.iter().map(|(name, _)| name.clone()).collect();
-    let mut opened = store::Store::open(&cfg.data_dir, channels.clone())?;
+    let mut opened = store::Store::open(&cfg.data_dir, channels.clone())?
+        .with_correlation(cfg.correlation.clone());
     opened.set_router(route::Router {
         channels,
         routing: cfg.routing.clone(),
@@ -145,9 +149,18 @@ pub async fn run(
             retry_max: cfg.retry_max,
             give_up_after: cfg.give_up_after,
             metrics: metrics.clone(),
+            templates: cfg.templates.clone(),
         };
         tracker.spawn(d.run(shutdown.clone()));
     }
+    notify::alertmanager::spawn_reposters(
+        &cfg.webhooks,
+        &client,
+        &store,
+        &mut registry,
+        &tracker,
+        &shutdown,
+    );
 
     let liveness = liveness::Liveness {
         store: store.clone(),

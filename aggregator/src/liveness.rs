@@ -70,8 +70,9 @@ impl Liveness {
                 }
                 Err(e) => tracing::error!(error = %e, "liveness sweep failed"),
             }
-            // Pages that a silence held go out once it no longer mutes them.
-            match self.store.call(|s| s.release_silenced(now_ms())).await {
+            // Pages that a group wait, a silence or a node_down held go out once nothing
+            // holds them any more.
+            match self.store.call(|s| s.release_held(now_ms())).await {
                 Ok(0) => {}
                 Ok(_) => self.outbox_wake.send_modify(|n| *n += 1),
                 Err(e) => tracing::error!(error = %e, "releasing silenced pages failed"),

@@ -28,6 +28,69 @@ enum Command {
     CheckConfig,
     /// Print the effective config (defaults, file and environment merged) as TOML.
     PrintConfig,
+    /// Render a message template (`incident`, `status`, `email`, `email-subject`) with
+    /// the configured overrides and vars, for a notification payload (the JSON a generic
+    /// webhook receives) or a built-in sample incident; print it.
+    RenderTemplate {
+        /// Template: incident, status, email or email-subject.
+        name: String,
+        /// File holding a notification payload (tocsin's webhook JSON).
+        #[arg(long, alias = "incident-json")]
+        payload: Option<PathBuf>,
+        /// Event of the sample payload: trigger, acknowledge, resolve, repeat or
+        /// storm_summary.
+        #[arg(long, default_value = "trigger")]
+        event: String,
+        /// The `channel` variable the template sees: slack, pagerduty, email or cli.
+        #[arg(long, default_value = "cli")]
+        channel: String,
+    },
+}
+
+fn render_template(
+    file: Option<&std::path::Path>,
+    name: &str,
+    payload: Option<&std::path::Path>,
+    event: &str,
+    channel: &str,
+) -> ExitCode {
+    use tocsin_aggregator::notify::template::{Name, sample_payload};
+    let usage = |msg: String| {
+        let _ = std::io::stderr().write_all(format!("tocsin-aggregator: {msg}\n").as_bytes());
+        ExitCode::from(64)
+    };
+    let Some(name) = Name::parse(name) else {
+        return usage(format!(
+            "unknown template {name:?} (expected {})",
+            Name::ALL.map(Name::short).join(", ")
+        ));
+    };
+    let cfg = match config::load(file) {
+        Ok(c) => c,
+        Err(e) => return fail_config(&e),
+    };
+    let payload = match payload {
+        None if tocsin_aggregator::notify::payload::EVENTS.contains(&event) => {
+            sample_payload(event)
+        }
+        None => {
+            return usage(format!(
+                "unknown event {event:?} (expected {})",
+                tocsin_aggregator::notify::payload::EVENTS.join(", ")
+            ));
+        }
+        Some(path) => match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+        {
+            Ok(v) => v,
+            Err(e) => return usage(format!("{}: {e}", path.display())),
+        },
+    };
+    let text = cfg.templates.render(name, &payload, channel);
+    std::io::stdout()
+        .write_all(format!("{text}\n").as_bytes())
+        .map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
 }
 
 fn fail_config(e: &tocsin_agent::settings::ConfigError) -> ExitCode {
@@ -61,6 +124,12 @@ fn main() -> ExitCode {
             }
             Err(e) => fail_config(&e),
         },
+        Command::RenderTemplate {
+            name,
+            payload,
+            event,
+            channel,
+        } => render_template(file, &name, payload.as_deref(), &event, &channel),
         Command::Run => {
             let cfg = match config::load(file) {
                 Ok(c) => c,

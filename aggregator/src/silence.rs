@@ -8,6 +8,10 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+/// Names a matcher may use besides labels: `node`, `check`, `severity` (silences) and
+/// `state` (severity rules).
+pub const FIELD_NAMES: &[&str] = &["node", "check", "severity", "state"];
+
 /// One matcher: `name=value`, `name!=value`, `name=~regex` or `name!~regex` (regular
 /// expressions are anchored: they match the whole value).
 #[derive(Debug, Clone)]
@@ -96,6 +100,10 @@ pub struct Silence {
     pub created_by: String,
     /// Why.
     pub reason: String,
+    /// The silence ends when this incident resolves (`ends_with_incident`).
+    pub ends_with_incident: Option<i64>,
+    /// Who or what ended it early: a user name, or `incident #ID resolved`.
+    pub expired_by: Option<String>,
 }
 
 impl Silence {
@@ -141,6 +149,10 @@ pub struct SilenceView {
     pub reason: String,
     /// `active`, `pending` (starts later) or `expired`.
     pub state: &'static str,
+    /// The incident whose resolution ends it, if any.
+    pub ends_with_incident: Option<i64>,
+    /// Who or what ended it early (a user, or `incident #ID resolved`), if anyone.
+    pub expired_by: Option<String>,
 }
 
 impl SilenceView {
@@ -153,6 +165,8 @@ impl SilenceView {
             ends_at_ms: s.ends_ms,
             created_by: s.created_by.clone(),
             reason: s.reason.clone(),
+            ends_with_incident: s.ends_with_incident,
+            expired_by: s.expired_by.clone(),
             state: if now < s.starts_ms {
                 "pending"
             } else if s.is_active(now) {

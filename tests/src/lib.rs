@@ -6,7 +6,9 @@
 //! is printed when a test fails.
 
 pub mod measure;
+pub mod scripted;
 pub mod sim;
+pub mod smtp;
 
 use std::io::Write;
 use std::net::SocketAddr;

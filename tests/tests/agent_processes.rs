@@ -178,16 +178,31 @@ async fn wait_open(agg: &Aggregator, check: &str) -> Result<Value> {
     .await
 }
 
-/// Waits until `check` has no open incident and at least `resolved` resolved ones.
+/// Waits until `check` has no open incident and at least `resolved` resolutions (an
+/// outage that came back within the re-open window reopens its incident: each outage
+/// counts once, as a `resolved` entry on its incident's timeline).
 async fn wait_resolved(agg: &Aggregator, check: &str, resolved: usize) -> Result<()> {
     eventually(
-        &format!("{resolved} resolved incident(s) for {check} and none open"),
+        &format!("{resolved} resolved outage(s) for {check} and none open"),
         WAIT,
         || async {
             let list = incidents(agg, check).await;
-            (!list.iter().any(is_open)
-                && list.iter().filter(|i| i["status"] == "resolved").count() >= resolved)
-                .then_some(())
+            if list.iter().any(is_open) {
+                return None;
+            }
+            let mut resolutions = 0;
+            for i in &list {
+                let d = agg
+                    .get(&format!("/api/v1/incidents/{}", i["id"]))
+                    .await
+                    .ok()?;
+                resolutions += d["timeline"]
+                    .as_array()?
+                    .iter()
+                    .filter(|e| e["kind"] == "resolved")
+                    .count();
+            }
+            (resolutions >= resolved).then_some(())
         },
     )
     .await

@@ -89,6 +89,17 @@ const CASES: &[(&str, &str, &[&str])] = &[
     ),
     (
         "tocsin-aggregator",
+        "aggregator_bad_repost.toml",
+        &[
+            "aggregator_bad_repost.toml:5",
+            "key `notify.webhook.0.repost_interval`",
+            "\"500ms\"",
+            "minimum of 1s",
+            "resolve_timeout",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
         "aggregator_bad_retry.toml",
         &[
             "aggregator_bad_retry.toml:2",
@@ -171,6 +182,26 @@ const CASES: &[(&str, &str, &[&str])] = &[
             "aggregator_same_ports.toml:2",
             "key `listen_grpc`",
             "different ports",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
+        "aggregator_bad_email_tls.toml",
+        &[
+            "aggregator_bad_email_tls.toml:3",
+            "key `notify.email.0.tls`",
+            "\"ssl\"",
+            "\"starttls\"",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
+        "aggregator_bad_email_to.toml",
+        &[
+            "aggregator_bad_email_to.toml",
+            "key `notify.email.0.to.0`",
+            "\"ops at example.org\"",
+            "Ops <ops@example.org>",
         ],
     ),
 ];

@@ -551,6 +551,109 @@ escalate_to = ["backup"]
     Ok(())
 }
 
+/// A check that clears and fires again within the re-open window reopens its incident:
+/// a new paging cycle. It is routed and paged again, repeats again and escalates again
+/// past the response target counted from the reopen; and a cycle acknowledged in time
+/// is not escalated, so its acknowledge and resolve reach the primary only — never the
+/// backup that an earlier cycle escalated to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopened_incident_is_routed_and_escalated_again() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (primary, backup) = (
+        WebhookReceiver::start().await?,
+        WebhookReceiver::start().await?,
+    );
+    let top = r#"
+[response_targets]
+P2 = "3s"
+[correlation]
+reopen_window = "10m"
+[[route]]
+name = "commander"
+channels = ["primary"]
+escalate_to = ["backup"]
+repeat_interval = "1s"
+"#;
+    let agg = Aggregator::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            top,
+            &[("primary", &primary, ""), ("backup", &backup, "")],
+        ),
+    )
+    .await?;
+    let mut node = SimNode::connect(agg.grpc, "node-reopen", &[]).await?;
+    // Cycle 1: paged, repeated, escalated; resolved to both.
+    node.send(&[("again", v1::State::Critical)]).await?;
+    wait_count(&primary, "trigger", "again", 1).await?;
+    wait_count(&primary, "repeat", "again", 1).await?;
+    wait_count(&backup, "trigger", "again", 1).await?;
+    let id = incident_id(&agg, "again").await?;
+    node.send(&[("again", v1::State::Ok)]).await?;
+    wait_count(&primary, "resolve", "again", 1).await?;
+    wait_count(&backup, "resolve", "again", 1).await?;
+
+    // Cycle 2: the same incident, paged, repeated and escalated again.
+    node.send(&[("again", v1::State::Critical)]).await?;
+    wait_count(&primary, "trigger", "again", 2).await?;
+    assert_eq!(incident_id(&agg, "again").await?, id, "reopened, not new");
+    let repeats = count(&primary, "repeat", "again");
+    wait_count(&primary, "repeat", "again", repeats + 1).await?;
+    wait_count(&backup, "trigger", "again", 2).await?;
+    let detail = agg.get(&format!("/api/v1/incidents/{id}")).await?;
+    assert_eq!(timeline_kinds(&detail, "reopened").len(), 1, "{detail}");
+    assert_eq!(timeline_kinds(&detail, "routed").len(), 2, "{detail}");
+    assert_eq!(timeline_kinds(&detail, "escalated").len(), 2, "{detail}");
+    node.send(&[("again", v1::State::Ok)]).await?;
+    wait_count(&primary, "resolve", "again", 2).await?;
+    wait_count(&backup, "resolve", "again", 2).await?;
+
+    // Cycle 3: acknowledged as soon as it is paged, within the 3 s target.
+    node.send(&[("again", v1::State::Critical)]).await?;
+    wait_count(&primary, "trigger", "again", 3).await?;
+    ack(&agg, id).await?;
+    wait_count(&primary, "acknowledge", "again", 1).await?;
+    let detail = agg.get(&format!("/api/v1/incidents/{id}")).await?;
+    let reopened_at = detail["timeline"]
+        .as_array()
+        .and_then(|t| t.iter().rev().find(|e| e["kind"] == "reopened"))
+        .and_then(|e| e["at_ms"].as_i64())
+        .context("reopened entry")?;
+    let acked = detail["acknowledged_at_ms"].as_i64().context("acked")?;
+    assert!(
+        acked < reopened_at + 3_000,
+        "precondition: the acknowledge came within the target ({} ms)",
+        acked - reopened_at
+    );
+    // Past the target, with many sweeps: no third escalation.
+    eventually("the P2 target of cycle 3 passed", PATIENCE, || async {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_millis();
+        (i64::try_from(now).ok()? > reopened_at + 4_000).then_some(())
+    })
+    .await?;
+    node.send(&[("again", v1::State::Ok)]).await?;
+    wait_count(&primary, "resolve", "again", 3).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let detail = agg.get(&format!("/api/v1/incidents/{id}")).await?;
+    assert_eq!(timeline_kinds(&detail, "escalated").len(), 2, "{detail}");
+    assert_eq!(
+        got(&backup),
+        pairs(&[
+            ("trigger", "again"),
+            ("resolve", "again"),
+            ("trigger", "again"),
+            ("resolve", "again")
+        ]),
+        "the backup hears only of the cycles that escalated to it"
+    );
+    assert_eq!(count(&primary, "acknowledge", "again"), 1);
+    Ok(())
+}
+
 /// With a budget of 5 triggers per window, 30 incidents at once give 5 triggers and one
 /// summary ("+25 more incidents") when the window turns; their resolves go only to the
 /// 5 that were paged. A channel without a budget gets all 30 of each.

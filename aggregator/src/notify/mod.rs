@@ -7,10 +7,14 @@
 //! incident's timeline. Delivery is at-least-once: a crash between the send and the
 //! record sends again, with the same `Idempotency-Key`.
 
+pub mod alertmanager;
 pub mod console;
+pub mod email;
 pub mod pagerduty;
 pub mod payload;
 pub mod slack;
+pub mod template;
+pub mod truncate;
 pub mod webhook;
 
 use std::time::Duration;
@@ -59,6 +63,8 @@ pub enum Target {
         /// Shared HTTP client.
         client: reqwest::Client,
     },
+    /// An SMTP server (`[[notify.email]]`).
+    Email(Box<email::EmailChannel>),
 }
 
 /// The body an HTTP channel sends.
@@ -70,6 +76,8 @@ pub enum Format {
     Slack,
     /// A PagerDuty Events API v2 event, with this routing key.
     PagerDuty(tocsin_agent::config::Secret),
+    /// Alertmanager API v2 alerts to `<url>/api/v2/alerts` ([`alertmanager`]).
+    Alertmanager(alertmanager::Options),
 }
 
 /// Delivers one channel's outbox rows in order.
@@ -92,6 +100,8 @@ pub struct Dispatcher {
     pub give_up_after: Duration,
     /// Counters.
     pub metrics: crate::metrics::Metrics,
+    /// Message templates (Slack text, PagerDuty summary, e-mail).
+    pub templates: std::sync::Arc<template::Templates>,
 }
 
 impl Dispatcher {
@@ -143,11 +153,12 @@ impl Dispatcher {
     }
 
     async fn attempt(&self, n: &Notification) -> Attempt {
-        if n.kind != "trigger" {
-            let (id, channel) = (n.incident_id, self.name.clone());
+        // A storm summary stands for triggers this channel never got: it follows none.
+        if n.kind != "trigger" && n.kind != crate::store::STORM_SUMMARY {
+            let (id, channel, before) = (n.incident_id, self.name.clone(), n.id);
             if let Ok(true) = self
                 .store
-                .call(move |s| s.trigger_failed(id, &channel))
+                .call(move |s| s.trigger_failed(id, &channel, before))
                 .await
             {
                 return Attempt::Failed {
@@ -160,17 +171,31 @@ impl Dispatcher {
             Target::Console => console::deliver(&n.payload),
             Target::Webhook {
                 url,
+                format: Format::Alertmanager(am),
+                timeout,
+                client,
+            } => {
+                am.deliver(&self.name, &self.store, client, url, *timeout, n)
+                    .await
+            }
+            Target::Webhook {
+                url,
                 format,
                 timeout,
                 client,
             } => {
                 let body = match format {
                     Format::Generic => n.payload.clone(),
-                    Format::Slack => slack::body(&n.payload),
-                    Format::PagerDuty(key) => pagerduty::body(&n.payload, key.expose()),
+                    // Delivered by the arm above.
+                    Format::Alertmanager(_) => n.payload.clone(),
+                    Format::Slack => slack::body(&n.payload, &self.templates),
+                    Format::PagerDuty(key) => {
+                        pagerduty::body(&n.payload, key.expose(), &self.templates)
+                    }
                 };
                 webhook::deliver(client, url, *timeout, &n.idempotency_key, &body).await
             }
+            Target::Email(ch) => email::deliver(ch, &self.templates, n).await,
         };
         match delivery {
             Delivery::Ok => {

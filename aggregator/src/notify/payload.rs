@@ -8,14 +8,27 @@ use crate::model::{Incident, rfc3339};
 /// Payload format version (`"version"` field).
 pub const PAYLOAD_VERSION: &str = "1";
 
-/// Renders the generic webhook body for `kind` (`trigger` or `resolve`):
+/// Every notification event (outbox kind): `trigger` (escalations included),
+/// `acknowledge`, `resolve`, `repeat` (a reminder of an open, unacknowledged incident)
+/// and `storm_summary` (the triggers a channel's storm guard held; see `store::paging`).
+pub const EVENTS: [&str; 5] = [
+    "trigger",
+    "acknowledge",
+    "resolve",
+    crate::store::REPEAT,
+    crate::store::STORM_SUMMARY,
+];
+
+/// Renders the generic webhook body for `kind` (`trigger`, `acknowledge`, `resolve` or
+/// `repeat`; a storm summary has its own shape, see `store::paging`):
 ///
 /// ```json
 /// {"version":"1","event":"trigger","dedup_key":"tocsin-7","created_at":"…",
 ///  "incident":{"id":7,"status":"triggered","severity":"P2","node":"web-1",
 ///              "check":"process:nginx","state":"critical","value":0.0,"unit":"count",
 ///              "threshold":1.0,"summary":"…","labels":{…},"fingerprint":"…",
-///              "triggered_at":"…","resolved_at":null,"breach_started_at":"…"}}
+///              "triggered_at":"…","acknowledged_at":null,"resolved_at":null,
+///              "breach_started_at":"…"}}
 /// ```
 pub fn render(kind: &str, i: &Incident, now_ms: i64) -> String {
     json!({
@@ -37,6 +50,7 @@ pub fn render(kind: &str, i: &Incident, now_ms: i64) -> String {
             "labels": i.labels,
             "fingerprint": i.fingerprint,
             "triggered_at": rfc3339(i.triggered_at_ms),
+            "acknowledged_at": i.acknowledged_at_ms.map(rfc3339),
             "resolved_at": i.resolved_at_ms.map(rfc3339),
             "resolution": i.resolution,
             "breach_started_at": (i.breach_started_at_ms > 0).then(|| rfc3339(i.breach_started_at_ms)),

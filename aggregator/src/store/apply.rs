@@ -1,14 +1,27 @@
 //! Applying one observed check state to the incidents, inside the caller's transaction:
-//! the single place where incidents open, change and resolve, with their timeline entries
-//! and outbox rows. Used for agent events, heartbeat reconciliation and node liveness.
+//! the single place where incidents open, gather members, change, reopen and resolve,
+//! with their timeline entries and outbox rows. Used for agent events, heartbeat
+//! reconciliation and node liveness; [`release_held`] pages what was held once nothing
+//! holds it any more.
+//!
+//! A firing fingerprint joins, in this order: the open incident it is already a member
+//! of; the open incident of its group key (`[correlation] group_by`); the incident it
+//! cleared from within `reopen_window` (which reopens); else a new incident. The
+//! incident stays open while any member fires and resolves when every member is OK.
+//!
+//! Paging is held — the incident is recorded, its trigger is not sent — while the group
+//! gathers (`group_wait`), while the check flaps, while silences mute every firing
+//! member, or while every firing member's node has an open `node_down` incident
+//! (inhibition). [`page`] is the one place that pages: it routes the trigger
+//! (`store::paging`: routes, storm guard) and enqueues it.
 
 use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{IngestOutcome, load_incident, notify_triggered, timeline};
-use crate::correlate::{self, Decision};
-use crate::model::{Severity, State};
+use super::{IngestOutcome, load_incident, notify_triggered, parse_state, timeline};
+use crate::correlate::{self, Correlation, Member, MemberFacts, NODE_DOWN};
+use crate::model::{Severity, State, Status};
 
 /// A check's state as observed, from whatever source.
 #[derive(Debug, Clone)]
@@ -33,8 +46,8 @@ pub struct Observation<'a> {
     pub breach_started_at_ms: i64,
     /// Timeline actor: `agent:<id>`, `aggregator`, …
     pub actor: &'a str,
-    /// From a heartbeat, not an event: only opens and resolves (a refresh per heartbeat
-    /// would flood the timeline).
+    /// From a heartbeat, not an event: only opens, joins and resolves (a refresh per
+    /// heartbeat would flood the timeline).
     pub reconcile: bool,
     /// The check is flapping (the agent's flap detection): paging is held — an incident
     /// opens without a trigger and stays open through OK — until it settles.
@@ -54,35 +67,404 @@ pub struct Context<'a> {
     pub now: i64,
     /// Silences (active or not; checked against `now`).
     pub silences: &'a [crate::silence::Silence],
+    /// Grouping, group wait, re-open window and severity rules.
+    pub correlation: &'a Correlation,
 }
 
-/// Sends the trigger of incident `id` to the channels its routes name (see
-/// `paging::page`); returns how many triggers were queued.
+/// Routes and sends the trigger of incident `id` (see `paging::page`: the channels its
+/// routes name, held where a channel's storm budget is spent); returns how many triggers
+/// were queued.
 fn page(conn: &Connection, ctx: &Context<'_>, id: i64, now: i64) -> rusqlite::Result<usize> {
     super::paging::page(conn, ctx.router, id, now)
 }
 
-/// Whether incident `id` was opened while flapping and never paged.
-fn held(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
-    let paged: bool = conn
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM outbox WHERE incident_id = ?1 AND kind = 'trigger')
-                 OR EXISTS (SELECT 1 FROM incidents WHERE id = ?1 AND status = 'acknowledged')",
-        )?
-        .query_row([id], |r| r.get(0))?;
-    // An acknowledged incident is someone's already: it is never paged. An incident
-    // paged under routing may have no trigger row (no channel, storm guard).
-    if paged || super::paging::routed(conn, id)? {
-        return Ok(false);
+/// Whether incident `id` was paged in its current cycle (since it opened or last
+/// reopened): it was routed (a `routing` row of the cycle, even when no trigger went out
+/// — a route without channels, every trigger held by the storm guard), or it has a
+/// trigger of the cycle (incidents paged before routing existed).
+fn paged(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
+    if super::paging::routed(conn, id)? {
+        return Ok(true);
     }
     conn.prepare_cached(
-        "SELECT EXISTS (SELECT 1 FROM timeline WHERE incident_id = ?1 AND kind = 'flapping')",
+        "SELECT EXISTS (SELECT 1 FROM outbox o, incidents i
+                        WHERE i.id = ?1 AND o.incident_id = i.id AND o.kind = 'trigger' AND o.id > i.outbox_mark)",
     )?
     .query_row([id], |r| r.get(0))
 }
 
-/// Opens, reclassifies, refreshes or resolves the incident of `obs`'s fingerprint as
-/// [`correlate::decide`] says, recording timeline entries and outbox rows in `out`.
+/// Whether the current cycle of incident `id` has a timeline entry of `kind`.
+fn noted(conn: &Connection, id: i64, kind: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM timeline t, incidents i
+                        WHERE i.id = ?1 AND t.incident_id = i.id AND t.kind = ?2 AND t.id > i.timeline_mark)",
+    )?
+    .query_row(params![id, kind], |r| r.get(0))
+}
+
+/// Whether incident `id` is held by flapping (never for an acknowledged incident: it is
+/// someone's already and is never paged).
+fn held(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM incidents WHERE id = ?1 AND flapping_hold = 1 AND status = 'triggered')",
+    )?
+    .query_row([id], |r| r.get(0))
+}
+
+/// The open `node_down` incident of `node`, if any.
+fn node_down_incident(conn: &Connection, node: &str) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached(
+        "SELECT i.id FROM incident_members m JOIN incidents i ON i.id = m.incident_id
+         WHERE m.node = ?1 AND m.check_name = ?2 AND m.state IN ('warning', 'critical')
+           AND i.status != 'resolved'
+         ORDER BY i.id LIMIT 1",
+    )?
+    .query_row(params![node, NODE_DOWN], |r| r.get(0))
+    .optional()
+}
+
+/// Members of incident `id`, in join order.
+pub(super) fn members(conn: &Connection, id: i64) -> rusqlite::Result<Vec<Member>> {
+    conn.prepare_cached(
+        "SELECT fingerprint, node, check_name, labels, state, value, message, since_ms, updated_ms
+         FROM incident_members WHERE incident_id = ?1 ORDER BY id",
+    )?
+    .query_map([id], |r| {
+        Ok(Member {
+            fingerprint: r.get(0)?,
+            node: r.get(1)?,
+            check: r.get(2)?,
+            labels: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
+            state: parse_state(&r.get::<_, String>(4)?),
+            value: r.get(5)?,
+            message: r.get(6)?,
+            since_ms: r.get(7)?,
+            updated_ms: r.get(8)?,
+        })
+    })?
+    .collect()
+}
+
+/// For a critical member on a node of a service: how many distinct known nodes of that
+/// service are critical on `check` (current check states, plus open `node_down`
+/// members), and how many nodes of that service are known.
+fn service_share(conn: &Connection, check: &str, service: &str) -> rusqlite::Result<(u64, u64)> {
+    let (critical, total): (i64, i64) = conn
+        .prepare_cached(
+            "SELECT
+                 (SELECT count(DISTINCT n.node) FROM (
+                      SELECT agent_id AS node FROM checks WHERE check_name = ?1 AND state = 'critical'
+                      UNION
+                      SELECT m.node FROM incident_members m JOIN incidents i ON i.id = m.incident_id
+                      WHERE m.check_name = ?1 AND m.state = 'critical' AND i.status != 'resolved') n
+                  JOIN agents a ON a.agent_id = n.node
+                  WHERE json_extract(a.labels, '$.' || ?3) = ?2),
+                 (SELECT count(*) FROM agents WHERE json_extract(labels, '$.' || ?3) = ?2)",
+        )?
+        .query_row(params![check, service, correlate::SERVICE_LABEL], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    Ok((
+        u64::try_from(critical).unwrap_or(0),
+        u64::try_from(total).unwrap_or(0),
+    ))
+}
+
+/// Recomputes incident `id`'s severity (recording a reclassification on the timeline)
+/// and description (node, check, labels, summary, state) from its members; `obs`
+/// supplies the latest value, unit and threshold.
+fn refresh(
+    conn: &Connection,
+    ctx: &Context<'_>,
+    id: i64,
+    obs: &Observation<'_>,
+    note_reclassify: bool,
+) -> rusqlite::Result<()> {
+    let all = members(conn, id)?;
+    let Some(d) = correlate::describe(&all) else {
+        return Ok(());
+    };
+    // One count per (check, service), however many members share it.
+    let mut counted: std::collections::HashMap<(&str, &str), (u64, u64)> = Default::default();
+    let mut shares = Vec::with_capacity(all.len());
+    for m in &all {
+        let share = match m.labels.get(correlate::SERVICE_LABEL) {
+            Some(service) if m.state == State::Critical => {
+                let key = (m.check.as_str(), service.as_str());
+                if let Some(s) = counted.get(&key) {
+                    Some(*s)
+                } else {
+                    let s = service_share(conn, &m.check, service)?;
+                    counted.insert(key, s);
+                    Some(s)
+                }
+            }
+            _ => None,
+        };
+        shares.push(share);
+    }
+    let facts: Vec<MemberFacts<'_>> = all
+        .iter()
+        .zip(shares)
+        .map(|(m, service_share)| MemberFacts {
+            node: &m.node,
+            check: &m.check,
+            state: m.state,
+            labels: &m.labels,
+            service_share,
+        })
+        .collect();
+    let sev = correlate::incident_severity(&facts, &ctx.correlation.severity);
+    let current: String = conn
+        .prepare_cached("SELECT severity FROM incidents WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))?;
+    if let Some(sev) = sev
+        && Severity::parse(&current) != Some(sev)
+    {
+        conn.execute(
+            "UPDATE incidents SET severity = ?2 WHERE id = ?1",
+            params![id, sev.as_str()],
+        )?;
+        if note_reclassify {
+            timeline(
+                conn,
+                id,
+                ctx.now,
+                "severity",
+                obs.actor,
+                &format!("now {} ({})", sev.as_str(), d.summary),
+            )?;
+        }
+    }
+    conn.execute(
+        "UPDATE incidents SET node = ?2, check_name = ?3, labels = ?4, summary = ?5,
+             state = coalesce(?6, state), value = ?7, unit = ?8, threshold = ?9
+         WHERE id = ?1",
+        params![
+            id,
+            d.node,
+            d.check,
+            serde_json::to_string(&d.labels).unwrap_or_default(),
+            d.summary,
+            d.state.map(State::as_str),
+            obs.value,
+            obs.unit,
+            obs.threshold
+        ],
+    )?;
+    Ok(())
+}
+
+/// Inserts or updates the member `fp` of incident `id` from `obs`.
+fn upsert_member(
+    conn: &Connection,
+    id: i64,
+    fp: &str,
+    obs: &Observation<'_>,
+    labels: &BTreeMap<String, String>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO incident_members
+             (incident_id, fingerprint, node, check_name, labels, state, value, message, since_ms, updated_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+         ON CONFLICT (incident_id, fingerprint) DO UPDATE SET
+             labels = ?5, value = ?7, message = ?8, updated_ms = ?9,
+             since_ms = CASE WHEN state = ?6 THEN since_ms ELSE ?9 END, state = ?6",
+    )?
+    .execute(params![
+        id,
+        fp,
+        obs.node,
+        obs.check,
+        serde_json::to_string(labels).unwrap_or_default(),
+        obs.state.as_str(),
+        obs.value,
+        obs.message,
+        now
+    ])?;
+    Ok(())
+}
+
+/// Pages incident `id` unless something holds it: it is not `triggered` (acknowledged
+/// incidents are never paged), it was paged in this cycle, it flaps, its group is still
+/// gathering, silences mute every firing member, or every firing member's node is down
+/// (inhibition). A new hold is recorded once on the timeline (`silenced`, `inhibited`);
+/// paging after such a hold says so (`unsilenced`, `uninhibited`). Returns the number of
+/// outbox rows.
+pub(super) fn page_or_hold(
+    conn: &Connection,
+    ctx: &Context<'_>,
+    id: i64,
+    actor: &str,
+) -> rusqlite::Result<usize> {
+    let now = ctx.now;
+    let (status, due, flapping): (String, Option<i64>, bool) = conn
+        .prepare_cached("SELECT status, page_due_ms, flapping_hold FROM incidents WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    if status != Status::Triggered.as_str()
+        || flapping
+        || due.is_some_and(|d| d > now)
+        || paged(conn, id)?
+    {
+        return Ok(0);
+    }
+    let severity: String = conn
+        .prepare_cached("SELECT severity FROM incidents WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))?;
+    let mut silenced_by = None;
+    let mut inhibited_by = None;
+    let mut free = false;
+    for m in members(conn, id)?.iter().filter(|m| m.state.is_firing()) {
+        let fields = crate::silence::fields(&m.node, &m.check, &severity, &m.labels);
+        if let Some(s) = ctx.silences.iter().find(|s| s.mutes(&fields, now)) {
+            silenced_by.get_or_insert(s);
+            continue;
+        }
+        if m.check != NODE_DOWN
+            && let Some(down) = node_down_incident(conn, &m.node)?
+            && down != id
+        {
+            inhibited_by.get_or_insert((down, m.node.clone()));
+            continue;
+        }
+        free = true;
+    }
+    if free {
+        if noted(conn, id, "silenced")? && !noted(conn, id, "unsilenced")? {
+            timeline(
+                conn,
+                id,
+                now,
+                "unsilenced",
+                actor,
+                "no silence mutes it any more: paging now",
+            )?;
+        }
+        if noted(conn, id, "inhibited")? && !noted(conn, id, "uninhibited")? {
+            timeline(
+                conn,
+                id,
+                now,
+                "uninhibited",
+                actor,
+                "no node_down incident inhibits it any more: paging now",
+            )?;
+        }
+        return page(conn, ctx, id, now);
+    }
+    if let Some(s) = silenced_by
+        && !noted(conn, id, "silenced")?
+    {
+        timeline(
+            conn,
+            id,
+            now,
+            "silenced",
+            actor,
+            &format!(
+                "silenced by #{} ({}: {}): paging is held until it ends",
+                s.id, s.created_by, s.reason
+            ),
+        )?;
+    }
+    if let Some((down, node)) = inhibited_by
+        && !noted(conn, id, "inhibited")?
+    {
+        timeline(
+            conn,
+            id,
+            now,
+            "inhibited",
+            actor,
+            &format!(
+                "node {node} is down (node_down incident #{down}): paging is held until it is back"
+            ),
+        )?;
+    }
+    Ok(0)
+}
+
+/// What follows an incident's resolution in the same transaction: its group wait ends,
+/// and the silences that end with it (`ends_with_incident`) are expired, recorded as
+/// expired by "incident #ID resolved".
+pub(super) fn resolved(conn: &Connection, id: i64, now: i64) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE incidents SET page_due_ms = NULL WHERE id = ?1",
+        [id],
+    )?;
+    conn.execute(
+        "UPDATE silences SET ends_ms = min(ends_ms, ?2), starts_ms = min(starts_ms, min(ends_ms, ?2)),
+             expired_by = coalesce(expired_by, ?3)
+         WHERE ends_with_incident = ?1 AND ends_ms > ?2",
+        params![id, now, format!("incident #{id} resolved")],
+    )?;
+    Ok(())
+}
+
+/// Opens a new incident for `obs` (fingerprint `fp`, group key `key`); returns its id.
+fn open(
+    conn: &Connection,
+    ctx: &Context<'_>,
+    obs: &Observation<'_>,
+    fp: &str,
+    key: &str,
+    labels: &BTreeMap<String, String>,
+) -> rusqlite::Result<i64> {
+    let now = ctx.now;
+    let sev = correlate::severity(obs.state);
+    let due = (ctx.correlation.group_wait_ms > 0).then(|| now + ctx.correlation.group_wait_ms);
+    conn.execute(
+        "INSERT INTO incidents (fingerprint, node, check_name, labels, severity, status, state, value, unit,
+             threshold, summary, breach_started_at_ms, triggered_at_ms, group_key, page_due_ms, flapping_hold,
+             outbox_mark, timeline_mark)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'triggered', ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+             (SELECT coalesce(max(id), 0) FROM outbox), (SELECT coalesce(max(id), 0) FROM timeline))",
+        params![
+            fp,
+            obs.node,
+            obs.check,
+            serde_json::to_string(labels).unwrap_or_default(),
+            sev.as_str(),
+            obs.state.as_str(),
+            obs.value,
+            obs.unit,
+            obs.threshold,
+            obs.message,
+            obs.breach_started_at_ms,
+            now,
+            key,
+            due,
+            obs.flapping
+        ],
+    )?;
+    let id = conn.last_insert_rowid();
+    conn.execute(
+        "UPDATE incidents SET dedup_key = ?2 WHERE id = ?1",
+        params![id, format!("tocsin-{}-{id}", ctx.install_id)],
+    )?;
+    upsert_member(conn, id, fp, obs, labels, now)?;
+    refresh(conn, ctx, id, obs, false)?;
+    let sev = load_incident(conn, id)?.severity;
+    let note = format!("{} {}: {}", sev.as_str(), obs.state.as_str(), obs.message);
+    timeline(conn, id, now, "triggered", obs.actor, &note)?;
+    Ok(id)
+}
+
+/// Records that `obs` flaps on a new or reopened incident: paging is held.
+fn note_flapping(conn: &Connection, id: i64, now: i64, actor: &str) -> rusqlite::Result<()> {
+    timeline(
+        conn,
+        id,
+        now,
+        "flapping",
+        actor,
+        "the check is flapping: paging is held until it settles",
+    )
+}
+
+/// Applies `obs` to the incidents: opens, joins, reopens, refreshes or resolves as the
+/// module docs say, recording timeline entries and outbox rows in `out`.
 pub fn apply(
     conn: &Connection,
     ctx: &Context<'_>,
@@ -90,74 +472,62 @@ pub fn apply(
     out: &mut IngestOutcome,
 ) -> rusqlite::Result<()> {
     let fp = correlate::fingerprint(obs.node, obs.check, obs.labels);
-    let open: Option<(i64, String)> = conn
+    let now = ctx.now;
+    let mut labels = ctx.node_labels.clone();
+    labels.extend(obs.labels.clone());
+    // The open incident this fingerprint is a member of, with the member's state.
+    let member: Option<(i64, String)> = conn
         .prepare_cached(
-            "SELECT id, severity FROM incidents WHERE fingerprint = ?1 AND status != 'resolved'",
+            "SELECT i.id, m.state FROM incident_members m JOIN incidents i ON i.id = m.incident_id
+             WHERE m.fingerprint = ?1 AND i.status != 'resolved' ORDER BY i.id DESC LIMIT 1",
         )?
         .query_row([&fp], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    let open_sev = open.as_ref().and_then(|(_, s)| Severity::parse(s));
-    let now = ctx.now;
-    match (correlate::decide(obs.state, open_sev), open) {
-        (Decision::Open(sev), _) => {
-            let mut labels = ctx.node_labels.clone();
-            labels.extend(obs.labels.clone());
-            conn.execute(
-                "INSERT INTO incidents (fingerprint, node, check_name, labels, severity, status, state, value, unit,
-                     threshold, summary, breach_started_at_ms, triggered_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'triggered', ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                params![
-                    fp,
-                    obs.node,
-                    obs.check,
-                    serde_json::to_string(&labels).unwrap_or_default(),
-                    sev.as_str(),
-                    obs.state.as_str(),
-                    obs.value,
-                    obs.unit,
-                    obs.threshold,
-                    obs.message,
-                    obs.breach_started_at_ms,
-                    now
-                ],
-            )?;
-            let id = conn.last_insert_rowid();
-            conn.execute(
-                "UPDATE incidents SET dedup_key = ?2 WHERE id = ?1",
-                params![id, format!("tocsin-{}-{id}", ctx.install_id)],
-            )?;
-            let note = format!("{} {}: {}", sev.as_str(), obs.state.as_str(), obs.message);
-            timeline(conn, id, now, "triggered", obs.actor, &note)?;
-            let fields = crate::silence::fields(obs.node, obs.check, sev.as_str(), &labels);
-            if let Some(s) = ctx.silences.iter().find(|s| s.mutes(&fields, now)) {
-                timeline(
-                    conn,
-                    id,
-                    now,
-                    "silenced",
-                    obs.actor,
-                    &format!(
-                        "silenced by #{} ({}: {}): paging is held until it ends",
-                        s.id, s.created_by, s.reason
-                    ),
-                )?;
-            } else if obs.flapping {
+    if obs.state.is_firing() {
+        match member {
+            Some((id, _)) if !obs.flapping && held(conn, id)? => {
+                // It settled while firing: the page that flapping held goes out now
+                // (unless something else holds it).
+                upsert_member(conn, id, &fp, obs, &labels, now)?;
+                conn.execute("UPDATE incidents SET flapping_hold = 0 WHERE id = ?1", [id])?;
+                refresh(conn, ctx, id, obs, true)?;
                 timeline(
                     conn,
                     id,
                     now,
                     "flapping",
                     obs.actor,
-                    "the check is flapping: paging is held until it settles",
+                    &format!("settled while firing: {}", obs.message),
                 )?;
-            } else {
-                out.notifications += page(conn, ctx, id, now)?;
+                out.notifications += page_or_hold(conn, ctx, id, obs.actor)?;
             }
-            out.opened.push(id);
+            Some((id, state)) => {
+                if obs.reconcile && state == obs.state.as_str() {
+                    return Ok(()); // nothing new: no write per heartbeat
+                }
+                upsert_member(conn, id, &fp, obs, &labels, now)?;
+                refresh(conn, ctx, id, obs, true)?;
+                if !obs.reconcile {
+                    timeline(conn, id, now, "state", obs.actor, obs.message)?;
+                }
+            }
+            None => join_or_open(conn, ctx, obs, &fp, &labels, out)?,
         }
+        return Ok(());
+    }
+    let Some((id, state)) = member else {
+        return Ok(());
+    };
+    if obs.state != State::Ok {
+        // Pending, unknown: the member says so; the incident stays as it is.
+        if state != obs.state.as_str() {
+            upsert_member(conn, id, &fp, obs, &labels, now)?;
+        }
+        return Ok(());
+    }
+    if obs.flapping {
         // One incident for the whole flapping stretch, not one per flap.
-        (Decision::Resolve, Some(_)) if obs.flapping && obs.reconcile => {}
-        (Decision::Resolve, Some((id, _))) if obs.flapping => {
+        if !obs.reconcile {
             timeline(
                 conn,
                 id,
@@ -170,79 +540,150 @@ pub fn apply(
                 ),
             )?;
         }
-        (Decision::Reclassify(_) | Decision::Refresh, Some((id, _)))
-            if !obs.flapping && obs.state.is_firing() && held(conn, id)? =>
-        {
-            // It settled while firing: the page that flapping held goes out now.
-            conn.execute(
-                "UPDATE incidents SET state = ?2, value = ?3, threshold = ?4, summary = ?5 WHERE id = ?1",
-                params![id, obs.state.as_str(), obs.value, obs.threshold, obs.message],
-            )?;
-            let incident = load_incident(conn, id)?;
-            let fields = crate::silence::fields(
-                &incident.node,
-                &incident.check,
-                incident.severity.as_str(),
-                &incident.labels,
-            );
-            if let Some(s) = ctx.silences.iter().find(|s| s.mutes(&fields, now)) {
-                timeline(
-                    conn,
-                    id,
-                    now,
-                    "silenced",
-                    obs.actor,
-                    &format!(
-                        "settled while firing, silenced by #{} ({}: {}): paging is held until it ends",
-                        s.id, s.created_by, s.reason
-                    ),
-                )?;
-            } else {
-                timeline(
-                    conn,
-                    id,
-                    now,
-                    "flapping",
-                    obs.actor,
-                    &format!("settled while firing, paging now: {}", obs.message),
-                )?;
-                out.notifications += page(conn, ctx, id, now)?;
-            }
-        }
-        (Decision::Reclassify(sev), Some((id, _))) => {
-            conn.execute(
-                "UPDATE incidents SET severity = ?2, state = ?3, value = ?4, threshold = ?5, summary = ?6 WHERE id = ?1",
-                params![id, sev.as_str(), obs.state.as_str(), obs.value, obs.threshold, obs.message],
-            )?;
-            timeline(
-                conn,
-                id,
-                now,
-                "severity",
-                obs.actor,
-                &format!("now {} ({})", sev.as_str(), obs.message),
-            )?;
-        }
-        (Decision::Refresh, Some((id, _))) if !obs.reconcile => {
-            conn.execute(
-                "UPDATE incidents SET state = ?2, value = ?3, threshold = ?4, summary = ?5 WHERE id = ?1",
-                params![id, obs.state.as_str(), obs.value, obs.threshold, obs.message],
-            )?;
-            timeline(conn, id, now, "state", obs.actor, obs.message)?;
-        }
-        (Decision::Resolve, Some((id, _))) => {
-            conn.execute(
-                "UPDATE incidents SET status = 'resolved', state = 'ok', resolved_at_ms = ?2, value = ?3, resolution = ?4
-                 WHERE id = ?1",
-                params![id, now, obs.value, obs.message],
-            )?;
-            timeline(conn, id, now, "resolved", obs.actor, obs.message)?;
-            // A resolve goes exactly to the channels that were sent the trigger (or still
-            // may be): never a lone resolve to a channel that refused the trigger.
-            out.notifications += notify_triggered(conn, id, "resolve", now)?;
-            out.resolved.push(id);
-        }
-        _ => {}
+        return Ok(());
     }
+    if state == State::Ok.as_str() {
+        return Ok(());
+    }
+    upsert_member(conn, id, &fp, obs, &labels, now)?;
+    let all_ok = members(conn, id)?.iter().all(|m| m.state == State::Ok);
+    if !all_ok {
+        refresh(conn, ctx, id, obs, true)?;
+        timeline(
+            conn,
+            id,
+            now,
+            "member",
+            obs.actor,
+            &format!("{fp} recovered: {}", obs.message),
+        )?;
+        return Ok(());
+    }
+    conn.execute(
+        "UPDATE incidents SET status = 'resolved', state = 'ok', resolved_at_ms = ?2, value = ?3, resolution = ?4
+         WHERE id = ?1",
+        params![id, now, obs.value, obs.message],
+    )?;
+    timeline(conn, id, now, "resolved", obs.actor, obs.message)?;
+    // A resolve goes exactly to the channels that were sent the trigger (or still may
+    // be): never a lone resolve to a channel that refused the trigger, and none at all
+    // for a group that cleared while it was still gathering.
+    out.notifications += notify_triggered(conn, id, "resolve", now)?;
+    resolved(conn, id, now)?;
+    out.resolved.push(id);
     Ok(())
+}
+
+/// A firing fingerprint that is no open incident's member: joins its group's open
+/// incident, reopens the incident it recently cleared from, or opens a new one.
+fn join_or_open(
+    conn: &Connection,
+    ctx: &Context<'_>,
+    obs: &Observation<'_>,
+    fp: &str,
+    labels: &BTreeMap<String, String>,
+    out: &mut IngestOutcome,
+) -> rusqlite::Result<()> {
+    let now = ctx.now;
+    let key = correlate::group_key(&ctx.correlation.group_by, obs.node, obs.check, labels);
+    let group: Option<i64> = conn
+        .prepare_cached(
+            "SELECT id FROM incidents WHERE group_key = ?1 AND status != 'resolved' ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row([&key], |r| r.get(0))
+        .optional()?;
+    if let Some(id) = group {
+        upsert_member(conn, id, fp, obs, labels, now)?;
+        refresh(conn, ctx, id, obs, true)?;
+        timeline(
+            conn,
+            id,
+            now,
+            "member",
+            obs.actor,
+            &format!("{fp} joined ({}): {}", obs.state.as_str(), obs.message),
+        )?;
+        // A group held only by inhibition or silences pages once a free member joins;
+        // one already paged is not paged again.
+        out.notifications += page_or_hold(conn, ctx, id, obs.actor)?;
+        return Ok(());
+    }
+    let window = ctx.correlation.reopen_window_ms;
+    let recent: Option<i64> = if window > 0 {
+        conn.prepare_cached(
+            "SELECT i.id FROM incident_members m JOIN incidents i ON i.id = m.incident_id
+             WHERE m.fingerprint = ?1 AND m.state = 'ok' AND i.status = 'resolved' AND i.resolved_at_ms >= ?2
+             ORDER BY i.resolved_at_ms DESC, i.id DESC LIMIT 1",
+        )?
+        .query_row(params![fp, now - window], |r| r.get(0))
+        .optional()?
+    } else {
+        None
+    };
+    let id = if let Some(id) = recent {
+        let due = (ctx.correlation.group_wait_ms > 0).then(|| now + ctx.correlation.group_wait_ms);
+        conn.execute(
+            "UPDATE incidents SET status = 'triggered', resolved_at_ms = NULL, resolution = NULL,
+                 acknowledged_at_ms = NULL, page_due_ms = ?2, flapping_hold = ?3, reopened = reopened + 1,
+                 outbox_mark = (SELECT coalesce(max(id), 0) FROM outbox),
+                 timeline_mark = (SELECT coalesce(max(id), 0) FROM timeline)
+             WHERE id = ?1",
+            params![id, due, obs.flapping],
+        )?;
+        upsert_member(conn, id, fp, obs, labels, now)?;
+        refresh(conn, ctx, id, obs, true)?;
+        timeline(
+            conn,
+            id,
+            now,
+            "reopened",
+            obs.actor,
+            &format!(
+                "{fp} fired again within the re-open window ({}): {}",
+                obs.state.as_str(),
+                obs.message
+            ),
+        )?;
+        id
+    } else {
+        open(conn, ctx, obs, fp, &key, labels)?
+    };
+    if obs.flapping {
+        note_flapping(conn, id, now, obs.actor)?;
+    } else {
+        out.notifications += page_or_hold(conn, ctx, id, obs.actor)?;
+    }
+    out.opened.push(id);
+    Ok(())
+}
+
+/// Pages, at `ctx.now`, every open incident whose trigger was held and is held no more:
+/// its group wait is over, or the silences or the `node_down` incident that held it
+/// ended (an aggregator restart resumes these from the store). Returns the number of
+/// outbox rows.
+pub(super) fn release_held(conn: &Connection, ctx: &Context<'_>) -> rusqlite::Result<usize> {
+    let now = ctx.now;
+    let candidates: Vec<i64> = conn
+        .prepare_cached(
+            "SELECT i.id FROM incidents i
+             WHERE i.status = 'triggered' AND i.flapping_hold = 0
+               AND ((i.page_due_ms IS NOT NULL AND i.page_due_ms <= ?1)
+                    OR EXISTS (SELECT 1 FROM timeline t WHERE t.incident_id = i.id AND t.id > i.timeline_mark
+                                 AND t.kind IN ('silenced', 'inhibited')))
+               AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.incident_id = i.id AND o.kind = 'trigger'
+                                 AND o.id > i.outbox_mark)
+               AND NOT EXISTS (SELECT 1 FROM routing r WHERE r.incident_id = i.id AND r.cycle = i.reopened)
+             ORDER BY i.id",
+        )?
+        .query_map([now], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut sent = 0;
+    for id in candidates {
+        conn.execute(
+            "UPDATE incidents SET page_due_ms = NULL WHERE id = ?1 AND page_due_ms <= ?2",
+            params![id, now],
+        )?;
+        sent += page_or_hold(conn, ctx, id, "aggregator")?;
+    }
+    Ok(sent)
 }

@@ -7,6 +7,7 @@
 //! outbox rows for them commit in **one** transaction: when the agent gets its ack, the
 //! page is already owed and survives a crash.
 
+pub mod alertmanager;
 mod apply;
 mod paging;
 mod schema;
@@ -98,6 +99,8 @@ pub struct Store {
     sessions: std::collections::HashMap<String, (String, u64)>,
     /// Every silence, as stored (few; matched in memory).
     silences: Vec<crate::silence::Silence>,
+    /// Grouping, group wait, re-open window and severity rules.
+    correlation: correlate::Correlation,
 }
 
 /// Answer to an agent's `Hello`.
@@ -116,9 +119,12 @@ pub enum HelloOutcome {
 pub const SEEN_FLUSH_MS: i64 = 10_000;
 
 /// Check name of the incident a silent node raises.
-pub const NODE_DOWN: &str = "node_down";
+pub const NODE_DOWN: &str = correlate::NODE_DOWN;
 
-/// Resolves the node's open `node_down` incident, if any: it is talking again.
+/// Resolves the node's firing `node_down` member (and its incident once no other member
+/// fires), if any: it is talking again. Called after the node's events or heartbeat
+/// states are applied, so that what it replays from its outage is inhibited; incidents
+/// that still fire then page at the next [`Store::release_held`].
 fn node_back(
     conn: &Connection,
     ctx: &apply::Context<'_>,
@@ -126,7 +132,10 @@ fn node_back(
     out: &mut IngestOutcome,
 ) -> rusqlite::Result<()> {
     let open: bool = conn
-        .prepare_cached("SELECT 1 FROM incidents WHERE fingerprint = ?1 AND status != 'resolved'")?
+        .prepare_cached(
+            "SELECT 1 FROM incident_members m JOIN incidents i ON i.id = m.incident_id
+             WHERE m.fingerprint = ?1 AND m.state != 'ok' AND i.status != 'resolved'",
+        )?
         .query_row([format!("{agent_id}/{NODE_DOWN}")], |_| Ok(()))
         .optional()?
         .is_some();
@@ -175,7 +184,7 @@ pub struct IngestOutcome {
     pub last_seq: u64,
     /// Events newly stored (duplicates excluded).
     pub stored: usize,
-    /// Incidents opened.
+    /// Incidents opened or reopened.
     pub opened: Vec<i64>,
     /// Incidents resolved.
     pub resolved: Vec<i64>,
@@ -205,6 +214,8 @@ pub struct IncidentDetail {
     pub timeline: Vec<TimelineEntry>,
     /// Notifications, oldest first.
     pub notifications: Vec<Notification>,
+    /// Members (one per fingerprint), in join order.
+    pub members: Vec<correlate::Member>,
 }
 
 fn sql_u64(v: u64) -> i64 {
@@ -238,6 +249,7 @@ impl Store {
             hb_memo: Default::default(),
             down: Default::default(),
             silences: Vec::new(),
+            correlation: correlate::Correlation::default(),
         };
         store
             .conn
@@ -247,6 +259,7 @@ impl Store {
             .conn
             .execute_batch(paging::SCHEMA)
             .map_err(|e| store.err(e))?;
+        schema::migrate(&store.conn).map_err(|e| store.err(e))?;
         let fresh = format!("{:08x}", fastrand::u32(..));
         store
             .conn
@@ -263,7 +276,10 @@ impl Store {
             .map_err(|e| store.err(e))?;
         store.down = store
             .conn
-            .prepare("SELECT node FROM incidents WHERE check_name = ?1 AND status != 'resolved'")
+            .prepare(
+                "SELECT m.node FROM incident_members m JOIN incidents i ON i.id = m.incident_id
+                 WHERE m.check_name = ?1 AND m.state != 'ok' AND i.status != 'resolved'",
+            )
             .and_then(|mut st| st.query_map([NODE_DOWN], |r| r.get(0))?.collect())
             .map_err(|e| store.err(e))?;
         store.silences = store.load_silences()?;
@@ -276,38 +292,111 @@ impl Store {
         self.router = router;
     }
 
+    /// Uses `correlation` (grouping, group wait, re-open window, severity rules) from now
+    /// on; the default is [`correlate::Correlation::default`].
+    #[must_use]
+    pub fn with_correlation(mut self, correlation: correlate::Correlation) -> Self {
+        self.correlation = correlation;
+        self
+    }
+
     fn load_silences(&self) -> Result<Vec<crate::silence::Silence>, StoreError> {
-        let rows: Vec<(i64, String, i64, i64, String, String)> = self
+        type Row = (
+            i64,
+            String,
+            i64,
+            i64,
+            String,
+            String,
+            Option<i64>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = self
             .conn
             .prepare(
-                "SELECT id, matchers, starts_ms, ends_ms, created_by, reason FROM silences ORDER BY id",
+                "SELECT id, matchers, starts_ms, ends_ms, created_by, reason, ends_with_incident, expired_by
+                 FROM silences ORDER BY id",
             )
             .and_then(|mut st| {
                 st.query_map([], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                    ))
                 })?
                 .collect()
             })
             .map_err(|e| self.err(e))?;
         Ok(rows
             .into_iter()
-            .filter_map(|(id, matchers, starts_ms, ends_ms, created_by, reason)| {
-                let texts: Vec<String> = serde_json::from_str(&matchers).ok()?;
-                let matchers = texts
-                    .iter()
-                    .map(|t| crate::silence::Matcher::parse(t))
-                    .collect::<Result<_, _>>()
-                    .ok()?;
-                Some(crate::silence::Silence {
+            .filter_map(
+                |(
                     id,
                     matchers,
                     starts_ms,
                     ends_ms,
                     created_by,
                     reason,
-                })
-            })
+                    ends_with_incident,
+                    expired_by,
+                )| {
+                    let texts: Vec<String> = serde_json::from_str(&matchers).ok()?;
+                    let matchers = texts
+                        .iter()
+                        .map(|t| crate::silence::Matcher::parse(t))
+                        .collect::<Result<_, _>>()
+                        .ok()?;
+                    Some(crate::silence::Silence {
+                        id,
+                        matchers,
+                        starts_ms,
+                        ends_ms,
+                        created_by,
+                        reason,
+                        ends_with_incident,
+                        expired_by,
+                    })
+                },
+            )
             .collect())
+    }
+
+    /// Mirrors in memory what [`apply::resolved`] did in the store: the silences that
+    /// end with one of the `resolved` incidents are expired at `now`.
+    fn silences_end_with(&mut self, resolved: &[i64], now: i64) {
+        for s in &mut self.silences {
+            if let Some(id) = s.ends_with_incident
+                && resolved.contains(&id)
+                && s.ends_ms > now
+            {
+                s.ends_ms = now;
+                s.starts_ms = s.starts_ms.min(s.ends_ms);
+                s.expired_by
+                    .get_or_insert_with(|| format!("incident #{id} resolved"));
+            }
+        }
+    }
+
+    /// Every label name a known node or check has (node labels from `Hello`, check
+    /// labels from events and heartbeats), for warning about silences that name a label
+    /// nothing has.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn known_label_names(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        self.conn
+            .prepare(
+                "SELECT DISTINCT j.key FROM agents, json_each(agents.labels) j
+                 UNION SELECT DISTINCT j.key FROM checks, json_each(checks.labels) j",
+            )
+            .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+            .map_err(|e| self.err(e))
     }
 
     /// Adds a silence; returns its id. The matchers are already parsed.
@@ -322,18 +411,36 @@ impl Store {
         by: &str,
         reason: &str,
     ) -> Result<i64, StoreError> {
+        self.add_silence_with(matchers, starts_ms, ends_ms, by, reason, None)
+    }
+
+    /// [`Store::add_silence`], optionally ending when incident `ends_with_incident`
+    /// resolves (expired then, recorded as expired by "incident #ID resolved").
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn add_silence_with(
+        &mut self,
+        matchers: Vec<crate::silence::Matcher>,
+        starts_ms: i64,
+        ends_ms: i64,
+        by: &str,
+        reason: &str,
+        ends_with_incident: Option<i64>,
+    ) -> Result<i64, StoreError> {
         let texts: Vec<&str> = matchers.iter().map(|m| m.text.as_str()).collect();
         self.conn
             .execute(
-                "INSERT INTO silences (matchers, starts_ms, ends_ms, created_by, reason, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO silences (matchers, starts_ms, ends_ms, created_by, reason, created_ms, ends_with_incident)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     serde_json::to_string(&texts).unwrap_or_default(),
                     starts_ms,
                     ends_ms,
                     by,
                     reason,
-                    now_ms()
+                    now_ms(),
+                    ends_with_incident
                 ],
             )
             .map_err(|e| self.err(e))?;
@@ -345,22 +452,33 @@ impl Store {
             ends_ms,
             created_by: by.to_owned(),
             reason: reason.to_owned(),
+            ends_with_incident,
+            expired_by: None,
         });
         Ok(id)
     }
 
-    /// Whether the trigger of `incident_id` to `channel` failed for good: then its
-    /// acknowledge and resolve are not sent there either (never a lone one).
+    /// Whether the trigger that notification `before` (an outbox id) follows up — the
+    /// latest trigger of `incident_id` to `channel` queued before it, i.e. the trigger of
+    /// its cycle — failed for good: then its acknowledge, resolve or repeat is not sent
+    /// there either (never a lone one). A trigger that failed in an earlier cycle of a
+    /// reopened incident does not count.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
-    pub fn trigger_failed(&self, incident_id: i64, channel: &str) -> Result<bool, StoreError> {
+    pub fn trigger_failed(
+        &self,
+        incident_id: i64,
+        channel: &str,
+        before: i64,
+    ) -> Result<bool, StoreError> {
         self.conn
             .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM outbox WHERE incident_id = ?1 AND channel = ?2
-                     AND kind = 'trigger' AND status = 'failed')",
+                "SELECT coalesce((SELECT status = 'failed' FROM outbox
+                                  WHERE incident_id = ?1 AND channel = ?2 AND kind = 'trigger' AND id < ?3
+                                  ORDER BY id DESC LIMIT 1), 0)",
             )
-            .and_then(|mut st| st.query_row(params![incident_id, channel], |r| r.get(0)))
+            .and_then(|mut st| st.query_row(params![incident_id, channel, before], |r| r.get(0)))
             .map_err(|e| self.err(e))
     }
 
@@ -386,6 +504,7 @@ impl Store {
             s.ends_ms = now;
         }
         s.starts_ms = s.starts_ms.min(s.ends_ms);
+        s.expired_by.get_or_insert_with(|| by.to_owned());
         let (starts, ends) = (s.starts_ms, s.ends_ms);
         self.conn
             .execute(
@@ -397,56 +516,40 @@ impl Store {
         Ok(true)
     }
 
-    /// Pages the incidents whose page a silence held, once no silence mutes them any
-    /// more (the silence ended or was expired) and they still fire. Run by the liveness
-    /// sweep every second.
+    /// [`Store::release_held`] (the name from before group waits and inhibition).
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
     pub fn release_silenced(&mut self, now: i64) -> Result<usize, StoreError> {
+        self.release_held(now)
+    }
+
+    /// Pages, in one transaction, the open incidents whose trigger was held and is held
+    /// no more: the group wait is over, no silence mutes them any more, or the node whose
+    /// `node_down` inhibited them is back — and they still fire and nobody acknowledged
+    /// them. Paged like any page: routed by the incident's severity now, through the
+    /// storm guard. Run by the liveness sweep every second; the holds live in the store,
+    /// so a restart resumes them. Returns the number of triggers queued.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn release_held(&mut self, now: i64) -> Result<usize, StoreError> {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite {
             path: path.clone(),
             source,
         };
-        let held: Vec<i64> = self
-            .conn
-            .prepare_cached(
-                "SELECT i.id FROM incidents i
-                 WHERE i.status = 'triggered'
-                   AND EXISTS (SELECT 1 FROM timeline t WHERE t.incident_id = i.id AND t.kind = 'silenced')
-                   AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.incident_id = i.id AND o.kind = 'trigger')
-                   AND NOT EXISTS (SELECT 1 FROM routing r WHERE r.incident_id = i.id)",
-            )
-            .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
-            .map_err(err)?;
-        if held.is_empty() {
-            return Ok(0);
-        }
         let tx = self.conn.transaction().map_err(err)?;
-        let mut sent = 0;
-        for id in held {
-            let incident = load_incident(&tx, id).map_err(err)?;
-            let fields = crate::silence::fields(
-                &incident.node,
-                &incident.check,
-                incident.severity.as_str(),
-                &incident.labels,
-            );
-            if self.silences.iter().any(|s| s.mutes(&fields, now)) {
-                continue;
-            }
-            timeline(
-                &tx,
-                id,
-                now,
-                "unsilenced",
-                "aggregator",
-                "no silence mutes it any more: paging now",
-            )
-            .map_err(err)?;
-            sent += paging::page(&tx, &self.router, id, now).map_err(err)?;
-        }
+        let none = BTreeMap::new();
+        let ctx = apply::Context {
+            silences: &self.silences,
+            router: &self.router,
+            install_id: &self.install_id,
+            node_labels: &none,
+            now,
+            correlation: &self.correlation,
+        };
+        let sent = apply::release_held(&tx, &ctx).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(sent)
     }
@@ -549,12 +652,16 @@ impl Store {
                 .map(|(agent, events)| {
                     ingest_in(
                         &tx,
-                        &self.router,
-                        &self.silences,
-                        &self.install_id,
+                        &apply::Context {
+                            silences: &self.silences,
+                            router: &self.router,
+                            install_id: &self.install_id,
+                            node_labels: &BTreeMap::new(),
+                            now,
+                            correlation: &self.correlation,
+                        },
                         agent,
                         events,
-                        now,
                     )
                 })
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -563,6 +670,9 @@ impl Store {
         })();
         match result {
             Ok(outs) => {
+                for out in &outs {
+                    self.silences_end_with(&out.resolved, now);
+                }
                 for (agent, _) in batches {
                     self.hb_memo.remove(*agent);
                     self.down.remove(*agent);
@@ -632,8 +742,8 @@ impl Store {
             install_id: &self.install_id,
             node_labels: &node_labels,
             now,
+            correlation: &self.correlation,
         };
-        node_back(&tx, &ctx, agent_id, &mut out).map_err(err)?;
         let consistent = last_seq <= stored_seq;
         for c in checks {
             let fp = correlate::fingerprint(agent_id, &c.check, &c.labels);
@@ -679,7 +789,9 @@ impl Store {
                 apply::apply(&tx, &ctx, &obs, &mut out).map_err(err)?;
             }
         }
+        node_back(&tx, &ctx, agent_id, &mut out).map_err(err)?;
         tx.commit().map_err(err)?;
+        self.silences_end_with(&out.resolved, now);
         self.down.remove(agent_id);
         if consistent {
             self.hb_memo.insert(agent_id.to_owned(), memo);
@@ -719,8 +831,9 @@ impl Store {
         let silent: Vec<(String, i64, i64, String)> = tx
             .prepare_cached(
                 "SELECT a.agent_id, a.last_seen_ms, a.heartbeat_ms, a.labels FROM agents a
-                 WHERE NOT EXISTS (SELECT 1 FROM incidents i
-                                   WHERE i.fingerprint = a.agent_id || '/node_down' AND i.status != 'resolved')",
+                 WHERE NOT EXISTS (SELECT 1 FROM incident_members m JOIN incidents i ON i.id = m.incident_id
+                                   WHERE m.fingerprint = a.agent_id || '/node_down' AND m.state != 'ok'
+                                     AND i.status != 'resolved')",
             )
             .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?.collect())
             .map_err(err)?;
@@ -745,6 +858,7 @@ impl Store {
                 install_id: &self.install_id,
                 node_labels: &node_labels,
                 now,
+                correlation: &self.correlation,
             };
             let message = format!(
                 "node {agent_id} silent for {}s (no heartbeat; timeout {}s, last seen {})",
@@ -874,10 +988,14 @@ impl Store {
                 .map_err(err)?;
                 timeline(&tx, id, now, "resolved", &actor, &resolution).map_err(err)?;
                 notify_triggered(&tx, id, "resolve", now).map_err(err)?;
+                apply::resolved(&tx, id, now).map_err(err)?;
                 Change::Done
             }
         };
         tx.commit().map_err(err)?;
+        if to == "resolved" && outcome == Change::Done {
+            self.silences_end_with(&[id], now);
+        }
         Ok(outcome)
     }
 
@@ -913,10 +1031,12 @@ impl Store {
             ))
             .and_then(|mut s| s.query_map([id], notification_from_row)?.collect())
             .map_err(|e| self.err(e))?;
+        let members = apply::members(&self.conn, id).map_err(|e| self.err(e))?;
         Ok(Some(IncidentDetail {
             incident,
             timeline,
             notifications,
+            members,
         }))
     }
 
@@ -1065,17 +1185,15 @@ fn last_event_flapping(conn: &Connection, agent_id: &str, check: &str) -> rusqli
     .map(Option::unwrap_or_default)
 }
 
-/// The body of [`Store::ingest_group`] for one agent's batch, inside the transaction.
-#[allow(clippy::too_many_arguments)]
+/// The body of [`Store::ingest_group`] for one agent's batch, inside the transaction
+/// (`base` gives everything but the node's labels, read here).
 fn ingest_in(
     tx: &Connection,
-    router: &crate::route::Router,
-    silences: &[crate::silence::Silence],
-    install_id: &str,
+    base: &apply::Context<'_>,
     agent_id: &str,
     events: &[Event],
-    now: i64,
 ) -> rusqlite::Result<IngestOutcome> {
+    let now = base.now;
     let node_labels: BTreeMap<String, String> = tx
         .query_row(
             "SELECT labels FROM agents WHERE agent_id = ?1",
@@ -1087,14 +1205,10 @@ fn ingest_in(
         .unwrap_or_default();
     let mut out = IngestOutcome::default();
     let actor = format!("agent:{agent_id}");
-    let back_ctx = apply::Context {
-        silences,
-        router,
-        install_id,
+    let ctx = apply::Context {
         node_labels: &node_labels,
-        now,
+        ..*base
     };
-    node_back(tx, &back_ctx, agent_id, &mut out)?;
     for e in events {
         let labels_json = serde_json::to_string(&e.labels).unwrap_or_default();
         let inserted = tx
@@ -1136,13 +1250,6 @@ fn ingest_in(
             .and_then(|mut s| s.execute(params![fp, agent_id, e.check, labels_json, e.state.as_str(), e.value, e.unit, e.observed_at_ms, now]))
             ?;
 
-        let ctx = apply::Context {
-            silences,
-            router,
-            install_id,
-            node_labels: &node_labels,
-            now,
-        };
         let obs = apply::Observation {
             node: agent_id,
             check: &e.check,
@@ -1159,6 +1266,8 @@ fn ingest_in(
         };
         apply::apply(tx, &ctx, &obs, &mut out)?;
     }
+    // After the batch: what the node replays from its outage is inhibited, not paged.
+    node_back(tx, &ctx, agent_id, &mut out)?;
     tx.execute(
         "UPDATE agents SET last_seq = max(last_seq, ?2), last_seen_ms = ?3 WHERE agent_id = ?1",
         params![agent_id, sql_u64(out.last_seq), now],
@@ -1179,6 +1288,7 @@ const INCIDENT_COLUMNS: &str = "id, dedup_key, fingerprint, node, check_name, la
 
 const OUTBOX_COLUMNS: &str = "id, incident_id, channel, kind, status, attempts, payload, last_error, created_ms, next_attempt_ms, delivered_ms, idempotency_key";
 
+/// Parses a stored state name (anything unknown is `Unknown`).
 fn parse_state(s: &str) -> State {
     match s {
         "ok" => State::Ok,
@@ -1260,10 +1370,14 @@ fn timeline(
 /// trigger: never a lone acknowledge or resolve. Returns how many were enqueued.
 fn notify_triggered(conn: &Connection, id: i64, kind: &str, now: i64) -> rusqlite::Result<usize> {
     let incident = load_incident(conn, id)?;
+    // Only this cycle's triggers: a reopened incident's resolve goes to the channels of
+    // its new trigger.
     let channels: Vec<String> = conn
         .prepare_cached(
-            "SELECT channel FROM outbox WHERE incident_id = ?1 AND kind = 'trigger' AND status != 'failed'
-             ORDER BY id",
+            "SELECT o.channel FROM outbox o, incidents i
+             WHERE i.id = ?1 AND o.incident_id = i.id AND o.kind = 'trigger' AND o.status != 'failed'
+               AND o.id > i.outbox_mark
+             ORDER BY o.id",
         )?
         .query_map([id], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
@@ -1281,12 +1395,22 @@ fn enqueue(
     now: i64,
 ) -> rusqlite::Result<()> {
     let body = payload::render(kind, incident, now);
+    // Each cycle of a reopened incident has idempotency keys of its own, so that a
+    // receiver that drops repeats still gets the new trigger and resolve.
+    let reopened: i64 = conn
+        .prepare_cached("SELECT reopened FROM incidents WHERE id = ?1")?
+        .query_row([incident.id], |r| r.get(0))?;
+    let key = if reopened == 0 {
+        format!("{}-{kind}", incident.dedup_key)
+    } else {
+        format!("{}-{kind}-{}", incident.dedup_key, reopened + 1)
+    };
     conn.prepare_cached(
         "INSERT INTO outbox (incident_id, channel, kind, status, attempts, payload, created_ms, next_attempt_ms,
              idempotency_key)
          VALUES (?1, ?2, ?3, 'pending', 0, ?4, ?5, ?5, ?6)",
     )?
-    .execute(params![incident.id, channel, kind, body, now, format!("{}-{kind}", incident.dedup_key)])?;
+    .execute(params![incident.id, channel, kind, body, now, key])?;
     Ok(())
 }
 
@@ -1550,8 +1674,12 @@ mod tests {
     }
 
     #[test]
-    fn severity_follows_the_state_and_refire_opens_a_new_incident() {
-        let (_dir, mut s) = store(&[]);
+    fn severity_follows_the_state_and_refire_after_the_reopen_window_opens_a_new_incident() {
+        let (_dir, s) = store(&[]);
+        let mut s = s.with_correlation(correlate::Correlation {
+            reopen_window_ms: 0,
+            ..correlate::Correlation::default()
+        });
         s.hello(&hello("a"), 1).expect("hello");
         let id = s
             .ingest("a", &[event(1, State::Warning)])
@@ -1566,6 +1694,354 @@ mod tests {
         let again = s.ingest("a", &[event(4, State::Critical)]).expect("again");
         assert_eq!(again.opened.len(), 1);
         assert_ne!(again.opened[0], id);
+    }
+
+    fn hello_labels(id: &str, labels: &[(&str, &str)]) -> AgentHello {
+        AgentHello {
+            instance_id: format!("i-{id}"),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..hello(id)
+        }
+    }
+
+    fn on(check: &str, seq: u64, state: State) -> Event {
+        Event {
+            check: check.into(),
+            ..event(seq, state)
+        }
+    }
+
+    fn kinds(s: &Store, id: i64) -> Vec<String> {
+        s.incident(id)
+            .expect("read")
+            .expect("exists")
+            .timeline
+            .into_iter()
+            .map(|t| t.kind)
+            .collect()
+    }
+
+    fn triggers(s: &Store, id: i64) -> usize {
+        s.incident(id)
+            .expect("read")
+            .expect("exists")
+            .notifications
+            .iter()
+            .filter(|n| n.kind == "trigger")
+            .count()
+    }
+
+    #[test]
+    fn one_check_on_many_nodes_is_one_incident_paged_once() {
+        let (_dir, mut s) = store(&["hook"]);
+        let mut ids = Vec::new();
+        for n in 1..=12 {
+            let node = format!("web-{n}");
+            s.hello(&hello_labels(&node, &[("service", "web")]), n)
+                .expect("hello");
+            let out = s
+                .ingest(&node, &[on("cpu", 1, State::Critical)])
+                .expect("ingest");
+            ids.extend(out.opened);
+            // Only the first member pages; the others join without a second trigger.
+            assert_eq!(out.notifications, usize::from(n == 1), "node {n}");
+        }
+        assert_eq!(ids.len(), 1, "one incident: {ids:?}");
+        let d = s.incident(ids[0]).expect("r").expect("e");
+        assert_eq!(d.members.len(), 12);
+        assert_eq!(d.incident.node, "12 nodes");
+        assert_eq!(d.incident.check, "cpu");
+        assert!(
+            d.incident
+                .summary
+                .starts_with("cpu critical on 12 nodes: web-1, web-2,"),
+            "{}",
+            d.incident.summary
+        );
+        assert_eq!(
+            d.incident.severity,
+            Severity::P1,
+            "critical on every node of the service"
+        );
+        assert!(d.timeline.iter().any(|t| t.kind == "severity"));
+        // All but one recover: still open; then the last: exactly one resolve.
+        for n in 1..=11 {
+            let out = s
+                .ingest(&format!("web-{n}"), &[on("cpu", 2, State::Ok)])
+                .expect("ok");
+            assert!(out.resolved.is_empty());
+        }
+        let d = s.incident(ids[0]).expect("r").expect("e");
+        assert_eq!(d.incident.status, Status::Triggered);
+        assert_eq!(d.incident.severity, Severity::P2, "one of 12 is not half");
+        let out = s.ingest("web-12", &[on("cpu", 2, State::Ok)]).expect("ok");
+        assert_eq!(out.resolved, ids);
+        assert_eq!(out.notifications, 1, "one resolve to the channel paged");
+    }
+
+    #[test]
+    fn group_by_node_puts_a_nodes_checks_together_and_severity_follows_the_members() {
+        let (_dir, s) = store(&["hook"]);
+        let mut s = s.with_correlation(correlate::Correlation {
+            group_by: vec!["node".into()],
+            ..correlate::Correlation::default()
+        });
+        s.hello(&hello("a"), 1).expect("hello");
+        let id = s
+            .ingest("a", &[on("cpu", 1, State::Warning)])
+            .expect("w")
+            .opened[0];
+        s.ingest(
+            "a",
+            &[
+                on("memory", 2, State::Critical),
+                on("disk", 3, State::Warning),
+            ],
+        )
+        .expect("more");
+        let d = s.incident(id).expect("r").expect("e");
+        assert_eq!((d.members.len(), d.incident.severity), (3, Severity::P2));
+        assert_eq!(d.incident.check, "3 checks");
+        assert_eq!(triggers(&s, id), 1);
+        let out = s
+            .ingest("a", &[on("memory", 4, State::Ok)])
+            .expect("memory ok");
+        assert!(out.resolved.is_empty(), "two members still fire");
+        let d = s.incident(id).expect("r").expect("e");
+        assert_eq!(
+            d.incident.severity,
+            Severity::P3,
+            "recomputed from the warnings"
+        );
+        assert!(
+            d.timeline
+                .iter()
+                .any(|t| t.kind == "severity" && t.note.starts_with("now P3"))
+        );
+        s.ingest("a", &[on("cpu", 5, State::Ok)]).expect("cpu ok");
+        let out = s.ingest("a", &[on("disk", 6, State::Ok)]).expect("disk ok");
+        assert_eq!((out.resolved.len(), out.notifications), (1, 1));
+    }
+
+    #[test]
+    fn a_group_that_clears_inside_group_wait_sends_nothing_and_a_held_group_pages_once() {
+        let (_dir, s) = store(&["hook"]);
+        let mut s = s.with_correlation(correlate::Correlation {
+            group_wait_ms: 60_000,
+            ..correlate::Correlation::default()
+        });
+        s.hello(&hello("a"), 1).expect("hello");
+        s.hello(&hello_labels("b", &[]), 2).expect("hello");
+        let id = s
+            .ingest("a", &[on("cpu", 1, State::Critical)])
+            .expect("c")
+            .opened[0];
+        assert_eq!(
+            s.release_held(now_ms()).expect("release"),
+            0,
+            "still gathering"
+        );
+        let out = s.ingest("a", &[on("cpu", 2, State::Ok)]).expect("ok");
+        assert_eq!(
+            (out.resolved.len(), out.notifications),
+            (1, 0),
+            "no lone resolve"
+        );
+        assert_eq!(s.release_held(now_ms() + 120_000).expect("release"), 0);
+        assert!(
+            s.incident(id)
+                .expect("r")
+                .expect("e")
+                .notifications
+                .is_empty()
+        );
+        // Another group: two members gather, then one page names both.
+        let id = s
+            .ingest("a", &[on("memory", 3, State::Critical)])
+            .expect("m")
+            .opened[0];
+        s.ingest("b", &[on("memory", 1, State::Critical)])
+            .expect("m");
+        assert_eq!(s.release_held(now_ms() + 120_000).expect("release"), 1);
+        let d = s.incident(id).expect("r").expect("e");
+        assert!(
+            d.notifications[0]
+                .payload
+                .contains("memory critical on 2 nodes: a, b")
+        );
+        assert_eq!(s.release_held(now_ms() + 240_000).expect("again"), 0);
+    }
+
+    #[test]
+    fn node_down_inhibits_the_nodes_other_alerts_until_it_is_back() {
+        let (_dir, s) = store(&["hook"]);
+        let mut s = s.with_correlation(correlate::Correlation {
+            group_by: vec!["node".into(), "check".into()],
+            ..correlate::Correlation::default()
+        });
+        s.hello(&hello("a"), 1).expect("hello");
+        let seen = now_ms();
+        let down = s
+            .sweep_liveness(seen + 60_000, 5_000, seen)
+            .expect("sweep")
+            .opened[0];
+        // A check that fires while the node is down (e.g. replayed from its outage
+        // through a heartbeat that arrives before node_back) is recorded, not paged.
+        let tx = s.conn.transaction().expect("tx");
+        let none = BTreeMap::new();
+        let correlation = s.correlation.clone();
+        let ctx = apply::Context {
+            silences: &[],
+            router: &s.router,
+            install_id: "x",
+            node_labels: &none,
+            now: now_ms(),
+            correlation: &correlation,
+        };
+        let labels = BTreeMap::new();
+        let obs = apply::Observation {
+            node: "a",
+            check: "http:api",
+            labels: &labels,
+            state: State::Critical,
+            value: None,
+            unit: "",
+            threshold: None,
+            message: "api down",
+            breach_started_at_ms: 0,
+            actor: "agent:a",
+            reconcile: false,
+            flapping: false,
+        };
+        let mut out = IngestOutcome::default();
+        apply::apply(&tx, &ctx, &obs, &mut out).expect("apply");
+        tx.commit().expect("commit");
+        let id = out.opened[0];
+        assert_eq!(out.notifications, 0);
+        let d = s.incident(id).expect("r").expect("e");
+        let entry = d
+            .timeline
+            .iter()
+            .find(|t| t.kind == "inhibited")
+            .expect("inhibited");
+        assert!(entry.note.contains(&format!("#{down}")), "{}", entry.note);
+        assert_eq!(s.release_held(now_ms()).expect("release"), 0, "still down");
+        // An event batch from the node: what it replays is inhibited, then it is back.
+        let out = s
+            .ingest(
+                "a",
+                &[
+                    on("memory", 1, State::Critical),
+                    on("disk", 2, State::Critical),
+                    on("disk", 3, State::Ok),
+                ],
+            )
+            .expect("back");
+        assert_eq!(out.resolved.len(), 2, "node_down and the disk that cleared");
+        assert_eq!(out.notifications, 1, "only node_down's resolve");
+        assert_eq!(
+            s.release_held(now_ms()).expect("release"),
+            2,
+            "api and memory page now"
+        );
+        assert_eq!(triggers(&s, id), 1);
+        assert!(kinds(&s, id).contains(&"uninhibited".to_owned()));
+    }
+
+    #[test]
+    fn a_fingerprint_firing_again_inside_the_reopen_window_reopens_its_incident() {
+        let (_dir, mut s) = store(&["hook"]);
+        s.hello(&hello("a"), 1).expect("hello");
+        let id = s
+            .ingest("a", &[event(1, State::Critical)])
+            .expect("c")
+            .opened[0];
+        s.ingest("a", &[event(2, State::Ok)]).expect("ok");
+        let out = s.ingest("a", &[event(3, State::Critical)]).expect("again");
+        assert_eq!((out.opened.clone(), out.notifications), (vec![id], 1));
+        let d = s.incident(id).expect("r").expect("e");
+        assert_eq!(d.incident.status, Status::Triggered);
+        assert!(d.incident.resolved_at_ms.is_none());
+        assert!(d.timeline.iter().any(|t| t.kind == "reopened"));
+        let keys: Vec<&str> = d
+            .notifications
+            .iter()
+            .map(|n| n.idempotency_key.as_str())
+            .collect();
+        assert_eq!(keys.len(), 3);
+        assert_ne!(keys[0], keys[2], "the new trigger has a key of its own");
+        let out = s.ingest("a", &[event(4, State::Ok)]).expect("ok again");
+        assert_eq!((out.resolved.clone(), out.notifications), (vec![id], 1));
+        assert_eq!(
+            d.incident.dedup_key,
+            s.incident(id).expect("r").expect("e").incident.dedup_key
+        );
+    }
+
+    #[test]
+    fn a_silence_ending_with_its_incident_expires_when_it_resolves() {
+        let (_dir, mut s) = store(&["hook"]);
+        s.hello(&hello("a"), 1).expect("hello");
+        let id = s
+            .ingest("a", &[event(1, State::Critical)])
+            .expect("c")
+            .opened[0];
+        let m = crate::silence::Matcher::parse("node=a").expect("m");
+        let now = now_ms();
+        let sid = s
+            .add_silence_with(vec![m], now, now + 3_600_000, "alice", "fixing", Some(id))
+            .expect("add");
+        s.ingest("a", &[event(2, State::Ok)]).expect("ok");
+        let v = s
+            .silences(now_ms() + 1)
+            .into_iter()
+            .find(|v| v.id == sid)
+            .expect("listed");
+        assert_eq!(v.state, "expired");
+        assert_eq!(
+            v.expired_by.as_deref(),
+            Some(format!("incident #{id} resolved").as_str())
+        );
+        drop(s);
+        let s = Store::open(_dir.path(), vec![]).expect("reopen");
+        let v = s
+            .silences(now_ms() + 1)
+            .into_iter()
+            .find(|v| v.id == sid)
+            .expect("listed");
+        assert_eq!((v.state, v.ends_with_incident), ("expired", Some(id)));
+        assert!(s.known_label_names().expect("labels").contains("service"));
+    }
+
+    #[test]
+    fn an_old_database_is_migrated_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let conn = Connection::open(dir.path().join("tocsin.db")).expect("open");
+            conn.execute_batch(schema::SCHEMA).expect("old schema");
+            conn.execute_batch(
+                "INSERT INTO incidents (fingerprint, node, check_name, labels, severity, status, state, unit,
+                     summary, breach_started_at_ms, triggered_at_ms, dedup_key)
+                 VALUES ('a/process:nginx', 'a', 'process:nginx', '{}', 'P2', 'triggered', 'critical', 'count',
+                     'nginx down', 1, 1, 'tocsin-x-1');
+                 INSERT INTO timeline (incident_id, at_ms, kind, actor, note) VALUES (1, 1, 'flapping', 'a', 'held');",
+            )
+            .expect("old incident");
+        }
+        let mut s = Store::open(dir.path(), vec!["hook".into()]).expect("migrate");
+        let d = s.incident(1).expect("r").expect("e");
+        assert_eq!(d.members.len(), 1, "its one member");
+        s.hello(&hello("a"), 1).expect("hello");
+        // It settles while firing: the held page goes out, into the same incident.
+        let out = s
+            .ingest("a", &[event(1, State::Critical)])
+            .expect("settled");
+        assert_eq!((out.opened.len(), out.notifications), (0, 1));
+        drop(s);
+        Store::open(dir.path(), vec![]).expect("migrating again is a no-op");
     }
 
     #[test]

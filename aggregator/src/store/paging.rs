@@ -12,9 +12,16 @@
 //!   transaction as the escalation triggers); repeats are `repeat` outbox rows (the next
 //!   one is due a period after the last).
 //!
+//! All of it is per **paging cycle**: an incident that resolves and fires again within
+//! the re-open window (`store::apply`) starts a new cycle — it is routed, paged, repeated
+//! and escalated again, as if new. `routing` and `storm_held` rows carry the cycle they
+//! belong to (the incident's `reopened` count then); outbox rows and timeline entries of
+//! the current cycle are those after the incident's `outbox_mark` and `timeline_mark`.
+//!
 //! The invariant holds for everything here: acknowledge and resolve go to a channel iff
-//! it was sent the trigger (`notify_triggered` reads `trigger` outbox rows). Escalation
-//! triggers are `trigger` rows; held triggers, repeats and summaries are not.
+//! it was sent the trigger in the current cycle (`notify_triggered` reads that cycle's
+//! `trigger` outbox rows). Escalation triggers are `trigger` rows; held triggers, repeats
+//! and summaries are not.
 
 use std::collections::BTreeMap;
 
@@ -34,7 +41,8 @@ CREATE TABLE IF NOT EXISTS routing (
     channels    TEXT NOT NULL,
     escalate_to TEXT NOT NULL,
     repeat_ms   INTEGER,
-    routed_ms   INTEGER NOT NULL
+    routed_ms   INTEGER NOT NULL,
+    cycle       INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS routing_incident ON routing (incident_id);
 
@@ -45,7 +53,8 @@ CREATE TABLE IF NOT EXISTS storm_held (
     severity      TEXT NOT NULL,
     held_ms       INTEGER NOT NULL,
     window_end_ms INTEGER NOT NULL,
-    summary_id    INTEGER
+    summary_id    INTEGER,
+    cycle         INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS storm_held_incident ON storm_held (incident_id);
 CREATE INDEX IF NOT EXISTS storm_held_pending ON storm_held (window_end_ms) WHERE summary_id IS NULL;
@@ -82,8 +91,8 @@ pub(super) fn page(
     let mut notes = Vec::new();
     for p in &plans {
         conn.prepare_cached(
-            "INSERT INTO routing (incident_id, route, channels, escalate_to, repeat_ms, routed_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO routing (incident_id, route, channels, escalate_to, repeat_ms, routed_ms, cycle)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT reopened FROM incidents WHERE id = ?1))",
         )?
         .execute(params![
             id,
@@ -143,11 +152,29 @@ pub(super) fn page(
     Ok(sent)
 }
 
-/// Whether incident `id` was paged under routing (it has a `routing` row), even if no
-/// trigger went out (a route without channels, every trigger held by the storm guard).
+/// Whether incident `id` was paged under routing in its current cycle (it has a
+/// `routing` row of the cycle), even if no trigger went out (a route without channels,
+/// every trigger held by the storm guard).
 pub(super) fn routed(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
-    conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM routing WHERE incident_id = ?1)")?
-        .query_row([id], |r| r.get(0))
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM routing r, incidents i
+                        WHERE i.id = ?1 AND r.incident_id = i.id AND r.cycle = i.reopened)",
+    )?
+    .query_row([id], |r| r.get(0))
+}
+
+/// When the current cycle of incident `id` started (Unix ms): when it triggered, or when
+/// it last reopened (its `reopened` timeline entry, the first of the cycle). Response
+/// targets count from here.
+fn cycle_start(conn: &Connection, id: i64) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "SELECT CASE WHEN i.reopened = 0 THEN i.triggered_at_ms
+                     ELSE coalesce((SELECT min(t.at_ms) FROM timeline t
+                                    WHERE t.incident_id = i.id AND t.id > i.timeline_mark),
+                                   i.triggered_at_ms) END
+         FROM incidents i WHERE i.id = ?1",
+    )?
+    .query_row([id], |r| r.get(0))
 }
 
 /// What became of one trigger.
@@ -179,8 +206,8 @@ fn send_trigger(
     {
         let window_end = storm.window_start(now) + storm.window_ms();
         conn.prepare_cached(
-            "INSERT INTO storm_held (channel, incident_id, severity, held_ms, window_end_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO storm_held (channel, incident_id, severity, held_ms, window_end_ms, cycle)
+             VALUES (?1, ?2, ?3, ?4, ?5, (SELECT reopened FROM incidents WHERE id = ?2))",
         )?
         .execute(params![
             channel,
@@ -209,12 +236,15 @@ fn send_trigger(
     Ok(Sent::Queued)
 }
 
-/// Whether `channel` already has the trigger of incident `id`, queued, sent, failed or
-/// held by the storm guard: it never gets a second one.
+/// Whether `channel` already has the trigger of incident `id` in its current cycle,
+/// queued, sent, failed or held by the storm guard: it never gets a second one per cycle.
 fn has_page(conn: &Connection, id: i64, channel: &str) -> rusqlite::Result<bool> {
     conn.prepare_cached(
-        "SELECT EXISTS (SELECT 1 FROM outbox WHERE incident_id = ?1 AND channel = ?2 AND kind = 'trigger')
-             OR EXISTS (SELECT 1 FROM storm_held WHERE incident_id = ?1 AND channel = ?2)",
+        "SELECT EXISTS (SELECT 1 FROM outbox o, incidents i
+                        WHERE i.id = ?1 AND o.incident_id = i.id AND o.channel = ?2 AND o.kind = 'trigger'
+                          AND o.id > i.outbox_mark)
+             OR EXISTS (SELECT 1 FROM storm_held h, incidents i
+                        WHERE i.id = ?1 AND h.incident_id = i.id AND h.channel = ?2 AND h.cycle = i.reopened)",
     )?
     .query_row(params![id, channel], |r| r.get(0))
 }
@@ -246,9 +276,10 @@ pub struct SweepOutcome {
 impl Store {
     /// One paging sweep at `now` (Unix ms), in one transaction: escalates incidents still
     /// unacknowledged past their severity's response target (measured from
-    /// `triggered_at`; once per incident, so a restart never escalates twice), queues the
-    /// repeats that are due, and sends a summary for every channel whose storm window
-    /// ended with held triggers. Run by [`crate::escalate::Sweep`].
+    /// `triggered_at`, or from the reopen of a reopened incident; once per paging cycle,
+    /// so a restart never escalates twice), queues the repeats that are due, and sends a
+    /// summary for every channel whose storm window ended with held triggers. Run by
+    /// [`crate::escalate::Sweep`].
     ///
     /// # Errors
     /// [`StoreError::Sqlite`]; nothing is committed then.
@@ -288,22 +319,27 @@ fn escalate(
         .prepare_cached(
             "SELECT i.id FROM incidents i
              WHERE i.status = 'triggered'
-               AND EXISTS (SELECT 1 FROM routing r WHERE r.incident_id = i.id AND r.escalate_to != '[]')
-               AND NOT EXISTS (SELECT 1 FROM timeline t WHERE t.incident_id = i.id AND t.kind = 'escalated')",
+               AND EXISTS (SELECT 1 FROM routing r WHERE r.incident_id = i.id AND r.cycle = i.reopened
+                             AND r.escalate_to != '[]')
+               AND NOT EXISTS (SELECT 1 FROM timeline t WHERE t.incident_id = i.id AND t.id > i.timeline_mark
+                                 AND t.kind = 'escalated')",
         )?
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     for id in due {
         let incident = load_incident(tx, id)?;
         let targets = &router.routing.targets;
-        let deadline = targets.deadline(incident.severity, incident.triggered_at_ms);
+        let deadline = targets.deadline(incident.severity, cycle_start(tx, id)?);
         // A silence mutes escalation as it mutes the page: it goes out when it ends.
         if now < deadline || muted(silences, &incident, now) {
             continue;
         }
         let mut to: Vec<String> = Vec::new();
         let rows: Vec<String> = tx
-            .prepare_cached("SELECT escalate_to FROM routing WHERE incident_id = ?1 ORDER BY id")?
+            .prepare_cached(
+                "SELECT r.escalate_to FROM routing r, incidents i
+                 WHERE i.id = ?1 AND r.incident_id = i.id AND r.cycle = i.reopened ORDER BY r.id",
+            )?
             .query_map([id], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         for ch in rows.iter().flat_map(|r| json_list(r)) {
@@ -365,7 +401,7 @@ fn repeat(
         .prepare_cached(
             "SELECT r.incident_id, r.channels, r.escalate_to, r.repeat_ms
              FROM incidents i CROSS JOIN routing r ON r.incident_id = i.id
-             WHERE i.status = 'triggered' AND r.repeat_ms IS NOT NULL
+             WHERE i.status = 'triggered' AND r.repeat_ms IS NOT NULL AND r.cycle = i.reopened
              ORDER BY r.id",
         )?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
@@ -383,13 +419,15 @@ fn repeat(
     }
     let mut incident: Option<Incident> = None;
     for ((id, ch), period) in every {
-        // Only where the trigger went (and did not fail): never a lone repeat.
+        // Only where the trigger of this cycle went (and did not fail): never a lone
+        // repeat.
         let last: Option<i64> = tx
             .prepare_cached(
-                "SELECT max(created_ms) FROM outbox WHERE incident_id = ?1 AND channel = ?2
-                   AND kind IN ('trigger', 'repeat')
+                "SELECT max(o.created_ms) FROM outbox o, incidents i
+                 WHERE i.id = ?1 AND o.incident_id = i.id AND o.channel = ?2 AND o.id > i.outbox_mark
+                   AND o.kind IN ('trigger', 'repeat')
                    AND EXISTS (SELECT 1 FROM outbox t WHERE t.incident_id = ?1 AND t.channel = ?2
-                               AND t.kind = 'trigger' AND t.status != 'failed')",
+                               AND t.kind = 'trigger' AND t.status != 'failed' AND t.id > i.outbox_mark)",
             )?
             .query_row(params![id, ch], |r| r.get(0))
             .optional()?
@@ -940,6 +978,167 @@ mod tests {
             ],
             "b is on no route: nothing"
         );
+    }
+
+    fn channels_of(s: &Store, id: i64, kind: &str) -> Vec<String> {
+        outbox(s, id)
+            .into_iter()
+            .filter(|(_, k, _)| k == kind)
+            .map(|(ch, _, _)| ch)
+            .collect()
+    }
+
+    /// A reopened incident is a new paging cycle: routed and paged again, repeated and
+    /// escalated again (the first cycle's `escalated` entry and triggers do not count),
+    /// and its acknowledge goes only to the channels paged in the new cycle.
+    #[test]
+    fn a_reopened_incident_is_routed_paged_repeated_and_escalated_again() {
+        let routing = Routing {
+            routes: vec![route(
+                &["primary"],
+                &["backup"],
+                Some(Duration::from_secs(600)),
+            )],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["primary", "backup"], routing);
+        let id = s
+            .ingest("a", &[event(1, "c", State::Critical, false)])
+            .expect("fires")
+            .opened[0];
+        let t0 = now_ms();
+        assert_eq!(
+            s.sweep_paging(t0 + 31 * MIN).expect("sweep").escalated,
+            [id]
+        );
+        let resolved = s
+            .ingest("a", &[event(2, "c", State::Ok, false)])
+            .expect("clears");
+        assert_eq!(resolved.resolved, [id]);
+        assert_eq!(channels_of(&s, id, "resolve"), ["primary", "backup"]);
+
+        // Fires again within the re-open window: same incident, a new cycle.
+        let again = s
+            .ingest("a", &[event(3, "c", State::Critical, false)])
+            .expect("fires again");
+        assert_eq!((again.opened.clone(), again.notifications), (vec![id], 1));
+        assert_eq!(timeline_count(&s, id, "routed"), 2);
+        assert_eq!(
+            channels_of(&s, id, "trigger"),
+            ["primary", "backup", "primary"]
+        );
+        let t1 = now_ms();
+        let early = s.sweep_paging(t1 + 11 * MIN).expect("sweep");
+        assert!(early.escalated.is_empty(), "P2: 30 min from the reopen");
+        assert_eq!(
+            early.repeats, 1,
+            "the new trigger's repeat, to primary only"
+        );
+        assert_eq!(
+            s.sweep_paging(t1 + 31 * MIN).expect("sweep").escalated,
+            [id],
+            "escalates again in the new cycle"
+        );
+        assert!(
+            s.sweep_paging(t1 + 32 * MIN)
+                .expect("sweep")
+                .escalated
+                .is_empty()
+        );
+        assert_eq!(timeline_count(&s, id, "escalated"), 2);
+        assert_eq!(
+            channels_of(&s, id, "trigger"),
+            ["primary", "backup", "primary", "backup"]
+        );
+        s.acknowledge(id, "alice", "").expect("ack");
+        assert_eq!(channels_of(&s, id, "acknowledge"), ["primary", "backup"]);
+    }
+
+    /// A reopened incident acknowledged before its response target is not escalated
+    /// again, and its acknowledge and resolve go only where this cycle's trigger went —
+    /// not to the backup that the first cycle escalated to.
+    #[test]
+    fn a_reopened_incident_notifies_only_the_channels_of_its_new_cycle() {
+        let routing = Routing {
+            routes: vec![route(&["primary"], &["backup"], None)],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["primary", "backup"], routing);
+        let id = s
+            .ingest("a", &[event(1, "c", State::Critical, false)])
+            .expect("fires")
+            .opened[0];
+        let t0 = now_ms();
+        assert_eq!(
+            s.sweep_paging(t0 + 31 * MIN).expect("sweep").escalated,
+            [id]
+        );
+        s.ingest("a", &[event(2, "c", State::Ok, false)])
+            .expect("clears");
+        s.ingest("a", &[event(3, "c", State::Critical, false)])
+            .expect("fires again");
+        s.acknowledge(id, "alice", "").expect("ack");
+        assert!(
+            s.sweep_paging(t0 + 60 * MIN)
+                .expect("sweep")
+                .escalated
+                .is_empty(),
+            "acknowledged"
+        );
+        s.ingest("a", &[event(4, "c", State::Ok, false)])
+            .expect("clears again");
+        assert_eq!(channels_of(&s, id, "acknowledge"), ["primary"]);
+        assert_eq!(
+            channels_of(&s, id, "resolve"),
+            ["primary", "backup", "primary"]
+        );
+    }
+
+    /// A trigger held by the storm guard in one cycle does not count as this channel's
+    /// page of the next: a reopened incident meets the guard again (held again while the
+    /// budget is spent), and is not silently skipped.
+    #[test]
+    fn a_storm_hold_belongs_to_its_cycle() {
+        let routing = Routing {
+            storm: BTreeMap::from([(
+                "a".to_owned(),
+                Storm {
+                    budget: 1,
+                    window: Duration::from_secs(3600),
+                },
+            )]),
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["a"], routing);
+        let out = s
+            .ingest(
+                "a",
+                &[
+                    event(1, "first", State::Critical, false),
+                    event(2, "second", State::Critical, false),
+                ],
+            )
+            .expect("fires");
+        let held = out.opened[1];
+        assert_eq!(timeline_count(&s, held, "storm"), 1);
+        s.ingest("a", &[event(3, "second", State::Ok, false)])
+            .expect("clears");
+        let again = s
+            .ingest("a", &[event(4, "second", State::Critical, false)])
+            .expect("fires again");
+        assert_eq!(again.opened, [held]);
+        assert_eq!(
+            timeline_count(&s, held, "routed"),
+            0,
+            "no [[route]]: no note"
+        );
+        assert_eq!(
+            timeline_count(&s, held, "storm"),
+            2,
+            "held again in the new cycle, not skipped"
+        );
+        let summary = s.sweep_paging(now_ms() + 2 * 3_600_000).expect("sweep");
+        assert_eq!(summary.summaries, 1);
     }
 
     /// Regression: an incident paged to no channel (a route with `channels = []`) had no

@@ -115,4 +115,86 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_pending_incident ON outbox (channel, incident_id, id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_incident ON outbox (incident_id);
+
+CREATE TABLE IF NOT EXISTS incident_members (
+    id          INTEGER PRIMARY KEY,
+    incident_id INTEGER NOT NULL REFERENCES incidents (id),
+    fingerprint TEXT NOT NULL,
+    node        TEXT NOT NULL,
+    check_name  TEXT NOT NULL,
+    labels      TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    value       REAL,
+    message     TEXT NOT NULL,
+    since_ms    INTEGER NOT NULL,
+    updated_ms  INTEGER NOT NULL,
+    UNIQUE (incident_id, fingerprint)
+);
+CREATE INDEX IF NOT EXISTS members_fingerprint ON incident_members (fingerprint);
+CREATE INDEX IF NOT EXISTS members_node ON incident_members (node, check_name);
 ";
+
+/// Columns added after the first release: `(table, column, declaration)`. Added in
+/// place to existing databases by [`migrate`].
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    // Group key of the incident (`correlate::group_key`); '' for incidents from before
+    // grouping, which only their own fingerprint joins.
+    ("incidents", "group_key", "TEXT NOT NULL DEFAULT ''"),
+    // While set (Unix ms), the trigger waits for the group to gather (group_wait).
+    ("incidents", "page_due_ms", "INTEGER"),
+    // 1 while paging is held because the check is flapping.
+    ("incidents", "flapping_hold", "INTEGER NOT NULL DEFAULT 0"),
+    // The current trigger cycle starts after these outbox and timeline ids (a reopened
+    // incident pages again and its resolve goes to the channels of the new trigger).
+    ("incidents", "outbox_mark", "INTEGER NOT NULL DEFAULT 0"),
+    ("incidents", "timeline_mark", "INTEGER NOT NULL DEFAULT 0"),
+    // How many times the incident was reopened.
+    ("incidents", "reopened", "INTEGER NOT NULL DEFAULT 0"),
+    // The silence ends when this incident resolves.
+    ("silences", "ends_with_incident", "INTEGER"),
+    // The paging cycle (the incident's `reopened` count) a route or a storm-held trigger
+    // belongs to (`store::paging`).
+    ("routing", "cycle", "INTEGER NOT NULL DEFAULT 0"),
+    ("storm_held", "cycle", "INTEGER NOT NULL DEFAULT 0"),
+];
+
+/// Brings an existing database up to the current schema in place: adds missing columns
+/// (checked with `pragma table_info`), then gives incidents from before grouping their
+/// one member and their flapping hold. Idempotent; runs after [`SCHEMA`] and the paging
+/// tables (`store::paging`) at every open.
+///
+/// # Errors
+/// SQLite's.
+pub fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let mut added_incident_columns = false;
+    for (table, column, decl) in ADDED_COLUMNS {
+        let exists: bool = conn
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
+            .exists([column])?;
+        if !exists {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+            added_incident_columns |= *table == "incidents";
+        }
+    }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS incidents_group ON incidents (group_key) WHERE status != 'resolved';",
+    )?;
+    if added_incident_columns {
+        conn.execute_batch(
+            "INSERT OR IGNORE INTO incident_members
+                 (incident_id, fingerprint, node, check_name, labels, state, value, message, since_ms, updated_ms)
+             SELECT id, fingerprint, node, check_name, labels,
+                    CASE WHEN status = 'resolved' THEN 'ok' ELSE state END, value, summary,
+                    triggered_at_ms, coalesce(resolved_at_ms, triggered_at_ms)
+             FROM incidents;
+             UPDATE incidents SET flapping_hold = 1
+             WHERE status = 'triggered'
+               AND EXISTS (SELECT 1 FROM timeline t WHERE t.incident_id = incidents.id AND t.kind = 'flapping')
+               AND NOT EXISTS (SELECT 1 FROM timeline t WHERE t.incident_id = incidents.id AND t.kind = 'silenced')
+               AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.incident_id = incidents.id AND o.kind = 'trigger');",
+        )?;
+    }
+    Ok(())
+}

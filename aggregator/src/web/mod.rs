@@ -243,6 +243,7 @@ async fn get_incident(
     let mut v = serde_json::to_value(IncidentView::from(d.incident)).unwrap_or_default();
     v["timeline"] = serde_json::to_value(d.timeline).unwrap_or_default();
     v["notifications"] = serde_json::to_value(d.notifications).unwrap_or_default();
+    v["members"] = serde_json::to_value(d.members).unwrap_or_default();
     Ok(Json(v))
 }
 
@@ -343,8 +344,13 @@ async fn change(
 struct SilenceRequest {
     /// `name=value`, `name!=value`, `name=~regex`, `name!~regex`; all must match.
     matchers: Vec<String>,
-    /// How long from `starts_at_ms` (e.g. `"2h"`).
-    duration: String,
+    /// How long from `starts_at_ms` (e.g. `"2h"`); optional with `ends_with_incident`
+    /// (then the longest silence, 30 days, unless the incident resolves first).
+    #[serde(default)]
+    duration: Option<String>,
+    /// The silence ends when this incident resolves (it must exist and be open).
+    #[serde(default)]
+    ends_with_incident: Option<i64>,
     /// Start (Unix ms); default now.
     #[serde(default)]
     starts_at_ms: Option<i64>,
@@ -388,14 +394,48 @@ async fn add_silence(
     if reason.is_empty() {
         return Err(bad("`reason` is required: say why paging is muted".into()));
     }
-    let duration = tocsin_agent::settings::parse_duration(&req.duration)
-        .filter(|d| !d.is_zero() && *d <= MAX_SILENCE)
-        .ok_or_else(|| {
-            bad(format!(
-                "duration {:?}: expected e.g. \"30m\" or \"2h\", at most 30d",
-                req.duration
-            ))
-        })?;
+    let duration = match (&req.duration, req.ends_with_incident) {
+        (None, Some(_)) => MAX_SILENCE,
+        (None, None) => {
+            return Err(bad(
+                "`duration` is required (e.g. \"2h\") unless the silence ends with an incident (`ends_with_incident`)".into(),
+            ));
+        }
+        (Some(d), _) => tocsin_agent::settings::parse_duration(d)
+            .filter(|d| !d.is_zero() && *d <= MAX_SILENCE)
+            .ok_or_else(|| {
+                bad(format!(
+                    "duration {d:?}: expected e.g. \"30m\" or \"2h\", at most 30d"
+                ))
+            })?,
+    };
+    if let Some(incident) = req.ends_with_incident {
+        let detail: Option<IncidentDetail> = st.store.call(move |s| s.incident(incident)).await?;
+        match detail {
+            None => return Err(bad(format!("ends_with_incident: no incident {incident}"))),
+            Some(d) if d.incident.status == crate::model::Status::Resolved => {
+                return Err(bad(format!(
+                    "ends_with_incident: incident {incident} is already resolved"
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    // A matcher on a label that no known node or check has is probably a typo: the
+    // silence is added, and the answer warns.
+    let known = st.store.call(|s| s.known_label_names()).await?;
+    let warnings: Vec<String> = matchers
+        .iter()
+        .filter(|m| {
+            !crate::silence::FIELD_NAMES.contains(&m.name.as_str()) && !known.contains(&m.name)
+        })
+        .map(|m| {
+            format!(
+                "matcher {:?}: no known node or check has a label {:?}",
+                m.text, m.name
+            )
+        })
+        .collect();
     let now = crate::model::now_ms();
     let starts = req.starts_at_ms.unwrap_or(now);
     let year_ms = 365 * 86_400_000;
@@ -405,16 +445,20 @@ async fn add_silence(
         ));
     }
     let ends = starts.saturating_add(i64::try_from(duration.as_millis()).unwrap_or(i64::MAX));
+    let until = req.ends_with_incident;
     let id = st
         .store
-        .call(move |s| s.add_silence(matchers, starts, ends, &by, &reason))
+        .call(move |s| s.add_silence_with(matchers, starts, ends, &by, &reason, until))
         .await?;
     let views = st
         .store
         .call(move |s| Ok(s.silences(crate::model::now_ms())))
         .await?;
     let view = views.into_iter().find(|v| v.id == id);
-    Ok((StatusCode::CREATED, Json(json!({ "silence": view }))))
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "silence": view, "warnings": warnings })),
+    ))
 }
 
 async fn list_silences(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

@@ -1,0 +1,157 @@
+//! A scripted node: speaks `tocsin.v1` to the aggregator like an agent, but sends exactly
+//! the check states a test asks for (real gRPC, real acks), so a test can make many
+//! nodes fire, clear and fall silent on cue.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use tocsin_proto::v1::{self, agent_message, aggregator_message, ingest_client::IngestClient};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// One scripted node with an open stream.
+#[derive(Debug)]
+pub struct ScriptedNode {
+    /// Agent id.
+    pub id: String,
+    tx: mpsc::Sender<v1::AgentMessage>,
+    inbound: tonic::Streaming<v1::AggregatorMessage>,
+    seq: Arc<AtomicU64>,
+    heartbeats: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A check state name for [`ScriptedNode::send`]: `ok`, `warning`, `critical`, `unknown`.
+fn state(name: &str) -> v1::State {
+    match name {
+        "ok" => v1::State::Ok,
+        "warning" => v1::State::Warning,
+        "critical" => v1::State::Critical,
+        "pending" => v1::State::Pending,
+        _ => v1::State::Unknown,
+    }
+}
+
+impl ScriptedNode {
+    /// Connects to `endpoint` (`http://127.0.0.1:PORT`) as `id` with node `labels`,
+    /// announcing `heartbeat_interval` (the aggregator's node_down timeout is at least 3
+    /// of them). Sends no heartbeat until [`ScriptedNode::heartbeats`].
+    ///
+    /// # Errors
+    /// When the connection fails or the aggregator does not answer `Welcome`.
+    pub async fn connect(
+        endpoint: &str,
+        id: &str,
+        labels: &[(&str, &str)],
+        heartbeat_interval: Duration,
+    ) -> Result<Self> {
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        let mut client = IngestClient::new(channel);
+        let (tx, rx) = mpsc::channel::<v1::AgentMessage>(16);
+        let hello = v1::Hello {
+            agent_id: id.to_owned(),
+            hostname: id.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            version: "scripted".into(),
+            instance_id: format!("scripted-{id}"),
+            heartbeat_interval_ms: u32::try_from(heartbeat_interval.as_millis())
+                .unwrap_or(u32::MAX),
+            ..Default::default()
+        };
+        tx.send(v1::AgentMessage {
+            msg: Some(agent_message::Msg::Hello(hello)),
+        })
+        .await?;
+        let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+        let last = match inbound.message().await? {
+            Some(v1::AggregatorMessage {
+                msg: Some(aggregator_message::Msg::Welcome(w)),
+            }) => w.last_seq,
+            other => return Err(anyhow!("expected Welcome, got {other:?}")),
+        };
+        Ok(ScriptedNode {
+            id: id.to_owned(),
+            tx,
+            inbound,
+            seq: Arc::new(AtomicU64::new(last)),
+            heartbeats: None,
+        })
+    }
+
+    /// Sends one batch of events `(check, state)` (states as in `ok`, `warning`,
+    /// `critical`) and waits until the aggregator acks it (it is then committed, with
+    /// the incident changes it caused).
+    ///
+    /// # Errors
+    /// When the stream fails or closes before the ack.
+    pub async fn send(&mut self, changes: &[(&str, &str)]) -> Result<()> {
+        let mut events = Vec::new();
+        for (check, name) in changes {
+            let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+            events.push(v1::Event {
+                seq,
+                check: (*check).to_owned(),
+                state: state(name).into(),
+                previous: v1::State::Ok.into(),
+                value: Some(1.0),
+                unit: "percent".into(),
+                message: format!("{check} is {name} on {}", self.id),
+                observed_at_ms: tocsin_agent::event::now_ms(),
+                ..Default::default()
+            });
+        }
+        let last = self.seq.load(Ordering::SeqCst);
+        self.tx
+            .send(v1::AgentMessage {
+                msg: Some(agent_message::Msg::Events(v1::EventBatch { events })),
+            })
+            .await?;
+        loop {
+            match self.inbound.message().await? {
+                Some(v1::AggregatorMessage {
+                    msg: Some(aggregator_message::Msg::Ack(a)),
+                }) if a.seq >= last => return Ok(()),
+                Some(_) => {}
+                None => return Err(anyhow!("{}: stream closed before the ack", self.id)),
+            }
+        }
+    }
+
+    /// Sends a heartbeat (no check states) every `interval` from now on, so the node
+    /// stays alive; stops when the node is dropped.
+    pub fn heartbeats(&mut self, interval: Duration) {
+        let (tx, seq) = (self.tx.clone(), self.seq.clone());
+        self.heartbeats = Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                let hb = v1::Heartbeat {
+                    sent_at_ms: tocsin_agent::event::now_ms(),
+                    checks: Vec::new(),
+                    last_seq: seq.load(Ordering::SeqCst),
+                };
+                let msg = v1::AgentMessage {
+                    msg: Some(agent_message::Msg::Heartbeat(hb)),
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+}
+
+impl Drop for ScriptedNode {
+    fn drop(&mut self) {
+        if let Some(h) = self.heartbeats.take() {
+            h.abort();
+        }
+    }
+}
