@@ -55,6 +55,12 @@ pub struct RawConfig {
     pub tls: RawTls,
     /// Logging.
     pub log: tocsin_agent::telemetry::RawLog,
+    /// Routes (`[[route]]`), in order; none: every page to every channel.
+    pub route: Vec<crate::route::RawRoute>,
+    /// Response targets per severity (`[response_targets]`), for escalation.
+    pub response_targets: crate::route::RawResponseTargets,
+    /// Period of the paging sweep: repeats, escalations, storm summaries.
+    pub paging_sweep_interval: String,
 }
 
 /// `[correlation]`.
@@ -148,6 +154,11 @@ pub struct RawNotify {
     pub give_up_after: String,
     /// Generic JSON webhooks (`[[notify.webhook]]`).
     pub webhook: Vec<RawWebhook>,
+    /// Default storm budget of every channel: triggers per `storm_window`; beyond it they
+    /// are held and summarised. 0 turns the guard off.
+    pub storm_budget: u32,
+    /// Default storm window (a duration).
+    pub storm_window: String,
     /// E-mail over SMTP (`[[notify.email]]`).
     pub email: Vec<crate::notify::email::RawEmail>,
 }
@@ -173,6 +184,10 @@ pub struct RawWebhook {
     pub repost_interval: Option<String>,
     /// Per-request timeout.
     pub timeout: String,
+    /// This channel's storm budget (default `notify.storm_budget`; 0: no guard).
+    pub storm_budget: Option<u32>,
+    /// This channel's storm window (default `notify.storm_window`).
+    pub storm_window: Option<String>,
 }
 
 impl Default for RawConfig {
@@ -191,6 +206,9 @@ impl Default for RawConfig {
             auth: RawAuth::default(),
             tls: RawTls::default(),
             log: tocsin_agent::telemetry::RawLog::default(),
+            route: Vec::new(),
+            response_targets: crate::route::RawResponseTargets::default(),
+            paging_sweep_interval: crate::route::DEFAULT_PAGING_SWEEP_INTERVAL.into(),
         }
     }
 }
@@ -203,6 +221,8 @@ impl Default for RawNotify {
             retry_max: "5m".into(),
             give_up_after: "24h".into(),
             webhook: Vec::new(),
+            storm_budget: crate::route::DEFAULT_STORM_BUDGET,
+            storm_window: crate::route::DEFAULT_STORM_WINDOW.into(),
             email: Vec::new(),
         }
     }
@@ -217,6 +237,8 @@ impl Default for RawWebhook {
             routing_key_file: None,
             repost_interval: None,
             timeout: DEFAULT_NOTIFY_TIMEOUT.into(),
+            storm_budget: None,
+            storm_window: None,
         }
     }
 }
@@ -260,6 +282,8 @@ pub struct AggregatorConfig {
     pub tls: Option<ServerTls>,
     /// Log settings.
     pub log: tocsin_agent::telemetry::LogConfig,
+    /// Routes, response targets, storm budgets per channel, paging sweep period.
+    pub routing: crate::route::Routing,
 }
 
 impl std::fmt::Debug for Webhook {
@@ -460,6 +484,18 @@ impl RawConfig {
         }
         let mut webhooks = Vec::new();
         let mut names = std::collections::BTreeSet::new();
+        let default_storm = storm(
+            &mut v,
+            "notify",
+            self.notify.storm_budget,
+            &self.notify.storm_window,
+        );
+        let mut storms = std::collections::BTreeMap::new();
+        if self.notify.console
+            && let Some(s) = default_storm
+        {
+            storms.insert("console".to_owned(), s);
+        }
         // The seed's variables add a Slack and a PagerDuty channel.
         let mut raw_hooks = self.notify.webhook.clone();
         if let Ok(url) = std::env::var("SLACK_WEBHOOK_URL")
@@ -567,6 +603,21 @@ impl RawConfig {
                 &w.timeout,
                 Duration::from_secs(10),
             );
+            let channel_storm = if w.storm_budget.is_some() || w.storm_window.is_some() {
+                storm(
+                    &mut v,
+                    &key,
+                    w.storm_budget.unwrap_or(self.notify.storm_budget),
+                    w.storm_window
+                        .as_deref()
+                        .unwrap_or(&self.notify.storm_window),
+                )
+            } else {
+                default_storm
+            };
+            if let Some(s) = channel_storm {
+                storms.insert(name.clone(), s);
+            }
             webhooks.push(Webhook {
                 name,
                 url: w.url.clone(),
@@ -587,6 +638,26 @@ impl RawConfig {
                 crate::notify::template::Templates::defaults(self.templates.vars.clone())
             }
         };
+        let mut channel_names: Vec<String> = Vec::new();
+        if self.notify.console {
+            channel_names.push("console".into());
+        }
+        channel_names.extend(webhooks.iter().map(|w| w.name.clone()));
+        channel_names.extend(emails.iter().map(|e| e.name.clone()));
+        // E-mail channels take the default storm budget.
+        if let Some(s) = default_storm {
+            for e in &emails {
+                storms.insert(e.name.clone(), s);
+            }
+        }
+        let routing = crate::route::validate(
+            &mut v,
+            &self.route,
+            &self.response_targets,
+            &self.paging_sweep_interval,
+            &channel_names,
+            storms,
+        );
         let log = tocsin_agent::telemetry::validate(&mut v, &self.log);
         let correlation = self.validate_correlation(&mut v);
         let api_token = self.auth.api_token_file.as_deref().and_then(|f| {
@@ -684,8 +755,25 @@ impl RawConfig {
             api_token,
             tls,
             log,
+            routing,
         })
     }
+}
+
+/// The storm budget at `key` (`notify` or `notify.webhook.<i>`): `None` when the budget
+/// is 0 (no guard).
+fn storm(
+    v: &mut Validator<'_>,
+    key: &str,
+    budget: u32,
+    window: &str,
+) -> Option<crate::route::Storm> {
+    let window = v.positive_duration(
+        &format!("{key}.storm_window"),
+        window,
+        Duration::from_secs(300),
+    );
+    (budget > 0).then_some(crate::route::Storm { budget, window })
 }
 
 impl RawConfig {

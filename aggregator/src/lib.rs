@@ -10,11 +10,13 @@ pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod correlate;
+pub mod escalate;
 pub mod ingest;
 pub mod liveness;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod route;
 pub mod silence;
 pub mod store;
 pub mod tls;
@@ -123,10 +125,14 @@ pub async fn run(
     for e in &cfg.emails {
         targets.push((e.name.clone(), Target::Email(Box::new(e.clone()))));
     }
-    let channels = targets.iter().map(|(name, _)| name.clone()).collect();
-    let store = store::spawn(
-        store::Store::open(&cfg.data_dir, channels)?.with_correlation(cfg.correlation.clone()),
-    )?;
+    let channels: Vec<String> = targets.iter().map(|(name, _)| name.clone()).collect();
+    let mut opened = store::Store::open(&cfg.data_dir, channels.clone())?
+        .with_correlation(cfg.correlation.clone());
+    opened.set_router(route::Router {
+        channels,
+        routing: cfg.routing.clone(),
+    });
+    let store = store::spawn(opened)?;
 
     let (wake_tx, wake_rx) = watch::channel(0u64);
     let tracker = TaskTracker::new();
@@ -163,6 +169,12 @@ pub async fn run(
         started_ms: model::now_ms(),
     };
     tracker.spawn(liveness.run(shutdown.clone()));
+    let paging = escalate::Sweep {
+        store: store.clone(),
+        outbox_wake: wake_tx.clone(),
+        interval: cfg.routing.sweep_interval,
+    };
+    tracker.spawn(paging.run(shutdown.clone()));
     if cfg.tokens.is_none() && !cfg.listen_grpc.ip().is_loopback() {
         tracing::warn!(listen_grpc = %addrs.grpc, "ingest is reachable from other machines and needs no token: set auth.tokens_file");
     }

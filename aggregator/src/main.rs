@@ -37,7 +37,8 @@ enum Command {
         /// File holding a notification payload (tocsin's webhook JSON).
         #[arg(long, alias = "incident-json")]
         payload: Option<PathBuf>,
-        /// Event of the sample payload: trigger, acknowledge or resolve.
+        /// Event of the sample payload: trigger, acknowledge, resolve, repeat or
+        /// storm_summary.
         #[arg(long, default_value = "trigger")]
         event: String,
         /// The `channel` variable the template sees: slack, pagerduty, email or cli.
@@ -69,10 +70,13 @@ fn render_template(
         Err(e) => return fail_config(&e),
     };
     let payload = match payload {
-        None if ["trigger", "acknowledge", "resolve"].contains(&event) => sample_payload(event),
+        None if tocsin_aggregator::notify::payload::EVENTS.contains(&event) => {
+            sample_payload(event)
+        }
         None => {
             return usage(format!(
-                "unknown event {event:?} (expected trigger, acknowledge or resolve)"
+                "unknown event {event:?} (expected {})",
+                tocsin_aggregator::notify::payload::EVENTS.join(", ")
             ));
         }
         Some(path) => match std::fs::read_to_string(path)

@@ -143,7 +143,8 @@ pub struct Incident {
 pub struct TimelineEntry {
     /// When (Unix ms).
     pub at_ms: i64,
-    /// `triggered`, `severity`, `resolved`, `notified`, `notify_failed`, …
+    /// `triggered`, `severity`, `resolved`, `notified`, `notify_failed`, `routed`,
+    /// `escalated`, `repeat`, `storm`, …
     pub kind: String,
     /// Who: `agent:<id>`, `aggregator`, a user name.
     pub actor: String,
@@ -160,9 +161,11 @@ pub struct Notification {
     pub incident_id: i64,
     /// Channel name (`console`, a webhook name).
     pub channel: String,
-    /// `trigger` or `resolve`.
+    /// `trigger` (escalations included), `acknowledge`, `resolve`, `repeat` (an open,
+    /// unacknowledged incident re-notified) or `storm_summary` (one per channel and storm
+    /// window, for the triggers the storm guard held).
     pub kind: String,
-    /// `pending`, `delivered` or `failed`.
+    /// `pending`, `delivered`, `failed`, or `held` (a repeat the storm guard kept back).
     pub status: String,
     /// Delivery attempts so far.
     pub attempts: u32,

@@ -20,6 +20,14 @@
 //! - **Acknowledge**: Alertmanager has no acknowledgement. The acknowledge notification
 //!   is posted (still firing) with an `acknowledged_by` annotation, which the re-posts
 //!   keep; muting is left to Alertmanager silences.
+//! - **Repeat** (a route's `repeat_interval`): the incident's alert posted again, firing,
+//!   like a re-post; Alertmanager's own `repeat_interval` decides whether its receivers
+//!   hear it again.
+//! - **Storm summary**: an alert of its own ([`storm_alert`]: `alertname` =
+//!   `storm_summary`, `channel`, `severity` = the worst held, `dedup_key` of the channel
+//!   and window), never re-posted, so Alertmanager resolves it after its
+//!   `resolve_timeout`. The held incidents are not alerts here: this channel never got
+//!   their trigger, so it gets no acknowledge or resolve for them either.
 //!
 //! Delivery of trigger, acknowledge and resolve goes through the outbox like every
 //! channel (guaranteed, retried; HTTP statuses classified by [`webhook::deliver`]: 400
@@ -86,6 +94,18 @@ impl Options {
         n: &Notification,
     ) -> Delivery {
         let _serial = self.serial.lock().await;
+        if n.kind == crate::store::STORM_SUMMARY {
+            let current: Value = serde_json::from_str(&n.payload).unwrap_or_default();
+            let body = Value::Array(vec![storm_alert(&current)]).to_string();
+            return webhook::deliver(
+                client,
+                &endpoint(base_url),
+                timeout,
+                &n.idempotency_key,
+                &body,
+            )
+            .await;
+        }
         let (id, ch) = (n.incident_id, channel.to_owned());
         let paged = match store.call(move |s| s.paged(id, &ch)).await {
             Ok(p) => p,
@@ -248,6 +268,42 @@ pub fn alert(first: &Value, current: &Value, acknowledged_by: Option<&str>) -> V
         alert["endsAt"] = Value::String(if ends < starts_at { starts_at } else { ends });
     }
     alert
+}
+
+/// The alert of a storm summary (payload of `store::paging`, with its `storm` object):
+/// labels `alertname` = `storm_summary`, `channel`, `severity` (the worst held) and
+/// `dedup_key` (one per channel and window); annotations `summary` (the held incidents,
+/// counted and listed) and `description`; `startsAt` the window's start; no `endsAt`.
+pub fn storm_alert(payload: &Value) -> Value {
+    let i = &payload["incident"];
+    let storm = &payload["storm"];
+    let s = |v: &Value| v.as_str().unwrap_or("").to_owned();
+    let mut labels = Map::new();
+    for (name, value) in [
+        ("alertname", crate::store::STORM_SUMMARY.to_owned()),
+        ("channel", s(&storm["channel"])),
+        ("severity", s(&i["severity"])),
+        ("dedup_key", s(&payload["dedup_key"])),
+    ] {
+        if !value.is_empty() {
+            labels.insert(name.to_owned(), Value::String(value));
+        }
+    }
+    json!({
+        "labels": labels,
+        "annotations": {
+            "summary": s(&i["summary"]),
+            "description": format!(
+                "tocsin's storm guard held {} triggers to channel {} between {} and {}; \
+                 they are not alerts here (no acknowledge or resolve follows)",
+                storm["held"],
+                s(&storm["channel"]),
+                s(&storm["window_start"]),
+                s(&storm["window_end"]),
+            ),
+        },
+        "startsAt": s(&storm["window_start"]),
+    })
 }
 
 /// A re-post round's outcome per channel, for `tocsin_notify_alertmanager_reposts_total`.
@@ -489,6 +545,20 @@ mod tests {
             d.contains("P2 critical on web-1") && d.contains("threshold 1.0"),
             "{d}"
         );
+    }
+
+    #[test]
+    fn a_storm_summary_is_an_alert_of_its_own() {
+        let p = crate::notify::template::sample_payload("storm_summary");
+        let a = storm_alert(&p);
+        assert_eq!(a["labels"]["alertname"], "storm_summary");
+        assert_eq!(a["labels"]["channel"], "war-room");
+        assert_eq!(a["labels"]["severity"], "P1");
+        assert!(a["labels"].get("incident_id").is_none());
+        assert_eq!(a["startsAt"], "2024-01-15T10:00:00.000Z");
+        assert!(a.get("endsAt").is_none());
+        let summary = a["annotations"]["summary"].as_str().expect("summary");
+        assert!(summary.starts_with("+23 more incidents"), "{summary}");
     }
 
     #[test]

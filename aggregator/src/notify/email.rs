@@ -1,8 +1,10 @@
 //! The e-mail channel: one message per notification over SMTP (`lettre`, rustls, tokio),
 //! body and subject from the user e-mail templates (`email.txt.j2`,
-//! `email-subject.txt.j2`). Trigger, acknowledge and resolve are separate messages of one
-//! thread: each carries `References: <DEDUP_KEY@DOMAIN>` (acknowledge and resolve also
-//! `In-Reply-To`) and the dedup key in `X-Tocsin-Dedup-Key`, so mail clients group them.
+//! `email-subject.txt.j2`). Trigger, acknowledge, resolve and repeats (reminders) are
+//! separate messages of one thread: each carries `References: <DEDUP_KEY@DOMAIN>`
+//! (all but the trigger also `In-Reply-To`) and the dedup key in `X-Tocsin-Dedup-Key`, so
+//! mail clients group them. A storm summary starts a thread of its own (its dedup key is
+//! the channel's and window's, not an incident's).
 //!
 //! This module owns the `[[notify.email]]` config table, its validation and delivery; it
 //! connects only to the configured server, when a notification is due, and binds nothing.
@@ -250,7 +252,7 @@ impl Header for DedupKeyHeader {
     }
 }
 
-/// `X-Tocsin-Event`: `trigger`, `acknowledge` or `resolve`.
+/// `X-Tocsin-Event`: `trigger`, `acknowledge`, `resolve`, `repeat` or `storm_summary`.
 #[derive(Debug, Clone)]
 struct EventHeader(String);
 
@@ -324,7 +326,7 @@ pub fn message(
         .header(EventHeader(n.kind.clone()))
         .header(ContentType::TEXT_PLAIN)
         .user_agent(concat!("tocsin/", env!("CARGO_PKG_VERSION")).to_owned());
-    if n.kind != "trigger" {
+    if n.kind != "trigger" && n.kind != crate::store::STORM_SUMMARY {
         b = b.in_reply_to(thread);
     }
     for to in &ch.to {
@@ -483,6 +485,49 @@ mod tests {
         );
         assert!(resolve.contains("Subject: [P1] Resolved #7"), "{resolve}");
         assert!(!format!("{ch:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_repeat_is_a_reminder_in_the_thread_and_a_storm_summary_starts_its_own() {
+        let t = Templates::defaults(Default::default());
+        let ch = channel();
+        let repeat = message(
+            &ch,
+            &t,
+            &notification("repeat", crate::notify::template::sample_payload("repeat")),
+        )
+        .expect("message");
+        let repeat = String::from_utf8(repeat.formatted()).expect("utf8");
+        let thread = "<tocsin-0123456789abcdef-7@example.org>";
+        assert!(
+            repeat.contains(&format!("In-Reply-To: {thread}")),
+            "{repeat}"
+        );
+        assert!(
+            repeat.contains("Subject: [P1] Reminder #7: http:checkout on web-1"),
+            "{repeat}"
+        );
+        let storm = message(
+            &ch,
+            &t,
+            &notification(
+                "storm_summary",
+                crate::notify::template::sample_payload("storm_summary"),
+            ),
+        )
+        .expect("message");
+        let storm = String::from_utf8(storm.formatted()).expect("utf8");
+        assert!(!storm.contains("In-Reply-To"), "{storm}");
+        assert!(
+            storm.contains(
+                "References: <tocsin-0123456789abcdef-storm-war-room-1705313100000@example.org>"
+            ),
+            "{storm}"
+        );
+        assert!(
+            storm.contains("Subject: [P1] Storm on war-room: 23 more incidents"),
+            "{storm}"
+        );
     }
 
     #[test]

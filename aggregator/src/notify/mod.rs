@@ -153,11 +153,12 @@ impl Dispatcher {
     }
 
     async fn attempt(&self, n: &Notification) -> Attempt {
-        if n.kind != "trigger" {
-            let (id, channel) = (n.incident_id, self.name.clone());
+        // A storm summary stands for triggers this channel never got: it follows none.
+        if n.kind != "trigger" && n.kind != crate::store::STORM_SUMMARY {
+            let (id, channel, before) = (n.incident_id, self.name.clone(), n.id);
             if let Ok(true) = self
                 .store
-                .call(move |s| s.trigger_failed(id, &channel))
+                .call(move |s| s.trigger_failed(id, &channel, before))
                 .await
             {
                 return Attempt::Failed {

@@ -20,7 +20,11 @@ pub const MAX_BODY: usize = 512 * 1024;
 pub const MAX_NOTICE: usize = 64 * 1024;
 
 /// The event for one outbox payload (tocsin's JSON, see `payload`): `event_action` from
-/// its event (`trigger`, `acknowledge`, `resolve`), PagerDuty severity from P1–P4
+/// its event (`trigger`, `acknowledge`, `resolve`; a `repeat` is the incident's trigger
+/// again, which PagerDuty de-duplicates into the open alert by its `dedup_key` and logs
+/// — PagerDuty escalates and re-notifies by its own policies; a `storm_summary` is a
+/// trigger of its own dedup key, one alert per channel and storm window, that tocsin
+/// never resolves: someone resolves it in PagerDuty), PagerDuty severity from P1–P4
 /// (critical, error, warning, info). A trigger's `payload.summary` is the rendered notice
 /// with its lines joined by ` · `; the notice as rendered is in `custom_details.notice`.
 pub fn body(payload: &str, routing_key: &str, templates: &Templates) -> String {
@@ -51,9 +55,14 @@ pub fn body(payload: &str, routing_key: &str, templates: &Templates) -> String {
             .filter(|l| !l.is_empty())
             .collect::<Vec<_>>()
             .join(" · ");
+        // PagerDuty requires a source; a storm summary is about no one node.
+        let source = match i["node"].as_str() {
+            Some(node) if !node.is_empty() => node,
+            _ => "tocsin",
+        };
         event["payload"] = json!({
             "summary": truncate(&summary, Limit::Chars(MAX_SUMMARY)),
-            "source": i["node"],
+            "source": source,
             "severity": severity,
             "component": i["check"],
             "custom_details": {
@@ -126,6 +135,25 @@ mod tests {
             .as_str()
             .expect("notice");
         assert!(notice.contains("\nImpact: "), "{notice}");
+    }
+
+    #[test]
+    fn a_repeat_re_triggers_the_incident_and_a_storm_summary_is_an_alert_of_its_own() {
+        let templates = Templates::defaults(Default::default());
+        let p = crate::notify::template::sample_payload("repeat").to_string();
+        let t: Value = serde_json::from_str(&body(&p, "KEY", &templates)).expect("json");
+        assert_eq!(t["event_action"], "trigger");
+        assert_eq!(t["dedup_key"], "tocsin-0123456789abcdef-7", "de-duplicated");
+        let p = crate::notify::template::sample_payload("storm_summary").to_string();
+        let t: Value = serde_json::from_str(&body(&p, "KEY", &templates)).expect("json");
+        assert_eq!(t["event_action"], "trigger");
+        assert_eq!(
+            t["dedup_key"],
+            "tocsin-0123456789abcdef-storm-war-room-1705313100000"
+        );
+        assert_eq!(t["payload"]["source"], "tocsin");
+        let summary = t["payload"]["summary"].as_str().expect("summary");
+        assert!(summary.starts_with("🌀 STORM on war-room"), "{summary}");
     }
 
     /// Issue 5: 200-character node names still give valid dedup keys (the key is the

@@ -8,7 +8,19 @@ use crate::model::{Incident, rfc3339};
 /// Payload format version (`"version"` field).
 pub const PAYLOAD_VERSION: &str = "1";
 
-/// Renders the generic webhook body for `kind` (`trigger` or `resolve`):
+/// Every notification event (outbox kind): `trigger` (escalations included),
+/// `acknowledge`, `resolve`, `repeat` (a reminder of an open, unacknowledged incident)
+/// and `storm_summary` (the triggers a channel's storm guard held; see `store::paging`).
+pub const EVENTS: [&str; 5] = [
+    "trigger",
+    "acknowledge",
+    "resolve",
+    crate::store::REPEAT,
+    crate::store::STORM_SUMMARY,
+];
+
+/// Renders the generic webhook body for `kind` (`trigger`, `acknowledge`, `resolve` or
+/// `repeat`; a storm summary has its own shape, see `store::paging`):
 ///
 /// ```json
 /// {"version":"1","event":"trigger","dedup_key":"tocsin-7","created_at":"…",

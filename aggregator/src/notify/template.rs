@@ -178,7 +178,7 @@ impl Templates {
             }
             // Compiled: now render it for every event, to catch unknown filters, bad
             // calls and type errors before the first page depends on it.
-            let trial = ["trigger", "acknowledge", "resolve"]
+            let trial = crate::notify::payload::EVENTS
                 .into_iter()
                 .find_map(|event| t.render_named(&file, &sample_payload(event), "slack").err());
             if let Some(e) = trial {
@@ -272,11 +272,12 @@ fn fallback_line(p: &serde_json::Value) -> String {
     )
 }
 
-/// A sample payload for `event` (the shape `payload::render` writes), used to
-/// test-render overrides at startup and by `render-template` without `--payload`.
+/// A sample payload for `event` (the shape `payload::render` writes; a `storm_summary`
+/// also has the `storm` object of `store::paging`), used to test-render overrides at
+/// startup and by `render-template` without `--payload`.
 pub fn sample_payload(event: &str) -> serde_json::Value {
     let resolved = event == "resolve";
-    serde_json::json!({
+    let mut p = serde_json::json!({
         "version": crate::notify::payload::PAYLOAD_VERSION,
         "event": event,
         "dedup_key": "tocsin-0123456789abcdef-7",
@@ -300,7 +301,25 @@ pub fn sample_payload(event: &str) -> serde_json::Value {
             "resolution": resolved.then_some("http:checkout ok: error rate 0.4%"),
             "breach_started_at": "2024-01-15T10:00:30.000Z",
         }
-    })
+    });
+    if event == crate::store::STORM_SUMMARY {
+        p["dedup_key"] = serde_json::json!("tocsin-0123456789abcdef-storm-war-room-1705313100000");
+        p["storm"] = serde_json::json!({
+            "channel": "war-room",
+            "held": 23,
+            "open": 21,
+            "by_severity": {"P1": 2, "P2": 21},
+            "window_start": "2024-01-15T10:00:00.000Z",
+            "window_end": "2024-01-15T10:05:00.000Z",
+            "incidents": [7, 8, 9],
+        });
+        p["incident"]["check"] = serde_json::json!(crate::store::STORM_SUMMARY);
+        p["incident"]["node"] = serde_json::json!("");
+        p["incident"]["summary"] = serde_json::json!(
+            "+23 more incidents: 2 P1, 21 P2; 21 still open: #7 web-1 http:checkout, …"
+        );
+    }
+    p
 }
 
 #[cfg(test)]
@@ -366,6 +385,38 @@ mod tests {
         let resolved = t.render(Name::Incident, &sample_payload("resolve"), "slack");
         assert!(resolved.starts_with("✅"), "{resolved}");
         assert!(resolved.contains("error rate 0.4%"), "{resolved}");
+    }
+
+    #[test]
+    fn a_repeat_is_a_reminder_and_a_storm_summary_says_what_was_held() {
+        let t = Templates::defaults(BTreeMap::new());
+        let repeat = sample_payload("repeat");
+        let notice = t.render(Name::Incident, &repeat, "slack");
+        assert!(
+            notice.starts_with("🔁 *STILL OPEN P1 #7: http:checkout on web-1*"),
+            "{notice}"
+        );
+        let mail = t.render(Name::Email, &repeat, "email");
+        assert!(mail.contains("Reminder: the issue"), "{mail}");
+        assert!(!mail.contains("has been resolved"), "{mail}");
+        assert_eq!(
+            t.render(Name::EmailSubject, &repeat, "email"),
+            "[P1] Reminder #7: http:checkout on web-1"
+        );
+        let storm = sample_payload("storm_summary");
+        let notice = t.render(Name::Incident, &storm, "pagerduty");
+        assert!(
+            notice.starts_with("🌀 STORM on war-room — +23 more incidents"),
+            "{notice}"
+        );
+        assert!(!notice.contains("storm_summary on"), "{notice}");
+        let mail = t.render(Name::Email, &storm, "email");
+        assert!(mail.contains("23 of"), "{mail}");
+        assert!(!mail.contains("has been resolved"), "{mail}");
+        assert_eq!(
+            t.render(Name::EmailSubject, &storm, "email"),
+            "[P1] Storm on war-room: 23 more incidents"
+        );
     }
 
     #[test]

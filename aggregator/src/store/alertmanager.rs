@@ -24,12 +24,16 @@ pub struct Paged {
 const FIRST_TRIGGER: &str = "SELECT o.payload FROM outbox o
      WHERE o.incident_id = ?1 AND o.channel = ?2 AND o.kind = 'trigger' AND o.status = 'delivered'
      ORDER BY o.id LIMIT 1";
-const ACKNOWLEDGED_BY: &str = "SELECT t.actor FROM timeline t
-     WHERE t.incident_id = ?1 AND t.kind = 'acknowledged' ORDER BY t.id DESC LIMIT 1";
+/// Only this paging cycle's: a reopened incident is nobody's until acknowledged again.
+const ACKNOWLEDGED_BY: &str = "SELECT t.actor FROM timeline t, incidents i
+     WHERE i.id = ?1 AND t.incident_id = i.id AND t.kind = 'acknowledged' AND t.id > i.timeline_mark
+     ORDER BY t.id DESC LIMIT 1";
 
 impl Store {
-    /// Every open (triggered or acknowledged) incident whose trigger was delivered to
-    /// `channel`, oldest first. For the Alertmanager channel's re-post.
+    /// Every open (triggered or acknowledged) incident whose trigger of the current
+    /// paging cycle was delivered to `channel`, oldest first (a reopened incident whose
+    /// new trigger is held, or routed elsewhere, is not re-posted). For the Alertmanager
+    /// channel's re-post.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
@@ -40,7 +44,8 @@ impl Store {
                 "SELECT i.id FROM incidents i
                  WHERE i.status != 'resolved'
                    AND EXISTS (SELECT 1 FROM outbox o WHERE o.incident_id = i.id AND o.channel = ?1
-                                   AND o.kind = 'trigger' AND o.status = 'delivered')
+                                   AND o.kind = 'trigger' AND o.status = 'delivered'
+                                   AND o.id > i.outbox_mark)
                  ORDER BY i.id",
             )
             .and_then(|mut st| st.query_map([channel], |r| r.get(0))?.collect())

@@ -12,13 +12,14 @@
 //! Paging is held — the incident is recorded, its trigger is not sent — while the group
 //! gathers (`group_wait`), while the check flaps, while silences mute every firing
 //! member, or while every firing member's node has an open `node_down` incident
-//! (inhibition). [`page`] is the one place that enqueues triggers.
+//! (inhibition). [`page`] is the one place that pages: it routes the trigger
+//! (`store::paging`: routes, storm guard) and enqueues it.
 
 use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{IngestOutcome, enqueue, load_incident, notify_triggered, parse_state, timeline};
+use super::{IngestOutcome, load_incident, notify_triggered, parse_state, timeline};
 use crate::correlate::{self, Correlation, Member, MemberFacts, NODE_DOWN};
 use crate::model::{Severity, State, Status};
 
@@ -53,11 +54,11 @@ pub struct Observation<'a> {
     pub flapping: bool,
 }
 
-/// What the store passes along: channels, install id, node labels, the time.
+/// What the store passes along: routing, install id, node labels, the time.
 #[derive(Debug)]
 pub struct Context<'a> {
-    /// Notification channels for new triggers.
-    pub channels: &'a [String],
+    /// Channels and routes for new triggers.
+    pub router: &'a crate::route::Router,
     /// Install id for dedup keys.
     pub install_id: &'a str,
     /// Labels of the node, merged under the check's labels.
@@ -70,18 +71,21 @@ pub struct Context<'a> {
     pub correlation: &'a Correlation,
 }
 
-/// Sends the trigger of incident `id` to every channel; returns how many.
+/// Routes and sends the trigger of incident `id` (see `paging::page`: the channels its
+/// routes name, held where a channel's storm budget is spent); returns how many triggers
+/// were queued.
 fn page(conn: &Connection, ctx: &Context<'_>, id: i64, now: i64) -> rusqlite::Result<usize> {
-    let incident = load_incident(conn, id)?;
-    for ch in ctx.channels {
-        enqueue(conn, &incident, ch, "trigger", now)?;
-    }
-    Ok(ctx.channels.len())
+    super::paging::page(conn, ctx.router, id, now)
 }
 
-/// Whether incident `id` was sent its trigger in its current cycle (since it opened or
-/// last reopened).
+/// Whether incident `id` was paged in its current cycle (since it opened or last
+/// reopened): it was routed (a `routing` row of the cycle, even when no trigger went out
+/// — a route without channels, every trigger held by the storm guard), or it has a
+/// trigger of the cycle (incidents paged before routing existed).
 fn paged(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
+    if super::paging::routed(conn, id)? {
+        return Ok(true);
+    }
     conn.prepare_cached(
         "SELECT EXISTS (SELECT 1 FROM outbox o, incidents i
                         WHERE i.id = ?1 AND o.incident_id = i.id AND o.kind = 'trigger' AND o.id > i.outbox_mark)",
@@ -668,6 +672,7 @@ pub(super) fn release_held(conn: &Connection, ctx: &Context<'_>) -> rusqlite::Re
                                  AND t.kind IN ('silenced', 'inhibited')))
                AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.incident_id = i.id AND o.kind = 'trigger'
                                  AND o.id > i.outbox_mark)
+               AND NOT EXISTS (SELECT 1 FROM routing r WHERE r.incident_id = i.id AND r.cycle = i.reopened)
              ORDER BY i.id",
         )?
         .query_map([now], |r| r.get(0))?

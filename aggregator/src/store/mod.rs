@@ -9,7 +9,10 @@
 
 pub mod alertmanager;
 mod apply;
+mod paging;
 mod schema;
+
+pub use paging::{REPEAT, STORM_SUMMARY, SweepOutcome};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -72,7 +75,8 @@ pub enum StoreError {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
-    channels: Vec<String>,
+    /// Channels, routes, response targets and storm budgets.
+    router: crate::route::Router,
     /// Random id of this store, made at creation: dedup keys are unique across
     /// installations and data resets (`tocsin-<install>-<incident id>`).
     install_id: String,
@@ -236,7 +240,7 @@ impl Store {
         let mut store = Store {
             conn,
             path,
-            channels,
+            router: crate::route::Router::every_channel(channels),
             sessions: Default::default(),
             install_id: String::new(),
             seen: Default::default(),
@@ -250,6 +254,10 @@ impl Store {
         store
             .conn
             .execute_batch(schema::SCHEMA)
+            .map_err(|e| store.err(e))?;
+        store
+            .conn
+            .execute_batch(paging::SCHEMA)
             .map_err(|e| store.err(e))?;
         schema::migrate(&store.conn).map_err(|e| store.err(e))?;
         let fresh = format!("{:08x}", fastrand::u32(..));
@@ -276,6 +284,12 @@ impl Store {
             .map_err(|e| store.err(e))?;
         store.silences = store.load_silences()?;
         Ok(store)
+    }
+
+    /// Pages by `router` from now on (routes, response targets, storm budgets) instead of
+    /// every channel given to [`Store::open`].
+    pub fn set_router(&mut self, router: crate::route::Router) {
+        self.router = router;
     }
 
     /// Uses `correlation` (grouping, group wait, re-open window, severity rules) from now
@@ -444,18 +458,27 @@ impl Store {
         Ok(id)
     }
 
-    /// Whether the trigger of `incident_id` to `channel` failed for good: then its
-    /// acknowledge and resolve are not sent there either (never a lone one).
+    /// Whether the trigger that notification `before` (an outbox id) follows up — the
+    /// latest trigger of `incident_id` to `channel` queued before it, i.e. the trigger of
+    /// its cycle — failed for good: then its acknowledge, resolve or repeat is not sent
+    /// there either (never a lone one). A trigger that failed in an earlier cycle of a
+    /// reopened incident does not count.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
-    pub fn trigger_failed(&self, incident_id: i64, channel: &str) -> Result<bool, StoreError> {
+    pub fn trigger_failed(
+        &self,
+        incident_id: i64,
+        channel: &str,
+        before: i64,
+    ) -> Result<bool, StoreError> {
         self.conn
             .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM outbox WHERE incident_id = ?1 AND channel = ?2
-                     AND kind = 'trigger' AND status = 'failed')",
+                "SELECT coalesce((SELECT status = 'failed' FROM outbox
+                                  WHERE incident_id = ?1 AND channel = ?2 AND kind = 'trigger' AND id < ?3
+                                  ORDER BY id DESC LIMIT 1), 0)",
             )
-            .and_then(|mut st| st.query_row(params![incident_id, channel], |r| r.get(0)))
+            .and_then(|mut st| st.query_row(params![incident_id, channel, before], |r| r.get(0)))
             .map_err(|e| self.err(e))
     }
 
@@ -504,8 +527,9 @@ impl Store {
     /// Pages, in one transaction, the open incidents whose trigger was held and is held
     /// no more: the group wait is over, no silence mutes them any more, or the node whose
     /// `node_down` inhibited them is back — and they still fire and nobody acknowledged
-    /// them. Run by the liveness sweep every second; the holds live in the store, so a
-    /// restart resumes them. Returns the number of outbox rows.
+    /// them. Paged like any page: routed by the incident's severity now, through the
+    /// storm guard. Run by the liveness sweep every second; the holds live in the store,
+    /// so a restart resumes them. Returns the number of triggers queued.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
@@ -519,7 +543,7 @@ impl Store {
         let none = BTreeMap::new();
         let ctx = apply::Context {
             silences: &self.silences,
-            channels: &self.channels,
+            router: &self.router,
             install_id: &self.install_id,
             node_labels: &none,
             now,
@@ -630,7 +654,7 @@ impl Store {
                         &tx,
                         &apply::Context {
                             silences: &self.silences,
-                            channels: &self.channels,
+                            router: &self.router,
                             install_id: &self.install_id,
                             node_labels: &BTreeMap::new(),
                             now,
@@ -714,7 +738,7 @@ impl Store {
         };
         let ctx = apply::Context {
             silences: &self.silences,
-            channels: &self.channels,
+            router: &self.router,
             install_id: &self.install_id,
             node_labels: &node_labels,
             now,
@@ -830,7 +854,7 @@ impl Store {
                 serde_json::from_str(&labels).unwrap_or_default();
             let ctx = apply::Context {
                 silences: &self.silences,
-                channels: &self.channels,
+                router: &self.router,
                 install_id: &self.install_id,
                 node_labels: &node_labels,
                 now,
@@ -1871,7 +1895,7 @@ mod tests {
         let correlation = s.correlation.clone();
         let ctx = apply::Context {
             silences: &[],
-            channels: &s.channels,
+            router: &s.router,
             install_id: "x",
             node_labels: &none,
             now: now_ms(),

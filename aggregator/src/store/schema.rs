@@ -152,11 +152,16 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("incidents", "reopened", "INTEGER NOT NULL DEFAULT 0"),
     // The silence ends when this incident resolves.
     ("silences", "ends_with_incident", "INTEGER"),
+    // The paging cycle (the incident's `reopened` count) a route or a storm-held trigger
+    // belongs to (`store::paging`).
+    ("routing", "cycle", "INTEGER NOT NULL DEFAULT 0"),
+    ("storm_held", "cycle", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// Brings an existing database up to the current schema in place: adds missing columns
 /// (checked with `pragma table_info`), then gives incidents from before grouping their
-/// one member and their flapping hold. Idempotent; runs after [`SCHEMA`] at every open.
+/// one member and their flapping hold. Idempotent; runs after [`SCHEMA`] and the paging
+/// tables (`store::paging`) at every open.
 ///
 /// # Errors
 /// SQLite's.

@@ -1,0 +1,717 @@
+//! Routing: which channels an incident's page goes to, when it is repeated, whom it
+//! escalates to, and the per-channel storm budget. Pure: config shapes, validation and
+//! decisions from (incident fields, severity, time) — no I/O, no clock.
+//!
+//! Owns the decisions only. The store records them (`store::paging`: which routes an
+//! incident took, held triggers, escalations) and the sweep task (`escalate`) runs the
+//! timers. Without any `[[route]]`, every page goes to every channel, as before routes
+//! existed.
+//!
+//! - **Routes** (`[[route]]`) are tried in order; the first that matches wins, unless it
+//!   says `continue = true`, then the next ones are tried too. A route matches an
+//!   incident when its severity is in `severity` (empty: any) and every matcher of
+//!   `match` holds on the incident's fields (`node`, `check`, `severity`, labels — the
+//!   fields silences match, [`crate::silence::fields`]). An incident no route matches
+//!   goes to every channel, so a page is never lost to a gap in the routes; a route with
+//!   `channels = []` records the incident and pages no one.
+//! - **Response targets** (`[response_targets]`): how long an incident of each severity
+//!   may stay unacknowledged (seed: P1 immediately, P2 30 min, P3 2 h, P4 next business
+//!   day). Past it, the page escalates to the route's `escalate_to` channels.
+//! - **Storm budget**: at most `storm_budget` triggers per channel per `storm_window`;
+//!   see [`Storm`].
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tocsin_agent::settings::Validator;
+
+use crate::model::Severity;
+use crate::silence::Matcher;
+
+/// Default triggers per channel per storm window (`notify.storm_budget`).
+pub const DEFAULT_STORM_BUDGET: u32 = 20;
+/// Default storm window (`notify.storm_window`).
+pub const DEFAULT_STORM_WINDOW: &str = "5m";
+/// Default period of the paging sweep (repeats, escalations, storm summaries).
+pub const DEFAULT_PAGING_SWEEP_INTERVAL: &str = "1s";
+/// Written in `[response_targets]` for "09:00 on the next weekday".
+pub const NEXT_BUSINESS_DAY: &str = "next-business-day";
+/// When a business day starts, in the configured time zone: 09:00.
+pub const BUSINESS_DAY_START: Duration = Duration::from_secs(9 * 3600);
+
+const DAY_MS: i64 = 86_400_000;
+
+/// One `[[route]]` as written.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRoute {
+    /// Name shown on the timeline (default `route.<index>`).
+    pub name: Option<String>,
+    /// Severities this route takes (`"P1"` … `"P4"`); empty: any.
+    pub severity: Vec<String>,
+    /// Matchers on the incident's fields (`service=~web.*`, `node!=db-1`, …); all must hold.
+    #[serde(rename = "match")]
+    pub matchers: Vec<String>,
+    /// Channel names (of `[[notify.webhook]]`, or `console`) that get the page.
+    pub channels: Vec<String>,
+    /// Channels paged when the incident stays unacknowledged past its response target.
+    pub escalate_to: Vec<String>,
+    /// Re-notify the route's channels this often while the incident is open and
+    /// unacknowledged (a duration); unset: once.
+    pub repeat_interval: Option<String>,
+    /// Keep trying the next routes after this one matched.
+    #[serde(rename = "continue")]
+    pub continue_matching: bool,
+}
+
+/// `[response_targets]` as written. Keys `P1` … `P4` (or `p1` … `p4`: environment
+/// variables arrive lower-cased, and override the file's upper-case keys) and
+/// `timezone`; any other key is refused.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "BTreeMap<String, String>")]
+pub struct RawResponseTargets {
+    /// P1 target: a duration or `next-business-day`.
+    #[serde(rename = "P1")]
+    pub p1: String,
+    /// P2 target.
+    #[serde(rename = "P2")]
+    pub p2: String,
+    /// P3 target.
+    #[serde(rename = "P3")]
+    pub p3: String,
+    /// P4 target.
+    #[serde(rename = "P4")]
+    pub p4: String,
+    /// UTC offset of business days (`"+08:00"`, `"-05:00"`, `"UTC"`).
+    pub timezone: String,
+}
+
+impl TryFrom<BTreeMap<String, String>> for RawResponseTargets {
+    type Error = String;
+
+    fn try_from(map: BTreeMap<String, String>) -> Result<Self, String> {
+        let mut t = RawResponseTargets::default();
+        // Key order puts `P1` before `p1`: the lower-cased environment value wins.
+        for (key, value) in map {
+            let slot = match key.as_str() {
+                "P1" | "p1" => &mut t.p1,
+                "P2" | "p2" => &mut t.p2,
+                "P3" | "p3" => &mut t.p3,
+                "P4" | "p4" => &mut t.p4,
+                "timezone" => &mut t.timezone,
+                other => {
+                    return Err(format!(
+                        "unknown field `{other}`, expected `P1`, `P2`, `P3`, `P4` or `timezone`"
+                    ));
+                }
+            };
+            *slot = value;
+        }
+        Ok(t)
+    }
+}
+
+impl Default for RawResponseTargets {
+    fn default() -> Self {
+        RawResponseTargets {
+            p1: "0s".into(),
+            p2: "30m".into(),
+            p3: "2h".into(),
+            p4: NEXT_BUSINESS_DAY.into(),
+            timezone: "UTC".into(),
+        }
+    }
+}
+
+/// How long an incident may stay unacknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseTarget {
+    /// This long after it triggered (zero: at once).
+    After(Duration),
+    /// 09:00 ([`BUSINESS_DAY_START`]) on the first Monday-to-Friday day after the day it
+    /// triggered, in the configured time zone. No holiday calendar.
+    NextBusinessDay,
+}
+
+/// The response target of each severity, and the time zone of business days.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseTargets {
+    /// P1 to P4, in order.
+    pub by_severity: [ResponseTarget; 4],
+    /// Offset of the business time zone from UTC, seconds (east positive).
+    pub utc_offset_s: i32,
+}
+
+impl Default for ResponseTargets {
+    /// The seed's: P1 immediately, P2 30 minutes, P3 2 hours, P4 next business day (UTC).
+    fn default() -> Self {
+        ResponseTargets {
+            by_severity: [
+                ResponseTarget::After(Duration::ZERO),
+                ResponseTarget::After(Duration::from_secs(30 * 60)),
+                ResponseTarget::After(Duration::from_secs(2 * 3600)),
+                ResponseTarget::NextBusinessDay,
+            ],
+            utc_offset_s: 0,
+        }
+    }
+}
+
+impl ResponseTargets {
+    /// The target of `severity`.
+    pub fn of(&self, severity: Severity) -> ResponseTarget {
+        self.by_severity[severity_index(severity)]
+    }
+
+    /// When an incident of `severity` that triggered at `triggered_ms` (Unix ms) must be
+    /// acknowledged by (Unix ms).
+    pub fn deadline(&self, severity: Severity, triggered_ms: i64) -> i64 {
+        match self.of(severity) {
+            ResponseTarget::After(d) => {
+                triggered_ms.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            }
+            ResponseTarget::NextBusinessDay => next_business_day(triggered_ms, self.utc_offset_s),
+        }
+    }
+
+    /// The target of `severity` as written in the config (`"30m"`, `"next-business-day"`),
+    /// for timeline notes.
+    pub fn describe(&self, severity: Severity) -> String {
+        match self.of(severity) {
+            ResponseTarget::After(d) => tocsin_agent::settings::format_duration(d),
+            ResponseTarget::NextBusinessDay => NEXT_BUSINESS_DAY.to_owned(),
+        }
+    }
+}
+
+fn severity_index(s: Severity) -> usize {
+    match s {
+        Severity::P1 => 0,
+        Severity::P2 => 1,
+        Severity::P3 => 2,
+        Severity::P4 => 3,
+    }
+}
+
+/// 09:00 local time on the first weekday (Monday to Friday) strictly after the local day
+/// of `at_ms`, where local time is UTC + `utc_offset_s`; returned as Unix ms. A Friday
+/// evening or a weekend gives Monday 09:00; a Tuesday 03:00 gives Wednesday 09:00.
+pub fn next_business_day(at_ms: i64, utc_offset_s: i32) -> i64 {
+    let offset_ms = i64::from(utc_offset_s) * 1000;
+    let day = at_ms.saturating_add(offset_ms).div_euclid(DAY_MS);
+    // Day 0, 1970-01-01, was a Thursday; (day + 3) mod 7 counts from Monday = 0.
+    let mut next = day + 1;
+    while (next + 3).rem_euclid(7) >= 5 {
+        next += 1;
+    }
+    let start_ms = i64::try_from(BUSINESS_DAY_START.as_millis()).unwrap_or(0);
+    next * DAY_MS + start_ms - offset_ms
+}
+
+/// A channel's storm budget: at most `budget` triggers (and repeats) per `window`.
+/// Windows are fixed, aligned to multiples of `window` since the Unix epoch; triggers
+/// beyond the budget are held, and one summary per channel goes out when the window
+/// turns. Their acknowledge and resolve are not sent either (the channel never got them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Storm {
+    /// Triggers per window, at least 1.
+    pub budget: u32,
+    /// Window length.
+    pub window: Duration,
+}
+
+impl Storm {
+    /// Window length, ms (at least 1).
+    pub fn window_ms(&self) -> i64 {
+        i64::try_from(self.window.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1)
+    }
+
+    /// Start of the window holding `now` (Unix ms).
+    pub fn window_start(&self, now: i64) -> i64 {
+        now - now.rem_euclid(self.window_ms())
+    }
+}
+
+/// A validated route.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Name for the timeline.
+    pub name: String,
+    /// Severities taken; empty: any.
+    pub severities: Vec<Severity>,
+    /// All must match.
+    pub matchers: Vec<Matcher>,
+    /// Channels paged.
+    pub channels: Vec<String>,
+    /// Channels paged past the response target.
+    pub escalate_to: Vec<String>,
+    /// Re-notification period while open and unacknowledged.
+    pub repeat_interval: Option<Duration>,
+    /// Keep matching after this route.
+    pub continue_matching: bool,
+}
+
+impl Route {
+    /// Whether an incident of `severity` with `fields` (see [`crate::silence::fields`])
+    /// takes this route.
+    pub fn matches(&self, fields: &BTreeMap<String, String>, severity: Severity) -> bool {
+        (self.severities.is_empty() || self.severities.contains(&severity))
+            && self.matchers.iter().all(|m| m.matches(fields))
+    }
+}
+
+/// Routing config (validated): routes, response targets, storm budgets, sweep period.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// Routes in order.
+    pub routes: Vec<Route>,
+    /// Response targets per severity.
+    pub targets: ResponseTargets,
+    /// Storm budget per channel name; a channel without one is unlimited.
+    pub storm: BTreeMap<String, Storm>,
+    /// Period of the paging sweep.
+    pub sweep_interval: Duration,
+}
+
+impl Default for Routing {
+    /// No routes (every channel), the seed's targets, no storm budget, 1 s sweeps.
+    fn default() -> Self {
+        Routing {
+            routes: Vec::new(),
+            targets: ResponseTargets::default(),
+            storm: BTreeMap::new(),
+            sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Where one route sends an incident: the decision the store records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    /// Index of the `[[route]]`, or `None` when no route applies (every channel).
+    pub index: Option<usize>,
+    /// Route name, or `default` when no route applies.
+    pub name: String,
+    /// Channels paged now.
+    pub channels: Vec<String>,
+    /// Channels paged past the response target.
+    pub escalate_to: Vec<String>,
+    /// Re-notification period.
+    pub repeat_interval: Option<Duration>,
+}
+
+/// Routing with the channel list: what the store consults when it pages.
+#[derive(Debug, Clone, Default)]
+pub struct Router {
+    /// Every channel, in dispatcher order (`console` first when on).
+    pub channels: Vec<String>,
+    /// The routing config.
+    pub routing: Routing,
+}
+
+impl Router {
+    /// Every page to every one of `channels`, no storm budget: the behaviour without
+    /// routing config.
+    pub fn every_channel(channels: Vec<String>) -> Self {
+        Router {
+            channels,
+            routing: Routing::default(),
+        }
+    }
+
+    /// The routes an incident of `severity` with `fields` takes, in order: the first
+    /// matching route, and the ones after it while matched routes say `continue`. No
+    /// routes configured, or none matching: one plan to every channel.
+    pub fn plan(&self, fields: &BTreeMap<String, String>, severity: Severity) -> Vec<Planned> {
+        let mut out = Vec::new();
+        for (i, r) in self.routing.routes.iter().enumerate() {
+            if !r.matches(fields, severity) {
+                continue;
+            }
+            out.push(Planned {
+                index: Some(i),
+                name: r.name.clone(),
+                channels: r.channels.clone(),
+                escalate_to: r.escalate_to.clone(),
+                repeat_interval: r.repeat_interval,
+            });
+            if !r.continue_matching {
+                break;
+            }
+        }
+        if out.is_empty() {
+            out.push(Planned {
+                index: None,
+                name: "default".into(),
+                channels: self.channels.clone(),
+                escalate_to: Vec::new(),
+                repeat_interval: None,
+            });
+        }
+        out
+    }
+
+    /// The storm budget of `channel`, if it has one.
+    pub fn storm(&self, channel: &str) -> Option<Storm> {
+        self.routing.storm.get(channel).copied()
+    }
+
+    /// Whether `channel` exists (has a dispatcher).
+    pub fn has_channel(&self, channel: &str) -> bool {
+        self.channels.iter().any(|c| c == channel)
+    }
+}
+
+/// Parses a UTC offset: `UTC`, `Z`, `+HH:MM`, `-HH:MM`, `+HH` (at most 14 h); seconds.
+pub fn parse_utc_offset(raw: &str) -> Option<i32> {
+    let s = raw.trim();
+    if s.eq_ignore_ascii_case("utc") || s == "Z" {
+        return Some(0);
+    }
+    let (sign, rest) = match s.as_bytes().first()? {
+        b'+' => (1, &s[1..]),
+        b'-' => (-1, &s[1..]),
+        _ => return None,
+    };
+    let (h, m) = rest.split_once(':').unwrap_or((rest, "0"));
+    let all_digits =
+        |t: &str| !t.is_empty() && t.len() <= 2 && t.bytes().all(|b| b.is_ascii_digit());
+    if !all_digits(h) || !all_digits(m) {
+        return None;
+    }
+    let (h, m): (i32, i32) = (h.parse().ok()?, m.parse().ok()?);
+    if m >= 60 || h * 60 + m > 14 * 60 {
+        return None;
+    }
+    Some(sign * (h * 3600 + m * 60))
+}
+
+/// Validates `[[route]]`, `[response_targets]` and `paging_sweep_interval` against the
+/// known channel names, recording every problem in `v` (keys `route.<index>.<field>`,
+/// 0-based like `notify.webhook.<index>`); `storm` is the per-channel budgets already
+/// validated with the channels.
+pub fn validate(
+    v: &mut Validator<'_>,
+    raw_routes: &[RawRoute],
+    raw_targets: &RawResponseTargets,
+    sweep_interval: &str,
+    channels: &[String],
+    storm: BTreeMap<String, Storm>,
+) -> Routing {
+    let mut routes = Vec::new();
+    for (i, r) in raw_routes.iter().enumerate() {
+        let key = format!("route.{i}");
+        let mut severities = Vec::new();
+        for s in &r.severity {
+            match Severity::parse(s.trim()) {
+                Some(sev) => severities.push(sev),
+                None => v.problem(
+                    &format!("{key}.severity"),
+                    format!("invalid severity {s:?} (expected \"P1\", \"P2\", \"P3\" or \"P4\")"),
+                ),
+            }
+        }
+        let mut matchers = Vec::new();
+        for m in &r.matchers {
+            match Matcher::parse(m) {
+                Ok(m) => matchers.push(m),
+                Err(e) => v.problem(&format!("{key}.match"), e),
+            }
+        }
+        for (field, names) in [("channels", &r.channels), ("escalate_to", &r.escalate_to)] {
+            for name in names {
+                if !channels.contains(name) {
+                    v.problem(
+                        &format!("{key}.{field}"),
+                        format!(
+                            "route {i} names unknown channel {name:?} (channels: {})",
+                            if channels.is_empty() {
+                                "none configured".to_owned()
+                            } else {
+                                channels.join(", ")
+                            }
+                        ),
+                    );
+                }
+            }
+        }
+        let repeat_interval = r.repeat_interval.as_deref().map(|raw| {
+            v.positive_duration(
+                &format!("{key}.repeat_interval"),
+                raw,
+                Duration::from_secs(3600),
+            )
+        });
+        routes.push(Route {
+            name: r
+                .name
+                .clone()
+                .filter(|n| !n.trim().is_empty())
+                .unwrap_or_else(|| key.clone()),
+            severities,
+            matchers,
+            channels: r.channels.clone(),
+            escalate_to: r.escalate_to.clone(),
+            repeat_interval,
+            continue_matching: r.continue_matching,
+        });
+    }
+    let defaults = ResponseTargets::default();
+    let mut by_severity = defaults.by_severity;
+    for (i, (name, raw)) in [
+        ("P1", &raw_targets.p1),
+        ("P2", &raw_targets.p2),
+        ("P3", &raw_targets.p3),
+        ("P4", &raw_targets.p4),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if raw.trim() == NEXT_BUSINESS_DAY {
+            by_severity[i] = ResponseTarget::NextBusinessDay;
+        } else if tocsin_agent::settings::parse_duration(raw).is_some() {
+            by_severity[i] = ResponseTarget::After(v.duration(
+                &format!("response_targets.{name}"),
+                raw,
+                Duration::ZERO,
+            ));
+        } else {
+            v.problem(
+                &format!("response_targets.{name}"),
+                format!(
+                    "invalid response target {raw:?} (expected a duration such as \"0s\" or \
+                     \"30m\", or \"{NEXT_BUSINESS_DAY}\")"
+                ),
+            );
+        }
+    }
+    let utc_offset_s = parse_utc_offset(&raw_targets.timezone).unwrap_or_else(|| {
+        v.problem(
+            "response_targets.timezone",
+            format!(
+                "invalid time zone {:?} (expected a UTC offset such as \"+08:00\", \"-05:00\" \
+                 or \"UTC\")",
+                raw_targets.timezone
+            ),
+        );
+        0
+    });
+    let sweep_interval = v.positive_duration(
+        "paging_sweep_interval",
+        sweep_interval,
+        Duration::from_secs(1),
+    );
+    Routing {
+        routes,
+        targets: ResponseTargets {
+            by_severity,
+            utc_offset_s,
+        },
+        storm,
+        sweep_interval,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(sev: &[Severity], matchers: &[&str], channels: &[&str], cont: bool) -> Route {
+        Route {
+            name: channels.join("+"),
+            severities: sev.to_vec(),
+            matchers: matchers
+                .iter()
+                .map(|m| Matcher::parse(m).expect("matcher"))
+                .collect(),
+            channels: channels.iter().map(|c| (*c).to_owned()).collect(),
+            escalate_to: vec!["backup".into()],
+            repeat_interval: None,
+            continue_matching: cont,
+        }
+    }
+
+    fn router(routes: Vec<Route>) -> Router {
+        Router {
+            channels: vec!["oncall".into(), "tickets".into(), "backup".into()],
+            routing: Routing {
+                routes,
+                ..Routing::default()
+            },
+        }
+    }
+
+    fn fields(service: &str, severity: Severity) -> BTreeMap<String, String> {
+        crate::silence::fields(
+            "web-1",
+            "process:nginx",
+            severity.as_str(),
+            &BTreeMap::from([("service".to_owned(), service.to_owned())]),
+        )
+    }
+
+    fn names(plan: &[Planned]) -> Vec<&str> {
+        plan.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    #[test]
+    fn first_match_wins_unless_continue() {
+        let r = router(vec![
+            route(&[Severity::P1, Severity::P2], &[], &["oncall"], false),
+            route(&[], &["service=~web.*"], &["tickets"], false),
+        ]);
+        assert_eq!(
+            names(&r.plan(&fields("web", Severity::P2), Severity::P2)),
+            ["oncall"]
+        );
+        assert_eq!(
+            names(&r.plan(&fields("web", Severity::P3), Severity::P3)),
+            ["tickets"]
+        );
+        let r = router(vec![
+            route(&[Severity::P1, Severity::P2], &[], &["oncall"], true),
+            route(&[], &["service=~web.*"], &["tickets"], false),
+            route(&[], &[], &["backup"], false),
+        ]);
+        assert_eq!(
+            names(&r.plan(&fields("web", Severity::P2), Severity::P2)),
+            ["oncall", "tickets"],
+            "continue keeps matching, and the first match after it stops"
+        );
+        assert_eq!(
+            names(&r.plan(&fields("db", Severity::P1), Severity::P1)),
+            ["oncall", "backup"]
+        );
+    }
+
+    #[test]
+    fn no_match_or_no_routes_pages_every_channel() {
+        let r = router(vec![route(
+            &[Severity::P1],
+            &["service=db"],
+            &["oncall"],
+            false,
+        )]);
+        let plan = r.plan(&fields("web", Severity::P1), Severity::P1);
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].index, None);
+        assert_eq!(plan[0].channels, ["oncall", "tickets", "backup"]);
+        assert!(plan[0].escalate_to.is_empty());
+        let none = router(Vec::new()).plan(&fields("db", Severity::P4), Severity::P4);
+        assert_eq!(none[0].channels.len(), 3);
+    }
+
+    #[test]
+    fn matchers_see_node_check_severity_and_labels() {
+        let r = route(
+            &[],
+            &[
+                "node=web-1",
+                "check=~process:.*",
+                "severity!=P4",
+                "service!~db.*",
+            ],
+            &["oncall"],
+            false,
+        );
+        assert!(r.matches(&fields("web", Severity::P3), Severity::P3));
+        assert!(!r.matches(&fields("web", Severity::P4), Severity::P4));
+        assert!(!r.matches(&fields("db-main", Severity::P3), Severity::P3));
+        let sev_only = route(&[Severity::P2], &[], &["oncall"], false);
+        assert!(!sev_only.matches(&fields("web", Severity::P1), Severity::P1));
+    }
+
+    /// 2024-01-15 was a Monday.
+    const MON: i64 = 1_705_276_800_000;
+    const H: i64 = 3_600_000;
+
+    #[test]
+    fn next_business_day_skips_weekends_at_nine() {
+        assert_eq!(
+            next_business_day(MON + 3 * H, 0),
+            MON + DAY_MS + 9 * H,
+            "Mon → Tue 09:00"
+        );
+        assert_eq!(next_business_day(MON + 23 * H, 0), MON + DAY_MS + 9 * H);
+        let fri = MON + 4 * DAY_MS;
+        let next_mon = MON + 7 * DAY_MS + 9 * H;
+        assert_eq!(next_business_day(fri + 17 * H, 0), next_mon, "Fri → Mon");
+        assert_eq!(
+            next_business_day(fri + DAY_MS + 12 * H, 0),
+            next_mon,
+            "Sat → Mon"
+        );
+        assert_eq!(
+            next_business_day(fri + 2 * DAY_MS, 0),
+            next_mon,
+            "Sun → Mon"
+        );
+        assert_eq!(
+            next_business_day(MON + 3 * DAY_MS, 0),
+            fri + 9 * H,
+            "Thu → Fri"
+        );
+    }
+
+    #[test]
+    fn next_business_day_in_a_time_zone() {
+        let plus8 = 8 * 3600;
+        // Sunday 20:00 UTC is Monday 04:00 at +08:00: Tuesday 09:00 there (01:00 UTC).
+        let sun_20_utc = MON - 4 * H;
+        assert_eq!(next_business_day(sun_20_utc, 0), MON + 9 * H);
+        assert_eq!(
+            next_business_day(sun_20_utc, plus8),
+            MON + DAY_MS + 9 * H - 8 * H
+        );
+        // Friday 22:00 at -05:00 is Saturday 03:00 UTC: Monday 09:00 -05:00 = 14:00 UTC.
+        let minus5 = -5 * 3600;
+        let fri_22_local = MON + 4 * DAY_MS + 22 * H + 5 * H;
+        assert_eq!(
+            next_business_day(fri_22_local, minus5),
+            MON + 7 * DAY_MS + 9 * H + 5 * H
+        );
+    }
+
+    #[test]
+    fn deadlines_by_severity() {
+        let t = ResponseTargets::default();
+        assert_eq!(t.deadline(Severity::P1, MON), MON);
+        assert_eq!(t.deadline(Severity::P2, MON), MON + H / 2);
+        assert_eq!(t.deadline(Severity::P3, MON), MON + 2 * H);
+        assert_eq!(t.deadline(Severity::P4, MON + 10 * H), MON + DAY_MS + 9 * H);
+        assert_eq!(t.describe(Severity::P2), "30m");
+        assert_eq!(t.describe(Severity::P4), NEXT_BUSINESS_DAY);
+    }
+
+    #[test]
+    fn utc_offsets() {
+        assert_eq!(parse_utc_offset("UTC"), Some(0));
+        assert_eq!(parse_utc_offset("+08:00"), Some(28_800));
+        assert_eq!(parse_utc_offset("-05:30"), Some(-19_800));
+        assert_eq!(parse_utc_offset("+9"), Some(32_400));
+        for bad in [
+            "08:00",
+            "+15:00",
+            "+08:60",
+            "Asia/Shanghai",
+            "",
+            "+",
+            "+1:2:3",
+        ] {
+            assert_eq!(parse_utc_offset(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn storm_windows_are_aligned() {
+        let s = Storm {
+            budget: 5,
+            window: Duration::from_secs(300),
+        };
+        assert_eq!(s.window_start(MON + 299_999), MON);
+        assert_eq!(s.window_start(MON + 300_000), MON + 300_000);
+    }
+}

@@ -1,0 +1,1172 @@
+//! Paging by route, inside the store's transactions: which channels get an incident's
+//! trigger (per [`crate::route::Router::plan`]), the storm guard that holds triggers
+//! beyond a channel's budget, and the paging sweep — repeats, escalations past the
+//! response target, storm summaries when a window turns.
+//!
+//! Everything is recorded in the store, so every timer survives a restart:
+//! - `routing`: one row per route an incident took when it was paged (channels,
+//!   escalation channels, repeat period — a snapshot: later config changes do not
+//!   re-route open incidents);
+//! - `storm_held`: triggers held by the storm guard, until their window's summary;
+//! - escalations are the `escalated` timeline entry (written once, in the same
+//!   transaction as the escalation triggers); repeats are `repeat` outbox rows (the next
+//!   one is due a period after the last).
+//!
+//! All of it is per **paging cycle**: an incident that resolves and fires again within
+//! the re-open window (`store::apply`) starts a new cycle — it is routed, paged, repeated
+//! and escalated again, as if new. `routing` and `storm_held` rows carry the cycle they
+//! belong to (the incident's `reopened` count then); outbox rows and timeline entries of
+//! the current cycle are those after the incident's `outbox_mark` and `timeline_mark`.
+//!
+//! The invariant holds for everything here: acknowledge and resolve go to a channel iff
+//! it was sent the trigger in the current cycle (`notify_triggered` reads that cycle's
+//! `trigger` outbox rows). Escalation triggers are `trigger` rows; held triggers, repeats
+//! and summaries are not.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::json;
+
+use super::{Store, StoreError, enqueue, load_incident, timeline};
+use crate::model::{Incident, Severity, rfc3339};
+use crate::route::{Router, Storm};
+
+/// Tables and indexes of paging; idempotent, run at every open after the main schema.
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS routing (
+    id          INTEGER PRIMARY KEY,
+    incident_id INTEGER NOT NULL REFERENCES incidents (id),
+    route       TEXT NOT NULL,
+    channels    TEXT NOT NULL,
+    escalate_to TEXT NOT NULL,
+    repeat_ms   INTEGER,
+    routed_ms   INTEGER NOT NULL,
+    cycle       INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS routing_incident ON routing (incident_id);
+
+CREATE TABLE IF NOT EXISTS storm_held (
+    id            INTEGER PRIMARY KEY,
+    channel       TEXT NOT NULL,
+    incident_id   INTEGER NOT NULL REFERENCES incidents (id),
+    severity      TEXT NOT NULL,
+    held_ms       INTEGER NOT NULL,
+    window_end_ms INTEGER NOT NULL,
+    summary_id    INTEGER,
+    cycle         INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS storm_held_incident ON storm_held (incident_id);
+CREATE INDEX IF NOT EXISTS storm_held_pending ON storm_held (window_end_ms) WHERE summary_id IS NULL;
+CREATE INDEX IF NOT EXISTS outbox_channel_created ON outbox (channel, created_ms);
+CREATE INDEX IF NOT EXISTS incidents_triggered ON incidents (id) WHERE status = 'triggered';
+";
+
+/// Outbox kind of a re-notification of a still open, unacknowledged incident.
+pub const REPEAT: &str = "repeat";
+/// Outbox kind of the one message per channel and storm window that stands for the
+/// triggers the storm guard held.
+pub const STORM_SUMMARY: &str = "storm_summary";
+/// Incidents named one by one in a storm summary; the rest are counted.
+pub const SUMMARY_LISTED: usize = 10;
+
+/// Pages incident `id`: records the routes it takes and sends its trigger to their
+/// channels (each at most once), holding it where a channel's storm budget is spent.
+/// Returns how many triggers were queued.
+pub(super) fn page(
+    conn: &Connection,
+    router: &Router,
+    id: i64,
+    now: i64,
+) -> rusqlite::Result<usize> {
+    let incident = load_incident(conn, id)?;
+    let fields = crate::silence::fields(
+        &incident.node,
+        &incident.check,
+        incident.severity.as_str(),
+        &incident.labels,
+    );
+    let plans = router.plan(&fields, incident.severity);
+    let mut channels: Vec<String> = Vec::new();
+    let mut notes = Vec::new();
+    for p in &plans {
+        conn.prepare_cached(
+            "INSERT INTO routing (incident_id, route, channels, escalate_to, repeat_ms, routed_ms, cycle)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT reopened FROM incidents WHERE id = ?1))",
+        )?
+        .execute(params![
+            id,
+            p.name,
+            serde_json::to_string(&p.channels).unwrap_or_default(),
+            serde_json::to_string(&p.escalate_to).unwrap_or_default(),
+            p.repeat_interval
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            now
+        ])?;
+        let mut note = format!(
+            "{} → {}",
+            p.name,
+            if p.channels.is_empty() {
+                "no channel".to_owned()
+            } else {
+                p.channels.join(", ")
+            }
+        );
+        if !p.escalate_to.is_empty() {
+            note.push_str(&format!(
+                "; escalates to {} if unacknowledged past the {} target ({})",
+                p.escalate_to.join(", "),
+                incident.severity.as_str(),
+                router.routing.targets.describe(incident.severity)
+            ));
+        }
+        if let Some(every) = p.repeat_interval {
+            note.push_str(&format!(
+                "; repeats every {}",
+                tocsin_agent::settings::format_duration(every)
+            ));
+        }
+        notes.push(note);
+        for c in &p.channels {
+            if !channels.contains(c) {
+                channels.push(c.clone());
+            }
+        }
+    }
+    if !router.routing.routes.is_empty() {
+        timeline(
+            conn,
+            id,
+            now,
+            "routed",
+            "aggregator",
+            &notes.join("; then "),
+        )?;
+    }
+    let mut sent = 0;
+    for ch in &channels {
+        if send_trigger(conn, router, &incident, ch, now)? == Sent::Queued {
+            sent += 1;
+        }
+    }
+    Ok(sent)
+}
+
+/// Whether incident `id` was paged under routing in its current cycle (it has a
+/// `routing` row of the cycle), even if no trigger went out (a route without channels,
+/// every trigger held by the storm guard).
+pub(super) fn routed(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM routing r, incidents i
+                        WHERE i.id = ?1 AND r.incident_id = i.id AND r.cycle = i.reopened)",
+    )?
+    .query_row([id], |r| r.get(0))
+}
+
+/// When the current cycle of incident `id` started (Unix ms): when it triggered, or when
+/// it last reopened (its `reopened` timeline entry, the first of the cycle). Response
+/// targets count from here.
+fn cycle_start(conn: &Connection, id: i64) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "SELECT CASE WHEN i.reopened = 0 THEN i.triggered_at_ms
+                     ELSE coalesce((SELECT min(t.at_ms) FROM timeline t
+                                    WHERE t.incident_id = i.id AND t.id > i.timeline_mark),
+                                   i.triggered_at_ms) END
+         FROM incidents i WHERE i.id = ?1",
+    )?
+    .query_row([id], |r| r.get(0))
+}
+
+/// What became of one trigger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    /// Queued in the outbox.
+    Queued,
+    /// Held by the storm guard, for the window's summary.
+    Held,
+    /// Not sent: the channel already has this incident's trigger (queued, sent, failed
+    /// or held), or it is gone from the config.
+    Skipped,
+}
+
+/// Queues the trigger of `incident` to `channel` unless the channel already has it or
+/// is gone from the config; holds it when the channel's storm budget is spent.
+fn send_trigger(
+    conn: &Connection,
+    router: &Router,
+    incident: &Incident,
+    channel: &str,
+    now: i64,
+) -> rusqlite::Result<Sent> {
+    if !router.has_channel(channel) || has_page(conn, incident.id, channel)? {
+        return Ok(Sent::Skipped);
+    }
+    if let Some(storm) = router.storm(channel)
+        && !admit(conn, storm, channel, now)?
+    {
+        let window_end = storm.window_start(now) + storm.window_ms();
+        conn.prepare_cached(
+            "INSERT INTO storm_held (channel, incident_id, severity, held_ms, window_end_ms, cycle)
+             VALUES (?1, ?2, ?3, ?4, ?5, (SELECT reopened FROM incidents WHERE id = ?2))",
+        )?
+        .execute(params![
+            channel,
+            incident.id,
+            incident.severity.as_str(),
+            now,
+            window_end
+        ])?;
+        timeline(
+            conn,
+            incident.id,
+            now,
+            "storm",
+            "aggregator",
+            &format!(
+                "trigger to {channel} held by the storm guard ({} triggers per {} spent): \
+                 counted in the summary at {}; no acknowledge or resolve goes there",
+                storm.budget,
+                tocsin_agent::settings::format_duration(storm.window),
+                rfc3339(window_end)
+            ),
+        )?;
+        return Ok(Sent::Held);
+    }
+    enqueue(conn, incident, channel, "trigger", now)?;
+    Ok(Sent::Queued)
+}
+
+/// Whether `channel` already has the trigger of incident `id` in its current cycle,
+/// queued, sent, failed or held by the storm guard: it never gets a second one per cycle.
+fn has_page(conn: &Connection, id: i64, channel: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM outbox o, incidents i
+                        WHERE i.id = ?1 AND o.incident_id = i.id AND o.channel = ?2 AND o.kind = 'trigger'
+                          AND o.id > i.outbox_mark)
+             OR EXISTS (SELECT 1 FROM storm_held h, incidents i
+                        WHERE i.id = ?1 AND h.incident_id = i.id AND h.channel = ?2 AND h.cycle = i.reopened)",
+    )?
+    .query_row(params![id, channel], |r| r.get(0))
+}
+
+/// Whether one more trigger or repeat fits in `channel`'s budget for the window of `now`.
+fn admit(conn: &Connection, storm: Storm, channel: &str, now: i64) -> rusqlite::Result<bool> {
+    let used: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM outbox
+             WHERE channel = ?1 AND created_ms >= ?2 AND kind IN ('trigger', 'repeat') AND status != 'held'",
+        )?
+        .query_row(params![channel, storm.window_start(now)], |r| r.get(0))?;
+    Ok(used < i64::from(storm.budget))
+}
+
+/// What one paging sweep queued.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepOutcome {
+    /// Incidents escalated.
+    pub escalated: Vec<i64>,
+    /// Repeats queued.
+    pub repeats: usize,
+    /// Storm summaries queued.
+    pub summaries: usize,
+    /// Outbox rows queued in all (escalation triggers, repeats, summaries).
+    pub notifications: usize,
+}
+
+impl Store {
+    /// One paging sweep at `now` (Unix ms), in one transaction: escalates incidents still
+    /// unacknowledged past their severity's response target (measured from
+    /// `triggered_at`, or from the reopen of a reopened incident; once per paging cycle,
+    /// so a restart never escalates twice), queues the repeats that are due, and sends a
+    /// summary for every channel whose storm window ended with held triggers. Run by
+    /// [`crate::escalate::Sweep`].
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`]; nothing is committed then.
+    pub fn sweep_paging(&mut self, now: i64) -> Result<SweepOutcome, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        let mut out = SweepOutcome::default();
+        escalate(&tx, &self.router, &self.silences, now, &mut out).map_err(err)?;
+        repeat(&tx, &self.router, &self.silences, now, &mut out).map_err(err)?;
+        summarise(&tx, &self.router, &self.install_id, now, &mut out).map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(out)
+    }
+}
+
+fn muted(silences: &[crate::silence::Silence], i: &Incident, now: i64) -> bool {
+    let fields = crate::silence::fields(&i.node, &i.check, i.severity.as_str(), &i.labels);
+    silences.iter().any(|s| s.mutes(&fields, now))
+}
+
+fn json_list(text: &str) -> Vec<String> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+fn escalate(
+    tx: &Connection,
+    router: &Router,
+    silences: &[crate::silence::Silence],
+    now: i64,
+    out: &mut SweepOutcome,
+) -> rusqlite::Result<()> {
+    let due: Vec<i64> = tx
+        .prepare_cached(
+            "SELECT i.id FROM incidents i
+             WHERE i.status = 'triggered'
+               AND EXISTS (SELECT 1 FROM routing r WHERE r.incident_id = i.id AND r.cycle = i.reopened
+                             AND r.escalate_to != '[]')
+               AND NOT EXISTS (SELECT 1 FROM timeline t WHERE t.incident_id = i.id AND t.id > i.timeline_mark
+                                 AND t.kind = 'escalated')",
+        )?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for id in due {
+        let incident = load_incident(tx, id)?;
+        let targets = &router.routing.targets;
+        let deadline = targets.deadline(incident.severity, cycle_start(tx, id)?);
+        // A silence mutes escalation as it mutes the page: it goes out when it ends.
+        if now < deadline || muted(silences, &incident, now) {
+            continue;
+        }
+        let mut to: Vec<String> = Vec::new();
+        let rows: Vec<String> = tx
+            .prepare_cached(
+                "SELECT r.escalate_to FROM routing r, incidents i
+                 WHERE i.id = ?1 AND r.incident_id = i.id AND r.cycle = i.reopened ORDER BY r.id",
+            )?
+            .query_map([id], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for ch in rows.iter().flat_map(|r| json_list(r)) {
+            if !to.contains(&ch) {
+                to.push(ch);
+            }
+        }
+        let (mut paged, mut held, mut had) = (Vec::new(), Vec::new(), Vec::new());
+        for ch in &to {
+            match send_trigger(tx, router, &incident, ch, now)? {
+                Sent::Queued => {
+                    paged.push(ch.as_str());
+                    out.notifications += 1;
+                }
+                Sent::Held => held.push(ch.as_str()),
+                Sent::Skipped => had.push(ch.as_str()),
+            }
+        }
+        let mut parts = Vec::new();
+        if !paged.is_empty() {
+            parts.push(format!("paging {}", paged.join(", ")));
+        }
+        if !held.is_empty() {
+            parts.push(format!("held by the storm guard for {}", held.join(", ")));
+        }
+        if !had.is_empty() {
+            parts.push(format!(
+                "{} already paged or not configured",
+                had.join(", ")
+            ));
+        }
+        let what = parts.join("; ");
+        timeline(
+            tx,
+            id,
+            now,
+            "escalated",
+            "aggregator",
+            &format!(
+                "unacknowledged past the {} response target ({}, due {}): {what}",
+                incident.severity.as_str(),
+                targets.describe(incident.severity),
+                rfc3339(deadline)
+            ),
+        )?;
+        out.escalated.push(id);
+    }
+    Ok(())
+}
+
+fn repeat(
+    tx: &Connection,
+    router: &Router,
+    silences: &[crate::silence::Silence],
+    now: i64,
+    out: &mut SweepOutcome,
+) -> rusqlite::Result<()> {
+    let rows: Vec<(i64, String, String, i64)> = tx
+        .prepare_cached(
+            "SELECT r.incident_id, r.channels, r.escalate_to, r.repeat_ms
+             FROM incidents i CROSS JOIN routing r ON r.incident_id = i.id
+             WHERE i.status = 'triggered' AND r.repeat_ms IS NOT NULL AND r.cycle = i.reopened
+             ORDER BY r.id",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    // Per incident and channel, the shortest period of the routes that page it.
+    let mut every: BTreeMap<(i64, String), i64> = BTreeMap::new();
+    for (id, channels, escalate_to, period) in rows {
+        for ch in json_list(&channels)
+            .into_iter()
+            .chain(json_list(&escalate_to))
+        {
+            let e = every.entry((id, ch)).or_insert(period);
+            *e = (*e).min(period);
+        }
+    }
+    let mut incident: Option<Incident> = None;
+    for ((id, ch), period) in every {
+        // Only where the trigger of this cycle went (and did not fail): never a lone
+        // repeat.
+        let last: Option<i64> = tx
+            .prepare_cached(
+                "SELECT max(o.created_ms) FROM outbox o, incidents i
+                 WHERE i.id = ?1 AND o.incident_id = i.id AND o.channel = ?2 AND o.id > i.outbox_mark
+                   AND o.kind IN ('trigger', 'repeat')
+                   AND EXISTS (SELECT 1 FROM outbox t WHERE t.incident_id = ?1 AND t.channel = ?2
+                               AND t.kind = 'trigger' AND t.status != 'failed' AND t.id > i.outbox_mark)",
+            )?
+            .query_row(params![id, ch], |r| r.get(0))
+            .optional()?
+            .flatten();
+        let Some(last) = last else { continue };
+        if now - last < period || !router.has_channel(&ch) {
+            continue;
+        }
+        if incident.as_ref().is_none_or(|i| i.id != id) {
+            incident = Some(load_incident(tx, id)?);
+        }
+        let Some(i) = incident.as_ref() else { continue };
+        if muted(silences, i, now) {
+            continue;
+        }
+        let every = tocsin_agent::settings::format_duration(std::time::Duration::from_millis(
+            u64::try_from(period).unwrap_or(0),
+        ));
+        let storm = router.storm(&ch);
+        if let Some(storm) = storm
+            && !admit(tx, storm, &ch, now)?
+        {
+            // Recorded as a held repeat, so the next one is due a period later.
+            insert(
+                tx,
+                i,
+                &ch,
+                REPEAT,
+                "held",
+                &crate::notify::payload::render(REPEAT, i, now),
+                &format!("{}-repeat-{now}", i.dedup_key),
+                now,
+            )?;
+            timeline(
+                tx,
+                id,
+                now,
+                "storm",
+                "aggregator",
+                &format!(
+                    "repeat to {ch} held by the storm guard ({} per {} spent)",
+                    storm.budget,
+                    tocsin_agent::settings::format_duration(storm.window)
+                ),
+            )?;
+            continue;
+        }
+        insert(
+            tx,
+            i,
+            &ch,
+            REPEAT,
+            "pending",
+            &crate::notify::payload::render(REPEAT, i, now),
+            &format!("{}-repeat-{now}", i.dedup_key),
+            now,
+        )?;
+        timeline(
+            tx,
+            id,
+            now,
+            "repeat",
+            "aggregator",
+            &format!("still open and unacknowledged: repeated to {ch} (every {every})"),
+        )?;
+        out.repeats += 1;
+        out.notifications += 1;
+    }
+    Ok(())
+}
+
+/// An outbox row with its own status and idempotency key (repeats and summaries: each
+/// one is a new message, unlike trigger/acknowledge/resolve).
+#[expect(clippy::too_many_arguments, reason = "one column each")]
+fn insert(
+    conn: &Connection,
+    incident: &Incident,
+    channel: &str,
+    kind: &str,
+    status: &str,
+    payload: &str,
+    key: &str,
+    now: i64,
+) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "INSERT INTO outbox (incident_id, channel, kind, status, attempts, payload, created_ms, next_attempt_ms,
+             idempotency_key)
+         VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?6, ?7)",
+    )?
+    .execute(params![incident.id, channel, kind, status, payload, now, key])?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// One held trigger, as a summary lists it.
+struct Held {
+    id: i64,
+    severity: String,
+    status: String,
+    node: String,
+    check: String,
+}
+
+fn summarise(
+    tx: &Connection,
+    router: &Router,
+    install_id: &str,
+    now: i64,
+    out: &mut SweepOutcome,
+) -> rusqlite::Result<()> {
+    let windows: Vec<(String, i64, i64)> = tx
+        .prepare_cached(
+            "SELECT channel, window_end_ms, min(held_ms) FROM storm_held
+             WHERE summary_id IS NULL AND window_end_ms <= ?1
+             GROUP BY channel, window_end_ms ORDER BY window_end_ms, channel",
+        )?
+        .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    for (channel, window_end, first_held) in windows {
+        let held: Vec<Held> = tx
+            .prepare_cached(
+                "SELECT h.incident_id, h.severity, i.status, i.node, i.check_name
+                 FROM storm_held h JOIN incidents i ON i.id = h.incident_id
+                 WHERE h.channel = ?1 AND h.window_end_ms = ?2 AND h.summary_id IS NULL
+                 ORDER BY h.id",
+            )?
+            .query_map(params![channel, window_end], |r| {
+                Ok(Held {
+                    id: r.get(0)?,
+                    severity: r.get(1)?,
+                    status: r.get(2)?,
+                    node: r.get(3)?,
+                    check: r.get(4)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let Some(first) = held.first() else { continue };
+        let summary_id = if router.has_channel(&channel) {
+            let first = load_incident(tx, first.id)?;
+            let (text, payload) = summary(
+                &channel,
+                router.storm(&channel),
+                &held,
+                &first,
+                first_held,
+                window_end,
+                install_id,
+                now,
+            );
+            let id = insert(
+                tx,
+                &first,
+                &channel,
+                STORM_SUMMARY,
+                "pending",
+                &payload,
+                &format!("tocsin-{install_id}-storm-{channel}-{window_end}"),
+                now,
+            )?;
+            for h in &held {
+                timeline(
+                    tx,
+                    h.id,
+                    now,
+                    "storm",
+                    "aggregator",
+                    &format!("counted in the storm summary to {channel}: {text}"),
+                )?;
+            }
+            out.summaries += 1;
+            out.notifications += 1;
+            id
+        } else {
+            // The channel left the config: nothing to send, nothing left to owe.
+            0
+        };
+        tx.prepare_cached(
+            "UPDATE storm_held SET summary_id = ?3
+             WHERE channel = ?1 AND window_end_ms = ?2 AND summary_id IS NULL",
+        )?
+        .execute(params![channel, window_end, summary_id])?;
+    }
+    Ok(())
+}
+
+/// The summary's one-line text and its JSON payload. The payload carries an `incident`
+/// object shaped like a trigger's (id of the first held incident, worst severity, the
+/// text as `summary`), so every channel format renders it, plus a `storm` object:
+///
+/// ```json
+/// {"version":"1","event":"storm_summary","dedup_key":"tocsin-ab12cd34-storm-ops-1705277100000",
+///  "storm":{"channel":"ops","held":37,"open":30,"by_severity":{"P2":20,"P3":17},
+///           "window_start":"…","window_end":"…","incidents":[12,13,…]},
+///  "incident":{"id":12,"severity":"P2","check":"storm_summary","summary":"+37 more incidents: …",…}}
+/// ```
+#[expect(clippy::too_many_arguments, reason = "the parts of one message")]
+fn summary(
+    channel: &str,
+    storm: Option<Storm>,
+    held: &[Held],
+    first: &Incident,
+    first_held: i64,
+    window_end: i64,
+    install_id: &str,
+    now: i64,
+) -> (String, String) {
+    let mut by_severity: BTreeMap<&str, usize> = BTreeMap::new();
+    for h in held {
+        *by_severity.entry(h.severity.as_str()).or_default() += 1;
+    }
+    let counts: Vec<String> = by_severity
+        .iter()
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
+    let open: Vec<&Held> = held.iter().filter(|h| h.status != "resolved").collect();
+    let listed: Vec<String> = open
+        .iter()
+        .take(SUMMARY_LISTED)
+        .map(|h| format!("#{} {} {}", h.id, h.node, h.check))
+        .collect();
+    let window_start = storm.map_or(first_held, |s| window_end - s.window_ms());
+    let mut text = format!(
+        "+{} more incidents: {}; {} still open",
+        held.len(),
+        counts.join(", "),
+        open.len()
+    );
+    if !listed.is_empty() {
+        text.push_str(&format!(": {}", listed.join(", ")));
+        if open.len() > listed.len() {
+            text.push_str(&format!(", … {} more", open.len() - listed.len()));
+        }
+    }
+    if let Some(s) = storm {
+        text.push_str(&format!(
+            " (storm guard on {channel}: {} triggers per {})",
+            s.budget,
+            tocsin_agent::settings::format_duration(s.window)
+        ));
+    }
+    let worst = by_severity
+        .keys()
+        .filter_map(|s| Severity::parse(s))
+        .min()
+        .unwrap_or(Severity::P4);
+    let payload = json!({
+        "version": crate::notify::payload::PAYLOAD_VERSION,
+        "event": STORM_SUMMARY,
+        "dedup_key": format!("tocsin-{install_id}-storm-{channel}-{window_end}"),
+        "created_at": rfc3339(now),
+        "storm": {
+            "channel": channel,
+            "held": held.len(),
+            "open": open.len(),
+            "by_severity": by_severity,
+            "window_start": rfc3339(window_start),
+            "window_end": rfc3339(window_end),
+            "incidents": held.iter().map(|h| h.id).collect::<Vec<_>>(),
+        },
+        "incident": {
+            "id": first.id,
+            "status": "triggered",
+            "severity": worst.as_str(),
+            "node": "",
+            "check": STORM_SUMMARY,
+            "state": "critical",
+            "summary": text,
+            "labels": {},
+            "fingerprint": "",
+            "triggered_at": rfc3339(window_start),
+        }
+    })
+    .to_string();
+    (text, payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use super::super::Store;
+    use crate::model::{AgentHello, Event, State, now_ms};
+    use crate::route::{ResponseTarget, Route, Router, Routing, Storm};
+
+    const MIN: i64 = 60_000;
+
+    fn hello() -> AgentHello {
+        AgentHello {
+            agent_id: "a".into(),
+            hostname: "a".into(),
+            labels: BTreeMap::from([("service".to_owned(), "web".to_owned())]),
+            version: "test".into(),
+            boot_id: String::new(),
+            instance_id: "i1".into(),
+            heartbeat_interval_ms: 1000,
+        }
+    }
+
+    fn event(seq: u64, check: &str, state: State, flapping: bool) -> Event {
+        Event {
+            seq,
+            check: check.into(),
+            labels: BTreeMap::new(),
+            state,
+            previous: State::Ok,
+            value: Some(0.0),
+            unit: "count".into(),
+            threshold: Some(1.0),
+            message: format!("{check} {}", state.as_str()),
+            observed_at_ms: 1,
+            breach_started_at_ms: 1,
+            flapping,
+        }
+    }
+
+    fn route(channels: &[&str], escalate_to: &[&str], repeat: Option<Duration>) -> Route {
+        Route {
+            name: "r".into(),
+            severities: Vec::new(),
+            matchers: Vec::new(),
+            channels: channels.iter().map(|c| (*c).to_owned()).collect(),
+            escalate_to: escalate_to.iter().map(|c| (*c).to_owned()).collect(),
+            repeat_interval: repeat,
+            continue_matching: false,
+        }
+    }
+
+    fn store(channels: &[&str], routing: Routing) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let channels: Vec<String> = channels.iter().map(|c| (*c).to_owned()).collect();
+        let mut s = Store::open(dir.path(), channels.clone()).expect("open");
+        s.set_router(Router { channels, routing });
+        s.hello(&hello(), 1).expect("hello");
+        (dir, s)
+    }
+
+    /// `(channel, kind, status)` of incident `id`'s outbox rows, in order.
+    fn outbox(s: &Store, id: i64) -> Vec<(String, String, String)> {
+        s.incident(id)
+            .expect("read")
+            .expect("exists")
+            .notifications
+            .into_iter()
+            .map(|n| (n.channel, n.kind, n.status))
+            .collect()
+    }
+
+    fn row(channel: &str, kind: &str, status: &str) -> (String, String, String) {
+        (channel.into(), kind.into(), status.into())
+    }
+
+    fn timeline_count(s: &Store, id: i64, kind: &str) -> usize {
+        s.incident(id)
+            .expect("read")
+            .expect("exists")
+            .timeline
+            .iter()
+            .filter(|t| t.kind == kind)
+            .count()
+    }
+
+    #[test]
+    fn storm_guard_holds_beyond_the_budget_and_summarises_once_when_the_window_turns() {
+        let routing = Routing {
+            storm: BTreeMap::from([(
+                "a".to_owned(),
+                Storm {
+                    budget: 2,
+                    window: Duration::from_secs(3600),
+                },
+            )]),
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["a", "b"], routing);
+        let batch: Vec<Event> = (1..=5)
+            .map(|i| event(i, &format!("c{i}"), State::Critical, false))
+            .collect();
+        let out = s.ingest("a", &batch).expect("ingest");
+        assert_eq!(out.notifications, 2 + 5, "a: its budget of 2; b: unlimited");
+        let ids = out.opened;
+        assert_eq!(
+            outbox(&s, ids[0]),
+            [
+                row("a", "trigger", "pending"),
+                row("b", "trigger", "pending")
+            ]
+        );
+        assert_eq!(outbox(&s, ids[2]), [row("b", "trigger", "pending")]);
+        assert_eq!(timeline_count(&s, ids[2], "storm"), 1);
+        let now = now_ms();
+        assert_eq!(
+            s.sweep_paging(now).expect("sweep").summaries,
+            0,
+            "window still open"
+        );
+        let turned = s.sweep_paging(now + 2 * 3_600_000).expect("sweep");
+        assert_eq!((turned.summaries, turned.notifications), (1, 1));
+        assert_eq!(
+            s.sweep_paging(now + 3 * 3_600_000)
+                .expect("sweep")
+                .summaries,
+            0,
+            "one summary per window"
+        );
+        let summary = s
+            .incident(ids[2])
+            .expect("read")
+            .expect("exists")
+            .notifications
+            .into_iter()
+            .find(|n| n.kind == super::STORM_SUMMARY)
+            .expect("the summary rides on the first held incident");
+        let p: serde_json::Value = serde_json::from_str(&summary.payload).expect("json");
+        assert_eq!(p["storm"]["held"], 3);
+        assert!(
+            p["incident"]["summary"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("+3 more incidents: 3 P2; 3 still open")),
+            "{p}"
+        );
+        // Resolves go where the triggers went: a for the first two only.
+        let clear: Vec<Event> = (6..=10)
+            .map(|i| event(i, &format!("c{}", i - 5), State::Ok, false))
+            .collect();
+        let resolved = s.ingest("a", &clear).expect("clear");
+        assert_eq!(resolved.notifications, 2 + 5);
+        assert!(
+            !outbox(&s, ids[3])
+                .iter()
+                .any(|(ch, kind, _)| ch == "a" && kind == "resolve")
+        );
+    }
+
+    #[test]
+    fn escalation_fires_once_past_the_target_and_never_after_an_acknowledge() {
+        let routing = Routing {
+            routes: vec![route(&["primary"], &["backup"], None)],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["primary", "backup"], routing);
+        let late = s
+            .ingest("a", &[event(1, "late", State::Critical, false)])
+            .expect("ingest")
+            .opened[0];
+        let quick = s
+            .ingest("a", &[event(2, "quick", State::Critical, false)])
+            .expect("ingest")
+            .opened[0];
+        s.acknowledge(quick, "alice", "").expect("ack");
+        let now = now_ms();
+        assert!(
+            s.sweep_paging(now + 29 * MIN)
+                .expect("sweep")
+                .escalated
+                .is_empty(),
+            "P2: 30m"
+        );
+        assert_eq!(
+            s.sweep_paging(now + 31 * MIN).expect("sweep").escalated,
+            [late]
+        );
+        assert!(
+            s.sweep_paging(now + 32 * MIN)
+                .expect("sweep")
+                .escalated
+                .is_empty()
+        );
+        assert_eq!(
+            outbox(&s, late),
+            [
+                row("primary", "trigger", "pending"),
+                row("backup", "trigger", "pending")
+            ]
+        );
+        assert_eq!(timeline_count(&s, quick, "escalated"), 0);
+        s.acknowledge(late, "bob", "").expect("ack");
+        let acks: Vec<String> = outbox(&s, late)
+            .into_iter()
+            .filter(|(_, kind, _)| kind == "acknowledge")
+            .map(|(ch, _, _)| ch)
+            .collect();
+        assert_eq!(acks, ["primary", "backup"]);
+    }
+
+    #[test]
+    fn next_business_day_target_escalates_at_nine_on_the_next_weekday() {
+        let mut routing = Routing {
+            routes: vec![route(&["primary"], &["backup"], None)],
+            ..Routing::default()
+        };
+        routing.targets.by_severity[2] = ResponseTarget::NextBusinessDay;
+        routing.targets.utc_offset_s = 8 * 3600;
+        let (_dir, mut s) = store(&["primary", "backup"], routing.clone());
+        let id = s
+            .ingest("a", &[event(1, "minor", State::Warning, false)])
+            .expect("ingest")
+            .opened[0];
+        let triggered = s
+            .incident(id)
+            .expect("read")
+            .expect("exists")
+            .incident
+            .triggered_at_ms;
+        let due = crate::route::next_business_day(triggered, 8 * 3600);
+        assert!(s.sweep_paging(due - 1).expect("sweep").escalated.is_empty());
+        assert_eq!(s.sweep_paging(due).expect("sweep").escalated, [id]);
+        let note = s
+            .incident(id)
+            .expect("read")
+            .expect("exists")
+            .timeline
+            .into_iter()
+            .find(|t| t.kind == "escalated")
+            .expect("escalated")
+            .note;
+        assert!(
+            note.contains("P3 response target (next-business-day"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn repeats_follow_the_interval_and_stop_at_the_acknowledge() {
+        let routing = Routing {
+            routes: vec![route(&["a"], &[], Some(Duration::from_secs(600)))],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["a", "b"], routing);
+        let id = s
+            .ingest("a", &[event(1, "c", State::Critical, false)])
+            .expect("ingest")
+            .opened[0];
+        let now = now_ms();
+        assert_eq!(s.sweep_paging(now + 5 * MIN).expect("sweep").repeats, 0);
+        assert_eq!(s.sweep_paging(now + 11 * MIN).expect("sweep").repeats, 1);
+        assert_eq!(s.sweep_paging(now + 12 * MIN).expect("sweep").repeats, 0);
+        assert_eq!(s.sweep_paging(now + 22 * MIN).expect("sweep").repeats, 1);
+        s.acknowledge(id, "alice", "").expect("ack");
+        assert_eq!(s.sweep_paging(now + 60 * MIN).expect("sweep").repeats, 0);
+        let kinds: Vec<(String, String, String)> = outbox(&s, id);
+        assert_eq!(
+            kinds,
+            [
+                row("a", "trigger", "pending"),
+                row("a", "repeat", "pending"),
+                row("a", "repeat", "pending"),
+                row("a", "acknowledge", "pending"),
+            ],
+            "b is on no route: nothing"
+        );
+    }
+
+    fn channels_of(s: &Store, id: i64, kind: &str) -> Vec<String> {
+        outbox(s, id)
+            .into_iter()
+            .filter(|(_, k, _)| k == kind)
+            .map(|(ch, _, _)| ch)
+            .collect()
+    }
+
+    /// A reopened incident is a new paging cycle: routed and paged again, repeated and
+    /// escalated again (the first cycle's `escalated` entry and triggers do not count),
+    /// and its acknowledge goes only to the channels paged in the new cycle.
+    #[test]
+    fn a_reopened_incident_is_routed_paged_repeated_and_escalated_again() {
+        let routing = Routing {
+            routes: vec![route(
+                &["primary"],
+                &["backup"],
+                Some(Duration::from_secs(600)),
+            )],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["primary", "backup"], routing);
+        let id = s
+            .ingest("a", &[event(1, "c", State::Critical, false)])
+            .expect("fires")
+            .opened[0];
+        let t0 = now_ms();
+        assert_eq!(
+            s.sweep_paging(t0 + 31 * MIN).expect("sweep").escalated,
+            [id]
+        );
+        let resolved = s
+            .ingest("a", &[event(2, "c", State::Ok, false)])
+            .expect("clears");
+        assert_eq!(resolved.resolved, [id]);
+        assert_eq!(channels_of(&s, id, "resolve"), ["primary", "backup"]);
+
+        // Fires again within the re-open window: same incident, a new cycle.
+        let again = s
+            .ingest("a", &[event(3, "c", State::Critical, false)])
+            .expect("fires again");
+        assert_eq!((again.opened.clone(), again.notifications), (vec![id], 1));
+        assert_eq!(timeline_count(&s, id, "routed"), 2);
+        assert_eq!(
+            channels_of(&s, id, "trigger"),
+            ["primary", "backup", "primary"]
+        );
+        let t1 = now_ms();
+        let early = s.sweep_paging(t1 + 11 * MIN).expect("sweep");
+        assert!(early.escalated.is_empty(), "P2: 30 min from the reopen");
+        assert_eq!(
+            early.repeats, 1,
+            "the new trigger's repeat, to primary only"
+        );
+        assert_eq!(
+            s.sweep_paging(t1 + 31 * MIN).expect("sweep").escalated,
+            [id],
+            "escalates again in the new cycle"
+        );
+        assert!(
+            s.sweep_paging(t1 + 32 * MIN)
+                .expect("sweep")
+                .escalated
+                .is_empty()
+        );
+        assert_eq!(timeline_count(&s, id, "escalated"), 2);
+        assert_eq!(
+            channels_of(&s, id, "trigger"),
+            ["primary", "backup", "primary", "backup"]
+        );
+        s.acknowledge(id, "alice", "").expect("ack");
+        assert_eq!(channels_of(&s, id, "acknowledge"), ["primary", "backup"]);
+    }
+
+    /// A reopened incident acknowledged before its response target is not escalated
+    /// again, and its acknowledge and resolve go only where this cycle's trigger went —
+    /// not to the backup that the first cycle escalated to.
+    #[test]
+    fn a_reopened_incident_notifies_only_the_channels_of_its_new_cycle() {
+        let routing = Routing {
+            routes: vec![route(&["primary"], &["backup"], None)],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["primary", "backup"], routing);
+        let id = s
+            .ingest("a", &[event(1, "c", State::Critical, false)])
+            .expect("fires")
+            .opened[0];
+        let t0 = now_ms();
+        assert_eq!(
+            s.sweep_paging(t0 + 31 * MIN).expect("sweep").escalated,
+            [id]
+        );
+        s.ingest("a", &[event(2, "c", State::Ok, false)])
+            .expect("clears");
+        s.ingest("a", &[event(3, "c", State::Critical, false)])
+            .expect("fires again");
+        s.acknowledge(id, "alice", "").expect("ack");
+        assert!(
+            s.sweep_paging(t0 + 60 * MIN)
+                .expect("sweep")
+                .escalated
+                .is_empty(),
+            "acknowledged"
+        );
+        s.ingest("a", &[event(4, "c", State::Ok, false)])
+            .expect("clears again");
+        assert_eq!(channels_of(&s, id, "acknowledge"), ["primary"]);
+        assert_eq!(
+            channels_of(&s, id, "resolve"),
+            ["primary", "backup", "primary"]
+        );
+    }
+
+    /// A trigger held by the storm guard in one cycle does not count as this channel's
+    /// page of the next: a reopened incident meets the guard again (held again while the
+    /// budget is spent), and is not silently skipped.
+    #[test]
+    fn a_storm_hold_belongs_to_its_cycle() {
+        let routing = Routing {
+            storm: BTreeMap::from([(
+                "a".to_owned(),
+                Storm {
+                    budget: 1,
+                    window: Duration::from_secs(3600),
+                },
+            )]),
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["a"], routing);
+        let out = s
+            .ingest(
+                "a",
+                &[
+                    event(1, "first", State::Critical, false),
+                    event(2, "second", State::Critical, false),
+                ],
+            )
+            .expect("fires");
+        let held = out.opened[1];
+        assert_eq!(timeline_count(&s, held, "storm"), 1);
+        s.ingest("a", &[event(3, "second", State::Ok, false)])
+            .expect("clears");
+        let again = s
+            .ingest("a", &[event(4, "second", State::Critical, false)])
+            .expect("fires again");
+        assert_eq!(again.opened, [held]);
+        assert_eq!(
+            timeline_count(&s, held, "routed"),
+            0,
+            "no [[route]]: no note"
+        );
+        assert_eq!(
+            timeline_count(&s, held, "storm"),
+            2,
+            "held again in the new cycle, not skipped"
+        );
+        let summary = s.sweep_paging(now_ms() + 2 * 3_600_000).expect("sweep");
+        assert_eq!(summary.summaries, 1);
+    }
+
+    /// Regression: an incident paged to no channel (a route with `channels = []`) had no
+    /// trigger row, so the flapping hold took it for never paged and paged it again at
+    /// every event.
+    #[test]
+    fn an_incident_routed_to_no_channel_is_paged_once() {
+        let routing = Routing {
+            routes: vec![route(&[], &[], None)],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["a"], routing);
+        let id = s
+            .ingest("a", &[event(1, "f", State::Critical, true)])
+            .expect("flapping")
+            .opened[0];
+        s.ingest("a", &[event(2, "f", State::Critical, false)])
+            .expect("settled");
+        s.ingest("a", &[event(3, "f", State::Warning, false)])
+            .expect("again");
+        s.ingest("a", &[event(4, "f", State::Critical, false)])
+            .expect("again");
+        assert_eq!(timeline_count(&s, id, "routed"), 1);
+        assert_eq!(
+            timeline_count(&s, id, "flapping"),
+            2,
+            "held, then paged once"
+        );
+        assert!(outbox(&s, id).is_empty());
+    }
+}
