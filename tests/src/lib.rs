@@ -6,6 +6,7 @@
 //! is printed when a test fails.
 
 pub mod measure;
+pub mod recorder;
 pub mod scripted;
 pub mod sim;
 pub mod smtp;

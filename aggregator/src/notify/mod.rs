@@ -219,10 +219,10 @@ impl Dispatcher {
                 Attempt::Failed { error }
             }
             Delivery::Transient { error, retry_after } => {
-                // A receiver's Retry-After is honoured up to retry_max: later pages on this
-                // channel wait behind this one, so "come back tomorrow" cannot be obeyed.
-                let delay = retry_after
-                    .map_or_else(|| self.backoff(n.attempts), |ra| ra.min(self.retry_max));
+                let delay = retry_after.map_or_else(
+                    || self.backoff(n.attempts),
+                    |ra| honour_retry_after(ra, self.retry_min, self.retry_max),
+                );
                 tracing::warn!(channel = %self.name, incident = n.incident_id, kind = %n.kind, attempts = n.attempts + 1, retry_in = ?delay, error = %error, "notification not delivered, will retry");
                 Attempt::Retry {
                     retry_at_ms: now_ms()
@@ -241,5 +241,33 @@ impl Dispatcher {
             .min(self.retry_max);
         let span = ceiling.saturating_sub(self.retry_min);
         self.retry_min + span.mul_f64(fastrand::f64())
+    }
+}
+
+/// The wait a receiver's `Retry-After` of `retry_after` asks for, kept within
+/// [`retry_min`, `retry_max`]: later pages on the channel wait behind this one, so "come
+/// back tomorrow" cannot be obeyed; and a `Retry-After: 0` must not turn the retries into
+/// a busy loop against the receiver and the store.
+fn honour_retry_after(retry_after: Duration, retry_min: Duration, retry_max: Duration) -> Duration {
+    retry_after.max(retry_min).min(retry_max)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::honour_retry_after;
+
+    /// Regression: a 503 with `Retry-After: 0` was retried at once, again and again (a
+    /// busy loop of HTTP requests and store writes until the receiver recovered).
+    #[test]
+    fn retry_after_zero_waits_at_least_retry_min() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(2));
+        assert_eq!(honour_retry_after(Duration::ZERO, min, max), min);
+        assert_eq!(
+            honour_retry_after(Duration::from_secs(1), min, max),
+            Duration::from_secs(1)
+        );
+        assert_eq!(honour_retry_after(Duration::from_secs(3600), min, max), max);
     }
 }
