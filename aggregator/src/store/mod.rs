@@ -10,6 +10,9 @@
 pub mod alertmanager;
 mod apply;
 mod schema;
+mod views;
+
+pub use views::CheckState;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -1043,6 +1046,10 @@ impl Store {
                 .collect()
             })
             .map_err(|e| self.err(e))
+            .map(|mut nodes: Vec<Node>| {
+                self.overlay_seen(&mut nodes);
+                nodes
+            })
     }
 
     /// The pending notification of `channel` to deliver next, due or not: among the
