@@ -155,7 +155,7 @@ pub fn validate(v: &mut Validator<'_>, raw: &RawAuth, loopback: bool) -> WebAuth
     };
     let mut users: Vec<WebUser> = Vec::new();
     for (i, u) in raw.user.iter().enumerate() {
-        let key = format!("auth.user[{i}]");
+        let key = format!("auth.user.{i}");
         let name = u.name.trim();
         if !crate::web::ui::valid_name(name) {
             v.problem(

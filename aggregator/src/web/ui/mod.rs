@@ -238,6 +238,10 @@ fn session(st: &UiState, headers: &HeaderMap) -> Option<Session> {
 
 /// Who reads: the session if any; without one, a redirect to the login page when
 /// reading needs a login.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the response to send, returned at once by the handler"
+)]
 fn reader(st: &UiState, headers: &HeaderMap, here: &str) -> Result<Option<Session>, Response> {
     let s = session(st, headers);
     if s.is_none() && st.auth.read == ReadAccess::Login {
@@ -260,6 +264,10 @@ fn url_encode(s: &str) -> String {
 
 /// Refuses a form POST unless it is same-origin, signed in and carries the session's
 /// CSRF token (403 otherwise); on a name-only (loopback) setup the Host must be loopback.
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the response to send, returned at once by the handler"
+)]
 fn writer(st: &UiState, headers: &HeaderMap, csrf: &str) -> Result<Session, Response> {
     if !auth::same_origin(headers) {
         return Err(message(
@@ -322,6 +330,8 @@ fn render(
     if let (Some(b), Value::Object(extra)) = (base.as_object_mut(), ctx) {
         b.extend(extra);
     }
+    let here = local_path(base["here"].as_str().unwrap_or("/"));
+    base["login_href"] = json!(format!("/login?next={}", url_encode(&here)));
     let html = st
         .pages
         .get_template(name)
@@ -1090,12 +1100,17 @@ mod tests {
             "message": "m", "code": 400, "next": "/", "error": "", "updates": [],
             "service": "checkout",
         });
-        for (name, _) in PAGES {
-            let t = env
-                .get_template(name)
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-            t.render(minijinja::Value::from(minijinja::value::Serde(&ctx)))
-                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let mut anonymous = ctx.clone();
+        anonymous["user"] = Value::Null;
+        anonymous["login_href"] = json!("/login?next=/");
+        for c in [&ctx, &anonymous] {
+            for (name, _) in PAGES {
+                let t = env
+                    .get_template(name)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                t.render(minijinja::Value::from(minijinja::value::Serde(c)))
+                    .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            }
         }
     }
 
