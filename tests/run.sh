@@ -27,6 +27,7 @@ command -v prometheus-alertmanager >/dev/null || apt_missing+=(prometheus-alertm
 command -v mount >/dev/null || apt_missing+=(mount)                # tmpfs for disk-full tests
 [ -x /usr/lib/nagios/plugins/check_load ] || apt_missing+=(monitoring-plugins-basic) # exec checks
 /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || apt_missing+=(python3-aiosmtpd) # SMTP server
+command -v chromium >/dev/null || apt_missing+=(chromium)          # web view browser test
 if ((${#apt_missing[@]})); then
     log "installing ${apt_missing[*]}"
     apt-get update && apt-get install -y --no-install-recommends "${apt_missing[@]}"

@@ -125,6 +125,23 @@ pub struct RawAuth {
     /// `Authorization: Bearer TOKEN`. Unset: changes are accepted only when
     /// `listen_http` is a loopback address.
     pub api_token_file: Option<String>,
+    /// Who may read the on-call web view: `"public"` (anyone who can connect) or
+    /// `"login"` (a signed-in user). Unset: public while `listen_http` is a loopback
+    /// address, else login. The status pages (`/status/SERVICE`) are always public.
+    pub read_only: Option<String>,
+    /// Users of the on-call web view (`[[auth.user]]`), besides the API token.
+    pub user: Vec<RawUser>,
+}
+
+/// One `[[auth.user]]` of the on-call web view.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUser {
+    /// Login name, shown on the timeline as `user:NAME` (1 to 128 printable characters).
+    pub name: String,
+    /// File holding the password: an argon2 PHC hash (`$argon2id$v=19$…`, e.g. from
+    /// Debian's `argon2` command) or, failing that, the plain password itself.
+    pub password_file: String,
 }
 
 /// `[tls]`.
@@ -278,6 +295,8 @@ pub struct AggregatorConfig {
     pub tokens: Option<Tokens>,
     /// Token that API changes need (`auth.api_token_file`); never logged.
     pub api_token: Option<tocsin_agent::config::Secret>,
+    /// Who may read the on-call web view and who may sign in to change things.
+    pub web: crate::web::ui::auth::WebAuth,
     /// TLS on the gRPC ingest.
     pub tls: Option<ServerTls>,
     /// Log settings.
@@ -668,6 +687,11 @@ impl RawConfig {
             }
             Some(tocsin_agent::config::Secret::new(t))
         });
+        let web = crate::web::ui::auth::validate(
+            &mut v,
+            &self.auth,
+            listen_http.is_none_or(|a| a.ip().is_loopback()),
+        );
         let tokens = self.auth.tokens_file.as_deref().and_then(|f| {
             let text = v.secret_file("auth.tokens_file", f)?;
             match Tokens::parse(&text) {
@@ -753,6 +777,7 @@ impl RawConfig {
             templates: std::sync::Arc::new(templates),
             tokens,
             api_token,
+            web,
             tls,
             log,
             routing,

@@ -4,7 +4,7 @@
 //! Data path: `ingest` (gRPC stream per agent; `convert` validates wire messages) →
 //! `store` (one SQLite writer thread; events, incidents via the pure `correlate`, and
 //! the outbox in one transaction) → `notify` (one dispatcher per channel) and `web`
-//! (JSON API). `cli` is the on-call command line `tocsin`, including `tocsin up`.
+//! (JSON API and the on-call web view). `cli` is the on-call command line `tocsin`, including `tocsin up`.
 
 pub mod cli;
 pub mod config;
@@ -66,6 +66,9 @@ pub enum AggregatorError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    /// The system random source gave no key for web sessions.
+    #[error("the system random source failed (web session key)")]
+    Random,
     /// The HTTP client for notifications could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
@@ -231,12 +234,21 @@ pub async fn run(
         }
     }
 
-    let app = web::router(web::AppState {
+    let api_state = web::AppState {
         store: store.clone(),
         registry: std::sync::Arc::new(registry),
         writes: web::WriteAccess::new(cfg.api_token.clone(), cfg.listen_http),
         outbox_wake: api_wake,
-    });
+    };
+    let ui_state = web::ui::UiState::new(
+        api_state.clone(),
+        cfg.web.clone(),
+        cfg.api_token.clone(),
+        cfg.listen_http.ip().is_loopback(),
+        cfg.templates.clone(),
+    )
+    .map_err(|_| AggregatorError::Random)?;
+    let app = web::router(api_state).merge(web::ui::router(ui_state));
     let http_shutdown = shutdown.clone();
     tracker.spawn(async move {
         let serve = axum::serve(http_listener, app)

@@ -89,6 +89,25 @@ const CASES: &[(&str, &str, &[&str])] = &[
     ),
     (
         "tocsin-aggregator",
+        "aggregator_bad_read_only.toml",
+        &[
+            "aggregator_bad_read_only.toml:2",
+            "key `auth.read_only`",
+            "\"everyone\"",
+            "\"public\" or \"login\"",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
+        "aggregator_bad_user_password.toml",
+        &[
+            "aggregator_bad_user_password.toml",
+            "key `auth.user.0.password_file`",
+            "/nonexistent/tocsin-alice.password",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
         "aggregator_bad_repost.toml",
         &[
             "aggregator_bad_repost.toml:5",

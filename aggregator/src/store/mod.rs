@@ -11,6 +11,9 @@ pub mod alertmanager;
 mod apply;
 mod paging;
 mod schema;
+mod views;
+
+pub use views::CheckState;
 
 pub use paging::{REPEAT, STORM_SUMMARY, SweepOutcome};
 
@@ -1067,6 +1070,10 @@ impl Store {
                 .collect()
             })
             .map_err(|e| self.err(e))
+            .map(|mut nodes: Vec<Node>| {
+                self.overlay_seen(&mut nodes);
+                nodes
+            })
     }
 
     /// The pending notification of `channel` to deliver next, due or not: among the

@@ -1,7 +1,9 @@
 //! The HTTP side: the JSON API (`/api/v1/…`) and `/health`.
 //!
 //! Handlers only translate HTTP to store calls; errors are JSON `{"error": "…"}` with a
-//! status code.
+//! status code. The on-call web view (HTML pages, forms, status pages) is [`ui`].
+
+pub mod ui;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
