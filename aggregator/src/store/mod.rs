@@ -9,7 +9,10 @@
 
 pub mod alertmanager;
 mod apply;
+mod kpi;
 mod schema;
+
+pub use kpi::{IncidentQuery, PostmortemLink, StatusCounts};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -97,6 +100,8 @@ pub struct Store {
     silences: Vec<crate::silence::Silence>,
     /// Grouping, group wait, re-open window and severity rules.
     correlation: correlate::Correlation,
+    /// KPI histograms observed as changes commit (`with_kpi_metrics`).
+    kpi_metrics: Option<crate::kpi::KpiMetrics>,
 }
 
 /// Answer to an agent's `Hello`.
@@ -246,6 +251,7 @@ impl Store {
             down: Default::default(),
             silences: Vec::new(),
             correlation: correlate::Correlation::default(),
+            kpi_metrics: None,
         };
         store
             .conn
@@ -648,6 +654,7 @@ impl Store {
             Ok(outs) => {
                 for out in &outs {
                     self.silences_end_with(&out.resolved, now);
+                    self.observe_kpis(&out.opened, &[], &out.resolved);
                 }
                 for (agent, _) in batches {
                     self.hb_memo.remove(*agent);
@@ -768,6 +775,7 @@ impl Store {
         node_back(&tx, &ctx, agent_id, &mut out).map_err(err)?;
         tx.commit().map_err(err)?;
         self.silences_end_with(&out.resolved, now);
+        self.observe_kpis(&out.opened, &[], &out.resolved);
         self.down.remove(agent_id);
         if consistent {
             self.hb_memo.insert(agent_id.to_owned(), memo);
@@ -860,6 +868,7 @@ impl Store {
             self.down.insert(agent_id.clone());
         }
         tx.commit().map_err(err)?;
+        self.observe_kpis(&out.opened, &[], &out.resolved);
         Ok(out)
     }
 
@@ -971,6 +980,10 @@ impl Store {
         tx.commit().map_err(err)?;
         if to == "resolved" && outcome == Change::Done {
             self.silences_end_with(&[id], now);
+            self.observe_kpis(&[], &[], &[id]);
+        }
+        if to == "acknowledged" && outcome == Change::Done {
+            self.observe_kpis(&[], &[id], &[]);
         }
         Ok(outcome)
     }

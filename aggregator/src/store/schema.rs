@@ -132,6 +132,14 @@ CREATE TABLE IF NOT EXISTS incident_members (
 );
 CREATE INDEX IF NOT EXISTS members_fingerprint ON incident_members (fingerprint);
 CREATE INDEX IF NOT EXISTS members_node ON incident_members (node, check_name);
+
+-- The post-mortem linked to an incident (at most one; a new link replaces it).
+CREATE TABLE IF NOT EXISTS postmortems (
+    incident_id  INTEGER PRIMARY KEY REFERENCES incidents (id),
+    url          TEXT NOT NULL,
+    linked_by    TEXT NOT NULL,
+    linked_at_ms INTEGER NOT NULL
+);
 ";
 
 /// Columns added after the first release: `(table, column, declaration)`. Added in
