@@ -64,8 +64,8 @@ pub mod targets {
 
 /// Label that marks a drill incident (value `true`).
 pub const DRILL_LABEL: &str = "drill";
-/// Label that names an incident's service.
-pub const SERVICE_LABEL: &str = "service";
+/// Label that names an incident's service (the one severity rules use).
+pub const SERVICE_LABEL: &str = crate::correlate::SERVICE_LABEL;
 
 /// The service of an incident: its `service` label, else its node.
 pub fn service_of(labels: &BTreeMap<String, String>, node: &str) -> String {
@@ -440,8 +440,14 @@ fn summary(
     });
     Summary {
         incidents: counted.len(),
-        open: counted.iter().filter(|i| i.resolved_at_ms.is_none()).count(),
-        resolved: counted.iter().filter(|i| i.resolved_at_ms.is_some()).count(),
+        open: counted
+            .iter()
+            .filter(|i| i.resolved_at_ms.is_none())
+            .count(),
+        resolved: counted
+            .iter()
+            .filter(|i| i.resolved_at_ms.is_some())
+            .count(),
         mttd: Stat::of(
             counted.iter().filter_map(|i| i.ttd_s()).collect(),
             Some(targets::MTTD_S),
@@ -727,7 +733,10 @@ mod tests {
         c.recovery_started_ms = Some(T0 + 11 * HOUR + 20 * MIN); // a hook, late
         let c = resolved(c, T0 + 11 * HOUR + 50 * MIN); // R 3000 s, no ack
         let d = inc(4, "web-2", Severity::P3, T0 + 23 * HOUR); // still open
-        let mut drill = resolved(inc(5, "checkout", Severity::P1, T0 + 2 * HOUR), T0 + 3 * HOUR);
+        let mut drill = resolved(
+            inc(5, "checkout", Severity::P1, T0 + 2 * HOUR),
+            T0 + 3 * HOUR,
+        );
         drill.drill = true;
         // Opened before the range, resolved 1 h into it: counts for availability only.
         let before = resolved(
@@ -750,7 +759,10 @@ mod tests {
         assert_eq!(o.mttr.count, 3);
         assert_eq!(o.mttr.mean_seconds, Some((1800.0 + 18000.0 + 3000.0) / 3.0));
         assert_eq!(o.mttr.max_seconds, Some(18000.0));
-        assert_eq!(o.mttr.target_seconds, None, "mixed severities: no single target");
+        assert_eq!(
+            o.mttr.target_seconds, None,
+            "mixed severities: no single target"
+        );
         // checkout starts at 1 h, 5 h, 11 h: gaps 4 h and 6 h; web-2 has one incident.
         assert_eq!(o.mtbf.count, 2);
         assert_eq!(o.mtbf.mean_seconds, Some(5.0 * 3600.0));
@@ -769,7 +781,10 @@ mod tests {
         // both resolved within 1 h; P2 #2 took 5 h (breached).
         let sla = &o.sla;
         assert_eq!(
-            (sla.p1_recovery_started.met, sla.p1_recovery_started.breached),
+            (
+                sla.p1_recovery_started.met,
+                sla.p1_recovery_started.breached
+            ),
             (1, 1)
         );
         assert_eq!(sla.p1_recovery_started.compliance, Some(0.5));
@@ -832,7 +847,10 @@ mod tests {
             until_ms: T0 + 40 * HOUR,
             ..Query::default()
         };
-        assert_eq!(report(&all, &q, T0 + 50 * HOUR).incidents.overall.incidents, 0);
+        assert_eq!(
+            report(&all, &q, T0 + 50 * HOUR).incidents.overall.incidents,
+            0
+        );
     }
 
     #[test]
@@ -866,19 +884,24 @@ mod tests {
     fn postmortems_are_due_48_hours_after_a_p1_or_p2_resolves() {
         assert_eq!(postmortem_status(Severity::P1, None, None, T0), None);
         assert_eq!(postmortem_status(Severity::P3, Some(T0), None, T0), None);
-        let due = postmortem_status(Severity::P2, Some(T0), None, T0 + HOUR).unwrap();
+        let due = postmortem_status(Severity::P2, Some(T0), None, T0 + HOUR).expect("a status");
         assert_eq!(due.due_at_ms, Some(T0 + 48 * HOUR));
         assert_eq!(due.due_at.as_deref(), Some("2024-01-17T00:00:00.000Z"));
         assert!(!due.overdue);
-        let late = postmortem_status(Severity::P1, Some(T0), None, T0 + 49 * HOUR).unwrap();
+        let late =
+            postmortem_status(Severity::P1, Some(T0), None, T0 + 49 * HOUR).expect("a status");
         assert!(late.overdue);
-        let linked =
-            postmortem_status(Severity::P1, Some(T0), Some("https://wiki/pm/1"), T0 + 49 * HOUR)
-                .unwrap();
+        let linked = postmortem_status(
+            Severity::P1,
+            Some(T0),
+            Some("https://wiki/pm/1"),
+            T0 + 49 * HOUR,
+        )
+        .expect("a status");
         assert!(!linked.overdue);
         assert_eq!(linked.linked.as_deref(), Some("https://wiki/pm/1"));
         // A link on an incident that owes none is still shown.
-        let extra = postmortem_status(Severity::P4, None, Some("https://x"), T0).unwrap();
+        let extra = postmortem_status(Severity::P4, None, Some("https://x"), T0).expect("a status");
         assert_eq!(extra.due_at, None);
     }
 

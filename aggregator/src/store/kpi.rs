@@ -366,3 +366,317 @@ fn kpi_incident(i: &Incident, entries: &[(i64, String)]) -> KpiIncident {
         open_spans: kpi::open_spans(i.triggered_at_ms, i.resolved_at_ms, &transitions),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::{AgentHello, Event, State};
+
+    const MIN: i64 = 60_000;
+    const HOUR: i64 = 60 * MIN;
+    /// 2024-01-15T00:00:00Z.
+    const T0: i64 = 1_705_276_800_000;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path(), vec!["t".into()]).expect("open");
+        (dir, s)
+    }
+
+    /// Inserts an incident with known times and its timeline `(at, kind)`.
+    #[expect(clippy::too_many_arguments, reason = "one row of a test history")]
+    fn insert(
+        s: &Store,
+        node: &str,
+        labels: &[(&str, &str)],
+        severity: &str,
+        breach: i64,
+        triggered: i64,
+        acknowledged: Option<i64>,
+        resolved: Option<i64>,
+        entries: &[(i64, &str)],
+    ) -> i64 {
+        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        let status = if resolved.is_some() {
+            "resolved"
+        } else if acknowledged.is_some() {
+            "acknowledged"
+        } else {
+            "triggered"
+        };
+        s.conn
+            .execute(
+                "INSERT INTO incidents (fingerprint, node, check_name, labels, severity, status, state, unit,
+                     summary, breach_started_at_ms, triggered_at_ms, acknowledged_at_ms, resolved_at_ms)
+                 VALUES (?1 || '/http', ?1, 'http', ?2, ?3, ?4, 'critical', '', 'http failing', ?5, ?6, ?7, ?8)",
+                params![
+                    node,
+                    serde_json::to_string(&labels).expect("json"),
+                    severity,
+                    status,
+                    breach,
+                    triggered,
+                    acknowledged,
+                    resolved
+                ],
+            )
+            .expect("insert");
+        let id = s.conn.last_insert_rowid();
+        timeline(&s.conn, id, triggered, "triggered", "agent:x", "").expect("timeline");
+        for (at, kind) in entries {
+            timeline(&s.conn, id, *at, kind, "x", "").expect("timeline");
+        }
+        id
+    }
+
+    #[test]
+    fn a_known_history_loads_and_reports_exact_kpis() {
+        let (_dir, mut s) = store();
+        let checkout = [("service", "checkout")];
+        // P1: breach 10 min before opening; a hook at +2 min, acknowledged at +5 min,
+        // resolved at +30 min.
+        let p1 = insert(
+            &s,
+            "web-1",
+            &checkout,
+            "P1",
+            T0 + HOUR - 10 * MIN,
+            T0 + HOUR,
+            Some(T0 + HOUR + 5 * MIN),
+            Some(T0 + HOUR + 30 * MIN),
+            &[
+                (T0 + HOUR + 2 * MIN, "hook"),
+                (T0 + HOUR + 5 * MIN, "acknowledged"),
+                (T0 + HOUR + 30 * MIN, "resolved"),
+            ],
+        );
+        // P2: resolved after 30 min, reopened 30 min later, resolved for good at +2 h.
+        let p2 = insert(
+            &s,
+            "web-2",
+            &checkout,
+            "P2",
+            0,
+            T0 + 5 * HOUR,
+            None,
+            Some(T0 + 7 * HOUR),
+            &[
+                (T0 + 5 * HOUR + 30 * MIN, "resolved"),
+                (T0 + 6 * HOUR, "reopened"),
+                (T0 + 7 * HOUR, "resolved"),
+            ],
+        );
+        let drill = insert(
+            &s,
+            "web-3",
+            &[("service", "checkout"), ("drill", "true")],
+            "P1",
+            T0 + 9 * HOUR - MIN,
+            T0 + 9 * HOUR,
+            None,
+            Some(T0 + 9 * HOUR + 20 * MIN),
+            &[(T0 + 9 * HOUR + 20 * MIN, "resolved")],
+        );
+        // Before the range: not loaded.
+        insert(
+            &s,
+            "db-1",
+            &[],
+            "P2",
+            0,
+            T0 - 3 * HOUR,
+            None,
+            Some(T0 - 2 * HOUR),
+            &[(T0 - 2 * HOUR, "resolved")],
+        );
+        // Still open, on a node without a service label.
+        let open = insert(&s, "db-1", &[], "P3", 0, T0 + 20 * HOUR, None, None, &[]);
+
+        let rows = s.kpi_incidents(T0, T0 + 24 * HOUR).expect("rows");
+        assert_eq!(
+            rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+            [p1, p2, drill, open]
+        );
+        let r1 = &rows[0];
+        assert_eq!(r1.service, "checkout");
+        assert_eq!(r1.first_ack_ms, Some(T0 + HOUR + 5 * MIN));
+        assert_eq!(
+            r1.recovery_started_ms,
+            Some(T0 + HOUR + 2 * MIN),
+            "the hook"
+        );
+        assert_eq!(r1.ttd_s(), Some(600.0));
+        assert_eq!(
+            rows[1].open_spans,
+            [
+                (T0 + 5 * HOUR, Some(T0 + 5 * HOUR + 30 * MIN)),
+                (T0 + 6 * HOUR, Some(T0 + 7 * HOUR))
+            ]
+        );
+        assert!(rows[2].drill);
+        assert_eq!(rows[3].service, "db-1");
+
+        let q = kpi::Query {
+            since_ms: T0,
+            until_ms: T0 + 24 * HOUR,
+            ..kpi::Query::default()
+        };
+        let r = kpi::report(&rows, &q, T0 + 24 * HOUR);
+        let o = &r.incidents.overall;
+        assert_eq!((o.incidents, o.open, o.resolved), (3, 1, 2));
+        assert_eq!(o.mttd.mean_seconds, Some(600.0));
+        assert_eq!(o.mtta.mean_seconds, Some(300.0));
+        assert_eq!(o.mttr.mean_seconds, Some((1800.0 + 7200.0) / 2.0));
+        assert_eq!(
+            o.mtbf.mean_seconds,
+            Some(4.0 * 3600.0),
+            "checkout: 1 h → 5 h"
+        );
+        assert_eq!(o.sla.p1_recovery_started.met, 1);
+        assert_eq!(o.sla.p1_resolved.met, 1);
+        assert_eq!(o.sla.p2_resolved.met, 1, "2 h is within 4 h");
+        // checkout: P1 30 min, P2 30 min + 1 h (not the 30 min between): 2 h of 24 h.
+        let checkout = &r.incidents.by_service["checkout"];
+        assert_eq!(checkout.availability, Some(1.0 - 2.0 / 24.0));
+        assert_eq!(r.incidents.by_service["db-1"].availability, Some(1.0));
+        assert_eq!(r.drills.overall.incidents, 1);
+        assert_eq!(r.drills.overall.mttd.mean_seconds, Some(60.0));
+
+        // Filtered lists.
+        let q = |statuses: Vec<Status>, severities: Vec<Severity>, since: Option<i64>| {
+            s.incidents_where(&IncidentQuery {
+                statuses,
+                severities,
+                since_ms: since,
+                limit: 100,
+            })
+            .expect("list")
+            .into_iter()
+            .map(|i| i.id)
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(q(vec![Status::Triggered], vec![], None), [open]);
+        assert_eq!(q(vec![], vec![Severity::P1], None), [drill, p1]);
+        assert_eq!(
+            q(vec![Status::Resolved], vec![Severity::P2], Some(T0)),
+            [p2]
+        );
+        assert_eq!(q(vec![], vec![], Some(T0 + 10 * HOUR)), [open]);
+
+        // Post-mortems: every resolved P1/P2 (the drill and the one before the range too).
+        let now = T0 + 24 * HOUR;
+        let c = s.status_counts(now).expect("counts");
+        assert_eq!((c.postmortems_due, c.postmortems_overdue), (4, 0));
+        assert_eq!(c.open["P3"]["triggered"], 1);
+        let later = s.status_counts(T0 + 60 * HOUR).expect("counts");
+        assert_eq!(later.postmortems_overdue, 4, "48 h after each resolve");
+        assert_eq!(
+            s.link_postmortem(p1, "https://wiki.example/pm/1", "alice")
+                .expect("link"),
+            Change::Done
+        );
+        assert!(matches!(
+            s.link_postmortem(p1, "https://wiki.example/pm/1", "alice")
+                .expect("link"),
+            Change::Unchanged(_)
+        ));
+        assert_eq!(
+            s.link_postmortem(999, "https://x", "alice").expect("link"),
+            Change::NotFound
+        );
+        let links = s.postmortem_links(&[p1, p2]).expect("links");
+        assert_eq!(links[&p1].url, "https://wiki.example/pm/1");
+        assert!(!links.contains_key(&p2));
+        assert_eq!(s.status_counts(now).expect("counts").postmortems_due, 3);
+        let detail = s.incident(p1).expect("detail").expect("found");
+        assert!(
+            detail
+                .timeline
+                .iter()
+                .any(|t| t.kind == "postmortem" && t.actor == "user:alice"),
+            "{:?}",
+            detail.timeline
+        );
+    }
+
+    fn hello() -> AgentHello {
+        AgentHello {
+            agent_id: "web-1".into(),
+            hostname: "web-1".into(),
+            labels: BTreeMap::new(),
+            version: "test".into(),
+            boot_id: String::new(),
+            instance_id: "i1".into(),
+            heartbeat_interval_ms: 1000,
+        }
+    }
+
+    fn event(seq: u64, state: State, breach: i64) -> Event {
+        Event {
+            seq,
+            check: "cpu".into(),
+            labels: BTreeMap::new(),
+            state,
+            previous: State::Ok,
+            value: Some(99.0),
+            unit: "percent".into(),
+            threshold: Some(95.0),
+            message: format!("cpu {}", state.as_str()),
+            observed_at_ms: now_ms(),
+            breach_started_at_ms: breach,
+            flapping: false,
+        }
+    }
+
+    fn sample(registry: &prometheus_client::registry::Registry, name: &str) -> f64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).expect("encode");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+
+    #[test]
+    fn histograms_are_observed_as_changes_commit() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let m = KpiMetrics::register(&mut registry);
+        let (_dir, s) = store();
+        let mut s = s.with_kpi_metrics(m);
+        s.hello(&hello(), 1).expect("hello");
+        let breach = now_ms() - 60_000;
+        let out = s
+            .ingest("web-1", &[event(1, State::Critical, breach)])
+            .expect("ingest");
+        let id = out.opened[0];
+        let count = |s: &str| sample(&registry, s);
+        assert_eq!(
+            count("tocsin_incident_mttd_seconds_count{severity=\"P2\"}"),
+            1.0
+        );
+        let ttd = count("tocsin_incident_mttd_seconds_sum{severity=\"P2\"}");
+        assert!((60.0..70.0).contains(&ttd), "{ttd}");
+        assert_eq!(
+            count("tocsin_incident_mtta_seconds_count{severity=\"P2\"}"),
+            0.0
+        );
+        s.acknowledge(id, "alice", "").expect("ack");
+        s.acknowledge(id, "alice", "")
+            .expect("ack again: unchanged");
+        assert_eq!(
+            count("tocsin_incident_mtta_seconds_count{severity=\"P2\"}"),
+            1.0
+        );
+        s.ingest("web-1", &[event(2, State::Ok, 0)]).expect("clear");
+        assert_eq!(
+            count("tocsin_incident_mttr_seconds_count{severity=\"P2\"}"),
+            1.0
+        );
+        assert_eq!(
+            count("tocsin_incident_mttr_seconds_count{severity=\"P1\"}"),
+            0.0
+        );
+    }
+}

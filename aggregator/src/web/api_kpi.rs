@@ -5,11 +5,11 @@
 
 use std::collections::BTreeMap;
 
+use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -141,7 +141,7 @@ pub(super) async fn list_incidents(
     let statuses = match (q.status.as_deref(), q.state.as_deref()) {
         (Some(a), Some(b)) if a != b => {
             return Err(bad(
-                "give `status` or `state` (the same filter), not both".into(),
+                "give `status` or `state` (the same filter), not both".into()
             ));
         }
         (Some(s), _) | (None, Some(s)) => parse_statuses(s).map_err(bad)?,
@@ -326,13 +326,17 @@ pub fn render_postmortem(
     let timeline: Vec<Value> = d
         .timeline
         .iter()
-        .map(|t| json!({ "at": rfc3339(t.at_ms), "kind": t.kind, "actor": t.actor, "note": t.note }))
+        .map(
+            |t| json!({ "at": rfc3339(t.at_ms), "kind": t.kind, "actor": t.actor, "note": t.note }),
+        )
         .collect();
     let recovery: Vec<Value> = d
         .timeline
         .iter()
         .filter(|t| kpi::is_recovery_kind(&t.kind) && t.kind != "acknowledged")
-        .map(|t| json!({ "at": rfc3339(t.at_ms), "kind": t.kind, "actor": t.actor, "note": t.note }))
+        .map(
+            |t| json!({ "at": rfc3339(t.at_ms), "kind": t.kind, "actor": t.actor, "note": t.note }),
+        )
         .collect();
     let open_for = i.resolved_at_ms.unwrap_or(now) - i.triggered_at_ms;
     let ctx = json!({
@@ -569,7 +573,7 @@ mod tests {
             Ok(now + 3_600_500)
         );
         assert_eq!(parse_time("since", "2h", now), Ok(now - 7_200_000));
-        let e = parse_time("since", "yesterday", now).unwrap_err();
+        let e = parse_time("since", "yesterday", now).expect_err("not a time");
         assert!(e.contains("since \"yesterday\""), "{e}");
     }
 
@@ -684,7 +688,10 @@ mod tests {
             md.contains("| Time to resolve (opened → resolved) | 45m | < 1h | yes |"),
             "{md}"
         );
-        assert!(md.contains("**hook** (aggregator): rollback exited 0"), "{md}");
+        assert!(
+            md.contains("**hook** (aggregator): rollback exited 0"),
+            "{md}"
+        );
         assert!(md.contains("Due: 2024-01-17T00:45:00.000Z"), "{md}");
     }
 
@@ -697,12 +704,14 @@ mod tests {
         d.incident.breach_started_at_ms = 0;
         d.incident.resolution = None;
         d.timeline.truncate(1);
-        let md = render_postmortem(&d, None, d.incident.triggered_at_ms + 60_000)
-            .expect("renders");
+        let md = render_postmortem(&d, None, d.incident.triggered_at_ms + 60_000).expect("renders");
         assert!(md.contains("**Duration:** 1m so far (still open)"), "{md}");
         assert!(md.contains("No recovery hook ran"), "{md}");
         assert!(!md.contains("**acknowledged**"), "{md}");
-        assert!(md.contains("**Started (breach on the node):** unknown"), "{md}");
+        assert!(
+            md.contains("**Started (breach on the node):** unknown"),
+            "{md}"
+        );
         assert!(!md.contains("Due:"), "{md}");
     }
 }
