@@ -10,6 +10,8 @@
 //! - **Service** of an incident: its `service` label (node and check labels merged), else
 //!   its node (agent id). **Drill**: label `drill=true`; drills are reported apart and
 //!   never count toward the other figures.
+//! - **Severity** of an incident: the highest it reached (P1 above P2), not the one it
+//!   had when it resolved: members recovering one by one may calm a P1 to a P2.
 //! - An incident **counts** in a range `[since, until)` when it was opened
 //!   (`triggered_at_ms`) in it. A reopened incident is one incident: opened at its first
 //!   trigger, resolved at its last resolve.
@@ -90,7 +92,8 @@ pub struct KpiIncident {
     pub id: i64,
     /// See [`service_of`].
     pub service: String,
-    /// Current severity.
+    /// The highest severity it reached (a P1 that calms to P2 before it resolves is a
+    /// P1 here).
     pub severity: Severity,
     /// See [`is_drill`].
     pub drill: bool,
@@ -577,10 +580,11 @@ fn histogram() -> Histogram {
 }
 
 /// `tocsin_incident_{mttd,mtta,mttr}_seconds{severity}`: observed by the store as it
-/// applies the change — MTTD when an incident opens (not when it reopens), MTTA at its
-/// first acknowledgement, MTTR each time it resolves (a reopened incident is observed
-/// again, opened → this resolve). Drills are not observed. In memory: empty after a
-/// restart (the API's `/api/v1/kpi` computes from the store instead).
+/// commits the change, with the incident's severity at that moment — MTTA at the first
+/// acknowledgement; MTTR each time it resolves (a reopened incident is observed again,
+/// first opened → this resolve); MTTD at its first resolve (severity settled; an
+/// incident still open is not in it yet). Drills are not observed. In memory: empty
+/// after a restart (`/api/v1/kpi` computes from the store instead).
 #[derive(Debug, Clone)]
 pub struct KpiMetrics {
     /// Breach start → opened.

@@ -306,8 +306,8 @@ fn summary_row(name: &str, s: &Value) -> String {
     format!(
         "{:<22} {:>9} {:>5}  {:<10} {:<10} {:<10} {:<12} {}\n",
         name,
-        s["incidents"],
-        s["open"],
+        s["incidents"].as_u64().unwrap_or(0),
+        s["open"].as_u64().unwrap_or(0),
         stat(&s["mttd"]),
         stat(&s["mtta"]),
         stat(&s["mttr"]),
@@ -516,7 +516,9 @@ pub async fn status(api: &Api, json: bool) -> ExitCode {
         let b = &inc["by_severity"][sev];
         out.push_str(&format!(
             "  {sev}  {:>4} open ({} triggered, {} acknowledged)\n",
-            b["open"], b["triggered"], b["acknowledged"]
+            b["open"].as_u64().unwrap_or(0),
+            b["triggered"].as_u64().unwrap_or(0),
+            b["acknowledged"].as_u64().unwrap_or(0)
         ));
     }
     let due = inc["postmortems_due"].as_u64().unwrap_or(0);

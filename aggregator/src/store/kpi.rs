@@ -112,10 +112,10 @@ impl Store {
         until_ms: i64,
     ) -> Result<Vec<KpiIncident>, StoreError> {
         let err = |e| self.err(e);
-        let rows: Vec<(Incident, i64)> = self
+        let rows: Vec<(Incident, String)> = self
             .conn
             .prepare(&format!(
-                "SELECT {INCIDENT_COLUMNS}, reopened FROM incidents
+                "SELECT {INCIDENT_COLUMNS}, peak_severity FROM incidents
                  WHERE triggered_at_ms < ?2 AND (resolved_at_ms IS NULL OR resolved_at_ms >= ?1)
                  ORDER BY id LIMIT ?3"
             ))
@@ -148,11 +148,35 @@ impl Store {
         }
         Ok(rows
             .into_iter()
-            .map(|(i, _)| {
+            .map(|(i, peak)| {
                 let e = entries.remove(&i.id).unwrap_or_default();
-                kpi_incident(&i, &e)
+                kpi_incident(&i, &peak, &e)
             })
             .collect())
+    }
+
+    /// The highest severity each of `ids` reached (see `peak_severity` in the schema).
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn peak_severities(&self, ids: &[i64]) -> Result<HashMap<i64, Severity>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT peak_severity, severity FROM incidents WHERE id = ?1")
+            .map_err(|e| self.err(e))?;
+        let mut out = HashMap::new();
+        for id in ids {
+            let row: Option<(String, String)> = st
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .map_err(|e| self.err(e))?;
+            if let Some((peak, sev)) = row
+                && let Some(s) = Severity::parse(&peak).or_else(|| Severity::parse(&sev))
+            {
+                out.insert(*id, s);
+            }
+        }
+        Ok(out)
     }
 
     /// The linked post-mortems of `ids`.
@@ -271,7 +295,7 @@ impl Store {
             .query_row(
                 "SELECT coalesce(sum(resolved_at_ms + ?2 >= ?1), 0), coalesce(sum(resolved_at_ms + ?2 < ?1), 0)
                  FROM incidents i
-                 WHERE status = 'resolved' AND severity IN ('P1', 'P2')
+                 WHERE status = 'resolved' AND peak_severity IN ('P1', 'P2')
                    AND NOT EXISTS (SELECT 1 FROM postmortems p WHERE p.incident_id = i.id)",
                 params![now, kpi::targets::POSTMORTEM_DUE_MS],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -284,31 +308,33 @@ impl Store {
         Ok(out)
     }
 
-    /// Observes the KPI histograms for what just committed: MTTD of the `opened`
-    /// incidents (not reopened ones), MTTA of `acked` at its first acknowledgement, MTTR
-    /// of the `resolved`. Drills are skipped. Never fails: a read error is logged.
-    pub(super) fn observe_kpis(&self, opened: &[i64], acked: &[i64], resolved: &[i64]) {
+    /// Observes the KPI histograms for what just committed: MTTA of `acked` at its
+    /// first acknowledgement; MTTR of the `resolved` and, at an incident's first resolve
+    /// (its severity has settled by then), its MTTD. Drills are skipped. Never fails: a
+    /// read error is logged.
+    pub(super) fn observe_kpis(&self, acked: &[i64], resolved: &[i64]) {
         let Some(m) = &self.kpi_metrics else {
             return;
         };
-        if opened.is_empty() && acked.is_empty() && resolved.is_empty() {
-            return;
-        }
-        let load = |id: i64| -> rusqlite::Result<Option<(Incident, i64, i64)>> {
+        type Loaded = (Incident, i64, i64, String);
+        let load = |id: i64| -> rusqlite::Result<Option<Loaded>> {
             self.conn
                 .prepare_cached(&format!(
                     "SELECT {INCIDENT_COLUMNS}, reopened,
-                         (SELECT count(*) FROM timeline t WHERE t.incident_id = incidents.id AND t.kind = 'acknowledged')
+                         (SELECT count(*) FROM timeline t WHERE t.incident_id = incidents.id AND t.kind = 'acknowledged'),
+                         peak_severity
                      FROM incidents WHERE id = ?1"
                 ))?
-                .query_row([id], |r| Ok((incident_from_row(r)?, r.get(18)?, r.get(19)?)))
+                .query_row([id], |r| {
+                    Ok((incident_from_row(r)?, r.get(18)?, r.get(19)?, r.get(20)?))
+                })
                 .optional()
         };
-        let each = |ids: &[i64], f: &mut dyn FnMut(&Incident, i64, i64)| {
+        let each = |ids: &[i64], f: &mut dyn FnMut(&KpiIncident, i64, i64)| {
             for id in ids {
                 match load(*id) {
-                    Ok(Some((i, reopened, acks))) if !kpi::is_drill(&i.labels) => {
-                        f(&i, reopened, acks);
+                    Ok(Some((i, reopened, acks, peak))) if !kpi::is_drill(&i.labels) => {
+                        f(&kpi_incident(&i, &peak, &[]), reopened, acks);
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -317,29 +343,26 @@ impl Store {
                 }
             }
         };
-        each(opened, &mut |i, reopened, _| {
-            let k = kpi_incident(i, &[]);
-            if let Some(s) = k.ttd_s().filter(|_| reopened == 0) {
-                KpiMetrics::observe(&m.mttd, i.severity, s);
-            }
-        });
-        each(acked, &mut |i, _, acks| {
-            let k = kpi_incident(i, &[]);
+        each(acked, &mut |k, _, acks| {
             if let Some(s) = k.tta_s().filter(|_| acks == 1) {
-                KpiMetrics::observe(&m.mtta, i.severity, s);
+                KpiMetrics::observe(&m.mtta, k.severity, s);
             }
         });
-        each(resolved, &mut |i, _, _| {
-            if let Some(s) = kpi_incident(i, &[]).ttr_s() {
-                KpiMetrics::observe(&m.mttr, i.severity, s);
+        each(resolved, &mut |k, reopened, _| {
+            if let Some(s) = k.ttr_s() {
+                KpiMetrics::observe(&m.mttr, k.severity, s);
+            }
+            if let Some(s) = k.ttd_s().filter(|_| reopened == 0) {
+                KpiMetrics::observe(&m.mttd, k.severity, s);
             }
         });
     }
 }
 
-/// An incident row and its `(at_ms, kind)` timeline entries (acknowledged, resolved,
-/// reopened, recovery…, hook…; in order) as a [`KpiIncident`].
-fn kpi_incident(i: &Incident, entries: &[(i64, String)]) -> KpiIncident {
+/// An incident row, its peak severity (`''` when unknown: the current one) and its
+/// `(at_ms, kind)` timeline entries (acknowledged, resolved, reopened, recovery…,
+/// hook…; in order) as a [`KpiIncident`].
+fn kpi_incident(i: &Incident, peak: &str, entries: &[(i64, String)]) -> KpiIncident {
     let first_ack = entries
         .iter()
         .find(|(_, k)| k == "acknowledged")
@@ -356,7 +379,7 @@ fn kpi_incident(i: &Incident, entries: &[(i64, String)]) -> KpiIncident {
     KpiIncident {
         id: i.id,
         service: kpi::service_of(&i.labels, &i.node),
-        severity: i.severity,
+        severity: Severity::parse(peak).unwrap_or(i.severity),
         drill: kpi::is_drill(&i.labels),
         breach_started_at_ms: i.breach_started_at_ms,
         triggered_at_ms: i.triggered_at_ms,
@@ -652,28 +675,19 @@ mod tests {
             .expect("ingest");
         let id = out.opened[0];
         let count = |s: &str| sample(&registry, s);
-        assert_eq!(
-            count("tocsin_incident_mttd_seconds_count{severity=\"P2\"}"),
-            1.0
-        );
-        let ttd = count("tocsin_incident_mttd_seconds_sum{severity=\"P2\"}");
-        assert!((60.0..70.0).contains(&ttd), "{ttd}");
-        assert_eq!(
-            count("tocsin_incident_mtta_seconds_count{severity=\"P2\"}"),
-            0.0
-        );
+        let p2 = |name: &str| count(&format!("tocsin_incident_{name}{{severity=\"P2\"}}"));
+        // Nothing yet: MTTD waits for the first resolve, when the severity has settled.
+        assert_eq!(p2("mttd_seconds_count"), 0.0);
+        assert_eq!(p2("mtta_seconds_count"), 0.0);
         s.acknowledge(id, "alice", "").expect("ack");
         s.acknowledge(id, "alice", "")
             .expect("ack again: unchanged");
-        assert_eq!(
-            count("tocsin_incident_mtta_seconds_count{severity=\"P2\"}"),
-            1.0
-        );
+        assert_eq!(p2("mtta_seconds_count"), 1.0);
         s.ingest("web-1", &[event(2, State::Ok, 0)]).expect("clear");
-        assert_eq!(
-            count("tocsin_incident_mttr_seconds_count{severity=\"P2\"}"),
-            1.0
-        );
+        assert_eq!(p2("mttr_seconds_count"), 1.0);
+        assert_eq!(p2("mttd_seconds_count"), 1.0);
+        let ttd = p2("mttd_seconds_sum");
+        assert!((60.0..70.0).contains(&ttd), "breach 60 s before: {ttd}");
         assert_eq!(
             count("tocsin_incident_mttr_seconds_count{severity=\"P1\"}"),
             0.0

@@ -654,7 +654,7 @@ impl Store {
             Ok(outs) => {
                 for out in &outs {
                     self.silences_end_with(&out.resolved, now);
-                    self.observe_kpis(&out.opened, &[], &out.resolved);
+                    self.observe_kpis(&[], &out.resolved);
                 }
                 for (agent, _) in batches {
                     self.hb_memo.remove(*agent);
@@ -775,7 +775,7 @@ impl Store {
         node_back(&tx, &ctx, agent_id, &mut out).map_err(err)?;
         tx.commit().map_err(err)?;
         self.silences_end_with(&out.resolved, now);
-        self.observe_kpis(&out.opened, &[], &out.resolved);
+        self.observe_kpis(&[], &out.resolved);
         self.down.remove(agent_id);
         if consistent {
             self.hb_memo.insert(agent_id.to_owned(), memo);
@@ -868,7 +868,6 @@ impl Store {
             self.down.insert(agent_id.clone());
         }
         tx.commit().map_err(err)?;
-        self.observe_kpis(&out.opened, &[], &out.resolved);
         Ok(out)
     }
 
@@ -980,10 +979,10 @@ impl Store {
         tx.commit().map_err(err)?;
         if to == "resolved" && outcome == Change::Done {
             self.silences_end_with(&[id], now);
-            self.observe_kpis(&[], &[], &[id]);
+            self.observe_kpis(&[], &[id]);
         }
         if to == "acknowledged" && outcome == Change::Done {
-            self.observe_kpis(&[], &[id], &[]);
+            self.observe_kpis(&[id], &[]);
         }
         Ok(outcome)
     }

@@ -117,16 +117,34 @@ pub(super) struct ListQuery {
     limit: Option<usize>,
 }
 
-/// An incident in API form plus its `postmortem` status (see
-/// [`kpi::postmortem_status`]).
-pub(super) fn incident_json(incident: Incident, link: Option<&PostmortemLink>, now: i64) -> Value {
+/// What the KPI side adds to an incident's JSON: `peak_severity` (the highest it
+/// reached) and `postmortem` (see [`kpi::postmortem_status`], judged on the peak).
+pub(super) fn extras(
+    incident: &Incident,
+    peak: Option<Severity>,
+    link: Option<&PostmortemLink>,
+    now: i64,
+) -> (Severity, Option<kpi::PostmortemStatus>) {
+    let peak = peak.unwrap_or(incident.severity);
     let pm = kpi::postmortem_status(
-        incident.severity,
+        peak,
         incident.resolved_at_ms,
         link.map(|l| l.url.as_str()),
         now,
     );
+    (peak, pm)
+}
+
+/// An incident in API form plus [`extras`].
+pub(super) fn incident_json(
+    incident: Incident,
+    peak: Option<Severity>,
+    link: Option<&PostmortemLink>,
+    now: i64,
+) -> Value {
+    let (peak, pm) = extras(&incident, peak, link, now);
     let mut v = serde_json::to_value(IncidentView::from(incident)).unwrap_or_default();
+    v["peak_severity"] = json!(peak);
     v["postmortem"] = serde_json::to_value(pm).unwrap_or_default();
     v
 }
@@ -158,38 +176,44 @@ pub(super) async fn list_incidents(
             .map_err(bad)?,
         limit: q.limit.unwrap_or(MAX_LIST).min(MAX_LIST),
     };
-    let (incidents, links) = st
+    let (incidents, peaks, links) = st
         .store
         .call(move |s| {
             let incidents = s.incidents_where(&query)?;
             let ids: Vec<i64> = incidents.iter().map(|i| i.id).collect();
-            Ok((incidents, s.postmortem_links(&ids)?))
+            Ok((
+                incidents,
+                s.peak_severities(&ids)?,
+                s.postmortem_links(&ids)?,
+            ))
         })
         .await?;
     let views: Vec<Value> = incidents
         .into_iter()
         .map(|i| {
-            let link = links.get(&i.id);
-            incident_json(i, link, now)
+            let (peak, link) = (peaks.get(&i.id).copied(), links.get(&i.id));
+            incident_json(i, peak, link, now)
         })
         .collect();
     Ok(Json(json!({ "incidents": views })))
 }
 
-/// The `postmortem` status of incident `id` for `GET /api/v1/incidents/{id}`.
-pub(super) async fn postmortem_field(
+/// Adds `peak_severity` and `postmortem` (see [`extras`]) to `v`, the JSON of
+/// `incident`, for `GET /api/v1/incidents/{id}`.
+pub(super) async fn add_extras(
     st: &AppState,
     incident: &Incident,
-) -> Result<Value, ApiError> {
+    v: &mut Value,
+) -> Result<(), ApiError> {
     let id = incident.id;
-    let links = st.store.call(move |s| s.postmortem_links(&[id])).await?;
-    let pm = kpi::postmortem_status(
-        incident.severity,
-        incident.resolved_at_ms,
-        links.get(&id).map(|l| l.url.as_str()),
-        now_ms(),
-    );
-    Ok(serde_json::to_value(pm).unwrap_or_default())
+    let (peaks, links) = st
+        .store
+        .call(move |s| Ok((s.peak_severities(&[id])?, s.postmortem_links(&[id])?)))
+        .await?;
+    let (peak, pm) = extras(incident, peaks.get(&id).copied(), links.get(&id), now_ms());
+    v["peak_severity"] = json!(peak);
+    v["postmortem"] = serde_json::to_value(pm).unwrap_or_default();
+    Ok(())
 }
 
 /// Query of `GET /api/v1/kpi`.
@@ -273,16 +297,19 @@ fn measured(seconds: Option<f64>, target: Option<f64>) -> Option<Measured> {
     })
 }
 
-/// Renders the post-mortem draft of `d` (with its `link`, at `now`) as Markdown.
+/// Renders the post-mortem draft of `d` (the highest severity it reached `peak`, its
+/// linked post-mortem `link`, at `now`) as Markdown.
 ///
 /// # Errors
 /// minijinja's, should the embedded template fail (a bug the unit test catches).
 pub fn render_postmortem(
     d: &IncidentDetail,
+    peak: Option<Severity>,
     link: Option<&PostmortemLink>,
     now: i64,
 ) -> Result<String, minijinja::Error> {
     let i = &d.incident;
+    let peak = peak.unwrap_or(i.severity);
     let k = {
         let entries: Vec<(i64, String)> = d
             .timeline
@@ -301,7 +328,7 @@ pub fn render_postmortem(
         kpi::KpiIncident {
             id: i.id,
             service: kpi::service_of(&i.labels, &i.node),
-            severity: i.severity,
+            severity: peak,
             drill: kpi::is_drill(&i.labels),
             breach_started_at_ms: i.breach_started_at_ms,
             triggered_at_ms: i.triggered_at_ms,
@@ -311,12 +338,12 @@ pub fn render_postmortem(
             open_spans: Vec::new(),
         }
     };
-    let mttr_target = match i.severity {
+    let mttr_target = match peak {
         Severity::P1 => Some(kpi::targets::MTTR_P1_S),
         Severity::P2 => Some(kpi::targets::MTTR_P2_S),
         _ => None,
     };
-    let recovery_target = (i.severity == Severity::P1).then_some(kpi::targets::P1_RECOVERY_START_S);
+    let recovery_target = (peak == Severity::P1).then_some(kpi::targets::P1_RECOVERY_START_S);
     let mut nodes: Vec<&str> = d.members.iter().map(|m| m.node.as_str()).collect();
     if nodes.is_empty() {
         nodes.push(&i.node);
@@ -342,7 +369,8 @@ pub fn render_postmortem(
     let ctx = json!({
         "incident": {
             "id": i.id,
-            "severity": i.severity.as_str(),
+            "severity": peak.as_str(),
+            "current_severity": i.severity.as_str(),
             "status": i.status.as_str(),
             "node": i.node,
             "check": i.check,
@@ -374,7 +402,7 @@ pub fn render_postmortem(
             "channel": n.channel, "kind": n.kind, "status": n.status,
             "attempts": n.attempts, "last_error": n.last_error,
         })).collect::<Vec<_>>(),
-        "postmortem": kpi::postmortem_status(i.severity, i.resolved_at_ms, link.map(|l| l.url.as_str()), now),
+        "postmortem": kpi::postmortem_status(peak, i.resolved_at_ms, link.map(|l| l.url.as_str()), now),
         "generated_at": rfc3339(now),
     });
     let mut env = minijinja::Environment::new();
@@ -398,14 +426,15 @@ pub(super) async fn get_postmortem(
             let Some(d) = s.incident(id)? else {
                 return Ok(None);
             };
+            let peak = s.peak_severities(&[id])?.remove(&id);
             let link = s.postmortem_links(&[id])?.remove(&id);
-            Ok(Some((d, link)))
+            Ok(Some((d, peak, link)))
         })
         .await?;
-    let Some((detail, link)) = found else {
+    let Some((detail, peak, link)) = found else {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no incident {id}")));
     };
-    let text = render_postmortem(&detail, link.as_ref(), now_ms()).map_err(|e| {
+    let text = render_postmortem(&detail, peak, link.as_ref(), now_ms()).map_err(|e| {
         tracing::error!(error = %e, incident = id, "post-mortem template failed");
         ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -480,12 +509,16 @@ pub(super) async fn link_postmortem(
     let found = st
         .store
         .call(move |s| {
-            let d = s.incident(id)?;
-            Ok(d.map(|d| (d.incident, s.postmortem_links(&[id]))))
+            let Some(d) = s.incident(id)? else {
+                return Ok(None);
+            };
+            let peak = s.peak_severities(&[id])?.remove(&id);
+            let link = s.postmortem_links(&[id])?.remove(&id);
+            Ok(Some((d.incident, peak, link)))
         })
         .await?;
     let incident = match found {
-        Some((i, links)) => incident_json(i, links?.get(&id), now),
+        Some((i, peak, link)) => incident_json(i, peak, link.as_ref(), now),
         None => Value::Null,
     };
     Ok(Json(
@@ -655,7 +688,7 @@ mod tests {
     fn the_postmortem_draft_has_every_section_and_this_incidents_times() {
         let d = detail();
         let now = d.incident.resolved_at_ms.unwrap_or(0) + 3_600_000;
-        let md = render_postmortem(&d, None, now).expect("renders");
+        let md = render_postmortem(&d, None, None, now).expect("renders");
         for section in [
             "# Post-mortem: incident #7 — http on web-1",
             "## Summary",
@@ -704,7 +737,8 @@ mod tests {
         d.incident.breach_started_at_ms = 0;
         d.incident.resolution = None;
         d.timeline.truncate(1);
-        let md = render_postmortem(&d, None, d.incident.triggered_at_ms + 60_000).expect("renders");
+        let md = render_postmortem(&d, None, None, d.incident.triggered_at_ms + 60_000)
+            .expect("renders");
         assert!(md.contains("**Duration:** 1m so far (still open)"), "{md}");
         assert!(md.contains("No recovery hook ran"), "{md}");
         assert!(!md.contains("**acknowledged**"), "{md}");

@@ -240,9 +240,8 @@ async fn get_incident(
     let Some(d) = detail else {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no incident {id}")));
     };
-    let postmortem = api_kpi::postmortem_field(&st, &d.incident).await?;
-    let mut v = serde_json::to_value(IncidentView::from(d.incident)).unwrap_or_default();
-    v["postmortem"] = postmortem;
+    let mut v = serde_json::to_value(IncidentView::from(d.incident.clone())).unwrap_or_default();
+    api_kpi::add_extras(&st, &d.incident, &mut v).await?;
     v["timeline"] = serde_json::to_value(d.timeline).unwrap_or_default();
     v["notifications"] = serde_json::to_value(d.notifications).unwrap_or_default();
     v["members"] = serde_json::to_value(d.members).unwrap_or_default();
