@@ -1,8 +1,12 @@
 //! The on-call command line, `tocsin`: `up` runs an aggregator and a local agent in one
-//! process with embedded defaults; the other commands read the aggregator's JSON API.
+//! process with embedded defaults; the other commands read the aggregator's JSON API
+//! (`docs/API.md`); the reports (`incidents`, `kpi`, `postmortem`, `status`) are in
+//! [`reports`].
 //!
-//! Exit codes: 0 success, 1 runtime failure (API unreachable, not found, daemon failed),
-//! 64 bad usage or config.
+//! Exit codes ([`EXIT_CODES`]): 0 success, 1 runtime failure (API unreachable, refused,
+//! daemon failed), 3 not found, 4 conflict, 64 bad usage or config.
+
+mod reports;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,12 +25,26 @@ pub const DEFAULT_UP_DATA_DIR: &str = "./tocsin-data";
 /// `TOCSIN_API_URL` is accepted too.
 pub const ENV_PREFIX: &str = "TOCSIN_CLI_";
 
+/// Exit codes of `tocsin`, as printed by `tocsin --help`.
+pub const EXIT_CODES: &str = "\
+Exit codes (stable, for scripts):
+  0   success (also: nothing to do, e.g. already acknowledged)
+  1   runtime failure: aggregator unreachable, change refused (401/403), server error
+  3   not found: no such incident or silence
+  4   conflict: the incident's state forbids it (acknowledging a resolved incident)
+  64  bad usage: unknown flag or value, invalid config, request refused as invalid (400)
+
+Aggregator address: --api, else TOCSIN_API_URL, else `api_url` in the config file
+(--config or TOCSIN_CONFIG), else http://127.0.0.1:7600. Token for changes (and for reads
+where the aggregator asks for one): --token-file, else TOCSIN_API_TOKEN, else `token_file`
+in the config file.";
+
 /// tocsin: emergency response for Linux fleets. `tocsin up` runs everything locally; the
 /// other commands talk to an aggregator's API.
 #[derive(Debug, Parser)]
-#[command(name = "tocsin", version)]
+#[command(name = "tocsin", version, after_long_help = EXIT_CODES)]
 pub struct Cli {
-    /// CLI config file (TOML: `api_url = "http://HOST:PORT"`).
+    /// CLI config file (TOML: `api_url = "http://HOST:PORT"`, `token_file = "PATH"`).
     #[arg(long, short, global = true, env = "TOCSIN_CONFIG")]
     pub config: Option<PathBuf>,
     /// Aggregator API URL (overrides the config file and TOCSIN_API_URL).
@@ -46,17 +64,21 @@ pub enum Command {
     /// Run an aggregator and an agent for this node in one process (loopback only,
     /// SQLite in a local directory, notifications on the console and to --webhook).
     Up(UpArgs),
-    /// List incidents, newest first.
-    Incidents {
-        /// `open`, `resolved` or `all`.
-        #[arg(long, default_value = "all")]
-        status: String,
-    },
+    /// List incidents, newest first (filtered by the aggregator).
+    Incidents(reports::IncidentsArgs),
     /// Show one incident with its timeline and notifications.
     Show {
         /// Incident id.
         id: i64,
     },
+    /// KPIs over a time range: MTTD, MTTA, MTTR, MTBF, availability and SLA compliance
+    /// (the seed's targets), overall, per severity and per service; drills apart.
+    Kpi(reports::KpiArgs),
+    /// Print (or write) an incident's post-mortem draft in Markdown, or link the
+    /// finished post-mortem (--link URL).
+    Postmortem(reports::PostmortemArgs),
+    /// One-screen summary: open incidents by severity, nodes, silences, the aggregator.
+    Status,
     /// List nodes (agents) and when they were last heard from.
     Nodes,
     /// Acknowledge an incident: someone is on it (recorded with who and why).
@@ -160,33 +182,54 @@ pub struct UpArgs {
 pub struct RawCliConfig {
     /// Aggregator API URL.
     pub api_url: String,
+    /// File holding the API token (`auth.api_token_file` of the aggregator); empty:
+    /// none. `--token-file` and TOCSIN_API_TOKEN win.
+    pub token_file: String,
 }
 
 impl Default for RawCliConfig {
     fn default() -> Self {
         RawCliConfig {
             api_url: DEFAULT_API_URL.into(),
+            token_file: String::new(),
         }
     }
 }
 
-/// Loads the CLI config: defaults, `file`, `TOCSIN_API_URL`.
+/// The CLI config, validated.
+#[derive(Debug, Clone, Default)]
+pub struct CliConfig {
+    /// Aggregator API URL (`http://HOST:PORT`).
+    pub api_url: String,
+    /// The token read from `token_file`, if one is set.
+    pub token: Option<tocsin_agent::config::Secret>,
+}
+
+/// Loads the CLI config: defaults, `file`, `TOCSIN_API_URL` and `TOCSIN_CLI_<KEY>`; the
+/// token file is read here.
 ///
 /// # Errors
 /// [`ConfigError`] naming the origin and key of each problem.
-pub fn load_cli_config(file: Option<&Path>) -> Result<String, ConfigError> {
+pub fn load_cli_config(file: Option<&Path>) -> Result<CliConfig, ConfigError> {
     let fig = settings::figment(&RawCliConfig::default(), file, cli_env())?;
     let raw: RawCliConfig = settings::extract(&fig)?;
     let mut v = Validator::new(&fig);
     let url = v.endpoint("api_url", &raw.api_url);
-    v.finish(url.unwrap_or_default())
+    let token = (!raw.token_file.trim().is_empty())
+        .then(|| v.secret_file("token_file", raw.token_file.trim()))
+        .flatten()
+        .map(tocsin_agent::config::Secret::new);
+    v.finish(CliConfig {
+        api_url: url.unwrap_or_default(),
+        token,
+    })
 }
 
 /// Validates `--api` like the config key.
-fn check_api_flag(raw: String) -> Result<String, ConfigError> {
+fn check_api_flag(raw: &str) -> Result<String, ConfigError> {
     let fig = figment::Figment::new();
     let mut v = Validator::new(&fig);
-    let url = v.endpoint("--api", &raw);
+    let url = v.endpoint("--api", raw);
     v.finish(url.unwrap_or_default())
 }
 
@@ -218,33 +261,47 @@ pub fn main(cli: Cli) -> ExitCode {
     if let Command::Up(args) = cli.command {
         return runtime.block_on(up(args));
     }
-    let api = match cli
-        .api
-        .clone()
-        .map_or_else(|| load_cli_config(cli.config.as_deref()), check_api_flag)
-    {
-        Ok(a) => a.trim_end_matches('/').to_owned(),
+    let loaded = load_cli_config(cli.config.as_deref()).and_then(|mut c| {
+        if let Some(flag) = &cli.api {
+            c.api_url = check_api_flag(flag)?;
+        }
+        Ok(c)
+    });
+    let config = match loaded {
+        Ok(c) => c,
         Err(e) => {
             complain(&format!("invalid config:\n{e}"));
             return ExitCode::from(64);
         }
     };
+    let api = config.api_url.trim_end_matches('/').to_owned();
+    // TOCSIN_API_TOKEN, else the config's token file (a change's --token-file wins).
+    let token = std::env::var("TOCSIN_API_TOKEN")
+        .ok()
+        .or_else(|| config.token.as_ref().map(|t| t.expose().to_owned()));
     runtime.block_on(async move {
+        let json = cli.json;
+        let api = reports::Api::new(&api, token);
         match cli.command {
             Command::CheckConfig => ExitCode::SUCCESS,
-            Command::Incidents { status } => incidents(&api, &status, cli.json).await,
-            Command::Show { id } => show(&api, id, cli.json).await,
-            Command::Nodes => nodes(&api, cli.json).await,
-            Command::Silence(c) => silence(&api, c, cli.json).await,
-            Command::Ack(a) => change(&api, a, "ack", cli.json).await,
-            Command::Resolve(a) => change(&api, a, "resolve", cli.json).await,
+            Command::Incidents(a) => reports::incidents(&api, &a, json).await,
+            Command::Show { id } => show(&api, id, json).await,
+            Command::Kpi(a) => reports::kpi(&api, &a, json).await,
+            Command::Postmortem(a) => reports::postmortem(&api, a, json).await,
+            Command::Status => reports::status(&api, json).await,
+            Command::Nodes => nodes(&api, json).await,
+            Command::Silence(c) => silence(&api, c, json).await,
+            Command::Ack(a) => change(&api, a, "ack", json).await,
+            Command::Resolve(a) => change(&api, a, "resolve", json).await,
             Command::Up(_) => ExitCode::FAILURE,
         }
     })
 }
 
-/// The API token from `--token-file` or TOCSIN_API_TOKEN; `Err` exit code 64.
-fn api_token(file: Option<&Path>) -> Result<Option<String>, ExitCode> {
+/// The API token for a change: `--token-file`, else the default of `api`
+/// (TOCSIN_API_TOKEN, else the config's `token_file`); `Err` exit code 64 when the
+/// `--token-file` cannot be read.
+fn api_token(file: Option<&Path>, api: &reports::Api) -> Result<Option<String>, ExitCode> {
     match file {
         Some(f) => match std::fs::read_to_string(f) {
             Ok(t) => Ok(Some(t.trim().to_owned())),
@@ -253,43 +310,22 @@ fn api_token(file: Option<&Path>) -> Result<Option<String>, ExitCode> {
                 Err(ExitCode::from(64))
             }
         },
-        None => Ok(std::env::var("TOCSIN_API_TOKEN").ok()),
+        None => Ok(api.token.clone()),
     }
 }
 
-/// POSTs `body` to `url`; returns the status and the JSON answer.
-async fn post_json(
-    url: &str,
-    body: &serde_json::Value,
-    token: Option<String>,
-) -> Result<(u16, serde_json::Value), String> {
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()
-        .map_err(|e| e.to_string())?;
-    let mut req = client.post(url).json(body);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let resp = req.send().await.map_err(|e| {
-        format!(
-            "cannot reach {url}: {}",
-            tocsin_agent::telemetry::chain(&e.without_url())
-        )
-    })?;
-    let status = resp.status().as_u16();
-    Ok((status, resp.json().await.unwrap_or_default()))
+/// Prints the failure of a request and returns its exit code.
+fn fail(f: &reports::Failure) -> ExitCode {
+    complain(&f.message);
+    ExitCode::from(f.code)
 }
 
-async fn silence(api: &str, c: SilenceCommand, json: bool) -> ExitCode {
-    let (url, body, token) = match c {
+async fn silence(api: &reports::Api, c: SilenceCommand, json: bool) -> ExitCode {
+    let (path, body, token) = match c {
         SilenceCommand::List => {
-            let body = match get_json(&format!("{api}/api/v1/silences")).await {
+            let body = match api.get("/api/v1/silences").await {
                 Ok(b) => b,
-                Err(e) => {
-                    complain(&e);
-                    return ExitCode::FAILURE;
-                }
+                Err(f) => return fail(&f),
             };
             if json {
                 say(&format!("{}\n", body["silences"]));
@@ -333,12 +369,12 @@ async fn silence(api: &str, c: SilenceCommand, json: bool) -> ExitCode {
             by,
             token_file,
         } => {
-            let token = match api_token(token_file.as_deref()) {
+            let token = match api_token(token_file.as_deref(), api) {
                 Ok(t) => t,
                 Err(code) => return code,
             };
             (
-                format!("{api}/api/v1/silences"),
+                "/api/v1/silences".to_owned(),
                 serde_json::json!({
                     "matchers": matchers,
                     "duration": duration,
@@ -350,124 +386,60 @@ async fn silence(api: &str, c: SilenceCommand, json: bool) -> ExitCode {
             )
         }
         SilenceCommand::Expire { id, by, token_file } => {
-            let token = match api_token(token_file.as_deref()) {
+            let token = match api_token(token_file.as_deref(), api) {
                 Ok(t) => t,
                 Err(code) => return code,
             };
             (
-                format!("{api}/api/v1/silences/{id}/expire"),
+                format!("/api/v1/silences/{id}/expire"),
                 serde_json::json!({ "by": by.unwrap_or_else(|| "unknown".into()) }),
                 token,
             )
         }
     };
-    match post_json(&url, &body, token).await {
-        Ok((200 | 201, answer)) => {
-            for w in answer["warnings"].as_array().into_iter().flatten() {
-                complain(&format!("warning: {}", text(w, "")));
-            }
-            if json {
-                say(&format!("{answer}\n"));
-            } else if let Some(id) = answer["silence"]["id"].as_i64() {
-                say(&format!("silence {id} added\n"));
-            } else {
-                say("silence expired\n");
-            }
-            ExitCode::SUCCESS
-        }
-        Ok((404, answer)) => {
-            complain(&text(&answer["error"], "not found"));
-            ExitCode::from(3)
-        }
-        Ok((400, answer)) => {
-            complain(&text(&answer["error"], "bad request"));
-            ExitCode::from(64)
-        }
-        Ok((status, answer)) => {
-            complain(&format!(
-                "{url}: HTTP {status}: {}",
-                text(&answer["error"], "")
-            ));
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            complain(&e);
-            ExitCode::FAILURE
-        }
+    let answer = match api.post(&path, &body, token).await {
+        Ok(a) => a,
+        Err(f) => return fail(&f),
+    };
+    for w in answer["warnings"].as_array().into_iter().flatten() {
+        complain(&format!("warning: {}", text(w, "")));
     }
+    if json {
+        say(&format!("{answer}\n"));
+    } else if let Some(id) = answer["silence"]["id"].as_i64() {
+        say(&format!("silence {id} added\n"));
+    } else {
+        say("silence expired\n");
+    }
+    ExitCode::SUCCESS
 }
 
 /// `tocsin ack|resolve ID`: exit 0 when done or already so, 1 on failure, 3 when the
 /// incident does not exist, 4 when its state forbids it (acknowledging a resolved one).
-async fn change(api: &str, a: ChangeArgs, verb: &str, json: bool) -> ExitCode {
-    let token = match api_token(a.token_file.as_deref()) {
+async fn change(api: &reports::Api, a: ChangeArgs, verb: &str, json: bool) -> ExitCode {
+    let token = match api_token(a.token_file.as_deref(), api) {
         Ok(t) => t,
         Err(code) => return code,
     };
     let by = a.by.clone().unwrap_or_else(|| "unknown".to_owned());
-    let url = format!("{api}/api/v1/incidents/{}/{verb}", a.id);
+    let path = format!("/api/v1/incidents/{}/{verb}", a.id);
     let body = serde_json::json!({ "by": by, "note": a.note });
-    let (status, body) = match post_json(&url, &body, token).await {
-        Ok(r) => r,
-        Err(e) => {
-            complain(&e);
-            return ExitCode::FAILURE;
-        }
-    };
-    if json {
-        say(&format!("{body}\n"));
-    }
-    match status {
-        200 => {
-            if !json {
+    match api.post(&path, &body, token).await {
+        Ok(body) => {
+            if json {
+                say(&format!("{body}\n"));
+            } else {
                 say(&format!("{}\n", text(&body["message"], "done")));
             }
             ExitCode::SUCCESS
         }
-        404 => {
-            complain(&text(&body["error"], "no such incident"));
-            ExitCode::from(3)
-        }
-        409 => {
-            complain(&text(&body["error"], "conflict"));
-            ExitCode::from(4)
-        }
-        400 => {
-            complain(&text(&body["error"], "bad request"));
-            ExitCode::from(64)
-        }
-        _ => {
-            complain(&format!(
-                "{url}: HTTP {status}: {}",
-                text(&body["error"], "")
-            ));
-            ExitCode::FAILURE
+        Err(f) => {
+            if json && let Some(body) = &f.body {
+                say(&format!("{body}\n"));
+            }
+            fail(&f)
         }
     }
-}
-
-async fn get_json(url: &str) -> Result<serde_json::Value, String> {
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()
-        .map_err(|e| e.to_string())?;
-    let resp = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| format!("cannot reach {url}: {}", tocsin_agent::telemetry::chain(&e)))?;
-    let status = resp.status();
-    let body: serde_json::Value = resp
-        .json()
-        .await
-        .map_err(|e| format!("{url}: HTTP {status}, not an answer of the tocsin API ({e})"))?;
-    if !status.is_success() {
-        return Err(format!(
-            "{url}: HTTP {status}: {}",
-            text(&body["error"], "")
-        ));
-    }
-    Ok(body)
 }
 
 /// A JSON string field for a terminal: control characters escaped, so a name or message
@@ -476,67 +448,17 @@ fn text(v: &serde_json::Value, default: &str) -> String {
     tocsin_agent::event::printable(v.as_str().unwrap_or(default)).into_owned()
 }
 
-fn fmt_value(v: &serde_json::Value, unit: &serde_json::Value) -> String {
-    match v.as_f64() {
-        Some(x) if unit.as_str() == Some("percent") => format!("{x:.1}%"),
-        Some(x) => format!("{x}"),
-        None => "-".into(),
-    }
-}
-
-async fn incidents(api: &str, status: &str, json: bool) -> ExitCode {
-    if !matches!(status, "open" | "resolved" | "all") {
-        complain(&format!(
-            "--status {status:?}: expected open, resolved or all"
-        ));
-        return ExitCode::from(64);
-    }
-    let body = match get_json(&format!("{api}/api/v1/incidents?status={status}")).await {
+async fn show(api: &reports::Api, id: i64, json: bool) -> ExitCode {
+    let body = match api.get(&format!("/api/v1/incidents/{id}")).await {
         Ok(b) => b,
-        Err(e) => {
-            complain(&e);
-            return ExitCode::FAILURE;
-        }
-    };
-    if json {
-        say(&format!("{}\n", body["incidents"]));
-        return ExitCode::SUCCESS;
-    }
-    let mut out = format!(
-        "{:<5} {:<4} {:<12} {:<20} {:<28} {:<9} {:>8}  {}\n",
-        "ID", "SEV", "STATUS", "NODE", "CHECK", "STATE", "VALUE", "TRIGGERED"
-    );
-    for i in body["incidents"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "{:<5} {:<4} {:<12} {:<20} {:<28} {:<9} {:>8}  {}\n",
-            i["id"].to_string(),
-            text(&i["severity"], "?"),
-            text(&i["status"], "?"),
-            text(&i["node"], "?"),
-            text(&i["check"], "?"),
-            text(&i["state"], "?"),
-            fmt_value(&i["value"], &i["unit"]),
-            text(&i["triggered_at"], "?"),
-        ));
-    }
-    say(&out);
-    ExitCode::SUCCESS
-}
-
-async fn show(api: &str, id: i64, json: bool) -> ExitCode {
-    let body = match get_json(&format!("{api}/api/v1/incidents/{id}")).await {
-        Ok(b) => b,
-        Err(e) => {
-            complain(&e);
-            return ExitCode::FAILURE;
-        }
+        Err(f) => return fail(&f),
     };
     if json {
         say(&format!("{body}\n"));
         return ExitCode::SUCCESS;
     }
     let mut out = format!(
-        "incident #{} {} {} — {} {}\n  {}\n  triggered {}  resolved {}\n\ntimeline:\n",
+        "incident #{} {} {} — {} {}\n  {}\n  triggered {}  resolved {}\n",
         body["id"],
         text(&body["severity"], "?"),
         text(&body["status"], "?"),
@@ -546,6 +468,10 @@ async fn show(api: &str, id: i64, json: bool) -> ExitCode {
         text(&body["triggered_at"], "-"),
         text(&body["resolved_at"], "-"),
     );
+    if let Some(pm) = reports::postmortem_note(&body["postmortem"]) {
+        out.push_str(&format!("  {pm}\n"));
+    }
+    out.push_str("\ntimeline:\n");
     for t in body["timeline"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "  {}  {:<14} {:<20} {}\n",
@@ -584,13 +510,10 @@ async fn show(api: &str, id: i64, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn nodes(api: &str, json: bool) -> ExitCode {
-    let body = match get_json(&format!("{api}/api/v1/nodes")).await {
+async fn nodes(api: &reports::Api, json: bool) -> ExitCode {
+    let body = match api.get("/api/v1/nodes").await {
         Ok(b) => b,
-        Err(e) => {
-            complain(&e);
-            return ExitCode::FAILURE;
-        }
+        Err(f) => return fail(&f),
     };
     if json {
         say(&format!("{}\n", body["nodes"]));

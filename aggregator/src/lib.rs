@@ -12,6 +12,7 @@ pub mod convert;
 pub mod correlate;
 pub mod escalate;
 pub mod ingest;
+pub mod kpi;
 pub mod liveness;
 pub mod metrics;
 pub mod model;
@@ -96,6 +97,7 @@ pub async fn run(
     bound: Option<oneshot::Sender<Bound>>,
 ) -> Result<(), AggregatorError> {
     install_crypto_provider();
+    let started_ms = model::now_ms();
     let _lock =
         tocsin_agent::settings::lock_dir(&cfg.data_dir, "aggregator.lock", "tocsin-aggregator")?;
     let http_listener = bind("listen_http", cfg.listen_http).await?;
@@ -129,8 +131,12 @@ pub async fn run(
         targets.push((e.name.clone(), Target::Email(Box::new(e.clone()))));
     }
     let channels: Vec<String> = targets.iter().map(|(name, _)| name.clone()).collect();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = metrics::Metrics::register(&mut registry);
+    let kpi_metrics = kpi::KpiMetrics::register(&mut registry);
     let mut opened = store::Store::open(&cfg.data_dir, channels.clone())?
-        .with_correlation(cfg.correlation.clone());
+        .with_correlation(cfg.correlation.clone())
+        .with_kpi_metrics(kpi_metrics);
     opened.set_router(route::Router {
         channels,
         routing: cfg.routing.clone(),
@@ -139,8 +145,6 @@ pub async fn run(
 
     let (wake_tx, wake_rx) = watch::channel(0u64);
     let tracker = TaskTracker::new();
-    let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = metrics::Metrics::register(&mut registry);
     for (name, target) in targets {
         metrics.channel(&name);
         let d = Dispatcher {
@@ -239,6 +243,7 @@ pub async fn run(
         registry: std::sync::Arc::new(registry),
         writes: web::WriteAccess::new(cfg.api_token.clone(), cfg.listen_http),
         outbox_wake: api_wake,
+        started_ms,
     };
     let ui_state = web::ui::UiState::new(
         api_state.clone(),

@@ -92,6 +92,20 @@ impl ScriptedNode {
     /// # Errors
     /// When the stream fails or closes before the ack.
     pub async fn send(&mut self, changes: &[(&str, &str)]) -> Result<()> {
+        self.send_breach(changes, 0).await
+    }
+
+    /// [`ScriptedNode::send`] with events that say their breach started at
+    /// `breach_started_at_ms` (Unix ms; 0: unknown), as an agent's do once a rule's `for`
+    /// duration has held.
+    ///
+    /// # Errors
+    /// When the stream fails or closes before the ack.
+    pub async fn send_breach(
+        &mut self,
+        changes: &[(&str, &str)],
+        breach_started_at_ms: i64,
+    ) -> Result<()> {
         let mut events = Vec::new();
         for (check, name) in changes {
             let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
@@ -104,6 +118,7 @@ impl ScriptedNode {
                 unit: "percent".into(),
                 message: format!("{check} is {name} on {}", self.id),
                 observed_at_ms: tocsin_agent::event::now_ms(),
+                breach_started_at_ms,
                 ..Default::default()
             });
         }

@@ -210,7 +210,9 @@ async fn changes_need_the_api_token_when_one_is_set() -> Result<()> {
     assert_eq!(bad_body.status(), 400);
     let err: Value = bad_body.json().await?;
     assert!(
-        err["error"].as_str().is_some_and(|e| e.contains("by")),
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|e| e.contains("by")),
         "{err}"
     );
 

@@ -9,6 +9,7 @@
 
 pub mod alertmanager;
 mod apply;
+mod kpi;
 mod paging;
 mod schema;
 mod views;
@@ -16,6 +17,8 @@ mod views;
 pub use views::CheckState;
 
 pub use paging::{REPEAT, STORM_SUMMARY, SweepOutcome};
+
+pub use kpi::{IncidentQuery, PostmortemLink, StatusCounts};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -104,6 +107,8 @@ pub struct Store {
     silences: Vec<crate::silence::Silence>,
     /// Grouping, group wait, re-open window and severity rules.
     correlation: correlate::Correlation,
+    /// KPI histograms observed as changes commit (`with_kpi_metrics`).
+    kpi_metrics: Option<crate::kpi::KpiMetrics>,
 }
 
 /// Answer to an agent's `Hello`.
@@ -253,6 +258,7 @@ impl Store {
             down: Default::default(),
             silences: Vec::new(),
             correlation: correlate::Correlation::default(),
+            kpi_metrics: None,
         };
         store
             .conn
@@ -675,6 +681,7 @@ impl Store {
             Ok(outs) => {
                 for out in &outs {
                     self.silences_end_with(&out.resolved, now);
+                    self.observe_kpis(&[], &out.resolved);
                 }
                 for (agent, _) in batches {
                     self.hb_memo.remove(*agent);
@@ -795,6 +802,7 @@ impl Store {
         node_back(&tx, &ctx, agent_id, &mut out).map_err(err)?;
         tx.commit().map_err(err)?;
         self.silences_end_with(&out.resolved, now);
+        self.observe_kpis(&[], &out.resolved);
         self.down.remove(agent_id);
         if consistent {
             self.hb_memo.insert(agent_id.to_owned(), memo);
@@ -998,6 +1006,10 @@ impl Store {
         tx.commit().map_err(err)?;
         if to == "resolved" && outcome == Change::Done {
             self.silences_end_with(&[id], now);
+            self.observe_kpis(&[], &[id]);
+        }
+        if to == "acknowledged" && outcome == Change::Done {
+            self.observe_kpis(&[id], &[]);
         }
         Ok(outcome)
     }

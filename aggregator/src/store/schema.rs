@@ -132,6 +132,14 @@ CREATE TABLE IF NOT EXISTS incident_members (
 );
 CREATE INDEX IF NOT EXISTS members_fingerprint ON incident_members (fingerprint);
 CREATE INDEX IF NOT EXISTS members_node ON incident_members (node, check_name);
+
+-- The post-mortem linked to an incident (at most one; a new link replaces it).
+CREATE TABLE IF NOT EXISTS postmortems (
+    incident_id  INTEGER PRIMARY KEY REFERENCES incidents (id),
+    url          TEXT NOT NULL,
+    linked_by    TEXT NOT NULL,
+    linked_at_ms INTEGER NOT NULL
+);
 ";
 
 /// Columns added after the first release: `(table, column, declaration)`. Added in
@@ -156,7 +164,25 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // belongs to (`store::paging`).
     ("routing", "cycle", "INTEGER NOT NULL DEFAULT 0"),
     ("storm_held", "cycle", "INTEGER NOT NULL DEFAULT 0"),
+    // The highest severity the incident reached (P1 < P2 as text), kept by the
+    // `incidents_peak_*` triggers: a P1 that calms to P2 before it resolves is a P1
+    // for the KPIs and its post-mortem.
+    ("incidents", "peak_severity", "TEXT NOT NULL DEFAULT ''"),
 ];
+
+/// Triggers that keep `incidents.peak_severity` (created after the column exists).
+const PEAK_TRIGGERS: &str = "
+CREATE TRIGGER IF NOT EXISTS incidents_peak_insert AFTER INSERT ON incidents
+BEGIN
+    UPDATE incidents SET peak_severity = NEW.severity WHERE id = NEW.id;
+END;
+CREATE TRIGGER IF NOT EXISTS incidents_peak_update AFTER UPDATE OF severity ON incidents
+WHEN NEW.peak_severity = '' OR NEW.severity < NEW.peak_severity
+BEGIN
+    UPDATE incidents SET peak_severity = NEW.severity WHERE id = NEW.id;
+END;
+UPDATE incidents SET peak_severity = severity WHERE peak_severity = '' OR severity < peak_severity;
+";
 
 /// Brings an existing database up to the current schema in place: adds missing columns
 /// (checked with `pragma table_info`), then gives incidents from before grouping their
@@ -181,6 +207,7 @@ pub fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
         "CREATE INDEX IF NOT EXISTS incidents_group ON incidents (group_key) WHERE status != 'resolved';",
     )?;
+    conn.execute_batch(PEAK_TRIGGERS)?;
     if added_incident_columns {
         conn.execute_batch(
             "INSERT OR IGNORE INTO incident_members

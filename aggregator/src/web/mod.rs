@@ -1,11 +1,18 @@
 //! The HTTP side: the JSON API (`/api/v1/…`) and `/health`.
 //!
-//! Handlers only translate HTTP to store calls; errors are JSON `{"error": "…"}` with a
-//! status code. The on-call web view (HTML pages, forms, status pages) is [`ui`].
+//! Handlers only translate HTTP to store calls; errors are JSON
+//! `{"error": {"status": 404, "message": "…"}}` with that status code. `docs/API.md`
+//! documents every endpoint. The CLI's reports (filtered lists, KPIs, post-mortems,
+//! status) are in [`api_kpi`]; the on-call web view (HTML pages, forms, status pages)
+//! is [`ui`].
 
 pub mod ui;
 
-use axum::extract::{Path, Query, State};
+mod api_kpi;
+
+pub use api_kpi::{parse_time, render_postmortem};
+
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -14,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::model::{Incident, Node, rfc3339};
-use crate::store::{IncidentDetail, IncidentFilter, StoreHandle};
+use crate::store::{IncidentDetail, StoreHandle};
 
 /// Most incidents one list request returns.
 pub const MAX_LIST: usize = 1000;
@@ -30,6 +37,8 @@ pub struct AppState {
     pub writes: WriteAccess,
     /// Bumped when a change enqueued notifications (wakes the dispatchers).
     pub outbox_wake: tokio::sync::watch::Sender<u64>,
+    /// When the aggregator started (Unix ms), for `/api/v1/status`.
+    pub started_ms: i64,
 }
 
 /// Who may acknowledge and resolve through the API.
@@ -138,18 +147,31 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/api/v1/incidents", get(list_incidents))
+        .route("/api/v1/incidents", get(api_kpi::list_incidents))
         .route("/api/v1/incidents/{id}", get(get_incident))
         .route("/api/v1/incidents/{id}/ack", post(ack_incident))
         .route("/api/v1/incidents/{id}/resolve", post(resolve_incident))
+        .route(
+            "/api/v1/incidents/{id}/postmortem",
+            get(api_kpi::get_postmortem).post(api_kpi::link_postmortem),
+        )
+        .route("/api/v1/kpi", get(api_kpi::kpi_report))
+        .route("/api/v1/status", get(api_kpi::status))
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/silences", get(list_silences).post(add_silence))
         .route("/api/v1/silences/{id}/expire", post(expire_silence))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint".into(),
+            )
+        })
         .with_state(state)
 }
 
-/// An API error rendered as `{"error": message}`.
+/// An API error rendered as `{"error": {"status": 404, "message": "…"}}` with that
+/// HTTP status.
 #[derive(Debug)]
 pub struct ApiError(StatusCode, String);
 
@@ -157,9 +179,17 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
             self.0,
-            Json(json!({ "error": self.1, "status": self.0.as_u16() })),
+            Json(json!({ "error": { "status": self.0.as_u16(), "message": self.1 } })),
         )
             .into_response()
+    }
+}
+
+/// A query string axum could not parse (an unknown parameter, a bad number) is a JSON
+/// error like every other.
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(e: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, e.body_text())
     }
 }
 
@@ -176,14 +206,6 @@ async fn metrics(State(st): State<AppState>, headers: axum::http::HeaderMap) -> 
 
 async fn health() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
-}
-
-#[derive(Debug, Deserialize)]
-struct ListQuery {
-    /// `open`, `resolved` or `all` (default).
-    status: Option<String>,
-    /// At most this many (default and cap [`MAX_LIST`]).
-    limit: Option<usize>,
 }
 
 /// An incident in API form: the stored fields plus RFC 3339 times.
@@ -207,27 +229,6 @@ impl From<Incident> for IncidentView {
     }
 }
 
-async fn list_incidents(
-    State(st): State<AppState>,
-    Query(q): Query<ListQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let filter = match q.status.as_deref() {
-        None | Some("all") => IncidentFilter::All,
-        Some("open") => IncidentFilter::Open,
-        Some("resolved") => IncidentFilter::Resolved,
-        Some(other) => {
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("status {other:?}: expected open, resolved or all"),
-            ));
-        }
-    };
-    let limit = q.limit.unwrap_or(MAX_LIST).min(MAX_LIST);
-    let incidents = st.store.call(move |s| s.incidents(filter, limit)).await?;
-    let views: Vec<IncidentView> = incidents.into_iter().map(IncidentView::from).collect();
-    Ok(Json(json!({ "incidents": views })))
-}
-
 async fn get_incident(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -242,7 +243,8 @@ async fn get_incident(
     let Some(d) = detail else {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no incident {id}")));
     };
-    let mut v = serde_json::to_value(IncidentView::from(d.incident)).unwrap_or_default();
+    let mut v = serde_json::to_value(IncidentView::from(d.incident.clone())).unwrap_or_default();
+    api_kpi::add_extras(&st, &d.incident, &mut v).await?;
     v["timeline"] = serde_json::to_value(d.timeline).unwrap_or_default();
     v["notifications"] = serde_json::to_value(d.notifications).unwrap_or_default();
     v["members"] = serde_json::to_value(d.members).unwrap_or_default();
