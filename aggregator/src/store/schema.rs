@@ -114,6 +114,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_pending_incident ON outbox (channel, incident_id, id) WHERE status = 'pending';
+-- The dispatcher's next pick (`next_pending`) reads this in order instead of sorting
+-- every pending row of the channel: O(1) per pick, not O(pending) (bench-notify).
+CREATE INDEX IF NOT EXISTS outbox_pending_due ON outbox (channel, next_attempt_ms, id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS outbox_incident ON outbox (incident_id);
 
 CREATE TABLE IF NOT EXISTS incident_members (
