@@ -374,6 +374,18 @@ async fn browser_logs_in_acknowledges_and_sees_the_change() -> Result<()> {
             );
         }
 
+        // The KPI page counts the incident, and its acknowledgement gives an MTTA.
+        page.goto(format!("{}/kpi", s.base)).await?;
+        let all = wait_text(&page, "table.kpi tbody tr", |t| t.starts_with("all")).await?;
+        let cells: Vec<&str> = all.split('\t').map(str::trim).collect();
+        assert_eq!(cells.get(1), Some(&"1"), "one incident: {cells:?}");
+        assert!(
+            cells
+                .get(4)
+                .is_some_and(|mtta| *mtta != "—" && !mtta.is_empty()),
+            "an MTTA from the acknowledgement: {cells:?}"
+        );
+
         // The public status page shows the incident of its service, through the
         // status-page template, and none of the internal timeline.
         page.goto(format!("{}/status/checkout", s.base)).await?;

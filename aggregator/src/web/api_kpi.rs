@@ -283,7 +283,7 @@ struct Measured {
     met: Option<bool>,
 }
 
-fn human(seconds: f64) -> String {
+pub(super) fn human(seconds: f64) -> String {
     let whole = std::time::Duration::from_secs(seconds.max(0.0).round() as u64);
     tocsin_agent::settings::format_duration(whole)
 }

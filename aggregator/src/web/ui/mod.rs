@@ -595,18 +595,106 @@ async fn silences_page(State(st): State<UiState>, headers: HeaderMap) -> Respons
     )
 }
 
-async fn kpi_page(State(st): State<UiState>, headers: HeaderMap) -> Response {
+#[derive(Debug, Deserialize)]
+struct KpiPageQuery {
+    /// Range: the last this many days (default 30, at most 3 650).
+    days: Option<u32>,
+}
+
+/// One row of the KPI tables: a group's figures, formatted for people.
+fn kpi_row(group: &str, s: &crate::kpi::Summary) -> Value {
+    let mean = |st: &crate::kpi::Stat| {
+        st.mean_seconds
+            .map(super::api_kpi::human)
+            .unwrap_or_else(|| "—".to_owned())
+    };
+    let met = |st: &crate::kpi::Stat| st.met;
+    let pct = |c: &crate::kpi::Compliance| {
+        c.compliance
+            .map(|f| format!("{:.1} % ({}/{})", f * 100.0, c.met, c.met + c.breached))
+            .unwrap_or_else(|| "—".to_owned())
+    };
+    json!({
+        "group": group,
+        "incidents": s.incidents,
+        "open": s.open,
+        "mttd": mean(&s.mttd), "mttd_met": met(&s.mttd),
+        "mtta": mean(&s.mtta), "mtta_met": met(&s.mtta),
+        "mttr": mean(&s.mttr), "mttr_met": met(&s.mttr),
+        "mtbf": mean(&s.mtbf), "mtbf_met": met(&s.mtbf),
+        "availability": s.availability.map(|a| format!("{:.3} %", a * 100.0)),
+        "availability_met": s.availability.zip(s.availability_target).map(|(a, t)| a >= t),
+        "p1_recovery": pct(&s.sla.p1_recovery_started),
+        "p1_resolved": pct(&s.sla.p1_resolved),
+        "p2_resolved": pct(&s.sla.p2_resolved),
+    })
+}
+
+fn kpi_rows(section: &crate::kpi::Section) -> Value {
+    let mut rows = vec![kpi_row("all", &section.overall)];
+    rows.extend(section.by_severity.iter().map(|(k, s)| kpi_row(k, s)));
+    let services: Vec<Value> = section
+        .by_service
+        .iter()
+        .map(|(k, s)| kpi_row(k, s))
+        .collect();
+    json!({ "severity": rows, "service": services })
+}
+
+/// `/kpi`: the seed's KPIs over the last `days` (default 30), from the store — the same
+/// report as `GET /api/v1/kpi`, drills apart.
+async fn kpi_page(
+    State(st): State<UiState>,
+    headers: HeaderMap,
+    Query(q): Query<KpiPageQuery>,
+) -> Response {
     let who = match reader(&st, &headers, "/kpi") {
         Ok(w) => w,
         Err(r) => return r,
     };
+    let days = q.days.unwrap_or(30).clamp(1, 3_650);
+    let now = now_ms();
+    let since = now - i64::from(days) * 86_400_000;
+    let rows = match st
+        .app
+        .store
+        .call(move |s| s.kpi_incidents(since, now))
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) => {
+            return render(
+                &st,
+                who.as_ref(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "message.html",
+                "KPIs",
+                json!({ "message": format!("cannot read the incidents: {e}") }),
+            );
+        }
+    };
+    let query = crate::kpi::Query {
+        since_ms: since,
+        until_ms: now,
+        service: None,
+        severities: Vec::new(),
+    };
+    let report = crate::kpi::report(&rows, &query, now);
     render(
         &st,
         who.as_ref(),
         StatusCode::OK,
         "kpi.html",
         "KPIs",
-        json!({ "here": "/kpi" }),
+        json!({
+            "here": "/kpi",
+            "days": days,
+            "since": report.since,
+            "until": report.until,
+            "incidents": kpi_rows(&report.incidents),
+            "drills": kpi_rows(&report.drills),
+            "has_drills": report.drills.overall.incidents > 0,
+        }),
     )
 }
 
