@@ -11,6 +11,7 @@ pub mod config;
 pub mod convert;
 pub mod correlate;
 pub mod escalate;
+pub mod hook;
 pub mod ingest;
 pub mod liveness;
 pub mod metrics;

@@ -9,9 +9,11 @@
 
 pub mod alertmanager;
 mod apply;
+mod hooks;
 mod paging;
 mod schema;
 
+pub use hooks::{HookClaim, HookRun, Queued, RunRequest};
 pub use paging::{REPEAT, STORM_SUMMARY, SweepOutcome};
 
 use std::collections::BTreeMap;
@@ -258,6 +260,10 @@ impl Store {
         store
             .conn
             .execute_batch(paging::SCHEMA)
+            .map_err(|e| store.err(e))?;
+        store
+            .conn
+            .execute_batch(hooks::SCHEMA)
             .map_err(|e| store.err(e))?;
         schema::migrate(&store.conn).map_err(|e| store.err(e))?;
         let fresh = format!("{:08x}", fastrand::u32(..));
@@ -988,7 +994,7 @@ impl Store {
                 .map_err(err)?;
                 timeline(&tx, id, now, "resolved", &actor, &resolution).map_err(err)?;
                 notify_triggered(&tx, id, "resolve", now).map_err(err)?;
-                apply::resolved(&tx, id, now).map_err(err)?;
+                apply::resolved(&tx, &self.router, id, now).map_err(err)?;
                 Change::Done
             }
         };
@@ -1394,7 +1400,12 @@ fn enqueue(
     kind: &str,
     now: i64,
 ) -> rusqlite::Result<()> {
-    let body = payload::render(kind, incident, now);
+    let body = payload::render_with(
+        kind,
+        incident,
+        now,
+        hooks::remediation_json(conn, incident.id)?,
+    );
     // Each cycle of a reopened incident has idempotency keys of its own, so that a
     // receiver that drops repeats still gets the new trigger and resolve.
     let reopened: i64 = conn
