@@ -4,7 +4,8 @@
 //! Data path: `ingest` (gRPC stream per agent; `convert` validates wire messages) →
 //! `store` (one SQLite writer thread; events, incidents via the pure `correlate`, and
 //! the outbox in one transaction) → `notify` (one dispatcher per channel) and `web`
-//! (JSON API). `cli` is the on-call command line `tocsin`, including `tocsin up`.
+//! (JSON API); `hook` runs recovery hooks (queued in the store, started by its runner).
+//! `cli` is the on-call command line `tocsin`, including `tocsin up`.
 
 pub mod cli;
 pub mod config;
@@ -179,6 +180,17 @@ pub async fn run(
     if cfg.tokens.is_none() && !cfg.listen_grpc.ip().is_loopback() {
         tracing::warn!(listen_grpc = %addrs.grpc, "ingest is reachable from other machines and needs no token: set auth.tokens_file");
     }
+    let (hook_wake, hook_wake_rx) = watch::channel(0u64);
+    let hook_list = std::sync::Arc::new(cfg.routing.hooks.clone());
+    let runner = hook::Runner {
+        store: store.clone(),
+        hooks: hook_list.clone(),
+        wake: hook_wake_rx,
+        wake_tx: hook_wake.clone(),
+        outbox_wake: wake_tx.clone(),
+        tracker: tracker.clone(),
+    };
+    tracker.spawn(runner.run(shutdown.clone()));
     let api_wake = wake_tx.clone();
     let ingest = ingest::IngestService::new(
         store.clone(),
@@ -237,6 +249,10 @@ pub async fn run(
         registry: std::sync::Arc::new(registry),
         writes: web::WriteAccess::new(cfg.api_token.clone(), cfg.listen_http),
         outbox_wake: api_wake,
+        hooks: hook::Hooks {
+            list: hook_list,
+            wake: hook_wake,
+        },
     });
     let http_shutdown = shutdown.clone();
     tracker.spawn(async move {

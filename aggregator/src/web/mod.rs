@@ -11,6 +11,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+mod hooks;
+
 use crate::model::{Incident, Node, rfc3339};
 use crate::store::{IncidentDetail, IncidentFilter, StoreHandle};
 
@@ -28,6 +30,8 @@ pub struct AppState {
     pub writes: WriteAccess,
     /// Bumped when a change enqueued notifications (wakes the dispatchers).
     pub outbox_wake: tokio::sync::watch::Sender<u64>,
+    /// The recovery hooks, and the runner's wake-up.
+    pub hooks: crate::hook::Hooks,
 }
 
 /// Who may acknowledge and resolve through the API.
@@ -143,6 +147,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/silences", get(list_silences).post(add_silence))
         .route("/api/v1/silences/{id}/expire", post(expire_silence))
+        .route("/api/v1/hooks", get(hooks::list))
+        .route("/api/v1/hooks/runs", get(hooks::runs))
+        .route("/api/v1/hooks/runs/{id}", get(hooks::run))
+        .route("/api/v1/hooks/{name}/run", post(hooks::start))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .with_state(state)
 }
