@@ -815,6 +815,7 @@ mod tests {
              [[hook]]\nname = \"x\"\ncommand = [\"/nonexistent/fix\"]\ncwd = \"relative\"\nmax_concurrent = 0\n\
              env = { TOCSIN_NODE = \"x\" }\non = { severity = [\"P7\"], match = [\"bad\"] }\n\
              [[hook]]\nname = \"x\"\nkind = \"undo\"\ncommand = [\"true\"]\non_resolve = true\ntimeout = \"soon\"\n\
+             [[hook]]\nname = \"e\"\ncommand = [\"true\"]\non = { check = \"\" }\n\
              [[hook]]\nname = \"r1\"\nkind = \"rollback\"\ncommand = [\"true\"]\n\
              [[hook]]\nname = \"r2\"\nkind = \"rollback\"\ncommand = [\"true\"]\n\
              [[route]]\nremediate = \"nope\"\nverify_after = \"0s\"\n",
@@ -833,7 +834,8 @@ mod tests {
             "hook.2.kind",
             "hook.2.on_resolve",
             "hook.2.timeout",
-            "hook.4.kind",
+            "hook.3.on.check",
+            "hook.5.kind",
             "route.0.remediate",
             "route.0.verify_after",
         ] {
