@@ -419,7 +419,11 @@ pub fn load_with(
     defaults: &RawConfig,
     file: Option<&Path>,
 ) -> Result<AggregatorConfig, ConfigError> {
-    let fig = settings::figment(defaults, file, settings::env_providers(ENV_PREFIX, SEED_ENV))?;
+    let fig = settings::figment(
+        defaults,
+        file,
+        settings::env_providers(ENV_PREFIX, SEED_ENV),
+    )?;
     let raw: RawConfig = settings::extract(&fig)?;
     raw.validate(&fig)
 }

@@ -342,7 +342,9 @@ impl RunResult {
                     tocsin_agent::settings::format_duration(timeout)
                 )),
             ),
-            ExitKind::SpawnFailed(m) => ("failed", None, false, Some(format!("could not start: {m}"))),
+            ExitKind::SpawnFailed(m) => {
+                ("failed", None, false, Some(format!("could not start: {m}")))
+            }
         };
         RunResult {
             status,
@@ -425,7 +427,9 @@ pub fn validate(
                     bad(
                         v,
                         "kind",
-                        format!("hook {first:?} is already the rollback hook: at most one hook has kind = \"rollback\""),
+                        format!(
+                            "hook {first:?} is already the rollback hook: at most one hook has kind = \"rollback\""
+                        ),
                     );
                 }
                 rollback.get_or_insert_with(|| h.name.clone());
@@ -495,7 +499,11 @@ pub fn validate(
                         .into(),
                 );
             } else if value.contains('\0') {
-                bad(v, &format!("env.{name}"), "the value contains a NUL byte".into());
+                bad(
+                    v,
+                    &format!("env.{name}"),
+                    "the value contains a NUL byte".into(),
+                );
             } else {
                 env.push((name.clone(), value.clone()));
             }
@@ -531,7 +539,9 @@ pub fn validate(
                     None => bad(
                         v,
                         "on.severity",
-                        format!("invalid severity {s:?} (expected \"P1\", \"P2\", \"P3\" or \"P4\")"),
+                        format!(
+                            "invalid severity {s:?} (expected \"P1\", \"P2\", \"P3\" or \"P4\")"
+                        ),
                     ),
                 }
             }
@@ -543,7 +553,11 @@ pub fn validate(
                 }
             }
             if o.check.as_deref().is_some_and(|c| c.trim().is_empty()) {
-                bad(v, "on.check", "must not be empty (omit it to match any check)".into());
+                bad(
+                    v,
+                    "on.check",
+                    "must not be empty (omit it to match any check)".into(),
+                );
             }
             On {
                 severities,
@@ -725,7 +739,10 @@ mod tests {
             "TOCSIN_LABEL_APP_KUBERNETES_IO_NAME"
         );
         assert_eq!(label_var("a b;c$(x)"), "TOCSIN_LABEL_A_B_C__X_");
-        let env = incident_env(&incident(&[("svc", "svc; touch /tmp/x #"), ("nul", "a\0b")]));
+        let env = incident_env(&incident(&[
+            ("svc", "svc; touch /tmp/x #"),
+            ("nul", "a\0b"),
+        ]));
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         assert_eq!(get("TOCSIN_LABEL_SVC"), Some("svc; touch /tmp/x #"));
         assert_eq!(get("TOCSIN_LABEL_NUL"), Some("ab"));
@@ -758,7 +775,10 @@ mod tests {
         };
         assert!(any.matches(&other));
         assert_eq!(any.describe(), "every incident");
-        assert_eq!(on.describe(), "severity in [P1] and service=web and check = cpu");
+        assert_eq!(
+            on.describe(),
+            "severity in [P1] and service=web and check = cpu"
+        );
     }
 
     #[test]
@@ -772,12 +792,19 @@ mod tests {
             force: false,
         };
         let env = run_env(&run, None);
-        assert!(env.iter().any(|(k, v)| k == "TOCSIN_REASON" && v == "deploy went bad"));
+        assert!(
+            env.iter()
+                .any(|(k, v)| k == "TOCSIN_REASON" && v == "deploy went bad")
+        );
         assert!(!env.iter().any(|(k, _)| k == "TOCSIN_FORCE"));
         assert!(!env.iter().any(|(k, _)| k == "TOCSIN_INCIDENT_ID"));
         let forced = run_env(&RunContext { force: true, ..run }, Some(&incident(&[])));
         assert!(forced.iter().any(|(k, v)| k == "TOCSIN_FORCE" && v == "1"));
-        assert!(forced.iter().any(|(k, v)| k == "TOCSIN_NODE" && v == "web-1"));
+        assert!(
+            forced
+                .iter()
+                .any(|(k, v)| k == "TOCSIN_NODE" && v == "web-1")
+        );
     }
 
     fn load(text: &str) -> Result<Vec<Hook>, String> {
@@ -804,7 +831,11 @@ mod tests {
         assert_eq!(hooks[0].cwd, PathBuf::from("/"));
         assert_eq!(hooks[1].timeout, Duration::from_secs(600));
         assert_eq!(hooks[1].kind, Kind::Rollback);
-        assert_eq!(hooks[2].timeout, Duration::from_secs(20), "seconds, as the seed writes them");
+        assert_eq!(
+            hooks[2].timeout,
+            Duration::from_secs(20),
+            "seconds, as the seed writes them"
+        );
         assert!(hooks[2].on.is_some() && hooks[2].on_resolve);
     }
 

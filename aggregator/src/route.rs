@@ -485,7 +485,11 @@ pub fn validate(
                         if hooks.is_empty() {
                             "none configured".to_owned()
                         } else {
-                            hooks.iter().map(|x| x.name.as_str()).collect::<Vec<_>>().join(", ")
+                            hooks
+                                .iter()
+                                .map(|x| x.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         }
                     ),
                 );

@@ -74,15 +74,19 @@ async fn incident_of(agg: &Aggregator, check: &str) -> Result<i64> {
 
 /// The runs of `query` (e.g. `incident=3`) once `n` of them have ended.
 async fn ended_runs(agg: &Aggregator, query: &str, n: usize) -> Result<Vec<Value>> {
-    eventually(&format!("{n} ended hook runs of {query}"), PATIENCE, || async {
-        let body = agg.get(&format!("/api/v1/hooks/runs?{query}")).await.ok()?;
-        let runs = body["runs"].as_array()?.clone();
-        let ended = runs
-            .iter()
-            .filter(|r| !matches!(r["status"].as_str(), Some("queued" | "running")))
-            .count();
-        (runs.len() >= n && ended >= n).then_some(runs)
-    })
+    eventually(
+        &format!("{n} ended hook runs of {query}"),
+        PATIENCE,
+        || async {
+            let body = agg.get(&format!("/api/v1/hooks/runs?{query}")).await.ok()?;
+            let runs = body["runs"].as_array()?.clone();
+            let ended = runs
+                .iter()
+                .filter(|r| !matches!(r["status"].as_str(), Some("queued" | "running")))
+                .count();
+            (runs.len() >= n && ended >= n).then_some(runs)
+        },
+    )
     .await
 }
 
@@ -115,7 +119,11 @@ async fn stdin_is_at_eof_at_once() -> Result<()> {
         "cat; if read line; then echo \"got $line\"; else echo eof; fi",
     )?;
     let cfg = AggregatorToml::new(dir.path())
-        .set(&hook("stdin", &s, "timeout = \"120s\"\non = { check = \"disk\" }"))
+        .set(&hook(
+            "stdin",
+            &s,
+            "timeout = \"120s\"\non = { check = \"disk\" }",
+        ))
         .build();
     let agg = Aggregator::start(dir.path(), &cfg).await?;
     let mut n = node(&agg, "web-1", &[]).await?;
@@ -130,7 +138,10 @@ async fn stdin_is_at_eof_at_once() -> Result<()> {
     assert_eq!(r["started_by"], "aggregator");
     let entry = wait_timeline(&agg, id, "hook", "hook stdin run").await?;
     let note = entry["note"].as_str().unwrap_or_default();
-    assert!(note.contains("exit 0") && note.contains("started on trigger"), "{note}");
+    assert!(
+        note.contains("exit 0") && note.contains("started on trigger"),
+        "{note}"
+    );
     assert!(note.contains("stdout: eof"), "{note}");
     Ok(())
 }
@@ -197,9 +208,11 @@ async fn a_background_child_does_not_survive_its_hook() -> Result<()> {
     let runs = ended_runs(&agg, &format!("incident={id}"), 1).await?;
     assert_eq!(runs[0]["status"], "succeeded", "{}", runs[0]);
     let pid = read_pid(&child_file).context("the hook wrote its child's pid")?;
-    eventually(&format!("background child {pid} gone"), PATIENCE, || async {
-        (!pid_alive(pid)).then_some(())
-    })
+    eventually(
+        &format!("background child {pid} gone"),
+        PATIENCE,
+        || async { (!pid_alive(pid)).then_some(()) },
+    )
     .await?;
     Ok(())
 }
@@ -290,7 +303,11 @@ async fn a_label_with_shell_syntax_reaches_the_hook_as_inert_data() -> Result<()
     let runs = ended_runs(&agg, &format!("incident={id}"), 1).await?;
     assert_eq!(runs[0]["status"], "succeeded", "{}", runs[0]);
     assert_eq!(runs[0]["stdout"], "web-1 http P2 critical\n");
-    assert_eq!(std::fs::read_to_string(&got)?, value, "the value arrives intact");
+    assert_eq!(
+        std::fs::read_to_string(&got)?,
+        value,
+        "the value arrives intact"
+    );
     let all: Value = serde_json::from_str(&std::fs::read_to_string(&labels)?)?;
     assert_eq!(all["svc"], value.as_str());
     assert!(!marker.exists(), "the label was run by a shell");
@@ -335,7 +352,12 @@ async fn two_incidents_firing_one_hook_at_once_respect_its_concurrency() -> Resu
         "the second run started at {second_start}, before the first ended at {first_end}"
     );
     for r in &done {
-        assert!(r["stdout"].as_str().is_some_and(|o| o.starts_with("done q")), "{r}");
+        assert!(
+            r["stdout"]
+                .as_str()
+                .is_some_and(|o| o.starts_with("done q")),
+            "{r}"
+        );
     }
     let refused = runs
         .iter()
@@ -426,7 +448,13 @@ async fn remediate_verify_then_page() -> Result<()> {
     // Stubborn: the hook succeeds but the incident still fires; the hold survives a
     // restart and the page goes out after verify_after, saying what was tried.
     let stubborn = incident_of(&agg, "remedy-stubborn").await?;
-    wait_timeline(&agg, stubborn, "remediation", "succeeded: the page goes out at").await?;
+    wait_timeline(
+        &agg,
+        stubborn,
+        "remediation",
+        "succeeded: the page goes out at",
+    )
+    .await?;
     ensure!(
         rx.events("trigger", "web-1", "remedy-stubborn").is_empty(),
         "paged before verify_after"
@@ -479,7 +507,11 @@ async fn a_manual_run_by_cli_is_recorded_with_who_ran_it() -> Result<()> {
     let cfg = AggregatorToml::new(dir.path())
         .set(&format!(
             "{}{}",
-            hook("restart-all", &s, "description = \"the seed's --restart-all\""),
+            hook(
+                "restart-all",
+                &s,
+                "description = \"the seed's --restart-all\""
+            ),
             hook("fix-pods", &s, "description = \"the seed's --fix-pods\"")
         ))
         .build();
@@ -490,7 +522,10 @@ async fn a_manual_run_by_cli_is_recorded_with_who_ran_it() -> Result<()> {
 
     let (code, out, err) = tocsin(&agg, &["hook", "list"])?;
     ensure!(code == Some(0), "hook list: {err}");
-    assert!(out.contains("restart-all") && out.contains("fix-pods"), "{out}");
+    assert!(
+        out.contains("restart-all") && out.contains("fix-pods"),
+        "{out}"
+    );
 
     let (code, out, err) = tocsin(
         &agg,
@@ -513,7 +548,10 @@ async fn a_manual_run_by_cli_is_recorded_with_who_ran_it() -> Result<()> {
     );
     let entry = wait_timeline(&agg, id, "hook", "(by hand, by alice: api down): exit 0").await?;
     assert_eq!(entry["actor"], "user:alice");
-    assert!(entry["note"].as_str().is_some_and(|n| n.contains("exit 0")), "{entry}");
+    assert!(
+        entry["note"].as_str().is_some_and(|n| n.contains("exit 0")),
+        "{entry}"
+    );
     let runs = ended_runs(&agg, &format!("incident={id}"), 1).await?;
     assert_eq!(runs[0]["started_by"], "alice");
     assert_eq!(runs[0]["event"], "manual");

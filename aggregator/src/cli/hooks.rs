@@ -184,11 +184,15 @@ async fn runs(api: &str, incident: Option<i64>, hook: Option<&str>, json: bool) 
             "{:<6} {:<20} {:<9} {:<12} {:<10} {:<16} {:>6}  {}\n",
             r["id"],
             text(&r["hook"], "?"),
-            r["incident_id"].as_i64().map_or("-".into(), |i| i.to_string()),
+            r["incident_id"]
+                .as_i64()
+                .map_or("-".into(), |i| i.to_string()),
             text(&r["status"], "?"),
             text(&r["event"], "?"),
             text(&r["started_by"], "?"),
-            r["exit_code"].as_i64().map_or("-".into(), |c| c.to_string()),
+            r["exit_code"]
+                .as_i64()
+                .map_or("-".into(), |c| c.to_string()),
             r["started_ms"]
                 .as_i64()
                 .map_or("-".into(), crate::model::rfc3339),
@@ -342,7 +346,9 @@ pub async fn rollback(api: &str, a: RollbackArgs, json: bool) -> ExitCode {
         .find(|h| h["kind"] == "rollback")
         .cloned()
     else {
-        complain("no hook of kind \"rollback\" is configured on the aggregator ([[hook]] kind = \"rollback\")");
+        complain(
+            "no hook of kind \"rollback\" is configured on the aggregator ([[hook]] kind = \"rollback\")",
+        );
         return ExitCode::from(3);
     };
     let name = text(&hook["name"], "");

@@ -155,9 +155,11 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HookRun> {
 }
 
 fn load_run(conn: &Connection, id: i64) -> rusqlite::Result<Option<HookRun>> {
-    conn.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM hook_runs WHERE id = ?1"))?
-        .query_row([id], run_from_row)
-        .optional()
+    conn.prepare_cached(&format!(
+        "SELECT {RUN_COLUMNS} FROM hook_runs WHERE id = ?1"
+    ))?
+    .query_row([id], run_from_row)
+    .optional()
 }
 
 /// A run the runner may start now: its hook and its whole `TOCSIN_…` environment.
@@ -274,7 +276,11 @@ fn queue(
                 now,
                 "hook",
                 &actor(event, by),
-                &format!("hook {} run #{id} ({}) {e}", hook.name, who(event, by, reason)),
+                &format!(
+                    "hook {} run #{id} ({}) {e}",
+                    hook.name,
+                    who(event, by, reason)
+                ),
             )?;
         } else if event == "manual" {
             timeline(
@@ -283,7 +289,11 @@ fn queue(
                 now,
                 "hook",
                 &actor(event, by),
-                &format!("hook {} run #{id} asked ({})", hook.name, who(event, by, reason)),
+                &format!(
+                    "hook {} run #{id} asked ({})",
+                    hook.name,
+                    who(event, by, reason)
+                ),
             )?;
         }
     }
@@ -338,7 +348,16 @@ pub(super) fn on_trigger(
                 inc.check,
                 inc.node
             );
-            queue(conn, h, Some(id), "trigger", "aggregator", &reason, false, now)?;
+            queue(
+                conn,
+                h,
+                Some(id),
+                "trigger",
+                "aggregator",
+                &reason,
+                false,
+                now,
+            )?;
         }
     }
     Ok(())
@@ -376,9 +395,7 @@ pub(super) fn on_resolved(
             now,
             "remediation",
             "aggregator",
-            &format!(
-                "resolved after remediation by hook {hook} (run #{run}), {when}: not paged"
-            ),
+            &format!("resolved after remediation by hook {hook} (run #{run}), {when}: not paged"),
         )?;
     }
     let hooks = &router.routing.hooks;
@@ -393,7 +410,16 @@ pub(super) fn on_resolved(
         .filter(|h| h.on_resolve && h.on.as_ref().is_some_and(|o| o.matches(&inc)))
     {
         let reason = format!("incident #{id} resolved");
-        queue(conn, h, Some(id), "resolve", "aggregator", &reason, false, now)?;
+        queue(
+            conn,
+            h,
+            Some(id),
+            "resolve",
+            "aggregator",
+            &reason,
+            false,
+            now,
+        )?;
     }
     Ok(())
 }
@@ -482,7 +508,8 @@ pub(super) fn remediate_gate(
                     params![id, cycle, now],
                 )?;
                 let outcome = load_run(conn, run)?.map_or_else(String::new, |r| outcome(&r));
-                let verify = std::time::Duration::from_millis(u64::try_from(verify_ms).unwrap_or(0));
+                let verify =
+                    std::time::Duration::from_millis(u64::try_from(verify_ms).unwrap_or(0));
                 timeline(
                     conn,
                     id,
@@ -492,7 +519,10 @@ pub(super) fn remediate_gate(
                     &format!(
                         "still firing after hook {hook} (run #{run}: {outcome}{}): paging now",
                         if outcome.starts_with("exit 0") {
-                            format!(", verified {} later", tocsin_agent::settings::format_duration(verify))
+                            format!(
+                                ", verified {} later",
+                                tocsin_agent::settings::format_duration(verify)
+                            )
                         } else {
                             String::new()
                         }

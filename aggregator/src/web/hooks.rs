@@ -91,10 +91,7 @@ pub(super) async fn start(
         ));
     }
     if st.hooks.get(&name).is_none() {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no hook {name:?}"),
-        ));
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no hook {name:?}")));
     }
     let ask = RunRequest {
         hook: name.clone(),
@@ -105,10 +102,7 @@ pub(super) async fn start(
     };
     let queued = st.store.call(move |s| s.queue_hook_run(&ask)).await?;
     match queued {
-        Queued::NoSuchHook => Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no hook {name:?}"),
-        )),
+        Queued::NoSuchHook => Err(ApiError(StatusCode::NOT_FOUND, format!("no hook {name:?}"))),
         Queued::NoSuchIncident => Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no incident {}", req.incident_id.unwrap_or_default()),
