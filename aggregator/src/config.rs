@@ -684,8 +684,13 @@ impl RawConfig {
             &self.paging_sweep_interval,
             &channel_names,
             storms,
-            hooks,
+            &self
+                .hook
+                .iter()
+                .map(|h| h.name.as_str())
+                .collect::<Vec<_>>(),
         );
+        let routing = crate::route::Routing { hooks, ..routing };
         let log = tocsin_agent::telemetry::validate(&mut v, &self.log);
         let correlation = self.validate_correlation(&mut v);
         let api_token = self.auth.api_token_file.as_deref().and_then(|f| {

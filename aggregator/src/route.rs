@@ -411,8 +411,10 @@ pub fn parse_utc_offset(raw: &str) -> Option<i32> {
 /// Validates `[[route]]`, `[response_targets]` and `paging_sweep_interval` against the
 /// known channel names, recording every problem in `v` (keys `route.<index>.<field>`,
 /// 0-based like `notify.webhook.<index>`); `storm` is the per-channel budgets already
-/// validated with the channels; `hooks` the validated `[[hook]]`s a route's `remediate`
-/// may name.
+/// validated with the channels; `hook_names` the names of every `[[hook]]` written, which
+/// a route's `remediate` may name (a route naming a hook that is itself invalid gets no
+/// second problem of its own). The returned `hooks` are empty: the caller sets the
+/// validated ones.
 pub fn validate(
     v: &mut Validator<'_>,
     raw_routes: &[RawRoute],
@@ -420,7 +422,7 @@ pub fn validate(
     sweep_interval: &str,
     channels: &[String],
     storm: BTreeMap<String, Storm>,
-    hooks: Vec<crate::hook::Hook>,
+    hook_names: &[&str],
 ) -> Routing {
     let mut routes = Vec::new();
     for (i, r) in raw_routes.iter().enumerate() {
@@ -475,21 +477,17 @@ pub fn validate(
             v.problem(&format!("{key}.verify_after"), "only with `remediate`");
         }
         let remediate = r.remediate.as_ref().and_then(|h| {
-            if hooks.iter().any(|x| x.name == *h) {
+            if hook_names.contains(&h.as_str()) {
                 Some((h.clone(), verify_after))
             } else {
                 v.problem(
                     &format!("{key}.remediate"),
                     format!(
                         "route {i} names unknown hook {h:?} (hooks: {})",
-                        if hooks.is_empty() {
+                        if hook_names.is_empty() {
                             "none configured".to_owned()
                         } else {
-                            hooks
-                                .iter()
-                                .map(|x| x.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            hook_names.join(", ")
                         }
                     ),
                 );
@@ -564,7 +562,7 @@ pub fn validate(
         },
         storm,
         sweep_interval,
-        hooks,
+        hooks: Vec::new(),
     }
 }
 
