@@ -19,6 +19,9 @@
 //!   day). Past it, the page escalates to the route's `escalate_to` channels.
 //! - **Storm budget**: at most `storm_budget` triggers per channel per `storm_window`;
 //!   see [`Storm`].
+//! - **Remediate first**: a route with `remediate = "HOOK"` runs that `[[hook]]` before
+//!   its incident is paged and pages only if the incident still fires `verify_after`
+//!   after the hook succeeded (`store::hooks` holds the page).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
