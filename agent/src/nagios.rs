@@ -588,8 +588,13 @@ pub fn validate_exec_checks(
 }
 
 /// `program` as an absolute path to an executable file: checked as is when it contains
-/// a `/` (it must then be absolute), else looked up in the `:`-separated `path`.
-fn resolve_program(program: &str, path: &str) -> Result<String, String> {
+/// a `/` (it must then be absolute), else looked up in the `:`-separated `path`. Also used
+/// by the aggregator's recovery hooks.
+///
+/// # Errors
+/// A message naming the program and why it cannot be run (relative path, missing, not a
+/// regular file, not executable, not on `path`).
+pub fn resolve_program(program: &str, path: &str) -> Result<String, String> {
     if program.contains('/') {
         if !program.starts_with('/') {
             return Err(format!(

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+pub mod hooks;
 use serde::{Deserialize, Serialize};
 use tocsin_agent::settings::{self, ConfigError, Validator};
 use tokio_util::sync::CancellationToken;
@@ -89,6 +91,13 @@ pub enum Command {
     /// Silences: mute paging (never recording) for incidents that match.
     #[command(subcommand)]
     Silence(SilenceCommand),
+    /// Recovery hooks: list them, run one by hand (`tocsin hook run restart-all`), list
+    /// runs.
+    #[command(subcommand)]
+    Hook(hooks::HookCommand),
+    /// Run the rollback hook (`[[hook]] kind = "rollback"`) with a reason; asks for
+    /// confirmation unless --yes (and refuses without a terminal and without --yes).
+    Rollback(hooks::RollbackArgs),
     /// Validate the CLI config and exit 0, or print every problem and exit 64.
     CheckConfig,
 }
@@ -293,6 +302,8 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Silence(c) => silence(&api, c, json).await,
             Command::Ack(a) => change(&api, a, "ack", json).await,
             Command::Resolve(a) => change(&api, a, "resolve", json).await,
+            Command::Hook(c) => hooks::hook(&api, c, json).await,
+            Command::Rollback(a) => hooks::rollback(&api, a, json).await,
             Command::Up(_) => ExitCode::FAILURE,
         }
     })

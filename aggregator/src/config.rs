@@ -61,7 +61,21 @@ pub struct RawConfig {
     pub response_targets: crate::route::RawResponseTargets,
     /// Period of the paging sweep: repeats, escalations, storm summaries.
     pub paging_sweep_interval: String,
+    /// Recovery hooks (`[[hook]]`, see `crate::hook`).
+    pub hook: Vec<crate::hook::RawHook>,
+    /// Default timeout of `recovery` hooks (a duration, or seconds; the seed's
+    /// `RECOVERY_TIMEOUT`).
+    pub recovery_timeout: String,
+    /// Default timeout of the `rollback` hook (the seed's `ROLLBACK_TIMEOUT`).
+    pub rollback_timeout: String,
 }
+
+/// The seed's variables that set aggregator keys (beside `TOCSIN_AGGREGATOR_…`):
+/// `RECOVERY_TIMEOUT` and `ROLLBACK_TIMEOUT` (seconds), the hooks' default timeouts.
+pub const SEED_ENV: &[(&str, &str)] = &[
+    ("RECOVERY_TIMEOUT", "recovery_timeout"),
+    ("ROLLBACK_TIMEOUT", "rollback_timeout"),
+];
 
 /// `[correlation]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -226,6 +240,9 @@ impl Default for RawConfig {
             route: Vec::new(),
             response_targets: crate::route::RawResponseTargets::default(),
             paging_sweep_interval: crate::route::DEFAULT_PAGING_SWEEP_INTERVAL.into(),
+            hook: Vec::new(),
+            recovery_timeout: crate::hook::DEFAULT_RECOVERY_TIMEOUT.into(),
+            rollback_timeout: crate::hook::DEFAULT_ROLLBACK_TIMEOUT.into(),
         }
     }
 }
@@ -421,7 +438,11 @@ pub fn load_with(
     defaults: &RawConfig,
     file: Option<&Path>,
 ) -> Result<AggregatorConfig, ConfigError> {
-    let fig = settings::figment(defaults, file, settings::env_providers(ENV_PREFIX, &[]))?;
+    let fig = settings::figment(
+        defaults,
+        file,
+        settings::env_providers(ENV_PREFIX, SEED_ENV),
+    )?;
     let raw: RawConfig = settings::extract(&fig)?;
     raw.validate(&fig)
 }
@@ -442,7 +463,7 @@ pub fn effective(file: Option<&Path>) -> Result<RawConfig, ConfigError> {
     let fig = settings::figment(
         &RawConfig::default(),
         file,
-        settings::env_providers(ENV_PREFIX, &[]),
+        settings::env_providers(ENV_PREFIX, SEED_ENV),
     )?;
     settings::extract(&fig)
 }
@@ -669,6 +690,12 @@ impl RawConfig {
                 storms.insert(e.name.clone(), s);
             }
         }
+        let hooks = crate::hook::validate(
+            &mut v,
+            &self.hook,
+            &self.recovery_timeout,
+            &self.rollback_timeout,
+        );
         let routing = crate::route::validate(
             &mut v,
             &self.route,
@@ -676,7 +703,13 @@ impl RawConfig {
             &self.paging_sweep_interval,
             &channel_names,
             storms,
+            &self
+                .hook
+                .iter()
+                .map(|h| h.name.as_str())
+                .collect::<Vec<_>>(),
         );
+        let routing = crate::route::Routing { hooks, ..routing };
         let log = tocsin_agent::telemetry::validate(&mut v, &self.log);
         let correlation = self.validate_correlation(&mut v);
         let api_token = self.auth.api_token_file.as_deref().and_then(|f| {

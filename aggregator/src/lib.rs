@@ -4,13 +4,16 @@
 //! Data path: `ingest` (gRPC stream per agent; `convert` validates wire messages) →
 //! `store` (one SQLite writer thread; events, incidents via the pure `correlate`, and
 //! the outbox in one transaction) → `notify` (one dispatcher per channel) and `web`
-//! (JSON API and the on-call web view). `cli` is the on-call command line `tocsin`, including `tocsin up`.
+//! (JSON API and the on-call web view); `hook` runs recovery hooks (queued in the store,
+//! started by its runner). `cli` is the on-call command line `tocsin`, including
+//! `tocsin up`.
 
 pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod correlate;
 pub mod escalate;
+pub mod hook;
 pub mod ingest;
 pub mod kpi;
 pub mod liveness;
@@ -185,6 +188,17 @@ pub async fn run(
     if cfg.tokens.is_none() && !cfg.listen_grpc.ip().is_loopback() {
         tracing::warn!(listen_grpc = %addrs.grpc, "ingest is reachable from other machines and needs no token: set auth.tokens_file");
     }
+    let (hook_wake, hook_wake_rx) = watch::channel(0u64);
+    let hook_list = std::sync::Arc::new(cfg.routing.hooks.clone());
+    let runner = hook::Runner {
+        store: store.clone(),
+        hooks: hook_list.clone(),
+        wake: hook_wake_rx,
+        wake_tx: hook_wake.clone(),
+        outbox_wake: wake_tx.clone(),
+        tracker: tracker.clone(),
+    };
+    tracker.spawn(runner.run(shutdown.clone()));
     let api_wake = wake_tx.clone();
     let ingest = ingest::IngestService::new(
         store.clone(),
@@ -244,6 +258,10 @@ pub async fn run(
         writes: web::WriteAccess::new(cfg.api_token.clone(), cfg.listen_http),
         outbox_wake: api_wake,
         started_ms,
+        hooks: hook::Hooks {
+            list: hook_list,
+            wake: hook_wake,
+        },
     };
     let ui_state = web::ui::UiState::new(
         api_state.clone(),

@@ -19,6 +19,9 @@
 //!   day). Past it, the page escalates to the route's `escalate_to` channels.
 //! - **Storm budget**: at most `storm_budget` triggers per channel per `storm_window`;
 //!   see [`Storm`].
+//! - **Remediate first**: a route with `remediate = "HOOK"` runs that `[[hook]]` before
+//!   its incident is paged and pages only if the incident still fires `verify_after`
+//!   after the hook succeeded (`store::hooks` holds the page).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -35,6 +38,8 @@ pub const DEFAULT_STORM_BUDGET: u32 = 20;
 pub const DEFAULT_STORM_WINDOW: &str = "5m";
 /// Default period of the paging sweep (repeats, escalations, storm summaries).
 pub const DEFAULT_PAGING_SWEEP_INTERVAL: &str = "1s";
+/// Default `verify_after` of a route with `remediate`.
+pub const DEFAULT_VERIFY_AFTER: &str = "30s";
 /// Written in `[response_targets]` for "09:00 on the next weekday".
 pub const NEXT_BUSINESS_DAY: &str = "next-business-day";
 /// When a business day starts, in the configured time zone: 09:00.
@@ -63,6 +68,13 @@ pub struct RawRoute {
     /// Keep trying the next routes after this one matched.
     #[serde(rename = "continue")]
     pub continue_matching: bool,
+    /// Name of a `[[hook]]` to run before paging: the page is held while it runs and
+    /// `verify_after` after it succeeded, and goes out only if the incident still fires
+    /// (see `store::hooks`).
+    pub remediate: Option<String>,
+    /// With `remediate`: how long after the hook succeeded the incident must still fire
+    /// to be paged (a duration; default [`DEFAULT_VERIFY_AFTER`]).
+    pub verify_after: Option<String>,
 }
 
 /// `[response_targets]` as written. Keys `P1` … `P4` (or `p1` … `p4`: environment
@@ -252,6 +264,9 @@ pub struct Route {
     pub repeat_interval: Option<Duration>,
     /// Keep matching after this route.
     pub continue_matching: bool,
+    /// Hook run before paging, and how long after it succeeded the incident must still
+    /// fire to be paged.
+    pub remediate: Option<(String, Duration)>,
 }
 
 impl Route {
@@ -274,6 +289,8 @@ pub struct Routing {
     pub storm: BTreeMap<String, Storm>,
     /// Period of the paging sweep.
     pub sweep_interval: Duration,
+    /// The `[[hook]]`s: which incidents start them (`on`), what routes remediate with.
+    pub hooks: Vec<crate::hook::Hook>,
 }
 
 impl Default for Routing {
@@ -284,6 +301,7 @@ impl Default for Routing {
             targets: ResponseTargets::default(),
             storm: BTreeMap::new(),
             sweep_interval: Duration::from_secs(1),
+            hooks: Vec::new(),
         }
     }
 }
@@ -301,6 +319,8 @@ pub struct Planned {
     pub escalate_to: Vec<String>,
     /// Re-notification period.
     pub repeat_interval: Option<Duration>,
+    /// Hook to run before paging, and the verification delay (the route's `remediate`).
+    pub remediate: Option<(String, Duration)>,
 }
 
 /// Routing with the channel list: what the store consults when it pages.
@@ -337,6 +357,7 @@ impl Router {
                 channels: r.channels.clone(),
                 escalate_to: r.escalate_to.clone(),
                 repeat_interval: r.repeat_interval,
+                remediate: r.remediate.clone(),
             });
             if !r.continue_matching {
                 break;
@@ -349,6 +370,7 @@ impl Router {
                 channels: self.channels.clone(),
                 escalate_to: Vec::new(),
                 repeat_interval: None,
+                remediate: None,
             });
         }
         out
@@ -392,7 +414,10 @@ pub fn parse_utc_offset(raw: &str) -> Option<i32> {
 /// Validates `[[route]]`, `[response_targets]` and `paging_sweep_interval` against the
 /// known channel names, recording every problem in `v` (keys `route.<index>.<field>`,
 /// 0-based like `notify.webhook.<index>`); `storm` is the per-channel budgets already
-/// validated with the channels.
+/// validated with the channels; `hook_names` the names of every `[[hook]]` written, which
+/// a route's `remediate` may name (a route naming a hook that is itself invalid gets no
+/// second problem of its own). The returned `hooks` are empty: the caller sets the
+/// validated ones.
 pub fn validate(
     v: &mut Validator<'_>,
     raw_routes: &[RawRoute],
@@ -400,6 +425,7 @@ pub fn validate(
     sweep_interval: &str,
     channels: &[String],
     storm: BTreeMap<String, Storm>,
+    hook_names: &[&str],
 ) -> Routing {
     let mut routes = Vec::new();
     for (i, r) in raw_routes.iter().enumerate() {
@@ -445,6 +471,32 @@ pub fn validate(
                 Duration::from_secs(3600),
             )
         });
+        let verify_after = v.positive_duration(
+            &format!("{key}.verify_after"),
+            r.verify_after.as_deref().unwrap_or(DEFAULT_VERIFY_AFTER),
+            Duration::from_secs(30),
+        );
+        if r.verify_after.is_some() && r.remediate.is_none() {
+            v.problem(&format!("{key}.verify_after"), "only with `remediate`");
+        }
+        let remediate = r.remediate.as_ref().and_then(|h| {
+            if hook_names.contains(&h.as_str()) {
+                Some((h.clone(), verify_after))
+            } else {
+                v.problem(
+                    &format!("{key}.remediate"),
+                    format!(
+                        "route {i} names unknown hook {h:?} (hooks: {})",
+                        if hook_names.is_empty() {
+                            "none configured".to_owned()
+                        } else {
+                            hook_names.join(", ")
+                        }
+                    ),
+                );
+                None
+            }
+        });
         routes.push(Route {
             name: r
                 .name
@@ -457,6 +509,7 @@ pub fn validate(
             escalate_to: r.escalate_to.clone(),
             repeat_interval,
             continue_matching: r.continue_matching,
+            remediate,
         });
     }
     let defaults = ResponseTargets::default();
@@ -512,6 +565,7 @@ pub fn validate(
         },
         storm,
         sweep_interval,
+        hooks: Vec::new(),
     }
 }
 
@@ -531,6 +585,7 @@ mod tests {
             escalate_to: vec!["backup".into()],
             repeat_interval: None,
             continue_matching: cont,
+            remediate: None,
         }
     }
 

@@ -156,7 +156,7 @@ impl Api {
 }
 
 /// Percent-encodes a query value (RFC 3986 unreserved characters pass).
-fn enc(v: &str) -> String {
+pub(super) fn enc(v: &str) -> String {
     v.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {

@@ -31,7 +31,21 @@ pub const EVENTS: [&str; 5] = [
 ///              "breach_started_at":"…"}}
 /// ```
 pub fn render(kind: &str, i: &Incident, now_ms: i64) -> String {
+    render_with(kind, i, now_ms, None)
+}
+
+/// [`render`], with the top-level `remediation` field when a route ran a hook before
+/// paging (`store::hooks`): `{"hook", "route", "run_id", "status", "exit_code",
+/// "timed_out", "verify_after", "result"}`, `result` saying what was tried in one line
+/// (`"hook restart-web (run #4): exit 1; still firing"`); `null` otherwise.
+pub fn render_with(
+    kind: &str,
+    i: &Incident,
+    now_ms: i64,
+    remediation: Option<serde_json::Value>,
+) -> String {
     json!({
+        "remediation": remediation,
         "version": PAYLOAD_VERSION,
         "event": kind,
         "dedup_key": i.dedup_key,

@@ -225,6 +225,8 @@ fn refresh(
             "UPDATE incidents SET severity = ?2 WHERE id = ?1",
             params![id, sev.as_str()],
         )?;
+        // A hook whose `on` wants this severity starts now (once per paging cycle).
+        super::hooks::on_trigger(conn, ctx.router, id, ctx.now)?;
         if note_reclassify {
             timeline(
                 conn,
@@ -386,9 +388,16 @@ pub(super) fn page_or_hold(
 }
 
 /// What follows an incident's resolution in the same transaction: its group wait ends,
-/// and the silences that end with it (`ends_with_incident`) are expired, recorded as
-/// expired by "incident #ID resolved".
-pub(super) fn resolved(conn: &Connection, id: i64, now: i64) -> rusqlite::Result<()> {
+/// the silences that end with it (`ends_with_incident`) are expired, recorded as
+/// expired by "incident #ID resolved", a remediation hold ends without a page, and the
+/// hooks that run on resolve are queued (`store::hooks`).
+pub(super) fn resolved(
+    conn: &Connection,
+    router: &crate::route::Router,
+    id: i64,
+    now: i64,
+) -> rusqlite::Result<()> {
+    super::hooks::on_resolved(conn, router, id, now)?;
     conn.execute(
         "UPDATE incidents SET page_due_ms = NULL WHERE id = ?1",
         [id],
@@ -569,7 +578,7 @@ pub fn apply(
     // be): never a lone resolve to a channel that refused the trigger, and none at all
     // for a group that cleared while it was still gathering.
     out.notifications += notify_triggered(conn, id, "resolve", now)?;
-    resolved(conn, id, now)?;
+    resolved(conn, ctx.router, id, now)?;
     out.resolved.push(id);
     Ok(())
 }
@@ -648,6 +657,9 @@ fn join_or_open(
     } else {
         open(conn, ctx, obs, fp, &key, labels)?
     };
+    // Hooks whose `on` matches start with the trigger (once per paging cycle), whatever
+    // holds the page.
+    super::hooks::on_trigger(conn, ctx.router, id, now)?;
     if obs.flapping {
         note_flapping(conn, id, now, obs.actor)?;
     } else {
@@ -658,23 +670,25 @@ fn join_or_open(
 }
 
 /// Pages, at `ctx.now`, every open incident whose trigger was held and is held no more:
-/// its group wait is over, or the silences or the `node_down` incident that held it
-/// ended (an aggregator restart resumes these from the store). Returns the number of
-/// outbox rows.
+/// its group wait is over, the silences or the `node_down` incident that held it
+/// ended, or its remediation hook ran and the verification time passed (an aggregator
+/// restart resumes these from the store). Returns the number of outbox rows.
 pub(super) fn release_held(conn: &Connection, ctx: &Context<'_>) -> rusqlite::Result<usize> {
     let now = ctx.now;
     let candidates: Vec<i64> = conn
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT i.id FROM incidents i
              WHERE i.status = 'triggered' AND i.flapping_hold = 0
                AND ((i.page_due_ms IS NOT NULL AND i.page_due_ms <= ?1)
                     OR EXISTS (SELECT 1 FROM timeline t WHERE t.incident_id = i.id AND t.id > i.timeline_mark
-                                 AND t.kind IN ('silenced', 'inhibited')))
+                                 AND t.kind IN ('silenced', 'inhibited'))
+                    OR {remediation_due})
                AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.incident_id = i.id AND o.kind = 'trigger'
                                  AND o.id > i.outbox_mark)
                AND NOT EXISTS (SELECT 1 FROM routing r WHERE r.incident_id = i.id AND r.cycle = i.reopened)
              ORDER BY i.id",
-        )?
+            remediation_due = super::hooks::REMEDIATION_DUE
+        ))?
         .query_map([now], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     let mut sent = 0;

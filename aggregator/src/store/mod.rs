@@ -9,6 +9,7 @@
 
 pub mod alertmanager;
 mod apply;
+mod hooks;
 mod kpi;
 mod paging;
 mod schema;
@@ -16,6 +17,7 @@ mod views;
 
 pub use views::CheckState;
 
+pub use hooks::{HookClaim, HookRun, Queued, RunRequest};
 pub use paging::{REPEAT, STORM_SUMMARY, SweepOutcome};
 
 pub use kpi::{IncidentQuery, PostmortemLink, StatusCounts};
@@ -267,6 +269,10 @@ impl Store {
         store
             .conn
             .execute_batch(paging::SCHEMA)
+            .map_err(|e| store.err(e))?;
+        store
+            .conn
+            .execute_batch(hooks::SCHEMA)
             .map_err(|e| store.err(e))?;
         schema::migrate(&store.conn).map_err(|e| store.err(e))?;
         let fresh = format!("{:08x}", fastrand::u32(..));
@@ -999,7 +1005,7 @@ impl Store {
                 .map_err(err)?;
                 timeline(&tx, id, now, "resolved", &actor, &resolution).map_err(err)?;
                 notify_triggered(&tx, id, "resolve", now).map_err(err)?;
-                apply::resolved(&tx, id, now).map_err(err)?;
+                apply::resolved(&tx, &self.router, id, now).map_err(err)?;
                 Change::Done
             }
         };
@@ -1413,7 +1419,12 @@ fn enqueue(
     kind: &str,
     now: i64,
 ) -> rusqlite::Result<()> {
-    let body = payload::render(kind, incident, now);
+    let body = payload::render_with(
+        kind,
+        incident,
+        now,
+        hooks::remediation_json(conn, incident.id)?,
+    );
     // Each cycle of a reopened incident has idempotency keys of its own, so that a
     // receiver that drops repeats still gets the new trigger and resolve.
     let reopened: i64 = conn

@@ -87,6 +87,10 @@ pub(super) fn page(
         &incident.labels,
     );
     let plans = router.plan(&fields, incident.severity);
+    // A route that remediates first holds the page while its hook runs and verifies.
+    if super::hooks::remediate_gate(conn, router, &incident, &plans, now)? {
+        return Ok(0);
+    }
     let mut channels: Vec<String> = Vec::new();
     let mut notes = Vec::new();
     for p in &plans {
@@ -752,6 +756,7 @@ mod tests {
             escalate_to: escalate_to.iter().map(|c| (*c).to_owned()).collect(),
             repeat_interval: repeat,
             continue_matching: false,
+            remediate: None,
         }
     }
 

@@ -20,6 +20,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+mod hooks;
+
 use crate::model::{Incident, Node, rfc3339};
 use crate::store::{IncidentDetail, StoreHandle};
 
@@ -39,6 +41,8 @@ pub struct AppState {
     pub outbox_wake: tokio::sync::watch::Sender<u64>,
     /// When the aggregator started (Unix ms), for `/api/v1/status`.
     pub started_ms: i64,
+    /// The recovery hooks, and the runner's wake-up.
+    pub hooks: crate::hook::Hooks,
 }
 
 /// Who may acknowledge and resolve through the API.
@@ -160,6 +164,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/silences", get(list_silences).post(add_silence))
         .route("/api/v1/silences/{id}/expire", post(expire_silence))
+        .route("/api/v1/hooks", get(hooks::list))
+        .route("/api/v1/hooks/runs", get(hooks::runs))
+        .route("/api/v1/hooks/runs/{id}", get(hooks::run))
+        .route("/api/v1/hooks/{name}/run", post(hooks::start))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError(

@@ -1,0 +1,611 @@
+//! Recovery hooks end to end: a real aggregator, scripted nodes speaking real gRPC, real
+//! hook scripts written into a temporary directory, a real webhook receiver, and the real
+//! `tocsin` CLI. Shown: stdin is at EOF at once; a hook that ignores SIGTERM is killed
+//! after the grace and recorded timed out; a background child does not survive its hook;
+//! 10 MB of output is captured bounded (and marked) without the aggregator growing; a
+//! label carrying shell syntax stays inert data; two incidents firing one hook at once
+//! respect its concurrency (a third beyond the queue is refused and recorded);
+//! remediate-verify-then-page (fixed → no page; failed → a page naming the hook; still
+//! firing after a success → a page after verify_after, across a restart); a manual run by
+//! CLI recorded with who ran it; `tocsin rollback` refusing without --yes on a non-TTY.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::Value;
+use tocsin_e2e::scripted::ScriptedNode;
+use tocsin_e2e::{Aggregator, AggregatorToml, PATIENCE, WebhookReceiver, bin, eventually};
+
+/// Writes an executable `/bin/sh` script `name` into `dir`.
+fn script(dir: &Path, name: &str, body: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n"))?;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+    Ok(p)
+}
+
+/// A `[[hook]]` running `script`, with extra lines (`on = …`, `timeout = …`).
+fn hook(name: &str, script: &Path, extra: &str) -> String {
+    format!(
+        "[[hook]]\nname = \"{name}\"\ncommand = [\"{}\"]\n{extra}\n",
+        script.display()
+    )
+}
+
+/// Whether `pid` is a live process (a zombie counts as gone).
+fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+async fn node(agg: &Aggregator, id: &str, labels: &[(&str, &str)]) -> Result<ScriptedNode> {
+    ScriptedNode::connect(
+        &format!("http://{}", agg.grpc),
+        id,
+        labels,
+        Duration::from_secs(600),
+    )
+    .await
+}
+
+/// The id of the newest incident of `check`.
+async fn incident_of(agg: &Aggregator, check: &str) -> Result<i64> {
+    eventually(&format!("an incident of {check}"), PATIENCE, || async {
+        let list = agg.get("/api/v1/incidents").await.ok()?;
+        list["incidents"]
+            .as_array()?
+            .iter()
+            .find(|i| i["check"] == check)
+            .and_then(|i| i["id"].as_i64())
+    })
+    .await
+}
+
+/// The runs of `query` (e.g. `incident=3`) once `n` of them have ended.
+async fn ended_runs(agg: &Aggregator, query: &str, n: usize) -> Result<Vec<Value>> {
+    eventually(
+        &format!("{n} ended hook runs of {query}"),
+        PATIENCE,
+        || async {
+            let body = agg.get(&format!("/api/v1/hooks/runs?{query}")).await.ok()?;
+            let runs = body["runs"].as_array()?.clone();
+            let ended = runs
+                .iter()
+                .filter(|r| !matches!(r["status"].as_str(), Some("queued" | "running")))
+                .count();
+            (runs.len() >= n && ended >= n).then_some(runs)
+        },
+    )
+    .await
+}
+
+async fn timeline(agg: &Aggregator, id: i64) -> Result<Vec<Value>> {
+    let body = agg.get(&format!("/api/v1/incidents/{id}")).await?;
+    Ok(body["timeline"].as_array().cloned().unwrap_or_default())
+}
+
+/// The incident timeline entries of `kind`, once one of them contains `needle`.
+async fn wait_timeline(agg: &Aggregator, id: i64, kind: &str, needle: &str) -> Result<Value> {
+    eventually(
+        &format!("a {kind} timeline entry with {needle:?} on incident {id}"),
+        PATIENCE,
+        || async {
+            timeline(agg, id).await.ok()?.into_iter().find(|t| {
+                t["kind"] == kind && t["note"].as_str().is_some_and(|n| n.contains(needle))
+            })
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn stdin_is_at_eof_at_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // `cat` would wait for ever on an open stdin; at EOF it returns at once.
+    let s = script(
+        dir.path(),
+        "stdin.sh",
+        "cat; if read line; then echo \"got $line\"; else echo eof; fi",
+    )?;
+    let cfg = AggregatorToml::new(dir.path())
+        .set(&hook(
+            "stdin",
+            &s,
+            "timeout = \"120s\"\non = { check = \"disk\" }",
+        ))
+        .build();
+    let agg = Aggregator::start(dir.path(), &cfg).await?;
+    let mut n = node(&agg, "web-1", &[]).await?;
+    n.send(&[("disk", "critical")]).await?;
+    let id = incident_of(&agg, "disk").await?;
+    let runs = ended_runs(&agg, &format!("incident={id}"), 1).await?;
+    let r = &runs[0];
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["stdout"], "eof\n");
+    assert_eq!(r["timed_out"], false);
+    assert_eq!(r["event"], "trigger");
+    assert_eq!(r["started_by"], "aggregator");
+    let entry = wait_timeline(&agg, id, "hook", "hook stdin run").await?;
+    let note = entry["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("exit 0") && note.contains("started on trigger"),
+        "{note}"
+    );
+    assert!(note.contains("stdout: eof"), "{note}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_hook_ignoring_sigterm_is_killed_after_the_grace_and_recorded_timed_out() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pid_file = dir.path().join("term.pid");
+    let s = script(
+        dir.path(),
+        "stubborn.sh",
+        &format!(
+            "trap '' TERM\necho $$ > {}\necho ignoring TERM\nwhile :; do sleep 0.1; done",
+            pid_file.display()
+        ),
+    )?;
+    let cfg = AggregatorToml::new(dir.path())
+        .set(&hook(
+            "stubborn",
+            &s,
+            "timeout = \"1s\"\nkill_grace = \"1s\"\non = { severity = [\"P2\"] }",
+        ))
+        .build();
+    let agg = Aggregator::start(dir.path(), &cfg).await?;
+    let mut n = node(&agg, "web-1", &[]).await?;
+    n.send(&[("cpu", "critical")]).await?;
+    let id = incident_of(&agg, "cpu").await?;
+    let runs = ended_runs(&agg, &format!("incident={id}"), 1).await?;
+    let r = &runs[0];
+    assert_eq!(r["status"], "timed_out", "{r}");
+    assert_eq!(r["timed_out"], true);
+    assert_eq!(r["exit_code"], Value::Null);
+    assert_eq!(r["stdout"], "ignoring TERM\n");
+    let pid = read_pid(&pid_file).context("the hook wrote its pid")?;
+    eventually("the hook process gone", PATIENCE, || async {
+        (!pid_alive(pid)).then_some(())
+    })
+    .await?;
+    wait_timeline(&agg, id, "hook", "timed out after 1s").await?;
+    // The aggregator is still serving (a hung hook blocks nothing).
+    agg.get("/health").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_background_child_does_not_survive_its_hook() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let child_file = dir.path().join("child.pid");
+    let s = script(
+        dir.path(),
+        "leaves-child.sh",
+        &format!(
+            "sleep 300 &\necho $! > {}\necho started a child\nexit 0",
+            child_file.display()
+        ),
+    )?;
+    let cfg = AggregatorToml::new(dir.path())
+        .set(&hook("leaver", &s, "on = {}"))
+        .build();
+    let agg = Aggregator::start(dir.path(), &cfg).await?;
+    let mut n = node(&agg, "web-1", &[]).await?;
+    n.send(&[("mem", "critical")]).await?;
+    let id = incident_of(&agg, "mem").await?;
+    let runs = ended_runs(&agg, &format!("incident={id}"), 1).await?;
+    assert_eq!(runs[0]["status"], "succeeded", "{}", runs[0]);
+    let pid = read_pid(&child_file).context("the hook wrote its child's pid")?;
+    eventually(
+        &format!("background child {pid} gone"),
+        PATIENCE,
+        || async { (!pid_alive(pid)).then_some(()) },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Peak resident memory of `pid`, KiB.
+fn vm_hwm(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("VmHWM")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmHWM value")?
+        .parse()?)
+}
+
+#[tokio::test]
+async fn ten_megabytes_of_output_are_captured_bounded_and_marked() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = script(
+        dir.path(),
+        "loud.sh",
+        "head -c 10485760 /dev/zero | tr '\\000' x\necho to stderr >&2",
+    )?;
+    let cfg = AggregatorToml::new(dir.path())
+        .set(&hook("loud", &s, "description = \"prints 10 MB\""))
+        .build();
+    let agg = Aggregator::start(dir.path(), &cfg).await?;
+    let before = vm_hwm(agg.daemon.pid())?;
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("http://{}/api/v1/hooks/loud/run", agg.http))
+        .json(&serde_json::json!({ "by": "tester" }))
+        .send()
+        .await?;
+    ensure!(resp.status().as_u16() == 202, "{}", resp.text().await?);
+    let runs = ended_runs(&agg, "hook=loud", 1).await?;
+    let r = &runs[0];
+    assert_eq!(r["status"], "succeeded", "{}", r["error"]);
+    assert_eq!(r["stdout_truncated"], true);
+    let out = r["stdout"].as_str().unwrap_or_default();
+    assert!(
+        out.ends_with("…[truncated, 10485760 bytes]"),
+        "{}",
+        &out[out.len().saturating_sub(80)..]
+    );
+    assert!(out.len() <= 64 * 1024 + 64, "{} bytes kept", out.len());
+    assert_eq!(r["stderr"], "to stderr\n");
+    assert_eq!(r["stderr_truncated"], false);
+    let after = vm_hwm(agg.daemon.pid())?;
+    // Holding the 10 MB (let alone copies of it) would raise the peak by 10 MB or more.
+    assert!(
+        after < before + 8 * 1024,
+        "peak RSS grew from {before} KiB to {after} KiB"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_label_with_shell_syntax_reaches_the_hook_as_inert_data() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let marker = dir.path().join("x");
+    let got = dir.path().join("got");
+    let labels = dir.path().join("labels");
+    let value = format!("svc; touch {} #", marker.display());
+    let s = script(
+        dir.path(),
+        "echo-label.sh",
+        &format!(
+            "printf '%s' \"$TOCSIN_LABEL_SVC\" > {}\nprintf '%s' \"$TOCSIN_LABELS\" > {}\necho \"$TOCSIN_NODE $TOCSIN_CHECK $TOCSIN_SEVERITY $TOCSIN_STATE\"",
+            got.display(),
+            labels.display()
+        ),
+    )?;
+    let cfg = AggregatorToml::new(dir.path())
+        .set(&hook(
+            "show-label",
+            &s,
+            "on = { match = [\"svc=~svc;.*\"] }",
+        ))
+        .build();
+    let agg = Aggregator::start(dir.path(), &cfg).await?;
+    let mut n = node(&agg, "web-1", &[("svc", &value)]).await?;
+    n.send(&[("http", "critical")]).await?;
+    let id = incident_of(&agg, "http").await?;
+    let runs = ended_runs(&agg, &format!("incident={id}"), 1).await?;
+    assert_eq!(runs[0]["status"], "succeeded", "{}", runs[0]);
+    assert_eq!(runs[0]["stdout"], "web-1 http P2 critical\n");
+    assert_eq!(
+        std::fs::read_to_string(&got)?,
+        value,
+        "the value arrives intact"
+    );
+    let all: Value = serde_json::from_str(&std::fs::read_to_string(&labels)?)?;
+    assert_eq!(all["svc"], value.as_str());
+    assert!(!marker.exists(), "the label was run by a shell");
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_incidents_firing_one_hook_at_once_respect_its_concurrency() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let lock = dir.path().join("lock");
+    // mkdir is atomic: a second run inside the first would fail it.
+    let s = script(
+        dir.path(),
+        "serial.sh",
+        &format!(
+            "mkdir {l} || {{ echo overlap; exit 9; }}\nsleep 1\nrmdir {l}\necho \"done $TOCSIN_CHECK\"",
+            l = lock.display()
+        ),
+    )?;
+    let cfg = AggregatorToml::new(dir.path())
+        .set(&hook(
+            "serial",
+            &s,
+            "max_concurrent = 1\nmax_queued = 1\non = { match = [\"check=~q.*\"] }",
+        ))
+        .build();
+    let agg = Aggregator::start(dir.path(), &cfg).await?;
+    let mut n = node(&agg, "web-1", &[]).await?;
+    // Three incidents in one batch: one runs, one queues, the third finds the queue full.
+    n.send(&[("q1", "critical"), ("q2", "critical"), ("q3", "critical")])
+        .await?;
+    let runs = ended_runs(&agg, "hook=serial", 3).await?;
+    let mut statuses: Vec<&str> = runs.iter().filter_map(|r| r["status"].as_str()).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, ["refused", "succeeded", "succeeded"], "{runs:?}");
+    let mut done: Vec<&Value> = runs.iter().filter(|r| r["status"] == "succeeded").collect();
+    done.sort_by_key(|r| r["id"].as_i64());
+    let first_end = done[0]["ended_ms"].as_i64().context("ended")?;
+    let second_start = done[1]["started_ms"].as_i64().context("started")?;
+    assert!(
+        second_start >= first_end,
+        "the second run started at {second_start}, before the first ended at {first_end}"
+    );
+    for r in &done {
+        assert!(
+            r["stdout"]
+                .as_str()
+                .is_some_and(|o| o.starts_with("done q")),
+            "{r}"
+        );
+    }
+    let refused = runs
+        .iter()
+        .find(|r| r["status"] == "refused")
+        .context("refused run")?;
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("max_queued = 1")),
+        "{refused}"
+    );
+    let id = refused["incident_id"].as_i64().context("incident")?;
+    wait_timeline(&agg, id, "hook", "refused").await?;
+    Ok(())
+}
+
+/// Waits until the receiver has a trigger for `check` and returns its body.
+async fn trigger_for(rx: &WebhookReceiver, check: &str) -> Result<Value> {
+    eventually(&format!("a trigger for {check}"), PATIENCE, || async {
+        rx.received()
+            .into_iter()
+            .find(|b| b["event"] == "trigger" && b["incident"]["check"] == check)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn remediate_verify_then_page() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fixed = dir.path().join("fixed");
+    std::fs::create_dir(&fixed)?;
+    // The fix: leaves a mark the node (this test) sees, like a restarted service; it
+    // cannot fix "remedy-broken".
+    let s = script(
+        dir.path(),
+        "fix.sh",
+        &format!(
+            "echo \"fixing $TOCSIN_CHECK on $TOCSIN_NODE\"\n\
+             if [ \"$TOCSIN_CHECK\" = remedy-broken ]; then echo 'cannot fix this' >&2; exit 1; fi\n\
+             touch {}/\"$TOCSIN_CHECK\"",
+            fixed.display()
+        ),
+    )?;
+    let rx = WebhookReceiver::start().await?;
+    let top = format!(
+        "{}[[route]]\nname = \"remedy\"\nmatch = [\"check=~remedy-.*\"]\nchannels = [\"t\"]\n\
+         remediate = \"fix\"\nverify_after = \"4s\"\n",
+        hook("fix", &s, "max_concurrent = 3")
+    );
+    let cfg = AggregatorToml::new(dir.path())
+        .webhook(&rx.url)
+        .set(&top)
+        .build();
+    let mut agg = Aggregator::start(dir.path(), &cfg).await?;
+    let mut n = node(&agg, "web-1", &[("service", "web")]).await?;
+    n.send(&[
+        ("remedy-fixable", "critical"),
+        ("remedy-broken", "critical"),
+        ("remedy-stubborn", "critical"),
+    ])
+    .await?;
+
+    // Fixable: the hook fixes it, the node reports OK within verify_after: no page.
+    let fixable = incident_of(&agg, "remedy-fixable").await?;
+    let mark = fixed.join("remedy-fixable");
+    eventually("the fix of remedy-fixable", PATIENCE, || async {
+        mark.exists().then_some(())
+    })
+    .await?;
+    n.send(&[("remedy-fixable", "ok")]).await?;
+    wait_timeline(&agg, fixable, "remediation", "not paged").await?;
+
+    // Broken: the hook fails: paged at once, and the page names the hook and its exit.
+    let page = trigger_for(&rx, "remedy-broken").await?;
+    let rem = &page["remediation"];
+    assert_eq!(rem["hook"], "fix", "{page}");
+    assert_eq!(rem["exit_code"], 1);
+    assert_eq!(rem["status"], "failed");
+    assert!(
+        rem["result"]
+            .as_str()
+            .is_some_and(|t| t.contains("hook fix") && t.contains("exit 1")),
+        "{rem}"
+    );
+    let broken = incident_of(&agg, "remedy-broken").await?;
+    wait_timeline(&agg, broken, "hook", "cannot fix this").await?;
+
+    // Stubborn: the hook succeeds but the incident still fires; the hold survives a
+    // restart and the page goes out after verify_after, saying what was tried.
+    let stubborn = incident_of(&agg, "remedy-stubborn").await?;
+    wait_timeline(
+        &agg,
+        stubborn,
+        "remediation",
+        "succeeded: the page goes out at",
+    )
+    .await?;
+    ensure!(
+        rx.events("trigger", "web-1", "remedy-stubborn").is_empty(),
+        "paged before verify_after"
+    );
+    agg.daemon.stop("TERM")?;
+    agg = Aggregator::start(dir.path(), &cfg).await?;
+    let page = trigger_for(&rx, "remedy-stubborn").await?;
+    assert!(
+        page["remediation"]["result"]
+            .as_str()
+            .is_some_and(|t| t.contains("exit 0") && t.contains("still firing 4s later")),
+        "{page}"
+    );
+    wait_timeline(&agg, stubborn, "remediation", "still firing after hook fix").await?;
+
+    // The fixable incident was never paged at all.
+    ensure!(
+        rx.events("trigger", "web-1", "remedy-fixable").is_empty(),
+        "the fixed incident was paged"
+    );
+    let detail = agg.get(&format!("/api/v1/incidents/{fixable}")).await?;
+    assert_eq!(detail["status"], "resolved");
+    assert_eq!(detail["notifications"].as_array().map(Vec::len), Some(0));
+    Ok(())
+}
+
+fn tocsin(agg: &Aggregator, args: &[&str]) -> Result<(Option<i32>, String, String)> {
+    let out = Command::new(bin("tocsin"))
+        .arg("--api")
+        .arg(format!("http://{}", agg.http))
+        .args(args)
+        .env_remove("TOCSIN_API_TOKEN")
+        .stdin(Stdio::null())
+        .output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test]
+async fn a_manual_run_by_cli_is_recorded_with_who_ran_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let s = script(
+        dir.path(),
+        "restart-all.sh",
+        "echo \"restarting for incident $TOCSIN_INCIDENT_ID by $TOCSIN_STARTED_BY: $TOCSIN_REASON\"",
+    )?;
+    let cfg = AggregatorToml::new(dir.path())
+        .set(&format!(
+            "{}{}",
+            hook(
+                "restart-all",
+                &s,
+                "description = \"the seed's --restart-all\""
+            ),
+            hook("fix-pods", &s, "description = \"the seed's --fix-pods\"")
+        ))
+        .build();
+    let agg = Aggregator::start(dir.path(), &cfg).await?;
+    let mut n = node(&agg, "web-1", &[]).await?;
+    n.send(&[("api", "critical")]).await?;
+    let id = incident_of(&agg, "api").await?;
+
+    let (code, out, err) = tocsin(&agg, &["hook", "list"])?;
+    ensure!(code == Some(0), "hook list: {err}");
+    assert!(
+        out.contains("restart-all") && out.contains("fix-pods"),
+        "{out}"
+    );
+
+    let (code, out, err) = tocsin(
+        &agg,
+        &[
+            "hook",
+            "run",
+            "restart-all",
+            "--incident",
+            &id.to_string(),
+            "--by",
+            "alice",
+            "--reason",
+            "api down",
+        ],
+    )?;
+    ensure!(code == Some(0), "hook run: {out}{err}");
+    assert!(
+        out.contains(&format!("restarting for incident {id} by alice: api down")),
+        "{out}"
+    );
+    let entry = wait_timeline(&agg, id, "hook", "(by hand, by alice: api down): exit 0").await?;
+    assert_eq!(entry["actor"], "user:alice");
+    assert!(
+        entry["note"].as_str().is_some_and(|n| n.contains("exit 0")),
+        "{entry}"
+    );
+    let runs = ended_runs(&agg, &format!("incident={id}"), 1).await?;
+    assert_eq!(runs[0]["started_by"], "alice");
+    assert_eq!(runs[0]["event"], "manual");
+
+    let (code, _, err) = tocsin(&agg, &["hook", "run", "no-such-hook", "--by", "alice"])?;
+    assert_eq!(code, Some(3), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn rollback_refuses_without_yes_on_a_non_tty_and_runs_with_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let env_file = dir.path().join("rollback.env");
+    let s = script(
+        dir.path(),
+        "rollback.sh",
+        &format!(
+            "env | grep '^TOCSIN_' | sort > {}\necho rolled back",
+            env_file.display()
+        ),
+    )?;
+    let cfg = AggregatorToml::new(dir.path())
+        .set(&hook("rollback", &s, "kind = \"rollback\""))
+        .build();
+    let agg = Aggregator::start(dir.path(), &cfg).await?;
+    let (code, _, err) = tocsin(&agg, &["rollback", "--reason", "bad deploy"])?;
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("--yes"), "{err}");
+    let runs = agg.get("/api/v1/hooks/runs").await?;
+    assert_eq!(runs["runs"].as_array().map(Vec::len), Some(0), "{runs}");
+    ensure!(!env_file.exists(), "the rollback ran without confirmation");
+
+    let (code, out, err) = tocsin(
+        &agg,
+        &["rollback", "-r", "bad deploy", "-f", "-y", "--by", "bob"],
+    )?;
+    ensure!(code == Some(0), "rollback --yes: {out}{err}");
+    assert!(out.contains("rolled back"), "{out}");
+    let env = std::fs::read_to_string(&env_file)?;
+    for line in [
+        "TOCSIN_FORCE=1",
+        "TOCSIN_REASON=bad deploy",
+        "TOCSIN_STARTED_BY=bob",
+        "TOCSIN_HOOK=rollback",
+        "TOCSIN_EVENT=manual",
+    ] {
+        assert!(env.lines().any(|l| l == line), "{line} missing in:\n{env}");
+    }
+    let runs = ended_runs(&agg, "hook=rollback", 1).await?;
+    assert_eq!(runs[0]["started_by"], "bob");
+    assert_eq!(runs[0]["force"], true);
+    assert_eq!(runs[0]["reason"], "bad deploy");
+    if runs.len() != 1 {
+        bail!("one run expected: {runs:?}");
+    }
+    Ok(())
+}
