@@ -245,9 +245,12 @@ impl Dispatcher {
 }
 
 /// The wait a receiver's `Retry-After` of `retry_after` asks for, kept within
-/// [`retry_min`, `retry_max`]: later pages on the channel wait behind this one, so "come
-/// back tomorrow" cannot be obeyed; and a `Retry-After: 0` must not turn the retries into
-/// a busy loop against the receiver and the store.
+/// [`retry_min`, `retry_max`]. While this notification waits, `store::next_pending` hands
+/// the dispatcher other incidents' notifications on the channel (earliest due first), but
+/// the later notifications of the *same* incident on this channel (its acknowledge, its
+/// resolve) wait behind it, as per-incident order requires: so "come back tomorrow" cannot
+/// be obeyed without holding that incident's resolve for a day. And a `Retry-After: 0`
+/// must not turn the retries into a busy loop against the receiver and the store.
 fn honour_retry_after(retry_after: Duration, retry_min: Duration, retry_max: Duration) -> Duration {
     retry_after.max(retry_min).min(retry_max)
 }
