@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::notify::Delivery;
 
 /// Sends one notification. 2xx is delivered; 408, 429 and 5xx are retried (honouring
-/// `Retry-After` in seconds); other statuses, redirects included, fail for good with the
+/// `Retry-After`, see [`parse_retry_after`]); other statuses, redirects included, fail for good with the
 /// response body.
 pub async fn deliver(
     client: &reqwest::Client,
@@ -48,8 +48,7 @@ pub async fn deliver(
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
     let response_location = response
         .headers()
         .get(reqwest::header::LOCATION)
@@ -78,6 +77,21 @@ pub async fn deliver(
     } else {
         Delivery::Permanent { error }
     }
+}
+
+/// The wait a `Retry-After` header value asks for (RFC 9110 §10.2.3): either delay
+/// seconds (`"120"`) or an HTTP-date (`"Wed, 21 Oct 2015 07:28:00 GMT"`, also the
+/// obsolete RFC 850 and asctime forms), the latter counted from `now`; a date already
+/// past asks for no wait (`Duration::ZERO`). `None` for anything else, then the
+/// dispatcher's own backoff applies. The caller bounds the result (`retry_min`,
+/// `retry_max`).
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// A webhook URL fit for logs, the timeline and the API: user info and the query string
@@ -148,6 +162,45 @@ mod tests {
             error.contains(&format!("127.0.0.1:{port}/hook?***")),
             "{error}"
         );
+    }
+
+    /// Regression: `Retry-After` in its HTTP-date form was ignored (only seconds were
+    /// read), so a receiver's "come back at 10:00" fell back to the short backoff.
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+        use super::parse_retry_after;
+        // 2015-10-21T07:28:00Z
+        let date = UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        let now = date - Duration::from_secs(90);
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after("0", now), Some(Duration::ZERO));
+        for form in [
+            "Wed, 21 Oct 2015 07:28:00 GMT",
+            "Wednesday, 21-Oct-15 07:28:00 GMT",
+            "Wed Oct 21 07:28:00 2015",
+        ] {
+            assert_eq!(
+                parse_retry_after(form, now),
+                Some(Duration::from_secs(90)),
+                "{form}"
+            );
+        }
+        assert_eq!(
+            parse_retry_after(
+                "Wed, 21 Oct 2015 07:28:00 GMT",
+                date + Duration::from_secs(5)
+            ),
+            Some(Duration::ZERO),
+            "a date already past: no wait"
+        );
+        for bad in ["", "-5", "1.5", "soon", "Wed, 32 Oct 2015 07:28:00 GMT"] {
+            assert_eq!(parse_retry_after(bad, SystemTime::now()), None, "{bad:?}");
+        }
     }
 
     #[test]
