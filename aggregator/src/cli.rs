@@ -593,7 +593,7 @@ async fn up(args: UpArgs) -> ExitCode {
         agg.webhooks.push(crate::config::Webhook {
             name: format!("webhook-cli-{}", i + 1),
             url: url.clone(),
-            format: crate::notify::Format::Generic,
+            format: crate::notify::Format::Generic(None),
             timeout: std::time::Duration::from_secs(10),
         });
     }

@@ -195,6 +195,10 @@ pub struct RawWebhook {
     /// For `pagerduty`: file holding the integration's routing key (or the seed's
     /// `PAGERDUTY_KEY` variable).
     pub routing_key_file: Option<String>,
+    /// For `generic` only: file holding the HMAC-SHA256 secret (content trimmed; never
+    /// logged or printed) that signs every request with `X-Tocsin-Timestamp` and
+    /// `X-Tocsin-Signature` (see `notify::webhook`). Unset: requests are not signed.
+    pub secret_file: Option<String>,
     /// For `alertmanager` only: every open incident the channel was paged for is posted
     /// again this often (default `1m`, at least `1s`), so Alertmanager does not resolve
     /// it by its `resolve_timeout` (default 5m): keep it below that.
@@ -252,6 +256,7 @@ impl Default for RawWebhook {
             url: String::new(),
             kind: "generic".into(),
             routing_key_file: None,
+            secret_file: None,
             repost_interval: None,
             timeout: DEFAULT_NOTIFY_TIMEOUT.into(),
             storm_budget: None,
@@ -546,7 +551,17 @@ impl RawConfig {
                 crate::notify::pagerduty::EVENTS_URL.clone_into(&mut w.url);
             }
             let format = match w.kind.as_str() {
-                "generic" => crate::notify::Format::Generic,
+                "generic" => {
+                    crate::notify::Format::Generic(w.secret_file.as_deref().and_then(|f| {
+                        let key = format!("{key}.secret_file");
+                        let secret = v.secret_file(&key, f)?;
+                        if secret.is_empty() {
+                            v.problem(&key, format!("{f} is empty"));
+                            return None;
+                        }
+                        Some(tocsin_agent::config::Secret::new(secret))
+                    }))
+                }
                 "slack" => crate::notify::Format::Slack,
                 "pagerduty" => {
                     let key_text = match &w.routing_key_file {
@@ -562,7 +577,7 @@ impl RawConfig {
                                 &format!("{key}.routing_key_file"),
                                 "the routing key must be 1 to 64 characters",
                             );
-                            crate::notify::Format::Generic
+                            crate::notify::Format::Generic(None)
                         }
                         None => {
                             if w.routing_key_file.is_none() {
@@ -571,7 +586,7 @@ impl RawConfig {
                                     "a pagerduty channel needs its routing key: routing_key_file, or PAGERDUTY_KEY",
                                 );
                             }
-                            crate::notify::Format::Generic
+                            crate::notify::Format::Generic(None)
                         }
                     }
                 }
@@ -585,9 +600,18 @@ impl RawConfig {
                         &format!("{key}.kind"),
                         format!("invalid value {other:?} (expected \"generic\", \"slack\", \"pagerduty\" or \"alertmanager\")"),
                     );
-                    crate::notify::Format::Generic
+                    crate::notify::Format::Generic(None)
                 }
             };
+            if w.kind != "generic" && w.secret_file.is_some() {
+                v.problem(
+                    &format!("{key}.secret_file"),
+                    format!(
+                        "only for kind = \"generic\" (a {:?} receiver does not check tocsin's signature)",
+                        w.kind
+                    ),
+                );
+            }
             if w.kind != "alertmanager" && w.repost_interval.is_some() {
                 v.problem(
                     &format!("{key}.repost_interval"),
@@ -960,6 +984,61 @@ mod tests {
         ] {
             assert!(err.contains(part), "{part:?} missing in {err}");
         }
+    }
+
+    #[test]
+    fn generic_webhooks_take_a_secret_file_and_only_they_do() {
+        use super::{RawConfig, RawWebhook};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("hook.secret");
+        std::fs::write(&secret, "  s3cret-VALUE\n").expect("write");
+        let empty = dir.path().join("empty.secret");
+        std::fs::write(&empty, "\n").expect("write");
+        let hook = |name: &str, kind: &str, file: &std::path::Path| RawWebhook {
+            name: name.into(),
+            url: "http://127.0.0.1:9099/hook".into(),
+            kind: kind.into(),
+            secret_file: Some(file.display().to_string()),
+            routing_key_file: (kind == "pagerduty").then(|| secret.display().to_string()),
+            ..RawWebhook::default()
+        };
+        let mut raw = RawConfig::default();
+        raw.notify.webhook = vec![hook("signed", "generic", &secret)];
+        let cfg = raw
+            .validate(&figment::Figment::new())
+            .expect("valid config");
+        let signed = cfg.webhooks.iter().find(|w| w.name == "signed");
+        let Some(crate::notify::Format::Generic(Some(key))) = signed.map(|w| &w.format) else {
+            panic!("a signing secret: {:?}", cfg.webhooks)
+        };
+        assert_eq!(key.expose(), "s3cret-VALUE", "read at start, trimmed");
+        assert!(
+            !format!("{cfg:?}").contains("s3cret-VALUE"),
+            "never in Debug output (logs)"
+        );
+        let mut raw = RawConfig::default();
+        raw.notify.webhook = vec![
+            hook("s", "slack", &secret),
+            hook("p", "pagerduty", &secret),
+            hook("e", "generic", &empty),
+            hook("m", "generic", &dir.path().join("missing")),
+        ];
+        let err = raw
+            .validate(&figment::Figment::new())
+            .expect_err("refused")
+            .to_string();
+        for part in [
+            "notify.webhook.0.secret_file",
+            "only for kind = \"generic\"",
+            "notify.webhook.1.secret_file",
+            "notify.webhook.2.secret_file",
+            "is empty",
+            "notify.webhook.3.secret_file",
+            "cannot read",
+        ] {
+            assert!(err.contains(part), "{part:?} missing in {err}");
+        }
+        assert!(!err.contains("s3cret-VALUE"), "{err}");
     }
 
     #[test]

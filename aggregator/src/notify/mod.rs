@@ -70,8 +70,9 @@ pub enum Target {
 /// The body an HTTP channel sends.
 #[derive(Debug, Clone)]
 pub enum Format {
-    /// tocsin's JSON ([`payload::render`]).
-    Generic,
+    /// tocsin's JSON ([`payload::render`]); with the HMAC secret of `secret_file`, each
+    /// request is signed ([`webhook`]'s `X-Tocsin-Signature`).
+    Generic(Option<tocsin_agent::config::Secret>),
     /// A Slack incoming-webhook message.
     Slack,
     /// A PagerDuty Events API v2 event, with this routing key.
@@ -184,16 +185,18 @@ impl Dispatcher {
                 timeout,
                 client,
             } => {
-                let body = match format {
-                    Format::Generic => n.payload.clone(),
+                let (body, secret) = match format {
+                    Format::Generic(secret) => (n.payload.clone(), secret.as_ref()),
                     // Delivered by the arm above.
-                    Format::Alertmanager(_) => n.payload.clone(),
-                    Format::Slack => slack::body(&n.payload, &self.templates),
-                    Format::PagerDuty(key) => {
-                        pagerduty::body(&n.payload, key.expose(), &self.templates)
-                    }
+                    Format::Alertmanager(_) => (n.payload.clone(), None),
+                    Format::Slack => (slack::body(&n.payload, &self.templates), None),
+                    Format::PagerDuty(key) => (
+                        pagerduty::body(&n.payload, key.expose(), &self.templates),
+                        None,
+                    ),
                 };
-                webhook::deliver(client, url, *timeout, &n.idempotency_key, &body).await
+                webhook::deliver_signed(client, url, *timeout, &n.idempotency_key, &body, secret)
+                    .await
             }
             Target::Email(ch) => email::deliver(ch, &self.templates, n).await,
         };
