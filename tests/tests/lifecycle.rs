@@ -478,3 +478,95 @@ async fn pagerduty_and_slack_channels_follow_the_incident() -> Result<()> {
     assert!(texts[2].contains("RESOLVED"), "{texts:?}");
     Ok(())
 }
+
+/// Regression: not every API error was JSON (axum's own rejections are plain text, e.g.
+/// a body over the limit). Every error of `/api/v1` is `{"error": {"status": N,
+/// "message": "…"}}` with that HTTP status and `Content-Type: application/json`: a bad
+/// query, a bad JSON body, a wrong content type, a wrong method (with `Allow` kept), an
+/// unknown path, a body over the limit, a body missing fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_error_is_json_with_its_status() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let agg = Aggregator::start(dir.path(), &AggregatorToml::new(dir.path()).build()).await?;
+    let api = format!("http://{}", agg.http);
+    let client = reqwest::Client::new();
+    let json = "application/json";
+    let big = format!("{{\"by\": \"{}\"}}", "x".repeat(3 * 1024 * 1024));
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16)> = vec![
+        (
+            "bad query",
+            client.get(format!("{api}/api/v1/incidents?limit=-5")),
+            400,
+        ),
+        (
+            "bad JSON body",
+            client
+                .post(format!("{api}/api/v1/incidents/1/ack"))
+                .header("content-type", json)
+                .body("{bad"),
+            400,
+        ),
+        (
+            "wrong content type",
+            client
+                .post(format!("{api}/api/v1/silences"))
+                .header("content-type", "text/plain")
+                .body("matchers=node%3Dweb-1"),
+            415,
+        ),
+        (
+            "wrong method",
+            client.delete(format!("{api}/api/v1/incidents")),
+            405,
+        ),
+        (
+            "unknown path",
+            client.get(format!("{api}/api/v1/nope")),
+            404,
+        ),
+        (
+            "body over the limit",
+            client
+                .post(format!("{api}/api/v1/silences"))
+                .header("content-type", json)
+                .body(big),
+            413,
+        ),
+        (
+            "body missing fields",
+            client
+                .post(format!("{api}/api/v1/silences"))
+                .header("content-type", json)
+                .body("{}"),
+            400,
+        ),
+    ];
+    for (what, request, status) in cases {
+        let resp = request.send().await.context(what)?;
+        assert_eq!(resp.status().as_u16(), status, "{what}");
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let allow = resp.headers().get("allow").cloned();
+        let text = resp.text().await?;
+        assert!(
+            content_type.starts_with(json),
+            "{what}: {content_type} {text}"
+        );
+        let body: Value = serde_json::from_str(&text).with_context(|| format!("{what}: {text}"))?;
+        assert_eq!(body["error"]["status"], status, "{what}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.trim().is_empty()),
+            "{what}: {body}"
+        );
+        if status == 405 {
+            assert!(allow.is_some_and(|a| a.to_str().is_ok_and(|a| a.contains("GET"))));
+        }
+    }
+    Ok(())
+}
