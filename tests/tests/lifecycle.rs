@@ -263,6 +263,8 @@ async fn a_silence_holds_the_page_until_it_ends() -> Result<()> {
             "1h",
             "--reason",
             "",
+            "--by",
+            "alice",
         ],
     )?;
     assert_eq!(code, Some(64), "a reason is required: {err}");
@@ -327,7 +329,7 @@ async fn a_silence_holds_the_page_until_it_ends() -> Result<()> {
     assert_eq!(trigger["incident"]["id"].as_i64(), Some(iid));
     let (_, out, _) = tocsin(&api, &["silence", "list"])?;
     assert!(out.contains("expired"), "{out}");
-    let (code, _, _) = tocsin(&api, &["silence", "expire", "999999"])?;
+    let (code, _, _) = tocsin(&api, &["silence", "expire", "999999", "--by", "alice"])?;
     assert_eq!(code, Some(3));
     Ok(())
 }
@@ -489,7 +491,10 @@ async fn every_api_error_is_json_with_its_status() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let agg = Aggregator::start(dir.path(), &AggregatorToml::new(dir.path()).build()).await?;
     let api = format!("http://{}", agg.http);
-    let client = reqwest::Client::new();
+    // No pooled connections: the server closes the one whose body it refused (413).
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
     let json = "application/json";
     let big = format!("{{\"by\": \"{}\"}}", "x".repeat(3 * 1024 * 1024));
     let cases: Vec<(&str, reqwest::RequestBuilder, u16)> = vec![
@@ -568,5 +573,74 @@ async fn every_api_error_is_json_with_its_status() -> Result<()> {
             assert!(allow.is_some_and(|a| a.to_str().is_ok_and(|a| a.contains("GET"))));
         }
     }
+    Ok(())
+}
+
+/// Regression: without `--by` and with `$USER` unset, `tocsin` sent "unknown" as the
+/// owner of a silence and as the actor of an acknowledge or resolve. Now it refuses
+/// (exit 64, "give --by NAME (no $USER)") before any request, and the API refuses a
+/// silence owned by "unknown" (400) from older clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_without_a_name_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let agg = Aggregator::start(dir.path(), &AggregatorToml::new(dir.path()).build()).await?;
+    let api = format!("http://{}", agg.http);
+    let no_user = |args: &[&str]| -> Result<(Option<i32>, String)> {
+        let out = Command::new(bin("tocsin"))
+            .arg("--api")
+            .arg(&api)
+            .args(args)
+            .env_remove("TOCSIN_API_TOKEN")
+            .env_remove("USER")
+            .output()?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let add = [
+        "silence",
+        "add",
+        "--match",
+        "node=web-1",
+        "--for",
+        "1h",
+        "--reason",
+        "maintenance",
+    ];
+    for args in [
+        &add[..],
+        &["silence", "expire", "1"],
+        &["ack", "1"],
+        &["resolve", "1", "--note", "fixed"],
+        &["postmortem", "1", "--link", "https://wiki.example/pm/1"],
+        &["ack", "1", "--by", "  "],
+    ] {
+        let (code, err) = no_user(args)?;
+        assert_eq!(code, Some(64), "{args:?}: {err}");
+        assert!(err.contains("give --by NAME (no $USER)"), "{args:?}: {err}");
+    }
+    let silences = agg.get("/api/v1/silences").await?;
+    assert_eq!(silences["silences"].as_array().map(Vec::len), Some(0));
+    let with_by: Vec<&str> = add.iter().copied().chain(["--by", "alice"]).collect();
+    let (code, err) = no_user(&with_by)?;
+    assert_eq!(code, Some(0), "{err}");
+
+    let resp = reqwest::Client::new()
+        .post(format!("{api}/api/v1/silences"))
+        .header("content-type", "application/json")
+        .body(r#"{"matchers": ["node=web-1"], "duration": "1h", "by": "Unknown", "reason": "r"}"#)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await?;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("names no one")),
+        "{body}"
+    );
+    let silences = agg.get("/api/v1/silences").await?;
+    assert_eq!(silences["silences"].as_array().map(Vec::len), Some(1));
     Ok(())
 }

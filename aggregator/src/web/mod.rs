@@ -437,6 +437,12 @@ async fn add_silence(
             "`by` must name the owner (1 to 128 printable characters)".into(),
         ));
     }
+    // Older CLIs sent "unknown" when $USER was unset: a silence needs a real owner.
+    if by.eq_ignore_ascii_case("unknown") {
+        return Err(bad(
+            "`by` must name the owner: \"unknown\" names no one".into()
+        ));
+    }
     if reason.is_empty() {
         return Err(bad("`reason` is required: say why paging is muted".into()));
     }
