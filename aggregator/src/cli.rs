@@ -120,7 +120,7 @@ pub enum SilenceCommand {
         /// Why (required).
         #[arg(long)]
         reason: String,
-        /// Owner (default: $USER).
+        /// Owner (default: $USER; required when that is unset).
         #[arg(long, env = "USER")]
         by: Option<String>,
         /// File holding the API token; also TOCSIN_API_TOKEN.
@@ -133,7 +133,7 @@ pub enum SilenceCommand {
     Expire {
         /// Silence id.
         id: i64,
-        /// Who (default: $USER).
+        /// Who (default: $USER; required when that is unset).
         #[arg(long, env = "USER")]
         by: Option<String>,
         /// File holding the API token; also TOCSIN_API_TOKEN.
@@ -150,7 +150,7 @@ pub struct ChangeArgs {
     /// Why (shown on the timeline).
     #[arg(long, default_value = "")]
     pub note: String,
-    /// Who (default: the login name from $USER).
+    /// Who (default: the login name from $USER; required when that is unset).
     #[arg(long, env = "USER")]
     pub by: Option<String>,
     /// File holding the API token (`auth.api_token_file` of the aggregator); also
@@ -325,6 +325,19 @@ fn api_token(file: Option<&Path>, api: &reports::Api) -> Result<Option<String>, 
     }
 }
 
+/// Who does a change: `--by NAME`, else the login name from `$USER` (clap reads it for
+/// `--by`). Neither (or only blanks): refused with exit 64 — a silence needs an owner and
+/// the timeline a name, never a made-up "unknown".
+fn actor(by: Option<String>) -> Result<String, ExitCode> {
+    match by.map(|b| b.trim().to_owned()).filter(|b| !b.is_empty()) {
+        Some(b) => Ok(b),
+        None => {
+            complain("give --by NAME (no $USER)");
+            Err(ExitCode::from(64))
+        }
+    }
+}
+
 /// Prints the failure of a request and returns its exit code.
 fn fail(f: &reports::Failure) -> ExitCode {
     complain(&f.message);
@@ -380,6 +393,10 @@ async fn silence(api: &reports::Api, c: SilenceCommand, json: bool) -> ExitCode 
             by,
             token_file,
         } => {
+            let by = match actor(by) {
+                Ok(b) => b,
+                Err(code) => return code,
+            };
             let token = match api_token(token_file.as_deref(), api) {
                 Ok(t) => t,
                 Err(code) => return code,
@@ -391,19 +408,23 @@ async fn silence(api: &reports::Api, c: SilenceCommand, json: bool) -> ExitCode 
                     "duration": duration,
                     "ends_with_incident": until_resolved,
                     "reason": reason,
-                    "by": by.unwrap_or_else(|| "unknown".into()),
+                    "by": by,
                 }),
                 token,
             )
         }
         SilenceCommand::Expire { id, by, token_file } => {
+            let by = match actor(by) {
+                Ok(b) => b,
+                Err(code) => return code,
+            };
             let token = match api_token(token_file.as_deref(), api) {
                 Ok(t) => t,
                 Err(code) => return code,
             };
             (
                 format!("/api/v1/silences/{id}/expire"),
-                serde_json::json!({ "by": by.unwrap_or_else(|| "unknown".into()) }),
+                serde_json::json!({ "by": by }),
                 token,
             )
         }
@@ -428,11 +449,14 @@ async fn silence(api: &reports::Api, c: SilenceCommand, json: bool) -> ExitCode 
 /// `tocsin ack|resolve ID`: exit 0 when done or already so, 1 on failure, 3 when the
 /// incident does not exist, 4 when its state forbids it (acknowledging a resolved one).
 async fn change(api: &reports::Api, a: ChangeArgs, verb: &str, json: bool) -> ExitCode {
+    let by = match actor(a.by.clone()) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
     let token = match api_token(a.token_file.as_deref(), api) {
         Ok(t) => t,
         Err(code) => return code,
     };
-    let by = a.by.clone().unwrap_or_else(|| "unknown".to_owned());
     let path = format!("/api/v1/incidents/{}/{verb}", a.id);
     let body = serde_json::json!({ "by": by, "note": a.note });
     match api.post(&path, &body, token).await {
@@ -604,7 +628,7 @@ async fn up(args: UpArgs) -> ExitCode {
         agg.webhooks.push(crate::config::Webhook {
             name: format!("webhook-cli-{}", i + 1),
             url: url.clone(),
-            format: crate::notify::Format::Generic,
+            format: crate::notify::Format::Generic(None),
             timeout: std::time::Duration::from_secs(10),
         });
     }

@@ -59,7 +59,7 @@ pub struct RawConfig {
     pub route: Vec<crate::route::RawRoute>,
     /// Response targets per severity (`[response_targets]`), for escalation.
     pub response_targets: crate::route::RawResponseTargets,
-    /// Period of the paging sweep: repeats, escalations, storm summaries.
+    /// Period of the paging sweep: repeats, escalations, storm summaries (100ms to 60s).
     pub paging_sweep_interval: String,
     /// Recovery hooks (`[[hook]]`, see `crate::hook`).
     pub hook: Vec<crate::hook::RawHook>,
@@ -82,7 +82,7 @@ pub const SEED_ENV: &[(&str, &str)] = &[
 #[serde(deny_unknown_fields, default)]
 pub struct RawCorrelation {
     /// Firing fingerprints with the same values of these names share one incident:
-    /// `node`, `check` or label names (default `["check"]`).
+    /// `node`, `check` or label names (default `["check"]`; at least one).
     pub group_by: Vec<String>,
     /// Hold a new incident's trigger this long so the page names every member that
     /// joins meanwhile ("0s": page at once; later members join without a second page).
@@ -188,7 +188,7 @@ pub struct RawNotify {
     /// Default storm budget of every channel: triggers per `storm_window`; beyond it they
     /// are held and summarised. 0 turns the guard off.
     pub storm_budget: u32,
-    /// Default storm window (a duration).
+    /// Default storm window (a duration, at most 24h; `"0s"` only with `storm_budget = 0`).
     pub storm_window: String,
     /// E-mail over SMTP (`[[notify.email]]`).
     pub email: Vec<crate::notify::email::RawEmail>,
@@ -209,6 +209,10 @@ pub struct RawWebhook {
     /// For `pagerduty`: file holding the integration's routing key (or the seed's
     /// `PAGERDUTY_KEY` variable).
     pub routing_key_file: Option<String>,
+    /// For `generic` only: file holding the HMAC-SHA256 secret (content trimmed; never
+    /// logged or printed) that signs every request with `X-Tocsin-Timestamp` and
+    /// `X-Tocsin-Signature` (see `notify::webhook`). Unset: requests are not signed.
+    pub secret_file: Option<String>,
     /// For `alertmanager` only: every open incident the channel was paged for is posted
     /// again this often (default `1m`, at least `1s`), so Alertmanager does not resolve
     /// it by its `resolve_timeout` (default 5m): keep it below that.
@@ -217,7 +221,7 @@ pub struct RawWebhook {
     pub timeout: String,
     /// This channel's storm budget (default `notify.storm_budget`; 0: no guard).
     pub storm_budget: Option<u32>,
-    /// This channel's storm window (default `notify.storm_window`).
+    /// This channel's storm window (default `notify.storm_window`; at most 24h).
     pub storm_window: Option<String>,
 }
 
@@ -269,6 +273,7 @@ impl Default for RawWebhook {
             url: String::new(),
             kind: "generic".into(),
             routing_key_file: None,
+            secret_file: None,
             repost_interval: None,
             timeout: DEFAULT_NOTIFY_TIMEOUT.into(),
             storm_budget: None,
@@ -524,12 +529,16 @@ impl RawConfig {
         }
         let mut webhooks = Vec::new();
         let mut names = std::collections::BTreeSet::new();
-        let default_storm = storm(
+        let notify_window = storm_window(
             &mut v,
-            "notify",
-            self.notify.storm_budget,
+            "notify.storm_window",
             &self.notify.storm_window,
+            self.notify.storm_budget,
         );
+        let default_storm = (self.notify.storm_budget > 0).then_some(crate::route::Storm {
+            budget: self.notify.storm_budget,
+            window: notify_window,
+        });
         let mut storms = std::collections::BTreeMap::new();
         if self.notify.console
             && let Some(s) = default_storm
@@ -567,7 +576,17 @@ impl RawConfig {
                 crate::notify::pagerduty::EVENTS_URL.clone_into(&mut w.url);
             }
             let format = match w.kind.as_str() {
-                "generic" => crate::notify::Format::Generic,
+                "generic" => {
+                    crate::notify::Format::Generic(w.secret_file.as_deref().and_then(|f| {
+                        let key = format!("{key}.secret_file");
+                        let secret = v.secret_file(&key, f)?;
+                        if secret.is_empty() {
+                            v.problem(&key, format!("{f} is empty"));
+                            return None;
+                        }
+                        Some(tocsin_agent::config::Secret::new(secret))
+                    }))
+                }
                 "slack" => crate::notify::Format::Slack,
                 "pagerduty" => {
                     let key_text = match &w.routing_key_file {
@@ -583,7 +602,7 @@ impl RawConfig {
                                 &format!("{key}.routing_key_file"),
                                 "the routing key must be 1 to 64 characters",
                             );
-                            crate::notify::Format::Generic
+                            crate::notify::Format::Generic(None)
                         }
                         None => {
                             if w.routing_key_file.is_none() {
@@ -592,7 +611,7 @@ impl RawConfig {
                                     "a pagerduty channel needs its routing key: routing_key_file, or PAGERDUTY_KEY",
                                 );
                             }
-                            crate::notify::Format::Generic
+                            crate::notify::Format::Generic(None)
                         }
                     }
                 }
@@ -606,9 +625,18 @@ impl RawConfig {
                         &format!("{key}.kind"),
                         format!("invalid value {other:?} (expected \"generic\", \"slack\", \"pagerduty\" or \"alertmanager\")"),
                     );
-                    crate::notify::Format::Generic
+                    crate::notify::Format::Generic(None)
                 }
             };
+            if w.kind != "generic" && w.secret_file.is_some() {
+                v.problem(
+                    &format!("{key}.secret_file"),
+                    format!(
+                        "only for kind = \"generic\" (a {:?} receiver does not check tocsin's signature)",
+                        w.kind
+                    ),
+                );
+            }
             if w.kind != "alertmanager" && w.repost_interval.is_some() {
                 v.problem(
                     &format!("{key}.repost_interval"),
@@ -644,14 +672,26 @@ impl RawConfig {
                 Duration::from_secs(10),
             );
             let channel_storm = if w.storm_budget.is_some() || w.storm_window.is_some() {
-                storm(
-                    &mut v,
-                    &key,
-                    w.storm_budget.unwrap_or(self.notify.storm_budget),
-                    w.storm_window
-                        .as_deref()
-                        .unwrap_or(&self.notify.storm_window),
-                )
+                let budget = w.storm_budget.unwrap_or(self.notify.storm_budget);
+                let window = match w.storm_window.as_deref() {
+                    Some(raw) => storm_window(&mut v, &format!("{key}.storm_window"), raw, budget),
+                    None => {
+                        // notify.storm_window is checked above; "0s" is fine there only
+                        // because notify's own guard is off.
+                        if budget > 0 && notify_window.is_zero() {
+                            v.problem(
+                                &format!("{key}.storm_budget"),
+                                format!(
+                                    "a budget needs a window: set this channel's storm_window \
+                                     (notify.storm_window is {:?})",
+                                    self.notify.storm_window
+                                ),
+                            );
+                        }
+                        notify_window
+                    }
+                };
+                (budget > 0 && !window.is_zero()).then_some(crate::route::Storm { budget, window })
             } else {
                 default_storm
             };
@@ -818,26 +858,37 @@ impl RawConfig {
     }
 }
 
-/// The storm budget at `key` (`notify` or `notify.webhook.<i>`): `None` when the budget
-/// is 0 (no guard).
-fn storm(
-    v: &mut Validator<'_>,
-    key: &str,
-    budget: u32,
-    window: &str,
-) -> Option<crate::route::Storm> {
-    let window = v.positive_duration(
-        &format!("{key}.storm_window"),
-        window,
-        Duration::from_secs(300),
-    );
-    (budget > 0).then_some(crate::route::Storm { budget, window })
+/// The storm window at `key` (`notify.storm_window` or `notify.webhook.<i>.storm_window`)
+/// for a guard of `budget` triggers: a duration up to [`crate::route::MAX_STORM_WINDOW`]
+/// (24h), and above zero unless `budget` is 0 (the guard is off, so `"0s"` is fine).
+/// Invalid: the problem is recorded and 5 minutes returned.
+fn storm_window(v: &mut Validator<'_>, key: &str, raw: &str, budget: u32) -> Duration {
+    let fallback = Duration::from_secs(300);
+    let window = if budget == 0 {
+        v.duration(key, raw, fallback)
+    } else {
+        v.positive_duration(key, raw, fallback)
+    };
+    if window > crate::route::MAX_STORM_WINDOW {
+        v.problem(
+            key,
+            format!("{raw:?} is above the maximum of 24h (held pages would wait that long for their summary)"),
+        );
+        return fallback;
+    }
+    window
 }
 
 impl RawConfig {
     /// `[correlation]` and `[[severity]]`, each problem recorded with its key.
     fn validate_correlation(&self, v: &mut Validator<'_>) -> crate::correlate::Correlation {
         let c = &self.correlation;
+        if c.group_by.is_empty() {
+            v.problem(
+                "correlation.group_by",
+                "needs at least one name; use [\"node\", \"check\"] to group nothing (one incident per node and check)",
+            );
+        }
         for (i, name) in c.group_by.iter().enumerate() {
             if name.is_empty()
                 || !name
@@ -993,6 +1044,91 @@ mod tests {
         ] {
             assert!(err.contains(part), "{part:?} missing in {err}");
         }
+    }
+
+    #[test]
+    fn generic_webhooks_take_a_secret_file_and_only_they_do() {
+        use super::{RawConfig, RawWebhook};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("hook.secret");
+        std::fs::write(&secret, "  s3cret-VALUE\n").expect("write");
+        let empty = dir.path().join("empty.secret");
+        std::fs::write(&empty, "\n").expect("write");
+        let hook = |name: &str, kind: &str, file: &std::path::Path| RawWebhook {
+            name: name.into(),
+            url: "http://127.0.0.1:9099/hook".into(),
+            kind: kind.into(),
+            secret_file: Some(file.display().to_string()),
+            routing_key_file: (kind == "pagerduty").then(|| secret.display().to_string()),
+            ..RawWebhook::default()
+        };
+        let mut raw = RawConfig::default();
+        raw.notify.webhook = vec![hook("signed", "generic", &secret)];
+        let cfg = raw
+            .validate(&figment::Figment::new())
+            .expect("valid config");
+        let signed = cfg.webhooks.iter().find(|w| w.name == "signed");
+        let Some(crate::notify::Format::Generic(Some(key))) = signed.map(|w| &w.format) else {
+            panic!("a signing secret: {:?}", cfg.webhooks)
+        };
+        assert_eq!(key.expose(), "s3cret-VALUE", "read at start, trimmed");
+        assert!(
+            !format!("{cfg:?}").contains("s3cret-VALUE"),
+            "never in Debug output (logs)"
+        );
+        let mut raw = RawConfig::default();
+        raw.notify.webhook = vec![
+            hook("s", "slack", &secret),
+            hook("p", "pagerduty", &secret),
+            hook("e", "generic", &empty),
+            hook("m", "generic", &dir.path().join("missing")),
+        ];
+        let err = raw
+            .validate(&figment::Figment::new())
+            .expect_err("refused")
+            .to_string();
+        for part in [
+            "notify.webhook.0.secret_file",
+            "only for kind = \"generic\"",
+            "notify.webhook.1.secret_file",
+            "notify.webhook.2.secret_file",
+            "is empty",
+            "notify.webhook.3.secret_file",
+            "cannot read",
+        ] {
+            assert!(err.contains(part), "{part:?} missing in {err}");
+        }
+        assert!(!err.contains("s3cret-VALUE"), "{err}");
+    }
+
+    #[test]
+    fn storm_windows_are_bounded_and_zero_only_without_a_guard() {
+        let ok = load_text(
+            "[notify]\nstorm_budget = 0\nstorm_window = \"0s\"\n\
+             [[notify.webhook]]\nname = \"a\"\nurl = \"http://127.0.0.1:1/a\"\nstorm_budget = 4\nstorm_window = \"24h\"\n\
+             [[notify.webhook]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/b\"\n",
+        )
+        .expect("a guard off may have a 0s window");
+        assert_eq!(
+            ok.routing.storm.get("a").map(|s| s.window),
+            Some(std::time::Duration::from_secs(86_400))
+        );
+        assert!(!ok.routing.storm.contains_key("b"), "no guard: no budget");
+        let err = load_text(
+            "[notify]\nstorm_budget = 0\nstorm_window = \"0s\"\n\
+             [[notify.webhook]]\nname = \"a\"\nurl = \"http://127.0.0.1:1/a\"\nstorm_budget = 4\n\
+             [[notify.webhook]]\nname = \"b\"\nurl = \"http://127.0.0.1:1/b\"\nstorm_window = \"25h\"\n",
+        )
+        .expect_err("invalid");
+        for part in [
+            "notify.webhook.0.storm_budget",
+            "needs a window",
+            "notify.webhook.1.storm_window",
+            "maximum of 24h",
+        ] {
+            assert!(err.contains(part), "{part:?} missing in {err}");
+        }
+        assert!(!err.contains("`notify.storm_window`"), "{err}");
     }
 
     #[test]

@@ -40,6 +40,17 @@ pub const DEFAULT_STORM_WINDOW: &str = "5m";
 pub const DEFAULT_PAGING_SWEEP_INTERVAL: &str = "1s";
 /// Default `verify_after` of a route with `remediate`.
 pub const DEFAULT_VERIFY_AFTER: &str = "30s";
+/// Shortest `paging_sweep_interval`: faster sweeps only load the store.
+pub const MIN_PAGING_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest `paging_sweep_interval`: repeats, escalations and storm summaries are late by
+/// up to one sweep.
+pub const MAX_PAGING_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// Shortest `repeat_interval` of a route: a reminder more often than this is a storm of
+/// its own.
+pub const MIN_REPEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest storm window (`storm_window`): a guard that holds pages for more than a day
+/// hides an incident.
+pub const MAX_STORM_WINDOW: Duration = Duration::from_secs(86_400);
 /// Written in `[response_targets]` for "09:00 on the next weekday".
 pub const NEXT_BUSINESS_DAY: &str = "next-business-day";
 /// When a business day starts, in the configured time zone: 09:00.
@@ -53,7 +64,7 @@ const DAY_MS: i64 = 86_400_000;
 pub struct RawRoute {
     /// Name shown on the timeline (default `route.<index>`).
     pub name: Option<String>,
-    /// Severities this route takes (`"P1"` … `"P4"`); empty: any.
+    /// Severities this route takes (`"P1"` … `"P4"`, any case); empty: any.
     pub severity: Vec<String>,
     /// Matchers on the incident's fields (`service=~web.*`, `node!=db-1`, …); all must hold.
     #[serde(rename = "match")]
@@ -63,7 +74,7 @@ pub struct RawRoute {
     /// Channels paged when the incident stays unacknowledged past its response target.
     pub escalate_to: Vec<String>,
     /// Re-notify the route's channels this often while the incident is open and
-    /// unacknowledged (a duration); unset: once.
+    /// unacknowledged (a duration, at least 10s); unset: once.
     pub repeat_interval: Option<String>,
     /// Keep trying the next routes after this one matched.
     #[serde(rename = "continue")]
@@ -411,13 +422,14 @@ pub fn parse_utc_offset(raw: &str) -> Option<i32> {
     Some(sign * (h * 3600 + m * 60))
 }
 
-/// Validates `[[route]]`, `[response_targets]` and `paging_sweep_interval` against the
-/// known channel names, recording every problem in `v` (keys `route.<index>.<field>`,
-/// 0-based like `notify.webhook.<index>`); `storm` is the per-channel budgets already
-/// validated with the channels; `hook_names` the names of every `[[hook]]` written, which
-/// a route's `remediate` may name (a route naming a hook that is itself invalid gets no
-/// second problem of its own). The returned `hooks` are empty: the caller sets the
-/// validated ones.
+/// Validates `[[route]]`, `[response_targets]` and `paging_sweep_interval` (100ms to
+/// 60s) against the known channel names, recording every problem in `v` (keys
+/// `route.<index>.<field>`, 0-based like `notify.webhook.<index>`); `storm` is the
+/// per-channel budgets already validated with the channels; `hook_names` the names of
+/// every `[[hook]]` written, which a route's `remediate` may name (a route naming a hook
+/// that is itself invalid gets no second problem of its own). Route severities are read
+/// in any case (`"p1"` is P1), like `[response_targets]` keys. The returned `hooks` are
+/// empty: the caller sets the validated ones.
 pub fn validate(
     v: &mut Validator<'_>,
     raw_routes: &[RawRoute],
@@ -427,12 +439,19 @@ pub fn validate(
     storm: BTreeMap<String, Storm>,
     hook_names: &[&str],
 ) -> Routing {
+    // Each name once, in order (a name configured twice is reported where it is defined).
+    let mut known: Vec<&str> = Vec::new();
+    for c in channels {
+        if !known.contains(&c.as_str()) {
+            known.push(c);
+        }
+    }
     let mut routes = Vec::new();
     for (i, r) in raw_routes.iter().enumerate() {
         let key = format!("route.{i}");
         let mut severities = Vec::new();
         for s in &r.severity {
-            match Severity::parse(s.trim()) {
+            match Severity::parse(&s.trim().to_ascii_uppercase()) {
                 Some(sev) => severities.push(sev),
                 None => v.problem(
                     &format!("{key}.severity"),
@@ -454,10 +473,10 @@ pub fn validate(
                         &format!("{key}.{field}"),
                         format!(
                             "route {i} names unknown channel {name:?} (channels: {})",
-                            if channels.is_empty() {
+                            if known.is_empty() {
                                 "none configured".to_owned()
                             } else {
-                                channels.join(", ")
+                                known.join(", ")
                             }
                         ),
                     );
@@ -465,11 +484,17 @@ pub fn validate(
             }
         }
         let repeat_interval = r.repeat_interval.as_deref().map(|raw| {
-            v.positive_duration(
-                &format!("{key}.repeat_interval"),
-                raw,
-                Duration::from_secs(3600),
-            )
+            let key = format!("{key}.repeat_interval");
+            let fallback = Duration::from_secs(3600);
+            let d = v.duration(&key, raw, fallback);
+            if d < MIN_REPEAT_INTERVAL {
+                v.problem(
+                    &key,
+                    format!("{raw:?} is below the minimum of 10s (a reminder that often is a storm of its own)"),
+                );
+                return fallback;
+            }
+            d
         });
         let verify_after = v.positive_duration(
             &format!("{key}.verify_after"),
@@ -552,11 +577,20 @@ pub fn validate(
         );
         0
     });
-    let sweep_interval = v.positive_duration(
-        "paging_sweep_interval",
-        sweep_interval,
-        Duration::from_secs(1),
-    );
+    let raw_sweep = sweep_interval;
+    let mut sweep_interval = v.duration("paging_sweep_interval", raw_sweep, Duration::from_secs(1));
+    if tocsin_agent::settings::parse_duration(raw_sweep).is_some()
+        && !(MIN_PAGING_SWEEP_INTERVAL..=MAX_PAGING_SWEEP_INTERVAL).contains(&sweep_interval)
+    {
+        v.problem(
+            "paging_sweep_interval",
+            format!(
+                "{raw_sweep:?} is outside 100ms to 60s (repeats, escalations and storm \
+                 summaries are late by up to one sweep)"
+            ),
+        );
+        sweep_interval = Duration::from_secs(1);
+    }
     Routing {
         routes,
         targets: ResponseTargets {
@@ -758,6 +792,70 @@ mod tests {
         ] {
             assert_eq!(parse_utc_offset(bad), None, "{bad}");
         }
+    }
+
+    fn check(raw: &[RawRoute], sweep: &str, channels: &[&str]) -> Result<Routing, String> {
+        let fig = figment::Figment::new();
+        let mut v = Validator::new(&fig);
+        let channels: Vec<String> = channels.iter().map(|c| (*c).to_owned()).collect();
+        let routing = validate(
+            &mut v,
+            raw,
+            &RawResponseTargets::default(),
+            sweep,
+            &channels,
+            BTreeMap::new(),
+        );
+        v.finish(routing).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn route_severities_in_any_case_and_bounded_intervals() {
+        let raw = |sev: &[&str], repeat: Option<&str>| RawRoute {
+            severity: sev.iter().map(|s| (*s).to_owned()).collect(),
+            channels: vec!["oncall".into()],
+            repeat_interval: repeat.map(str::to_owned),
+            ..RawRoute::default()
+        };
+        let ok = check(
+            &[raw(&["p1", " P2 ", "p3"], Some("10s"))],
+            "60s",
+            &["oncall"],
+        )
+        .expect("valid");
+        assert_eq!(
+            ok.routes[0].severities,
+            [Severity::P1, Severity::P2, Severity::P3]
+        );
+        assert_eq!(ok.routes[0].repeat_interval, Some(Duration::from_secs(10)));
+        assert_eq!(ok.sweep_interval, Duration::from_secs(60));
+        assert_eq!(
+            check(&[], "100ms", &[]).expect("valid").sweep_interval,
+            Duration::from_millis(100)
+        );
+        for (routes, sweep, want) in [
+            (vec![raw(&["p5"], None)], "1s", "route.0.severity"),
+            (vec![raw(&[], Some("9s"))], "1s", "minimum of 10s"),
+            (vec![raw(&[], Some("0s"))], "1s", "route.0.repeat_interval"),
+            (vec![], "99ms", "outside 100ms to 60s"),
+            (vec![], "0s", "paging_sweep_interval"),
+            (vec![], "61s", "outside 100ms to 60s"),
+        ] {
+            let err = check(&routes, sweep, &["oncall"]).expect_err(want);
+            assert!(err.contains(want), "{want:?} missing in {err}");
+        }
+    }
+
+    /// Regression: the known channels were listed as configured, repeats included
+    /// ("(channels: a, a)").
+    #[test]
+    fn unknown_channels_list_each_known_channel_once() {
+        let raw = RawRoute {
+            channels: vec!["nope".into()],
+            ..RawRoute::default()
+        };
+        let err = check(&[raw], "1s", &["a", "b", "a"]).expect_err("unknown");
+        assert!(err.contains("(channels: a, b)"), "{err}");
     }
 
     #[test]

@@ -350,6 +350,16 @@ pub fn start_agent(dir: &Path, config: &str) -> Result<Daemon> {
     )
 }
 
+/// One request as it reached a [`WebhookReceiver`]: headers (names lower-case) and the
+/// body exactly as sent.
+#[derive(Debug, Clone)]
+pub struct RawRequest {
+    /// Header name (lower-case) → value (headers that are not UTF-8 are left out).
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// The body text.
+    pub body: String,
+}
+
 /// A real HTTP server that records every JSON body POSTed to it.
 #[derive(Debug, Clone)]
 pub struct WebhookReceiver {
@@ -357,6 +367,7 @@ pub struct WebhookReceiver {
     pub url: String,
     received: Arc<Mutex<Vec<Value>>>,
     requests: Arc<Mutex<Vec<(Instant, Value)>>>,
+    raw: Arc<Mutex<Vec<RawRequest>>>,
 }
 
 impl WebhookReceiver {
@@ -379,13 +390,24 @@ impl WebhookReceiver {
         init();
         let received: Arc<Mutex<Vec<Value>>> = Arc::default();
         let requests: Arc<Mutex<Vec<(Instant, Value)>>> = Arc::default();
+        let raw: Arc<Mutex<Vec<RawRequest>>> = Arc::default();
         let script = Arc::new(Mutex::new(std::collections::VecDeque::from(statuses)));
-        let (sink, log) = (received.clone(), requests.clone());
+        let (sink, log, raw_log) = (received.clone(), requests.clone(), raw.clone());
         let app = axum::Router::new().route(
             "/hook",
-            axum::routing::post(move |body: String| {
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
                 let (sink, log, script) = (sink.clone(), log.clone(), script.clone());
+                let raw_log = raw_log.clone();
                 async move {
+                    raw_log.lock().expect("receiver lock").push(RawRequest {
+                        headers: headers
+                            .iter()
+                            .filter_map(|(k, v)| {
+                                Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned()))
+                            })
+                            .collect(),
+                        body: body.clone(),
+                    });
                     let v: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
                     log.lock()
                         .expect("receiver lock")
@@ -418,7 +440,13 @@ impl WebhookReceiver {
             url,
             received,
             requests,
+            raw,
         })
+    }
+
+    /// Every request so far with its headers and exact body, in arrival order.
+    pub fn raw_requests(&self) -> Vec<RawRequest> {
+        self.raw.lock().expect("receiver lock").clone()
     }
 
     /// Every request so far, answered or refused, with its arrival time.
@@ -551,6 +579,7 @@ pub struct AggregatorToml {
     top: Vec<String>,
     notify: Vec<String>,
     webhook: Option<String>,
+    webhook_lines: Vec<String>,
 }
 
 impl AggregatorToml {
@@ -562,6 +591,7 @@ impl AggregatorToml {
             top: Vec::new(),
             notify: Vec::new(),
             webhook: None,
+            webhook_lines: Vec::new(),
         }
     }
 
@@ -589,6 +619,13 @@ impl AggregatorToml {
         self
     }
 
+    /// Adds a line to the `[[notify.webhook]]` table (with a webhook), e.g.
+    /// `secret_file = "/path"`.
+    pub fn webhook_line(mut self, line: &str) -> Self {
+        self.webhook_lines.push(line.to_owned());
+        self
+    }
+
     /// The TOML text.
     pub fn build(&self) -> String {
         let mut s = format!(
@@ -609,6 +646,10 @@ impl AggregatorToml {
             s.push_str(&format!(
                 "[[notify.webhook]]\nname = \"t\"\nurl = \"{url}\"\n"
             ));
+            for line in &self.webhook_lines {
+                s.push_str(line);
+                s.push('\n');
+            }
         }
         s
     }

@@ -223,6 +223,65 @@ const CASES: &[(&str, &str, &[&str])] = &[
             "Ops <ops@example.org>",
         ],
     ),
+    (
+        "tocsin-aggregator",
+        "aggregator_empty_group_by.toml",
+        &[
+            "aggregator_empty_group_by.toml:2",
+            "key `correlation.group_by`",
+            "at least one name",
+            "[\"node\", \"check\"] to group nothing",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
+        "aggregator_sweep_interval.toml",
+        &[
+            "aggregator_sweep_interval.toml:2",
+            "key `paging_sweep_interval`",
+            "\"5m\"",
+            "outside 100ms to 60s",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
+        "aggregator_storm_window.toml",
+        &[
+            "aggregator_storm_window.toml:3",
+            "key `notify.storm_window`",
+            "\"48h\"",
+            "maximum of 24h",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
+        "aggregator_repeat_interval.toml",
+        &[
+            "aggregator_repeat_interval.toml:6",
+            "key `route.0.repeat_interval`",
+            "\"5s\"",
+            "minimum of 10s",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
+        "aggregator_bad_route_severity.toml",
+        &[
+            "aggregator_bad_route_severity.toml:5",
+            "key `route.0.severity`",
+            "\"P5\"",
+            "\"P1\", \"P2\", \"P3\" or \"P4\"",
+        ],
+    ),
+    (
+        "tocsin-aggregator",
+        "aggregator_secret_on_slack.toml",
+        &[
+            "aggregator_secret_on_slack.toml:5",
+            "key `notify.webhook.0.secret_file`",
+            "only for kind = \"generic\"",
+        ],
+    ),
 ];
 
 fn run(binary: &str, args: &[&str]) -> (Option<i32>, String) {
@@ -332,6 +391,82 @@ fn several_type_mistakes_are_reported_together() {
     ] {
         assert!(stderr.contains(want), "missing {want:?} in:\n{stderr}");
     }
+}
+
+/// Edge values that are fine pass: a storm window of "0s" when the guard is off
+/// (budget 0), a route severity in lower case (like `[response_targets]` keys), the
+/// bounds of the paging sweep and of a repeat. And the one mistake in the fixture with
+/// "p1" and "P5" is only the "P5".
+#[test]
+fn edge_values_that_are_fine_are_accepted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("aggregator.toml");
+    std::fs::write(
+        &path,
+        "paging_sweep_interval = \"100ms\"\n[notify]\nconsole = true\nstorm_budget = 0\n\
+         storm_window = \"0s\"\n[[route]]\nseverity = [\"p1\", \"P2\"]\nchannels = [\"console\"]\n\
+         repeat_interval = \"10s\"\n[[route]]\nchannels = [\"console\"]\n[correlation]\n\
+         group_by = [\"node\", \"check\"]\n",
+    )
+    .expect("write");
+    let (code, stderr) = run(
+        "tocsin-aggregator",
+        &["--config", path.to_str().expect("utf-8"), "check-config"],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let (_, stderr) = run(
+        "tocsin-aggregator",
+        &[
+            "--config",
+            fixture("aggregator_bad_route_severity.toml")
+                .to_str()
+                .expect("utf-8"),
+            "check-config",
+        ],
+    );
+    assert!(!stderr.contains("\"p1\""), "p1 is accepted: {stderr}");
+    std::fs::write(
+        &path,
+        "paging_sweep_interval = \"61s\"\n[notify]\nstorm_budget = 3\nstorm_window = \"0s\"\n",
+    )
+    .expect("write");
+    let (code, stderr) = run(
+        "tocsin-aggregator",
+        &["--config", path.to_str().expect("utf-8"), "check-config"],
+    );
+    assert_eq!(code, Some(64), "{stderr}");
+    for want in [
+        "key `paging_sweep_interval`: \"61s\" is outside",
+        "key `notify.storm_window`: must be greater than zero",
+    ] {
+        assert!(stderr.contains(want), "missing {want:?} in:\n{stderr}");
+    }
+}
+
+/// Regression: a route naming an unknown channel listed the known channels with
+/// repeats ("(channels: console, console)") when a name was configured twice.
+#[test]
+fn unknown_channel_error_lists_each_channel_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("aggregator.toml");
+    std::fs::write(
+        &path,
+        "[notify]\nconsole = true\n[[notify.webhook]]\nname = \"console\"\n\
+         url = \"http://127.0.0.1:9099/hook\"\n[[notify.webhook]]\nname = \"ops\"\n\
+         url = \"http://127.0.0.1:9099/ops\"\n[[notify.webhook]]\nname = \"ops\"\n\
+         url = \"http://127.0.0.1:9099/ops2\"\n[[route]]\nchannels = [\"nope\"]\n",
+    )
+    .expect("write");
+    let (code, stderr) = run(
+        "tocsin-aggregator",
+        &["--config", path.to_str().expect("utf-8"), "check-config"],
+    );
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("unknown channel \"nope\" (channels: console, ops)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("is used twice"), "{stderr}");
 }
 
 #[test]

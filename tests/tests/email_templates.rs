@@ -294,6 +294,25 @@ async fn a_broken_template_fails_check_config_naming_the_file_and_line() -> Resu
         "file and line named: {err}"
     );
 
+    // Regression: an override that renders only whitespace (here for a resolve) passed.
+    std::fs::write(
+        templates.join("email.txt.j2"),
+        "{% if event != \"resolve\" %}Hello {{ incident.node }}{% endif %}\n  \n",
+    )?;
+    let out = Command::new(bin("tocsin-aggregator"))
+        .arg("--config")
+        .arg(&config)
+        .arg("check-config")
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("templates.dir")
+            && err.contains(&file.display().to_string())
+            && err.contains("only whitespace for event \"resolve\""),
+        "{err}"
+    );
+
     // Fixed, it checks and renders.
     std::fs::write(
         templates.join("email.txt.j2"),

@@ -263,6 +263,8 @@ async fn a_silence_holds_the_page_until_it_ends() -> Result<()> {
             "1h",
             "--reason",
             "",
+            "--by",
+            "alice",
         ],
     )?;
     assert_eq!(code, Some(64), "a reason is required: {err}");
@@ -327,7 +329,7 @@ async fn a_silence_holds_the_page_until_it_ends() -> Result<()> {
     assert_eq!(trigger["incident"]["id"].as_i64(), Some(iid));
     let (_, out, _) = tocsin(&api, &["silence", "list"])?;
     assert!(out.contains("expired"), "{out}");
-    let (code, _, _) = tocsin(&api, &["silence", "expire", "999999"])?;
+    let (code, _, _) = tocsin(&api, &["silence", "expire", "999999", "--by", "alice"])?;
     assert_eq!(code, Some(3));
     Ok(())
 }
@@ -476,5 +478,169 @@ async fn pagerduty_and_slack_channels_follow_the_incident() -> Result<()> {
     assert!(texts[0].contains("TRIGGERED P2"), "{texts:?}");
     assert!(texts[1].contains("ACKNOWLEDGED"), "{texts:?}");
     assert!(texts[2].contains("RESOLVED"), "{texts:?}");
+    Ok(())
+}
+
+/// Regression: not every API error was JSON (axum's own rejections are plain text, e.g.
+/// a body over the limit). Every error of `/api/v1` is `{"error": {"status": N,
+/// "message": "…"}}` with that HTTP status and `Content-Type: application/json`: a bad
+/// query, a bad JSON body, a wrong content type, a wrong method (with `Allow` kept), an
+/// unknown path, a body over the limit, a body missing fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_error_is_json_with_its_status() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let agg = Aggregator::start(dir.path(), &AggregatorToml::new(dir.path()).build()).await?;
+    let api = format!("http://{}", agg.http);
+    // No pooled connections: the server closes the one whose body it refused (413).
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()?;
+    let json = "application/json";
+    let big = format!("{{\"by\": \"{}\"}}", "x".repeat(3 * 1024 * 1024));
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16)> = vec![
+        (
+            "bad query",
+            client.get(format!("{api}/api/v1/incidents?limit=-5")),
+            400,
+        ),
+        (
+            "bad JSON body",
+            client
+                .post(format!("{api}/api/v1/incidents/1/ack"))
+                .header("content-type", json)
+                .body("{bad"),
+            400,
+        ),
+        (
+            "wrong content type",
+            client
+                .post(format!("{api}/api/v1/silences"))
+                .header("content-type", "text/plain")
+                .body("matchers=node%3Dweb-1"),
+            415,
+        ),
+        (
+            "wrong method",
+            client.delete(format!("{api}/api/v1/incidents")),
+            405,
+        ),
+        (
+            "unknown path",
+            client.get(format!("{api}/api/v1/nope")),
+            404,
+        ),
+        (
+            "body over the limit",
+            client
+                .post(format!("{api}/api/v1/silences"))
+                .header("content-type", json)
+                .body(big),
+            413,
+        ),
+        (
+            "body missing fields",
+            client
+                .post(format!("{api}/api/v1/silences"))
+                .header("content-type", json)
+                .body("{}"),
+            400,
+        ),
+    ];
+    for (what, request, status) in cases {
+        let resp = request.send().await.context(what)?;
+        assert_eq!(resp.status().as_u16(), status, "{what}");
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let allow = resp.headers().get("allow").cloned();
+        let text = resp.text().await?;
+        assert!(
+            content_type.starts_with(json),
+            "{what}: {content_type} {text}"
+        );
+        let body: Value = serde_json::from_str(&text).with_context(|| format!("{what}: {text}"))?;
+        assert_eq!(body["error"]["status"], status, "{what}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.trim().is_empty()),
+            "{what}: {body}"
+        );
+        if status == 405 {
+            assert!(allow.is_some_and(|a| a.to_str().is_ok_and(|a| a.contains("GET"))));
+        }
+    }
+    Ok(())
+}
+
+/// Regression: without `--by` and with `$USER` unset, `tocsin` sent "unknown" as the
+/// owner of a silence and as the actor of an acknowledge or resolve. Now it refuses
+/// (exit 64, "give --by NAME (no $USER)") before any request, and the API refuses a
+/// silence owned by "unknown" (400) from older clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_without_a_name_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let agg = Aggregator::start(dir.path(), &AggregatorToml::new(dir.path()).build()).await?;
+    let api = format!("http://{}", agg.http);
+    let no_user = |args: &[&str]| -> Result<(Option<i32>, String)> {
+        let out = Command::new(bin("tocsin"))
+            .arg("--api")
+            .arg(&api)
+            .args(args)
+            .env_remove("TOCSIN_API_TOKEN")
+            .env_remove("USER")
+            .output()?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let add = [
+        "silence",
+        "add",
+        "--match",
+        "node=web-1",
+        "--for",
+        "1h",
+        "--reason",
+        "maintenance",
+    ];
+    for args in [
+        &add[..],
+        &["silence", "expire", "1"],
+        &["ack", "1"],
+        &["resolve", "1", "--note", "fixed"],
+        &["postmortem", "1", "--link", "https://wiki.example/pm/1"],
+        &["ack", "1", "--by", "  "],
+    ] {
+        let (code, err) = no_user(args)?;
+        assert_eq!(code, Some(64), "{args:?}: {err}");
+        assert!(err.contains("give --by NAME (no $USER)"), "{args:?}: {err}");
+    }
+    let silences = agg.get("/api/v1/silences").await?;
+    assert_eq!(silences["silences"].as_array().map(Vec::len), Some(0));
+    let with_by: Vec<&str> = add.iter().copied().chain(["--by", "alice"]).collect();
+    let (code, err) = no_user(&with_by)?;
+    assert_eq!(code, Some(0), "{err}");
+
+    let resp = reqwest::Client::new()
+        .post(format!("{api}/api/v1/silences"))
+        .header("content-type", "application/json")
+        .body(r#"{"matchers": ["node=web-1"], "duration": "1h", "by": "Unknown", "reason": "r"}"#)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await?;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("names no one")),
+        "{body}"
+    );
+    let silences = agg.get("/api/v1/silences").await?;
+    assert_eq!(silences["silences"].as_array().map(Vec::len), Some(1));
     Ok(())
 }

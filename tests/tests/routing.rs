@@ -341,7 +341,7 @@ async fn repeat_interval_renotifies_until_acknowledged() -> Result<()> {
     let routes = r#"
 [[route]]
 channels = ["oncall"]
-repeat_interval = "1s"
+repeat_interval = "10s"
 continue = true
 [[route]]
 channels = ["log"]
@@ -373,8 +373,9 @@ channels = ["log"]
     oncall.wait_for("acknowledge", "node-rep", &check).await?;
     log.wait_for("acknowledge", "node-rep", &check).await?;
     let repeats = count(&oncall, "repeat", &check);
-    // Three periods and many sweeps: no repeat after the acknowledge.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // More than a period (10s, the shortest allowed) and many sweeps: no repeat after
+    // the acknowledge.
+    tokio::time::sleep(Duration::from_secs(11)).await;
     let detail = agg.get(&format!("/api/v1/incidents/{id}")).await?;
     let acked_at = detail["acknowledged_at_ms"]
         .as_i64()
@@ -572,7 +573,7 @@ reopen_window = "10m"
 name = "commander"
 channels = ["primary"]
 escalate_to = ["backup"]
-repeat_interval = "1s"
+repeat_interval = "10s"
 "#;
     let agg = Aggregator::start(
         dir.path(),

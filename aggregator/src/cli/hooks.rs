@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use super::reports::{Api, enc};
-use super::{api_token, complain, fail, say, text};
+use super::{actor, api_token, complain, fail, say, text};
 
 /// How often `run` and `rollback` poll the run until it ends.
 const POLL: Duration = Duration::from_millis(300);
@@ -34,7 +34,7 @@ pub enum HookCommand {
         /// its timeline.
         #[arg(long)]
         incident: Option<i64>,
-        /// Who runs it (default: $USER).
+        /// Who runs it (default: $USER; required when that is unset).
         #[arg(long, env = "USER")]
         by: Option<String>,
         /// Why (TOCSIN_REASON).
@@ -77,7 +77,7 @@ pub struct RollbackArgs {
     /// timeline).
     #[arg(long)]
     pub incident: Option<i64>,
-    /// Who rolls back (default: $USER).
+    /// Who rolls back (default: $USER; required when that is unset).
     #[arg(long, env = "USER")]
     pub by: Option<String>,
     /// Return once queued instead of waiting for the end.
@@ -210,9 +210,13 @@ async fn run(api: &Api, ask: Ask, json: bool) -> ExitCode {
         Ok(t) => t,
         Err(code) => return code,
     };
+    let by = match actor(ask.by.clone()) {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
     let path = format!("/api/v1/hooks/{}/run", enc(&ask.name));
     let body = serde_json::json!({
-        "by": ask.by.unwrap_or_else(|| "unknown".into()),
+        "by": by,
         "incident_id": ask.incident,
         "reason": ask.reason,
         "force": ask.force,

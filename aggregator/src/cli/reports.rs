@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{api_token, complain, fail, say, text};
+use super::{actor, api_token, complain, fail, say, text};
 
 /// How long one API request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -412,7 +412,7 @@ pub struct PostmortemArgs {
     /// Link the finished post-mortem at this http(s) URL (ends "post-mortem due").
     #[arg(long, value_name = "URL")]
     pub link: Option<String>,
-    /// Who links it (default: $USER).
+    /// Who links it (default: $USER; required with --link when that is unset).
     #[arg(long, env = "USER")]
     pub by: Option<String>,
     /// File holding the API token (for --link); also TOCSIN_API_TOKEN.
@@ -423,13 +423,17 @@ pub struct PostmortemArgs {
 /// `tocsin postmortem ID [--output FILE | --link URL]`.
 pub async fn postmortem(api: &Api, a: PostmortemArgs, json: bool) -> ExitCode {
     if let Some(url) = &a.link {
+        let by = match actor(a.by.clone()) {
+            Ok(b) => b,
+            Err(code) => return code,
+        };
         let token = match api_token(a.token_file.as_deref(), api) {
             Ok(t) => t,
             Err(code) => return code,
         };
         let body = serde_json::json!({
             "url": url,
-            "by": a.by.clone().unwrap_or_else(|| "unknown".into()),
+            "by": by,
         });
         return match api
             .post(

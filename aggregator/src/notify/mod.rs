@@ -70,8 +70,9 @@ pub enum Target {
 /// The body an HTTP channel sends.
 #[derive(Debug, Clone)]
 pub enum Format {
-    /// tocsin's JSON ([`payload::render`]).
-    Generic,
+    /// tocsin's JSON ([`payload::render`]); with the HMAC secret of `secret_file`, each
+    /// request is signed ([`webhook`]'s `X-Tocsin-Signature`).
+    Generic(Option<tocsin_agent::config::Secret>),
     /// A Slack incoming-webhook message.
     Slack,
     /// A PagerDuty Events API v2 event, with this routing key.
@@ -184,16 +185,18 @@ impl Dispatcher {
                 timeout,
                 client,
             } => {
-                let body = match format {
-                    Format::Generic => n.payload.clone(),
+                let (body, secret) = match format {
+                    Format::Generic(secret) => (n.payload.clone(), secret.as_ref()),
                     // Delivered by the arm above.
-                    Format::Alertmanager(_) => n.payload.clone(),
-                    Format::Slack => slack::body(&n.payload, &self.templates),
-                    Format::PagerDuty(key) => {
-                        pagerduty::body(&n.payload, key.expose(), &self.templates)
-                    }
+                    Format::Alertmanager(_) => (n.payload.clone(), None),
+                    Format::Slack => (slack::body(&n.payload, &self.templates), None),
+                    Format::PagerDuty(key) => (
+                        pagerduty::body(&n.payload, key.expose(), &self.templates),
+                        None,
+                    ),
                 };
-                webhook::deliver(client, url, *timeout, &n.idempotency_key, &body).await
+                webhook::deliver_signed(client, url, *timeout, &n.idempotency_key, &body, secret)
+                    .await
             }
             Target::Email(ch) => email::deliver(ch, &self.templates, n).await,
         };
@@ -245,9 +248,12 @@ impl Dispatcher {
 }
 
 /// The wait a receiver's `Retry-After` of `retry_after` asks for, kept within
-/// [`retry_min`, `retry_max`]: later pages on the channel wait behind this one, so "come
-/// back tomorrow" cannot be obeyed; and a `Retry-After: 0` must not turn the retries into
-/// a busy loop against the receiver and the store.
+/// [`retry_min`, `retry_max`]. While this notification waits, `store::next_pending` hands
+/// the dispatcher other incidents' notifications on the channel (earliest due first), but
+/// the later notifications of the *same* incident on this channel (its acknowledge, its
+/// resolve) wait behind it, as per-incident order requires: so "come back tomorrow" cannot
+/// be obeyed without holding that incident's resolve for a day. And a `Retry-After: 0`
+/// must not turn the retries into a busy loop against the receiver and the store.
 fn honour_retry_after(retry_after: Duration, retry_min: Duration, retry_max: Duration) -> Duration {
     retry_after.max(retry_min).min(retry_max)
 }

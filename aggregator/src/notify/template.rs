@@ -71,6 +71,17 @@ impl Name {
         }
     }
 
+    /// The `channel` values this template is rendered for (Slack and PagerDuty for the
+    /// notice, the status page for the update, e-mail for the e-mail), so the startup
+    /// trial renders each override as it will be used.
+    fn channels(self) -> &'static [&'static str] {
+        match self {
+            Name::Incident => &["slack", "pagerduty"],
+            Name::Status => &["status-page", "cli"],
+            Name::Email | Name::EmailSubject => &["email"],
+        }
+    }
+
     fn default_key(self) -> String {
         format!("default/{}", self.file())
     }
@@ -117,12 +128,14 @@ impl Templates {
     }
 
     /// The defaults, overridden by the files of `dir` named like [`Name::file`]; each
-    /// override is compiled and test-rendered against a sample incident for every event.
+    /// override is compiled and test-rendered against a sample incident for every event
+    /// and every channel it serves.
     ///
     /// # Errors
     /// Every problem at once: a missing or unreadable directory, a `.j2` file of an
     /// unknown name (a typo would otherwise be ignored silently), a syntax or render
-    /// error (with file and line).
+    /// error (with file and line), an override that renders only whitespace for some
+    /// event (naming the file, the event and the channel).
     pub fn load(
         dir: Option<&Path>,
         vars: BTreeMap<String, String>,
@@ -176,13 +189,31 @@ impl Templates {
                 problems.push(error_at(&path, &e));
                 continue;
             }
-            // Compiled: now render it for every event, to catch unknown filters, bad
-            // calls and type errors before the first page depends on it.
-            let trial = crate::notify::payload::EVENTS
-                .into_iter()
-                .find_map(|event| t.render_named(&file, &sample_payload(event), "slack").err());
+            // Compiled: now render it for every event and channel, to catch unknown
+            // filters, bad calls and type errors, and text that comes out empty (a page
+            // saying nothing), before the first page depends on it.
+            let mut trial = None;
+            'events: for event in crate::notify::payload::EVENTS {
+                for channel in name.channels() {
+                    match t.render_named(&file, &sample_payload(event), channel) {
+                        Err(e) => trial = Some(error_at(&path, &e)),
+                        Ok(text) if text.trim().is_empty() => {
+                            trial = Some(TemplateError {
+                                path: path.display().to_string(),
+                                line: None,
+                                message: format!(
+                                    "renders only whitespace for event {event:?} (channel \
+                                     {channel:?}): a notification would carry no text"
+                                ),
+                            });
+                        }
+                        Ok(_) => continue,
+                    }
+                    break 'events;
+                }
+            }
             if let Some(e) = trial {
-                problems.push(error_at(&path, &e));
+                problems.push(e);
                 continue;
             }
             t.overridden.insert(name);
@@ -208,11 +239,18 @@ impl Templates {
     /// Renders `name` for one notification payload (tocsin's JSON, see `payload`: its
     /// fields are the template's top-level variables) for `channel` (`slack`,
     /// `pagerduty`, `email`, `cli`; the `channel` variable). The text is trimmed of
-    /// surrounding blank lines. An override that fails here falls back to the embedded
-    /// default (logged); should that fail too, a one-line summary is returned.
+    /// surrounding blank lines. An override that fails here, or renders only whitespace,
+    /// falls back to the embedded default (logged); should that fail too, a one-line
+    /// summary is returned.
     pub fn render(&self, name: Name, payload: &serde_json::Value, channel: &str) -> String {
         if self.is_overridden(name) {
             match self.render_named(name.file(), payload, channel) {
+                Ok(text) if text.trim().is_empty() => {
+                    tracing::warn!(
+                        template = name.file(),
+                        "template rendered no text, using the built-in one"
+                    );
+                }
                 Ok(text) => return text,
                 Err(e) => {
                     let dir = self.dir.as_deref().unwrap_or(Path::new(""));
@@ -494,6 +532,43 @@ mod tests {
                 .any(|t| t.contains("incidnet.md.j2") && t.contains("unknown template")),
             "{text:?}"
         );
+    }
+
+    /// Regression: an override that renders nothing (for every event, or only for one
+    /// event or channel) passed check-config, and its pages went out empty.
+    #[test]
+    fn an_override_that_renders_only_whitespace_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(
+            dir.path(),
+            "email-subject.txt.j2",
+            "  {{ nosuchvar }}  \n\n",
+        );
+        write(
+            dir.path(),
+            "incident.md.j2",
+            "{% if event != \"resolve\" %}{{ incident.summary }}{% endif %}\n",
+        );
+        write(
+            dir.path(),
+            "status.md.j2",
+            "{% if channel == \"cli\" %}{{ incident.summary }}{% endif %}\n",
+        );
+        write(dir.path(), "email.txt.j2", "{{ incident.summary }}\n");
+        let errors = Templates::load(Some(dir.path()), BTreeMap::new()).expect_err("empty");
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 3, "{text:?}");
+        for (file, what) in [
+            ("email-subject.txt.j2", "\"trigger\""),
+            ("incident.md.j2", "\"resolve\""),
+            ("status.md.j2", "\"status-page\""),
+        ] {
+            assert!(
+                text.iter()
+                    .any(|t| t.contains(file) && t.contains("only whitespace") && t.contains(what)),
+                "{file} {what}: {text:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,14 +1,55 @@
 //! Generic JSON webhook: `POST` the payload with `Content-Type: application/json` and an
 //! `Idempotency-Key` header (stable per notification, so a receiver can drop the
 //! duplicates that at-least-once delivery may cause).
+//!
+//! **Signature.** With `secret_file` set on a `kind = "generic"` channel, every request
+//! also carries
+//!
+//! ```text
+//! X-Tocsin-Timestamp: 1705313100
+//! X-Tocsin-Signature: sha256=5f1c…(64 lower-case hex digits)
+//! ```
+//!
+//! where the timestamp is the Unix time in seconds at which this attempt was sent and the
+//! signature is HMAC-SHA256, keyed with the secret (the file's content, surrounding
+//! whitespace trimmed, as bytes), over the timestamp, a `.`, and the request body exactly
+//! as received (`"<timestamp>.<body>"`). A receiver verifies by recomputing it over the
+//! raw body bytes before parsing them, comparing in constant time, and rejecting a
+//! timestamp more than a few minutes from its own clock (e.g. 5 min): that bounds how
+//! long a captured request can be replayed, and the `Idempotency-Key` drops replays and
+//! duplicates within that window. Each retry is signed afresh with a new timestamp (same
+//! body, same `Idempotency-Key`), so a delivery retried for hours still verifies.
 
 use std::time::Duration;
 
 use crate::notify::Delivery;
 
-/// Sends one notification. 2xx is delivered; 408, 429 and 5xx are retried (honouring
-/// `Retry-After` in seconds); other statuses, redirects included, fail for good with the
-/// response body.
+/// Header of a signed request: the Unix time (seconds) the attempt was sent.
+pub const TIMESTAMP_HEADER: &str = "X-Tocsin-Timestamp";
+/// Header of a signed request: `sha256=` and the hex HMAC, see [`signature`].
+pub const SIGNATURE_HEADER: &str = "X-Tocsin-Signature";
+
+/// The `X-Tocsin-Signature` value of a request with `body` sent at `timestamp` (Unix
+/// seconds): `sha256=` followed by the 64 lower-case hex digits of
+/// HMAC-SHA256(`secret`, `"<timestamp>.<body>"`) (ring's HMAC).
+pub fn signature(secret: &[u8], timestamp: u64, body: &str) -> String {
+    use std::fmt::Write as _;
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let mut ctx = ring::hmac::Context::with_key(&key);
+    ctx.update(timestamp.to_string().as_bytes());
+    ctx.update(b".");
+    ctx.update(body.as_bytes());
+    let tag = ctx.sign();
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256=");
+    for b in tag.as_ref() {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// [`deliver_signed`] without a signature (Slack, PagerDuty, Alertmanager, and generic
+/// channels without `secret_file`).
 pub async fn deliver(
     client: &reqwest::Client,
     url: &str,
@@ -16,14 +57,38 @@ pub async fn deliver(
     idempotency_key: &str,
     body: &str,
 ) -> Delivery {
-    let response = client
+    deliver_signed(client, url, timeout, idempotency_key, body, None).await
+}
+
+/// Sends one notification; with `secret` (a generic channel's `secret_file`), signed
+/// with [`TIMESTAMP_HEADER`] and [`SIGNATURE_HEADER`] (see the module docs). 2xx is delivered; 408, 429 and 5xx are retried (honouring
+/// `Retry-After`, see [`parse_retry_after`]); other statuses, redirects included, fail for good with the
+/// response body.
+pub async fn deliver_signed(
+    client: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+    idempotency_key: &str,
+    body: &str,
+    secret: Option<&tocsin_agent::config::Secret>,
+) -> Delivery {
+    let mut request = client
         .post(url)
         .timeout(timeout)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .header("Idempotency-Key", idempotency_key)
-        .body(body.to_owned())
-        .send()
-        .await;
+        .header("Idempotency-Key", idempotency_key);
+    if let Some(secret) = secret {
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        request = request
+            .header(TIMESTAMP_HEADER, timestamp.to_string())
+            .header(
+                SIGNATURE_HEADER,
+                signature(secret.expose().as_bytes(), timestamp, body),
+            );
+    }
+    let response = request.body(body.to_owned()).send().await;
     let response = match response {
         Ok(r) => r,
         Err(e) => {
@@ -48,8 +113,7 @@ pub async fn deliver(
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+        .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
     let response_location = response
         .headers()
         .get(reqwest::header::LOCATION)
@@ -78,6 +142,21 @@ pub async fn deliver(
     } else {
         Delivery::Permanent { error }
     }
+}
+
+/// The wait a `Retry-After` header value asks for (RFC 9110 §10.2.3): either delay
+/// seconds (`"120"`) or an HTTP-date (`"Wed, 21 Oct 2015 07:28:00 GMT"`, also the
+/// obsolete RFC 850 and asctime forms), the latter counted from `now`; a date already
+/// past asks for no wait (`Duration::ZERO`). `None` for anything else, then the
+/// dispatcher's own backoff applies. The caller bounds the result (`retry_min`,
+/// `retry_max`).
+pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// A webhook URL fit for logs, the timeline and the API: user info and the query string
@@ -148,6 +227,66 @@ mod tests {
             error.contains(&format!("127.0.0.1:{port}/hook?***")),
             "{error}"
         );
+    }
+
+    /// The scheme receivers verify, pinned to values computed independently with
+    /// `printf '%s' '1705313100.{"event":"trigger"}' | openssl dgst -sha256 -hmac s3cret`
+    /// (and Python's `hmac`), the second with RFC 4231 case 2's key and message.
+    #[test]
+    fn signatures_are_hmac_sha256_of_timestamp_dot_body() {
+        use super::signature;
+        assert_eq!(
+            signature(b"s3cret", 1_705_313_100, r#"{"event":"trigger"}"#),
+            "sha256=500c3ecef2e8c8f02792062708f563f7b5b41b756da4c62ebd5282ca51fea0c3"
+        );
+        assert_eq!(
+            signature(b"Jefe", 0, "what do ya want for nothing?"),
+            "sha256=37f471929915ccd2cbbe79feb84ffcff4f2bb25e15fc41c2506687331ae179cc"
+        );
+        assert_ne!(
+            signature(b"s3cret", 1_705_313_101, r#"{"event":"trigger"}"#),
+            signature(b"s3cret", 1_705_313_100, r#"{"event":"trigger"}"#),
+            "the timestamp is signed"
+        );
+    }
+
+    /// Regression: `Retry-After` in its HTTP-date form was ignored (only seconds were
+    /// read), so a receiver's "come back at 10:00" fell back to the short backoff.
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates() {
+        use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+        use super::parse_retry_after;
+        // 2015-10-21T07:28:00Z
+        let date = UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        let now = date - Duration::from_secs(90);
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after("0", now), Some(Duration::ZERO));
+        for form in [
+            "Wed, 21 Oct 2015 07:28:00 GMT",
+            "Wednesday, 21-Oct-15 07:28:00 GMT",
+            "Wed Oct 21 07:28:00 2015",
+        ] {
+            assert_eq!(
+                parse_retry_after(form, now),
+                Some(Duration::from_secs(90)),
+                "{form}"
+            );
+        }
+        assert_eq!(
+            parse_retry_after(
+                "Wed, 21 Oct 2015 07:28:00 GMT",
+                date + Duration::from_secs(5)
+            ),
+            Some(Duration::ZERO),
+            "a date already past: no wait"
+        );
+        for bad in ["", "-5", "1.5", "soon", "Wed, 32 Oct 2015 07:28:00 GMT"] {
+            assert_eq!(parse_retry_after(bad, SystemTime::now()), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The HTTP side: the JSON API (`/api/v1/…`) and `/health`.
 //!
 //! Handlers only translate HTTP to store calls; errors are JSON
-//! `{"error": {"status": 404, "message": "…"}}` with that status code. `docs/API.md`
+//! `{"error": {"status": 404, "message": "…"}}` with that status code — every error,
+//! including unknown paths (404), wrong methods (405) and what axum's extractors refuse
+//! before a handler runs (a body over the limit, 413), by the `json_errors` layer. `docs/API.md`
 //! documents every endpoint. The CLI's reports (filtered lists, KPIs, post-mortems,
 //! status) are in [`api_kpi`]; the on-call web view (HTML pages, forms, status pages)
 //! is [`ui`].
@@ -175,7 +177,47 @@ pub fn router(state: AppState) -> Router {
                 "method not allowed on this endpoint".into(),
             )
         })
+        .layer(axum::middleware::from_fn(json_errors))
         .with_state(state)
+}
+
+/// Largest error body [`json_errors`] reads to wrap it (axum's rejections are one line).
+const MAX_WRAPPED_ERROR: usize = 4096;
+
+/// Makes every error answer of the API JSON: a 4xx or 5xx whose body is not
+/// `application/json` (axum's extractor rejections are plain text, e.g. 413 "Failed to
+/// buffer the request body: length limit exceeded") becomes
+/// `{"error": {"status": N, "message": "<that text>"}}` with the same status and the
+/// same other headers (`Allow`, `WWW-Authenticate`); an empty body gets the status'
+/// reason phrase as its message. JSON answers pass untouched.
+async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_WRAPPED_ERROR)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let mut wrapped = ApiError(status, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            wrapped.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    wrapped
 }
 
 /// An API error rendered as `{"error": {"status": 404, "message": "…"}}` with that
@@ -401,6 +443,12 @@ async fn add_silence(
     if !valid_actor(&by) {
         return Err(bad(
             "`by` must name the owner (1 to 128 printable characters)".into(),
+        ));
+    }
+    // Older CLIs sent "unknown" when $USER was unset: a silence needs a real owner.
+    if by.eq_ignore_ascii_case("unknown") {
+        return Err(bad(
+            "`by` must name the owner: \"unknown\" names no one".into()
         ));
     }
     if reason.is_empty() {
