@@ -805,6 +805,7 @@ mod tests {
             sweep,
             &channels,
             BTreeMap::new(),
+            &[],
         );
         v.finish(routing).map_err(|e| e.to_string())
     }
