@@ -96,7 +96,8 @@ pub struct Store {
     seen_flushed_ms: i64,
     /// Per agent, a hash of the check states of its last heartbeat that was reconciled
     /// with nothing in flight. A heartbeat with the same states needs no work; any event
-    /// from the agent forgets it.
+    /// from the agent, and a resolve by hand of an incident with a member on the agent,
+    /// forgets it.
     hb_memo: std::collections::HashMap<String, u64>,
     /// Agents with an open `node_down` incident.
     down: std::collections::HashSet<String>,
@@ -962,6 +963,7 @@ impl Store {
         } else {
             format!(": {note}")
         };
+        let mut forget_nodes: Vec<String> = Vec::new();
         let outcome = match (incident.status, to) {
             (Status::Resolved, "acknowledged") => Change::Conflict(format!(
                 "incident {id} is resolved: there is nothing to acknowledge"
@@ -991,6 +993,15 @@ impl Store {
                 Change::Done
             }
             _ => {
+                // Every member's node: its next heartbeat is reconciled again, so a check
+                // that still fires opens a new incident (and pages) instead of being
+                // skipped as "same states as last time" until an aggregator restart.
+                forget_nodes = tx
+                    .prepare_cached(
+                        "SELECT DISTINCT node FROM incident_members WHERE incident_id = ?1",
+                    )
+                    .and_then(|mut st| st.query_map([id], |r| r.get(0))?.collect())
+                    .map_err(err)?;
                 let resolution = format!("resolved by {by}{why}");
                 tx.execute(
                     "UPDATE incidents SET status = 'resolved', resolved_at_ms = ?2, resolution = ?3 WHERE id = ?1",
@@ -1005,6 +1016,9 @@ impl Store {
         };
         tx.commit().map_err(err)?;
         if to == "resolved" && outcome == Change::Done {
+            for node in &forget_nodes {
+                self.hb_memo.remove(node);
+            }
             self.silences_end_with(&[id], now);
             self.observe_kpis(&[], &[id]);
         }
@@ -2156,6 +2170,49 @@ mod tests {
             "no timeline entry per heartbeat: {:?}",
             d.timeline
         );
+    }
+
+    /// Regression: a resolve by hand of a check that still fired went silent — the
+    /// heartbeat shortcut skipped reconciliation while the agent's states were unchanged,
+    /// so no new incident opened (until an aggregator restart paged a surprise).
+    #[test]
+    fn a_hand_resolve_of_a_still_firing_group_reopens_at_the_next_heartbeats() {
+        let (_dir, mut s) = store(&["hook"]);
+        s.hello(&hello("a"), 1).expect("hello a");
+        s.hello(
+            &AgentHello {
+                instance_id: "ib".into(),
+                ..hello("b")
+            },
+            2,
+        )
+        .expect("hello b");
+        let id = s
+            .ingest("a", &[event(1, State::Critical)])
+            .expect("a fires")
+            .opened[0];
+        s.ingest("b", &[event(1, State::Critical)])
+            .expect("b joins");
+        let firing = [status("process:nginx", State::Critical)];
+        // Reconciled once each: nothing new, and the states are remembered.
+        for agent in ["a", "b"] {
+            let out = s.heartbeat(agent, 1, &firing).expect("hb");
+            assert!(out.opened.is_empty() && out.notifications == 0);
+        }
+        assert_eq!(
+            s.resolve_by_hand(id, "alice", "looks fine")
+                .expect("resolve"),
+            Change::Done
+        );
+        let again = s.heartbeat("a", 1, &firing).expect("hb a");
+        assert_eq!(again.opened.len(), 1, "a new incident for what still fires");
+        assert_ne!(again.opened[0], id);
+        assert_eq!(again.notifications, 1, "and it pages");
+        let joined = s.heartbeat("b", 1, &firing).expect("hb b");
+        assert!(joined.opened.is_empty(), "b joins the new incident");
+        let d = s.incident(again.opened[0]).expect("r").expect("e");
+        assert_eq!(d.members.len(), 2, "every member that still fires");
+        assert_eq!(triggers(&s, again.opened[0]), 1);
     }
 
     #[test]
