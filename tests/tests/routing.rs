@@ -490,6 +490,80 @@ escalate_to = ["backup"]
     Ok(())
 }
 
+/// Timeline entries of `kind` as `(at_ms, note)`.
+fn timeline_at(detail: &Value, kind: &str) -> Vec<(i64, String)> {
+    detail["timeline"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter(|e| e["kind"] == kind)
+                .map(|e| {
+                    (
+                        e["at_ms"].as_i64().unwrap_or(0),
+                        e["note"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Regression: the response target counted from the trigger, not from the page, so a
+/// page held by a group wait longer than the target escalated to the backup at the next
+/// sweep after the primary was paged. Now the primary gets the whole target from its
+/// page: the escalation comes at least the target after the `routed` entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escalation_counts_from_the_page_after_a_group_wait() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (primary, backup) = (
+        WebhookReceiver::start().await?,
+        WebhookReceiver::start().await?,
+    );
+    let top = r#"
+[correlation]
+group_wait = "3s"
+[response_targets]
+P2 = "2s"
+[[route]]
+name = "commander"
+channels = ["primary"]
+escalate_to = ["backup"]
+"#;
+    let agg = Aggregator::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            top,
+            &[("primary", &primary, ""), ("backup", &backup, "")],
+        ),
+    )
+    .await?;
+    let mut node = SimNode::connect(agg.grpc, "node-gw", &[]).await?;
+    node.send(&[("held-then-paged", v1::State::Critical)])
+        .await?;
+    wait_count(&primary, "trigger", "held-then-paged", 1).await?;
+    wait_count(&backup, "trigger", "held-then-paged", 1).await?;
+    let id = incident_id(&agg, "held-then-paged").await?;
+    let detail = agg.get(&format!("/api/v1/incidents/{id}")).await?;
+    let triggered = detail["triggered_at_ms"].as_i64().context("triggered")?;
+    let routed = timeline_at(&detail, "routed");
+    let escalated = timeline_at(&detail, "escalated");
+    let (Some((routed_at, _)), Some((escalated_at, note))) = (routed.first(), escalated.first())
+    else {
+        bail!("routed and escalated entries: {detail}");
+    };
+    assert!(
+        *routed_at >= triggered + 3_000,
+        "precondition: paged after the group wait: {detail}"
+    );
+    assert!(
+        *escalated_at >= routed_at + 2_000,
+        "escalated {} ms after the page, before the 2 s target: {note}",
+        escalated_at - routed_at
+    );
+    Ok(())
+}
+
 /// An escalation that fell due while the aggregator was down fires once after the
 /// restart, and a second restart does not fire it again; the acknowledge then reaches
 /// both the primary and the backup.

@@ -8,9 +8,10 @@
 //!   escalation channels, repeat period — a snapshot: later config changes do not
 //!   re-route open incidents);
 //! - `storm_held`: triggers held by the storm guard, until their window's summary;
-//! - escalations are the `escalated` timeline entry (written once, in the same
-//!   transaction as the escalation triggers); repeats are `repeat` outbox rows (the next
-//!   one is due a period after the last).
+//! - escalations: each `routing` row escalates once, its severity's response target
+//!   after it paged (`routed_ms`); `escalated_ms` records it in the same transaction as
+//!   the escalation triggers and the `escalated` timeline entry; repeats are `repeat`
+//!   outbox rows (the next one is due a period after the last).
 //!
 //! All of it is per **paging cycle**: an incident that resolves and fires again within
 //! the re-open window (`store::apply`) starts a new cycle — it is routed, paged, repeated
@@ -42,7 +43,8 @@ CREATE TABLE IF NOT EXISTS routing (
     escalate_to TEXT NOT NULL,
     repeat_ms   INTEGER,
     routed_ms   INTEGER NOT NULL,
-    cycle       INTEGER NOT NULL DEFAULT 0
+    cycle       INTEGER NOT NULL DEFAULT 0,
+    escalated_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS routing_incident ON routing (incident_id);
 
@@ -163,20 +165,6 @@ pub(super) fn routed(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
     .query_row([id], |r| r.get(0))
 }
 
-/// When the current cycle of incident `id` started (Unix ms): when it triggered, or when
-/// it last reopened (its `reopened` timeline entry, the first of the cycle). Response
-/// targets count from here.
-fn cycle_start(conn: &Connection, id: i64) -> rusqlite::Result<i64> {
-    conn.prepare_cached(
-        "SELECT CASE WHEN i.reopened = 0 THEN i.triggered_at_ms
-                     ELSE coalesce((SELECT min(t.at_ms) FROM timeline t
-                                    WHERE t.incident_id = i.id AND t.id > i.timeline_mark),
-                                   i.triggered_at_ms) END
-         FROM incidents i WHERE i.id = ?1",
-    )?
-    .query_row([id], |r| r.get(0))
-}
-
 /// What became of one trigger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sent {
@@ -275,9 +263,9 @@ pub struct SweepOutcome {
 
 impl Store {
     /// One paging sweep at `now` (Unix ms), in one transaction: escalates incidents still
-    /// unacknowledged past their severity's response target (measured from
-    /// `triggered_at`, or from the reopen of a reopened incident; once per paging cycle,
-    /// so a restart never escalates twice), queues the repeats that are due, and sends a
+    /// unacknowledged past their severity's response target (measured from when each
+    /// route paged its channels; once per route and paging cycle, so a restart never
+    /// escalates twice), queues the repeats that are due, and sends a
     /// summary for every channel whose storm window ended with held triggers. Run by
     /// [`crate::escalate::Sweep`].
     ///
@@ -315,37 +303,57 @@ fn escalate(
     now: i64,
     out: &mut SweepOutcome,
 ) -> rusqlite::Result<()> {
-    let due: Vec<i64> = tx
+    // The routes of open, unacknowledged incidents (this cycle) that escalate and have
+    // not escalated yet: each one's response target counts from when it paged its
+    // channels (`routed_ms`), not from the trigger, so a page released after a silence,
+    // an inhibition or a group wait — or a route added when the severity rose — gives
+    // its channels the whole target.
+    let rows: Vec<(i64, i64, String, i64)> = tx
         .prepare_cached(
-            "SELECT i.id FROM incidents i
-             WHERE i.status = 'triggered'
-               AND EXISTS (SELECT 1 FROM routing r WHERE r.incident_id = i.id AND r.cycle = i.reopened
-                             AND r.escalate_to != '[]')
-               AND NOT EXISTS (SELECT 1 FROM timeline t WHERE t.incident_id = i.id AND t.id > i.timeline_mark
-                                 AND t.kind = 'escalated')",
+            "SELECT r.id, r.incident_id, r.escalate_to, r.routed_ms FROM routing r JOIN incidents i ON i.id = r.incident_id
+             WHERE i.status = 'triggered' AND r.cycle = i.reopened AND r.escalate_to != '[]'
+               AND r.escalated_ms IS NULL
+             ORDER BY r.incident_id, r.id",
         )?
-        .query_map([], |r| r.get(0))?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    for id in due {
+    let mut by_incident: BTreeMap<i64, Vec<(i64, String, i64)>> = BTreeMap::new();
+    for (row, id, escalate_to, routed_ms) in rows {
+        by_incident
+            .entry(id)
+            .or_default()
+            .push((row, escalate_to, routed_ms));
+    }
+    for (id, routes) in by_incident {
         let incident = load_incident(tx, id)?;
         let targets = &router.routing.targets;
-        let deadline = targets.deadline(incident.severity, cycle_start(tx, id)?);
+        let due: Vec<(i64, &str, i64)> = routes
+            .iter()
+            .map(|(row, to, routed)| {
+                (
+                    *row,
+                    to.as_str(),
+                    targets.deadline(incident.severity, *routed),
+                )
+            })
+            .filter(|(_, _, deadline)| *deadline <= now)
+            .collect();
         // A silence mutes escalation as it mutes the page: it goes out when it ends.
-        if now < deadline || muted(silences, &incident, now) {
+        let Some(deadline) = due.iter().map(|(_, _, d)| *d).min() else {
+            continue;
+        };
+        if muted(silences, &incident, now) {
             continue;
         }
         let mut to: Vec<String> = Vec::new();
-        let rows: Vec<String> = tx
-            .prepare_cached(
-                "SELECT r.escalate_to FROM routing r, incidents i
-                 WHERE i.id = ?1 AND r.incident_id = i.id AND r.cycle = i.reopened ORDER BY r.id",
-            )?
-            .query_map([id], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        for ch in rows.iter().flat_map(|r| json_list(r)) {
+        for ch in due.iter().flat_map(|(_, list, _)| json_list(list)) {
             if !to.contains(&ch) {
                 to.push(ch);
             }
+        }
+        for (row, _, _) in &due {
+            tx.prepare_cached("UPDATE routing SET escalated_ms = ?2 WHERE id = ?1")?
+                .execute(params![row, now])?;
         }
         let (mut paged, mut held, mut had) = (Vec::new(), Vec::new(), Vec::new());
         for ch in &to {
@@ -910,6 +918,48 @@ mod tests {
             .map(|(ch, _, _)| ch)
             .collect();
         assert_eq!(acks, ["primary", "backup"]);
+    }
+
+    /// Regression: the response target counted from the trigger, so a page released
+    /// after a 2 h silence escalated at the next sweep, giving the primary no time.
+    #[test]
+    fn escalation_counts_from_when_the_route_paged_not_from_the_trigger() {
+        let routing = Routing {
+            routes: vec![route(&["primary"], &["backup"], None)],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["primary", "backup"], routing);
+        let t0 = now_ms();
+        let m = crate::silence::Matcher::parse("check=c").expect("matcher");
+        s.add_silence(vec![m], t0 - 1000, t0 + 120 * MIN, "alice", "maintenance")
+            .expect("silence");
+        let id = s
+            .ingest("a", &[event(1, "c", State::Critical, false)])
+            .expect("ingest")
+            .opened[0];
+        assert!(outbox(&s, id).is_empty(), "silenced");
+        let released = t0 + 121 * MIN;
+        assert_eq!(s.release_held(released).expect("release"), 1);
+        assert!(
+            s.sweep_paging(released + MIN)
+                .expect("sweep")
+                .escalated
+                .is_empty(),
+            "the primary has its 30 minutes from the page"
+        );
+        assert!(
+            s.sweep_paging(released + 29 * MIN)
+                .expect("sweep")
+                .escalated
+                .is_empty()
+        );
+        assert_eq!(
+            s.sweep_paging(released + 30 * MIN)
+                .expect("sweep")
+                .escalated,
+            [id]
+        );
+        assert_eq!(channels_of(&s, id, "trigger"), ["primary", "backup"]);
     }
 
     #[test]
