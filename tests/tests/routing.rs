@@ -564,6 +564,72 @@ escalate_to = ["backup"]
     Ok(())
 }
 
+/// Regression: an incident whose severity rose after its page (P2 → P1 when half of a
+/// service's nodes went critical) never reached the P1 route. Now the P1 route's
+/// channel gets the trigger once, the P2 route's channel is not paged again, and the
+/// resolve goes to both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_severity_that_rises_to_p1_pages_the_p1_route() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (war, general) = (
+        WebhookReceiver::start().await?,
+        WebhookReceiver::start().await?,
+    );
+    let top = r#"
+[[route]]
+name = "p1"
+severity = ["P1"]
+channels = ["war"]
+[[route]]
+name = "rest"
+severity = ["P2", "P3", "P4"]
+channels = ["general"]
+"#;
+    let agg = Aggregator::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            top,
+            &[("war", &war, ""), ("general", &general, "")],
+        ),
+    )
+    .await?;
+    let mut nodes = Vec::new();
+    for n in 1..=4 {
+        nodes.push(SimNode::connect(agg.grpc, &format!("web-{n}"), &[("service", "web")]).await?);
+    }
+    // One of four web nodes critical: P2, the rest route.
+    nodes[0].send(&[("cpu", v1::State::Critical)]).await?;
+    wait_count(&general, "trigger", "cpu", 1).await?;
+    let id = incident_id(&agg, "cpu").await?;
+    // Two of four: critical on half the service, P1.
+    nodes[1].send(&[("cpu", v1::State::Critical)]).await?;
+    let p1 = war
+        .wait_for("trigger", "2 nodes", "cpu")
+        .await
+        .context("the P1 route's page")?;
+    assert_eq!(p1["incident"]["severity"], "P1", "{p1}");
+    let detail = agg.get(&format!("/api/v1/incidents/{id}")).await?;
+    let rerouted = timeline_kinds(&detail, "rerouted");
+    assert!(
+        rerouted.len() == 1 && rerouted[0].starts_with("now P1 (was P2): route p1 → paged war"),
+        "{rerouted:?}"
+    );
+    for n in &mut nodes[..2] {
+        n.send(&[("cpu", v1::State::Ok)]).await?;
+    }
+    wait_count(&general, "resolve", "cpu", 1).await?;
+    wait_count(&war, "resolve", "cpu", 1).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(got(&war), pairs(&[("trigger", "cpu"), ("resolve", "cpu")]));
+    assert_eq!(
+        got(&general),
+        pairs(&[("trigger", "cpu"), ("resolve", "cpu")]),
+        "not paged a second time"
+    );
+    Ok(())
+}
+
 /// An escalation that fell due while the aggregator was down fires once after the
 /// restart, and a second restart does not fire it again; the acknowledge then reaches
 /// both the primary and the backup.

@@ -170,19 +170,32 @@ fn service_share(conn: &Connection, check: &str, service: &str) -> rusqlite::Res
     ))
 }
 
+/// What [`refresh`] did besides describing the incident.
+#[derive(Debug, Clone, Copy, Default)]
+struct Refreshed {
+    /// The severity rose (e.g. P2 → P1).
+    rose: bool,
+    /// Triggers queued to the routes of the higher severity (see `paging::reroute`).
+    queued: usize,
+}
+
 /// Recomputes incident `id`'s severity (recording a reclassification on the timeline)
 /// and description (node, check, labels, summary, state) from its members; `obs`
-/// supplies the latest value, unit and threshold.
+/// supplies the latest value, unit and threshold. With `note_reclassify` (an incident
+/// that already exists), a severity that rises on a triggered incident already paged in
+/// this cycle pages the routes of the new severity (`paging::reroute`); a severity that
+/// drops un-pages nothing.
 fn refresh(
     conn: &Connection,
     ctx: &Context<'_>,
     id: i64,
     obs: &Observation<'_>,
     note_reclassify: bool,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<Refreshed> {
+    let mut done = Refreshed::default();
     let all = members(conn, id)?;
     let Some(d) = correlate::describe(&all) else {
-        return Ok(());
+        return Ok(done);
     };
     // One count per (check, service), however many members share it.
     let mut counted: std::collections::HashMap<(&str, &str), (u64, u64)> = Default::default();
@@ -218,9 +231,11 @@ fn refresh(
     let current: String = conn
         .prepare_cached("SELECT severity FROM incidents WHERE id = ?1")?
         .query_row([id], |r| r.get(0))?;
+    let before = Severity::parse(&current);
     if let Some(sev) = sev
-        && Severity::parse(&current) != Some(sev)
+        && before != Some(sev)
     {
+        done.rose = before.is_some_and(|b| sev < b);
         conn.execute(
             "UPDATE incidents SET severity = ?2 WHERE id = ?1",
             params![id, sev.as_str()],
@@ -252,7 +267,15 @@ fn refresh(
             obs.threshold
         ],
     )?;
-    Ok(())
+    if done.rose && note_reclassify {
+        let status: String = conn
+            .prepare_cached("SELECT status FROM incidents WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))?;
+        if status == Status::Triggered.as_str() && paged(conn, id)? {
+            done.queued = super::paging::reroute(conn, ctx.router, id, before, ctx.now)?;
+        }
+    }
+    Ok(done)
 }
 
 /// Inserts or updates the member `fp` of incident `id` from `obs`.
@@ -444,7 +467,7 @@ fn open(
         params![id, format!("tocsin-{}-{id}", ctx.install_id)],
     )?;
     upsert_member(conn, id, fp, obs, labels, now)?;
-    refresh(conn, ctx, id, obs, false)?;
+    refresh(conn, ctx, id, obs, false)?; // new: not paged yet, nothing to re-route
     let sev = load_incident(conn, id)?.severity;
     let note = format!("{} {}: {}", sev.as_str(), obs.state.as_str(), obs.message);
     timeline(conn, id, now, "triggered", obs.actor, &note)?;
@@ -490,7 +513,7 @@ pub fn apply(
                 // (unless something else holds it).
                 upsert_member(conn, id, &fp, obs, &labels, now)?;
                 conn.execute("UPDATE incidents SET flapping_hold = 0 WHERE id = ?1", [id])?;
-                refresh(conn, ctx, id, obs, true)?;
+                out.notifications += refresh(conn, ctx, id, obs, true)?.queued;
                 timeline(
                     conn,
                     id,
@@ -506,9 +529,15 @@ pub fn apply(
                     return Ok(()); // nothing new: no write per heartbeat
                 }
                 upsert_member(conn, id, &fp, obs, &labels, now)?;
-                refresh(conn, ctx, id, obs, true)?;
+                let refreshed = refresh(conn, ctx, id, obs, true)?;
+                out.notifications += refreshed.queued;
                 if !obs.reconcile {
                     timeline(conn, id, now, "state", obs.actor, obs.message)?;
+                }
+                if refreshed.rose {
+                    // Held (e.g. by a silence on the old severity) and held no more:
+                    // paged now, at the new severity.
+                    out.notifications += page_or_hold(conn, ctx, id, obs.actor)?;
                 }
             }
             None => join_or_open(conn, ctx, obs, &fp, &labels, out)?,
@@ -548,7 +577,7 @@ pub fn apply(
     upsert_member(conn, id, &fp, obs, &labels, now)?;
     let all_ok = members(conn, id)?.iter().all(|m| m.state == State::Ok);
     if !all_ok {
-        refresh(conn, ctx, id, obs, true)?;
+        out.notifications += refresh(conn, ctx, id, obs, true)?.queued;
         timeline(
             conn,
             id,
@@ -594,7 +623,7 @@ fn join_or_open(
         .optional()?;
     if let Some(id) = group {
         upsert_member(conn, id, fp, obs, labels, now)?;
-        refresh(conn, ctx, id, obs, true)?;
+        out.notifications += refresh(conn, ctx, id, obs, true)?.queued;
         timeline(
             conn,
             id,
@@ -631,6 +660,7 @@ fn join_or_open(
             params![id, due, obs.flapping],
         )?;
         upsert_member(conn, id, fp, obs, labels, now)?;
+        // A new cycle, not paged yet: the page below routes it by its severity now.
         refresh(conn, ctx, id, obs, true)?;
         timeline(
             conn,

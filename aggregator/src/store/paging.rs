@@ -92,19 +92,7 @@ pub(super) fn page(
     let mut channels: Vec<String> = Vec::new();
     let mut notes = Vec::new();
     for p in &plans {
-        conn.prepare_cached(
-            "INSERT INTO routing (incident_id, route, channels, escalate_to, repeat_ms, routed_ms, cycle)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT reopened FROM incidents WHERE id = ?1))",
-        )?
-        .execute(params![
-            id,
-            p.name,
-            serde_json::to_string(&p.channels).unwrap_or_default(),
-            serde_json::to_string(&p.escalate_to).unwrap_or_default(),
-            p.repeat_interval
-                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
-            now
-        ])?;
+        record_route(conn, id, p, now)?;
         let mut note = format!(
             "{} → {}",
             p.name,
@@ -152,6 +140,121 @@ pub(super) fn page(
         }
     }
     Ok(sent)
+}
+
+/// Records that incident `id` takes route `p` in its current cycle, paged at `now`
+/// (Unix ms; its response target counts from there).
+fn record_route(
+    conn: &Connection,
+    id: i64,
+    p: &crate::route::Planned,
+    now: i64,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO routing (incident_id, route, channels, escalate_to, repeat_ms, routed_ms, cycle)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT reopened FROM incidents WHERE id = ?1))",
+    )?
+    .execute(params![
+        id,
+        p.name,
+        serde_json::to_string(&p.channels).unwrap_or_default(),
+        serde_json::to_string(&p.escalate_to).unwrap_or_default(),
+        p.repeat_interval
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        now
+    ])?;
+    Ok(())
+}
+
+/// Pages incident `id`, already paged in this cycle, on the routes its severity — which
+/// just rose from `from` (e.g. P2 → P1) — takes and it did not take yet: records them
+/// (`routing` rows, so their repeats and escalation apply, the response target counting
+/// from now) and sends the trigger to each of their channels that has not had this
+/// cycle's trigger (a channel already paged is not paged again; the storm guard applies).
+/// Adds a `rerouted` timeline entry ("now P1 (was P2): route p1 → paged war-room,
+/// pagerduty"). Without any `[[route]]` every channel already had the trigger: nothing
+/// to do. Returns how many triggers were queued.
+pub(super) fn reroute(
+    conn: &Connection,
+    router: &Router,
+    id: i64,
+    from: Option<Severity>,
+    now: i64,
+) -> rusqlite::Result<usize> {
+    if router.routing.routes.is_empty() {
+        return Ok(0);
+    }
+    let incident = load_incident(conn, id)?;
+    let fields = crate::silence::fields(
+        &incident.node,
+        &incident.check,
+        incident.severity.as_str(),
+        &incident.labels,
+    );
+    let taken: Vec<String> = conn
+        .prepare_cached(
+            "SELECT r.route FROM routing r, incidents i
+             WHERE i.id = ?1 AND r.incident_id = i.id AND r.cycle = i.reopened",
+        )?
+        .query_map([id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut names = Vec::new();
+    let mut channels: Vec<String> = Vec::new();
+    for p in router.plan(&fields, incident.severity) {
+        if taken.contains(&p.name) {
+            continue;
+        }
+        record_route(conn, id, &p, now)?;
+        for c in &p.channels {
+            if !channels.contains(c) {
+                channels.push(c.clone());
+            }
+        }
+        names.push(p.name);
+    }
+    if names.is_empty() {
+        return Ok(0);
+    }
+    let (mut paged, mut held, mut had) = (Vec::new(), Vec::new(), Vec::new());
+    for ch in &channels {
+        match send_trigger(conn, router, &incident, ch, now)? {
+            Sent::Queued => paged.push(ch.as_str()),
+            Sent::Held => held.push(ch.as_str()),
+            Sent::Skipped => had.push(ch.as_str()),
+        }
+    }
+    let mut parts = Vec::new();
+    if !paged.is_empty() {
+        parts.push(format!("paged {}", paged.join(", ")));
+    }
+    if !held.is_empty() {
+        parts.push(format!("held by the storm guard for {}", held.join(", ")));
+    }
+    if !had.is_empty() {
+        parts.push(format!(
+            "{} already paged or not configured",
+            had.join(", ")
+        ));
+    }
+    if parts.is_empty() {
+        parts.push("no channel".to_owned());
+    }
+    let was = from.map_or(String::new(), |f| format!(" (was {})", f.as_str()));
+    timeline(
+        conn,
+        id,
+        now,
+        "rerouted",
+        "aggregator",
+        &format!(
+            "now {}{was}: {} {} → {}",
+            incident.severity.as_str(),
+            if names.len() == 1 { "route" } else { "routes" },
+            names.join(", "),
+            parts.join("; ")
+        ),
+    )?;
+    Ok(paged.len())
 }
 
 /// Whether incident `id` was paged under routing in its current cycle (it has a
@@ -717,7 +820,7 @@ mod tests {
     use std::time::Duration;
 
     use super::super::Store;
-    use crate::model::{AgentHello, Event, State, now_ms};
+    use crate::model::{AgentHello, Event, Severity, State, now_ms};
     use crate::route::{ResponseTarget, Route, Router, Routing, Storm};
 
     const MIN: i64 = 60_000;
@@ -960,6 +1063,114 @@ mod tests {
             [id]
         );
         assert_eq!(channels_of(&s, id, "trigger"), ["primary", "backup"]);
+    }
+
+    fn by_severity(name: &str, severities: &[Severity], channels: &[&str]) -> Route {
+        Route {
+            name: name.into(),
+            severities: severities.to_vec(),
+            ..route(channels, &[], None)
+        }
+    }
+
+    /// Regression: an incident whose severity rose after it was paged (P3 → P2 here;
+    /// P2 → P1 when half a service goes critical) was never sent to the routes of the
+    /// new severity — routes were planned once, at the first page.
+    #[test]
+    fn a_severity_that_rises_pages_the_routes_of_the_new_severity_once() {
+        let mut urgent = by_severity("urgent", &[Severity::P1, Severity::P2], &["war"]);
+        urgent.escalate_to = vec!["backup".into()];
+        let routing = Routing {
+            routes: vec![
+                urgent,
+                by_severity("rest", &[Severity::P3, Severity::P4], &["tickets"]),
+            ],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["war", "tickets", "backup"], routing);
+        let id = s
+            .ingest("a", &[event(1, "c", State::Warning, false)])
+            .expect("warning")
+            .opened[0];
+        assert_eq!(channels_of(&s, id, "trigger"), ["tickets"]);
+        let rose = s
+            .ingest("a", &[event(2, "c", State::Critical, false)])
+            .expect("critical");
+        assert_eq!(rose.notifications, 1, "the new route's channel");
+        assert_eq!(channels_of(&s, id, "trigger"), ["tickets", "war"]);
+        let d = s.incident(id).expect("read").expect("exists");
+        let note = d
+            .timeline
+            .iter()
+            .find(|t| t.kind == "rerouted")
+            .expect("rerouted")
+            .note
+            .clone();
+        assert!(
+            note.starts_with("now P2 (was P3): route urgent → paged war"),
+            "{note}"
+        );
+        // Down and up again: nothing is un-paged, nothing is paged twice.
+        s.ingest("a", &[event(3, "c", State::Warning, false)])
+            .expect("warning again");
+        s.ingest("a", &[event(4, "c", State::Critical, false)])
+            .expect("critical again");
+        assert_eq!(channels_of(&s, id, "trigger"), ["tickets", "war"]);
+        // The new route escalates, its 30 minutes counting from its page.
+        let now = now_ms();
+        assert_eq!(
+            s.sweep_paging(now + 31 * MIN).expect("sweep").escalated,
+            [id]
+        );
+        s.acknowledge(id, "alice", "").expect("ack");
+        assert_eq!(
+            channels_of(&s, id, "acknowledge"),
+            ["tickets", "war", "backup"]
+        );
+    }
+
+    /// An incident held by a silence on its old severity is paged as soon as its
+    /// severity rises out of the silence, at the new severity's routes.
+    #[test]
+    fn a_silenced_incident_whose_severity_rises_out_of_the_silence_pages_at_once() {
+        let routing = Routing {
+            routes: vec![
+                by_severity("urgent", &[Severity::P1, Severity::P2], &["war"]),
+                by_severity("rest", &[Severity::P3, Severity::P4], &["tickets"]),
+            ],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["war", "tickets"], routing);
+        let t0 = now_ms();
+        let m = crate::silence::Matcher::parse("severity=P3").expect("matcher");
+        s.add_silence(vec![m], t0 - 1000, t0 + 60 * MIN, "alice", "noise")
+            .expect("silence");
+        let id = s
+            .ingest("a", &[event(1, "c", State::Warning, false)])
+            .expect("warning")
+            .opened[0];
+        assert!(outbox(&s, id).is_empty(), "silenced");
+        let rose = s
+            .ingest("a", &[event(2, "c", State::Critical, false)])
+            .expect("critical");
+        assert_eq!(rose.notifications, 1);
+        assert_eq!(channels_of(&s, id, "trigger"), ["war"]);
+    }
+
+    /// Without any `[[route]]` every channel had the trigger: a rise sends nothing.
+    #[test]
+    fn without_routes_a_severity_rise_sends_nothing_more() {
+        let (_dir, mut s) = store(&["a", "b"], Routing::default());
+        let id = s
+            .ingest("a", &[event(1, "c", State::Warning, false)])
+            .expect("warning")
+            .opened[0];
+        let rose = s
+            .ingest("a", &[event(2, "c", State::Critical, false)])
+            .expect("critical");
+        assert_eq!(rose.notifications, 0);
+        assert_eq!(channels_of(&s, id, "trigger"), ["a", "b"]);
+        assert_eq!(timeline_count(&s, id, "rerouted"), 0);
     }
 
     #[test]
