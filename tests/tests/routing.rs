@@ -630,6 +630,105 @@ channels = ["general"]
     Ok(())
 }
 
+/// Regression: a storm summary went to PagerDuty as a trigger even when every incident
+/// it stood for had resolved in the window — an alert nothing would ever resolve. Now
+/// PagerDuty gets nothing for such a window (the outbox row is `skipped`), and a chat
+/// channel gets "1 incident held, all resolved".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_whose_held_incidents_all_resolved_sends_pagerduty_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (pd, chat) = (
+        WebhookReceiver::start().await?,
+        WebhookReceiver::start().await?,
+    );
+    let key = dir.path().join("pd.key");
+    std::fs::write(&key, "PDKEY123")?;
+    let storm = "storm_budget = 1\nstorm_window = \"4s\"";
+    let agg = Aggregator::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            "",
+            &[
+                (
+                    "pd",
+                    &pd,
+                    &format!(
+                        "kind = \"pagerduty\"\nrouting_key_file = \"{}\"\n{storm}",
+                        key.display()
+                    ),
+                ),
+                ("chat", &chat, storm),
+            ],
+        ),
+    )
+    .await?;
+    let mut node = SimNode::connect(agg.grpc, "node-storm", &[]).await?;
+    // Early in a 4 s window, so that both fire and clear inside it.
+    eventually("the start of a storm window", PATIENCE, || async {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_millis();
+        (now % 4_000 < 500).then_some(())
+    })
+    .await?;
+    node.send(&[
+        ("first", v1::State::Critical),
+        ("held", v1::State::Critical),
+    ])
+    .await?;
+    node.send(&[("first", v1::State::Ok), ("held", v1::State::Ok)])
+        .await?;
+    let summary = eventually("the chat summary", PATIENCE, || async {
+        chat.received()
+            .into_iter()
+            .find(|b| b["event"] == "storm_summary")
+    })
+    .await?;
+    assert!(
+        summary["incident"]["summary"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("1 incident held, all resolved")),
+        "{summary}"
+    );
+    let held = incident_id(&agg, "held").await?;
+    let detail = eventually("the PagerDuty summary skipped", PATIENCE, || async {
+        let d = agg.get(&format!("/api/v1/incidents/{held}")).await.ok()?;
+        d["notifications"]
+            .as_array()?
+            .iter()
+            .any(|n| {
+                n["channel"] == "pd" && n["kind"] == "storm_summary" && n["status"] == "skipped"
+            })
+            .then_some(d)
+    })
+    .await?;
+    assert_eq!(
+        timeline_kinds(&detail, "notify_skipped").len(),
+        1,
+        "{detail}"
+    );
+    eventually("PagerDuty's trigger and resolve", PATIENCE, || async {
+        (pd.received().len() >= 2).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let actions: Vec<String> = pd
+        .received()
+        .iter()
+        .map(|b| {
+            format!(
+                "{} {}",
+                b["event_action"].as_str().unwrap_or("?"),
+                b["payload"]["component"].as_str().unwrap_or("-")
+            )
+        })
+        .collect();
+    assert_eq!(actions, ["trigger first", "resolve -"], "{actions:?}");
+    Ok(())
+}
+
 /// An escalation that fell due while the aggregator was down fires once after the
 /// restart, and a second restart does not fire it again; the acknowledge then reaches
 /// both the primary and the backup.

@@ -1123,8 +1123,8 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// Records a delivery attempt's outcome: delivered, retry at `retry_at_ms`, or failed
-    /// for good; and adds it to the incident's timeline.
+    /// Records a delivery attempt's outcome: delivered, retry at `retry_at_ms`, failed
+    /// for good, or skipped on purpose; and adds it to the incident's timeline.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
@@ -1167,6 +1167,22 @@ impl Store {
                 )
                 .map_err(err)?;
             }
+            Attempt::Skipped { reason } => {
+                tx.execute(
+                    "UPDATE outbox SET status = 'skipped', last_error = ?2 WHERE id = ?1",
+                    params![id, reason],
+                )
+                .map_err(err)?;
+                timeline(
+                    &tx,
+                    incident_id,
+                    now,
+                    "notify_skipped",
+                    "aggregator",
+                    &format!("{kind} to {channel} not sent: {reason}"),
+                )
+                .map_err(err)?;
+            }
             Attempt::Failed { error } => {
                 tx.execute(
                     "UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
@@ -1204,6 +1220,12 @@ pub enum Attempt {
     Failed {
         /// What went wrong.
         error: String,
+    },
+    /// Deliberately not sent (status `skipped`, timeline `notify_skipped`): e.g. a storm
+    /// summary of incidents that all resolved, to PagerDuty.
+    Skipped {
+        /// Why.
+        reason: String,
     },
 }
 

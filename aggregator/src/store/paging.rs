@@ -292,8 +292,10 @@ fn send_trigger(
     if !router.has_channel(channel) || has_page(conn, incident.id, channel)? {
         return Ok(Sent::Skipped);
     }
-    if let Some(storm) = router.storm(channel)
-        && !admit(conn, storm, channel, now)?
+    // A P1 is never held by the storm guard (it still spends the budget).
+    if incident.severity != Severity::P1
+        && let Some(storm) = router.storm(channel)
+        && !admit(conn, storm, channel, now, Kind::Trigger)?
     {
         let window_end = storm.window_start(now) + storm.window_ms();
         conn.prepare_cached(
@@ -340,13 +342,37 @@ fn has_page(conn: &Connection, id: i64, channel: &str) -> rusqlite::Result<bool>
     .query_row(params![id, channel], |r| r.get(0))
 }
 
-/// Whether one more trigger or repeat fits in `channel`'s budget for the window of `now`.
-fn admit(conn: &Connection, storm: Storm, channel: &str, now: i64) -> rusqlite::Result<bool> {
+/// What asks for a place in a storm budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A trigger: the budget counts triggers only (P1 ones included), so repeats never
+    /// take a place a trigger needs.
+    Trigger,
+    /// A repeat: only what triggers and earlier repeats left of the budget; beyond it
+    /// the repeat is held (recorded, not sent).
+    Repeat,
+}
+
+/// Whether one more trigger or repeat fits in `channel`'s budget for the window of `now`:
+/// a trigger fits while the window's triggers are under the budget; a repeat fits while
+/// its triggers and repeats together are. Repeats are thus held first, and a window
+/// carries at most `budget` triggers plus the repeats sent while room was left.
+fn admit(
+    conn: &Connection,
+    storm: Storm,
+    channel: &str,
+    now: i64,
+    kind: Kind,
+) -> rusqlite::Result<bool> {
+    let kinds = match kind {
+        Kind::Trigger => "('trigger')",
+        Kind::Repeat => "('trigger', 'repeat')",
+    };
     let used: i64 = conn
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT count(*) FROM outbox
-             WHERE channel = ?1 AND created_ms >= ?2 AND kind IN ('trigger', 'repeat') AND status != 'held'",
-        )?
+             WHERE channel = ?1 AND created_ms >= ?2 AND kind IN {kinds} AND status != 'held'"
+        ))?
         .query_row(params![channel, storm.window_start(now)], |r| r.get(0))?;
     Ok(used < i64::from(storm.budget))
 }
@@ -559,7 +585,7 @@ fn repeat(
         ));
         let storm = router.storm(&ch);
         if let Some(storm) = storm
-            && !admit(tx, storm, &ch, now)?
+            && !admit(tx, storm, &ch, now, Kind::Repeat)?
         {
             // Recorded as a held repeat, so the next one is due a period later.
             insert(
@@ -723,14 +749,17 @@ fn summarise(
     Ok(())
 }
 
-/// The summary's one-line text and its JSON payload. The payload carries an `incident`
+/// The summary's one-line text and its JSON payload. When every held incident resolved
+/// by the window's end the text says "N incidents held, all resolved", `all_resolved` is
+/// true and the `incident` is `resolved`/`ok`: a PagerDuty channel then sends nothing
+/// (an alert nothing would ever resolve), see `notify`. The payload carries an `incident`
 /// object shaped like a trigger's (id of the first held incident, worst severity, the
 /// text as `summary`), so every channel format renders it, plus a `storm` object:
 ///
 /// ```json
 /// {"version":"1","event":"storm_summary","dedup_key":"tocsin-ab12cd34-storm-ops-1705277100000",
 ///  "storm":{"channel":"ops","held":37,"open":30,"by_severity":{"P2":20,"P3":17},
-///           "window_start":"…","window_end":"…","incidents":[12,13,…]},
+///           "window_start":"…","window_end":"…","incidents":[12,13,…],"all_resolved":false},
 ///  "incident":{"id":12,"severity":"P2","check":"storm_summary","summary":"+37 more incidents: …",…}}
 /// ```
 #[expect(clippy::too_many_arguments, reason = "the parts of one message")]
@@ -759,12 +788,21 @@ fn summary(
         .map(|h| format!("#{} {} {}", h.id, h.node, h.check))
         .collect();
     let window_start = storm.map_or(first_held, |s| window_end - s.window_ms());
-    let mut text = format!(
-        "+{} more incidents: {}; {} still open",
-        held.len(),
-        counts.join(", "),
-        open.len()
-    );
+    let mut text = if open.is_empty() {
+        format!(
+            "{} incident{} held, all resolved: {}",
+            held.len(),
+            if held.len() == 1 { "" } else { "s" },
+            counts.join(", ")
+        )
+    } else {
+        format!(
+            "+{} more incidents: {}; {} still open",
+            held.len(),
+            counts.join(", "),
+            open.len()
+        )
+    };
     if !listed.is_empty() {
         text.push_str(&format!(": {}", listed.join(", ")));
         if open.len() > listed.len() {
@@ -796,14 +834,15 @@ fn summary(
             "window_start": rfc3339(window_start),
             "window_end": rfc3339(window_end),
             "incidents": held.iter().map(|h| h.id).collect::<Vec<_>>(),
+            "all_resolved": open.is_empty(),
         },
         "incident": {
             "id": first.id,
-            "status": "triggered",
+            "status": if open.is_empty() { "resolved" } else { "triggered" },
             "severity": worst.as_str(),
             "node": "",
             "check": STORM_SUMMARY,
-            "state": "critical",
+            "state": if open.is_empty() { "ok" } else { "critical" },
             "summary": text,
             "labels": {},
             "fingerprint": "",
@@ -969,6 +1008,148 @@ mod tests {
             !outbox(&s, ids[3])
                 .iter()
                 .any(|(ch, kind, _)| ch == "a" && kind == "resolve")
+        );
+    }
+
+    fn storm(budget: u32, window: Duration) -> BTreeMap<String, Storm> {
+        BTreeMap::from([("a".to_owned(), Storm { budget, window })])
+    }
+
+    /// Regression: the storm guard held P1 triggers like any other. A P1 is never held;
+    /// it still spends the budget.
+    #[test]
+    fn the_storm_guard_never_holds_a_p1_but_counts_it() {
+        let routing = Routing {
+            storm: storm(1, Duration::from_secs(86_400)),
+            ..Routing::default()
+        };
+        let (dir, s) = store(&["a"], routing.clone());
+        drop(s);
+        let correlation = crate::correlate::Correlation {
+            severity: vec![crate::correlate::SeverityRule {
+                matchers: vec![crate::silence::Matcher::parse("check=boom").expect("m")],
+                level: Severity::P1,
+            }],
+            ..crate::correlate::Correlation::default()
+        };
+        let mut s = Store::open(dir.path(), vec!["a".into()])
+            .expect("open")
+            .with_correlation(correlation);
+        s.set_router(Router {
+            channels: vec!["a".into()],
+            routing,
+        });
+        s.hello(&hello(), 1).expect("hello");
+        let out = s
+            .ingest(
+                "a",
+                &[
+                    event(1, "c1", State::Critical, false),
+                    event(2, "c2", State::Critical, false),
+                    event(3, "boom", State::Critical, false),
+                    event(4, "c3", State::Critical, false),
+                ],
+            )
+            .expect("ingest");
+        let ids = out.opened;
+        assert_eq!(
+            ids.iter()
+                .map(|id| channels_of(&s, *id, "trigger").len())
+                .collect::<Vec<_>>(),
+            [1, 0, 1, 0],
+            "c1 spends the budget; the P1 goes out anyway"
+        );
+        assert_eq!(timeline_count(&s, ids[2], "storm"), 0);
+    }
+
+    /// Regression: repeats spent the storm budget, so a repeat of an old incident could
+    /// hold the trigger of a new one. Triggers count only triggers; repeats use what is
+    /// left and are held first.
+    #[test]
+    fn repeats_never_take_the_budget_a_trigger_needs() {
+        let routing = Routing {
+            routes: vec![route(&["a"], &[], Some(Duration::from_secs(1)))],
+            storm: storm(2, Duration::from_secs(86_400)),
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["a"], routing);
+        let first = s
+            .ingest("a", &[event(1, "c1", State::Critical, false)])
+            .expect("c1")
+            .opened[0];
+        let now = now_ms();
+        assert_eq!(s.sweep_paging(now + 2_000).expect("sweep").repeats, 1);
+        let second = s
+            .ingest("a", &[event(2, "c2", State::Critical, false)])
+            .expect("c2")
+            .opened[0];
+        assert_eq!(
+            channels_of(&s, second, "trigger"),
+            ["a"],
+            "the repeat did not take the trigger's place"
+        );
+        assert_eq!(
+            s.sweep_paging(now + 4_000).expect("sweep").repeats,
+            0,
+            "the budget is spent: repeats are held"
+        );
+        let third = s
+            .ingest("a", &[event(3, "c3", State::Critical, false)])
+            .expect("c3")
+            .opened[0];
+        assert!(channels_of(&s, third, "trigger").is_empty(), "held");
+        assert_eq!(timeline_count(&s, first, "storm"), 1, "its repeat held");
+    }
+
+    /// A storm window whose held incidents all resolved is summarised as such (and
+    /// flagged, so PagerDuty is sent nothing): no alert that nothing resolves.
+    #[test]
+    fn a_storm_summary_of_incidents_that_all_resolved_says_so() {
+        let routing = Routing {
+            storm: storm(1, Duration::from_secs(3600)),
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["a"], routing);
+        let out = s
+            .ingest(
+                "a",
+                &[
+                    event(1, "c1", State::Critical, false),
+                    event(2, "c2", State::Critical, false),
+                ],
+            )
+            .expect("fires");
+        let held = out.opened[1];
+        s.ingest(
+            "a",
+            &[
+                event(3, "c1", State::Ok, false),
+                event(4, "c2", State::Ok, false),
+            ],
+        )
+        .expect("clears");
+        assert_eq!(
+            s.sweep_paging(now_ms() + 2 * 3_600_000)
+                .expect("sweep")
+                .summaries,
+            1
+        );
+        let summary = s
+            .incident(held)
+            .expect("read")
+            .expect("exists")
+            .notifications
+            .into_iter()
+            .find(|n| n.kind == super::STORM_SUMMARY)
+            .expect("summary");
+        let p: serde_json::Value = serde_json::from_str(&summary.payload).expect("json");
+        assert_eq!(p["storm"]["all_resolved"], true, "{p}");
+        assert_eq!(p["incident"]["status"], "resolved", "{p}");
+        assert!(
+            p["incident"]["summary"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("1 incident held, all resolved")),
+            "{p}"
         );
     }
 
