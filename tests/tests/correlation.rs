@@ -660,3 +660,51 @@ async fn a_hand_resolve_of_a_still_firing_group_opens_a_new_incident_and_pages()
     drop(nodes);
     Ok(())
 }
+
+/// Regression: after one member of a group recovered, the incident showed the value of
+/// the member that recovered (critical, value 0), and the resolve sent out carried the
+/// old firing text ("critical on 1 node: …"). Now the open incident shows its worst
+/// firing member, and the resolve says every member is OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_shows_its_worst_firing_member_and_resolves_with_every_member_ok() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = WebhookReceiver::start().await?;
+    let agg = Aggregator::start(
+        dir.path(),
+        &AggregatorToml::new(dir.path())
+            .webhook(&receiver.url)
+            .set("node_timeout = \"10m\"")
+            .build(),
+    )
+    .await?;
+    let mut one = ScriptedNode::connect(&endpoint(&agg), "val-1", &[], HEARTBEAT).await?;
+    let mut two = ScriptedNode::connect(&endpoint(&agg), "val-2", &[], HEARTBEAT).await?;
+    one.send_values(&[("disk", "critical", 97.0)]).await?;
+    two.send_values(&[("disk", "critical", 91.0)]).await?;
+    let id = id_of(&incident_of(&agg, "disk").await?)?;
+    one.send_values(&[("disk", "ok", 12.0)]).await?;
+    let d = wait_incident(&agg, id, "val-1 recovered", |d| {
+        d["members"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["node"] == "val-1" && m["state"] == "ok"))
+    })
+    .await?;
+    assert_eq!(d["status"], "triggered", "{d}");
+    assert_eq!(
+        (&d["state"], &d["value"]),
+        (&Value::from("critical"), &Value::from(91.0)),
+        "{d}"
+    );
+    two.send_values(&[("disk", "ok", 15.0)]).await?;
+    let resolve = eventually("the resolve", PATIENCE, || async {
+        sent(&receiver, "resolve", id).into_iter().next()
+    })
+    .await?;
+    assert_eq!(
+        resolve["incident"]["summary"], "disk ok on 2 nodes: val-1, val-2",
+        "{resolve}"
+    );
+    assert_eq!(resolve["incident"]["state"], "ok", "{resolve}");
+    assert_eq!(resolve["incident"]["value"], 15.0, "{resolve}");
+    Ok(())
+}

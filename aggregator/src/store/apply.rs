@@ -253,7 +253,7 @@ fn refresh(
     }
     conn.execute(
         "UPDATE incidents SET node = ?2, check_name = ?3, labels = ?4, summary = ?5,
-             state = coalesce(?6, state), value = ?7, unit = ?8, threshold = ?9
+             state = coalesce(?6, state)
          WHERE id = ?1",
         params![
             id,
@@ -262,11 +262,21 @@ fn refresh(
             serde_json::to_string(&d.labels).unwrap_or_default(),
             d.summary,
             d.state.map(State::as_str),
-            obs.value,
-            obs.unit,
-            obs.threshold
         ],
     )?;
+    // Value, unit and threshold of the worst firing member (critical over warning; the
+    // latest report among equals) — not of whichever member reported last, e.g. one
+    // that just recovered. No member fires (pending, unknown): kept as they are.
+    conn.prepare_cached(
+        "UPDATE incidents SET value = w.value, unit = coalesce(w.unit, incidents.unit),
+             threshold = CASE WHEN w.unit IS NULL THEN incidents.threshold ELSE w.threshold END
+         FROM (SELECT value, unit, threshold FROM incident_members
+               WHERE incident_id = ?1 AND state IN ('critical', 'warning')
+               ORDER BY CASE state WHEN 'critical' THEN 2 ELSE 1 END DESC, updated_ms DESC, id DESC
+               LIMIT 1) AS w
+         WHERE incidents.id = ?1",
+    )?
+    .execute([id])?;
     if done.rose && note_reclassify {
         let status: String = conn
             .prepare_cached("SELECT status FROM incidents WHERE id = ?1")?
@@ -289,10 +299,11 @@ fn upsert_member(
 ) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT INTO incident_members
-             (incident_id, fingerprint, node, check_name, labels, state, value, message, since_ms, updated_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+             (incident_id, fingerprint, node, check_name, labels, state, value, message, since_ms, updated_ms,
+              unit, threshold)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11)
          ON CONFLICT (incident_id, fingerprint) DO UPDATE SET
-             labels = ?5, value = ?7, message = ?8, updated_ms = ?9,
+             labels = ?5, value = ?7, message = ?8, updated_ms = ?9, unit = ?10, threshold = ?11,
              since_ms = CASE WHEN state = ?6 THEN since_ms ELSE ?9 END, state = ?6",
     )?
     .execute(params![
@@ -304,7 +315,9 @@ fn upsert_member(
         obs.state.as_str(),
         obs.value,
         obs.message,
-        now
+        now,
+        obs.unit,
+        obs.threshold
     ])?;
     Ok(())
 }
@@ -588,10 +601,19 @@ pub fn apply(
         )?;
         return Ok(());
     }
+    // The resolve says what resolved it: the last observation's message for a lone
+    // member, else every member OK ("cpu ok on 12 nodes: …"); state, value, unit and
+    // threshold of the last observation — not the firing text of before.
+    let all = members(conn, id)?;
+    let summary = match all.as_slice() {
+        [_] => obs.message.to_owned(),
+        _ => correlate::describe(&all).map_or_else(|| obs.message.to_owned(), |d| d.summary),
+    };
     conn.execute(
-        "UPDATE incidents SET status = 'resolved', state = 'ok', resolved_at_ms = ?2, value = ?3, resolution = ?4
+        "UPDATE incidents SET status = 'resolved', state = 'ok', resolved_at_ms = ?2, value = ?3, resolution = ?4,
+             summary = ?5, unit = ?6, threshold = ?7
          WHERE id = ?1",
-        params![id, now, obs.value, obs.message],
+        params![id, now, obs.value, obs.message, summary, obs.unit, obs.threshold],
     )?;
     timeline(conn, id, now, "resolved", obs.actor, obs.message)?;
     // A resolve goes exactly to the channels that were sent the trigger (or still may

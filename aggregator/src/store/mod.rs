@@ -2237,6 +2237,98 @@ mod tests {
         assert_eq!(triggers(&s, again.opened[0]), 1);
     }
 
+    fn valued(seq: u64, state: State, value: f64, unit: &str) -> Event {
+        Event {
+            value: Some(value),
+            unit: unit.into(),
+            message: format!("nginx {} ({value} {unit})", state.as_str()),
+            ..event(seq, state)
+        }
+    }
+
+    /// The `resolve` payload queued for incident `id`.
+    fn resolve_payload(s: &Store, id: i64) -> serde_json::Value {
+        let n = s
+            .incident(id)
+            .expect("r")
+            .expect("e")
+            .notifications
+            .into_iter()
+            .find(|n| n.kind == "resolve")
+            .expect("a resolve");
+        serde_json::from_str(&n.payload).expect("json")
+    }
+
+    /// Regression: the incident's value came from whichever member reported last (one
+    /// that just recovered showed "critical, value 0"), and the resolve carried the old
+    /// firing text ("critical on 1 node: b").
+    #[test]
+    fn an_incident_shows_its_worst_firing_member_and_resolves_with_the_resolving_state() {
+        let (_dir, mut s) = store(&["hook"]);
+        s.hello(&hello("a"), 1).expect("hello a");
+        s.hello(
+            &AgentHello {
+                instance_id: "ib".into(),
+                ..hello("b")
+            },
+            2,
+        )
+        .expect("hello b");
+        let id = s
+            .ingest("a", &[valued(1, State::Critical, 95.0, "percent")])
+            .expect("a")
+            .opened[0];
+        s.ingest("b", &[valued(1, State::Warning, 70.0, "percent")])
+            .expect("b");
+        let i = s.incident(id).expect("r").expect("e").incident;
+        assert_eq!(
+            (i.state, i.value),
+            (State::Critical, Some(95.0)),
+            "worst, not latest"
+        );
+        s.ingest("a", &[valued(2, State::Ok, 0.0, "percent")])
+            .expect("a recovers");
+        let i = s.incident(id).expect("r").expect("e").incident;
+        assert_eq!(
+            (i.state, i.value, i.status),
+            (State::Warning, Some(70.0), Status::Triggered),
+            "the member still firing, not the one that recovered"
+        );
+        s.ingest("b", &[valued(2, State::Ok, 1.0, "percent")])
+            .expect("b recovers");
+        let i = s.incident(id).expect("r").expect("e").incident;
+        assert_eq!((i.state, i.value), (State::Ok, Some(1.0)));
+        assert_eq!(i.summary, "process:nginx ok on 2 nodes: a, b");
+        let p = resolve_payload(&s, id);
+        assert_eq!(
+            p["incident"]["summary"], "process:nginx ok on 2 nodes: a, b",
+            "{p}"
+        );
+        assert_eq!(p["incident"]["state"], "ok", "{p}");
+
+        // A lone member resolves with its own recovery message.
+        let lone = s
+            .ingest(
+                "a",
+                &[Event {
+                    check: "disk".into(),
+                    ..valued(3, State::Critical, 99.0, "percent")
+                }],
+            )
+            .expect("disk")
+            .opened[0];
+        s.ingest(
+            "a",
+            &[Event {
+                check: "disk".into(),
+                ..valued(4, State::Ok, 40.0, "percent")
+            }],
+        )
+        .expect("disk ok");
+        let p = resolve_payload(&s, lone);
+        assert_eq!(p["incident"]["summary"], "nginx ok (40 percent)", "{p}");
+    }
+
     #[test]
     fn unchanged_heartbeats_write_nothing_until_an_event_arrives() {
         let (_dir, mut s) = store(&[]);

@@ -128,6 +128,8 @@ CREATE TABLE IF NOT EXISTS incident_members (
     message     TEXT NOT NULL,
     since_ms    INTEGER NOT NULL,
     updated_ms  INTEGER NOT NULL,
+    unit        TEXT,
+    threshold   REAL,
     UNIQUE (incident_id, fingerprint)
 );
 CREATE INDEX IF NOT EXISTS members_fingerprint ON incident_members (fingerprint);
@@ -164,6 +166,10 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // belongs to (`store::paging`).
     ("routing", "cycle", "INTEGER NOT NULL DEFAULT 0"),
     ("storm_held", "cycle", "INTEGER NOT NULL DEFAULT 0"),
+    // The member's unit and threshold, so the incident shows the value of its worst
+    // firing member with its unit (NULL for members from before: the incident's kept).
+    ("incident_members", "unit", "TEXT"),
+    ("incident_members", "threshold", "REAL"),
     // When the route escalated (Unix ms); NULL while it has not (`store::paging`).
     ("routing", "escalated_ms", "INTEGER"),
     // The highest severity the incident reached (P1 < P2 as text), kept by the
