@@ -184,7 +184,8 @@ pub struct Description {
     /// Worst state of the firing members (critical over warning).
     pub state: Option<State>,
     /// One line: a lone member's message, else e.g. `cpu critical on 12 nodes: web-1,
-    /// web-2, …` naming every firing member (up to [`SUMMARY_NAMES`], then `+N more`).
+    /// web-2, …` naming every firing member (up to [`SUMMARY_NAMES`], then `+N more`);
+    /// when every member is OK, all of them (`cpu ok on 12 nodes: …`).
     pub summary: String,
 }
 
@@ -227,7 +228,9 @@ pub fn describe(members: &[Member]) -> Option<Description> {
     let summary = if members.len() == 1 {
         first.message.clone()
     } else {
-        let state_word = state.map_or("firing", State::as_str);
+        // Nothing fires: every member OK (the resolve), else pending or unknown.
+        let all_ok = members.iter().all(|m| m.state == State::Ok);
+        let state_word = state.map_or(if all_ok { "ok" } else { "firing" }, State::as_str);
         let list = |names: Vec<String>| -> String {
             let more = names.len().saturating_sub(SUMMARY_NAMES);
             let mut s = names

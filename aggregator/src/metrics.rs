@@ -20,7 +20,7 @@ pub struct Refusal {
 pub struct Delivery {
     /// Channel name (from config: few values).
     pub channel: String,
-    /// `delivered`, `retry`, `failed`.
+    /// `delivered`, `retry`, `failed`, `skipped` (not sent on purpose).
     pub outcome: &'static str,
 }
 
@@ -77,7 +77,7 @@ impl Metrics {
 
     /// Creates the delivery series of `channel` at zero.
     pub fn channel(&self, channel: &str) {
-        for outcome in ["delivered", "retry", "failed"] {
+        for outcome in ["delivered", "retry", "failed", "skipped"] {
             drop(self.notify_attempts.get_or_create(&Delivery {
                 channel: channel.to_owned(),
                 outcome,

@@ -232,10 +232,13 @@ pub fn next_business_day(at_ms: i64, utc_offset_s: i32) -> i64 {
     next * DAY_MS + start_ms - offset_ms
 }
 
-/// A channel's storm budget: at most `budget` triggers (and repeats) per `window`.
-/// Windows are fixed, aligned to multiples of `window` since the Unix epoch; triggers
-/// beyond the budget are held, and one summary per channel goes out when the window
-/// turns. Their acknowledge and resolve are not sent either (the channel never got them).
+/// A channel's storm budget: at most `budget` triggers per `window`; repeats only use
+/// what triggers left (they never take a trigger's place and are held first). P1
+/// triggers are never held, though they spend the budget. Windows are fixed, aligned to
+/// multiples of `window` since the Unix epoch; triggers beyond the budget are held, and
+/// one summary per channel goes out when the window turns (none to PagerDuty when every
+/// held incident resolved meanwhile). Their acknowledge and resolve are not sent either
+/// (the channel never got them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Storm {
     /// Triggers per window, at least 1.

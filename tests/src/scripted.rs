@@ -95,6 +95,21 @@ impl ScriptedNode {
         self.send_breach(changes, 0).await
     }
 
+    /// [`ScriptedNode::send`] with a value per event `(check, state, value)` (every other
+    /// send carries the value 1).
+    ///
+    /// # Errors
+    /// When the stream fails or closes before the ack.
+    pub async fn send_values(&mut self, changes: &[(&str, &str, f64)]) -> Result<()> {
+        self.send_events(
+            changes
+                .iter()
+                .map(|(check, name, value)| (*check, *name, *value, 0))
+                .collect(),
+        )
+        .await
+    }
+
     /// [`ScriptedNode::send`] with events that say their breach started at
     /// `breach_started_at_ms` (Unix ms; 0: unknown), as an agent's do once a rule's `for`
     /// duration has held.
@@ -106,15 +121,27 @@ impl ScriptedNode {
         changes: &[(&str, &str)],
         breach_started_at_ms: i64,
     ) -> Result<()> {
+        self.send_events(
+            changes
+                .iter()
+                .map(|(check, name)| (*check, *name, 1.0, breach_started_at_ms))
+                .collect(),
+        )
+        .await
+    }
+
+    /// Sends `(check, state, value, breach_started_at_ms)` events in one batch and waits
+    /// for the ack.
+    async fn send_events(&mut self, changes: Vec<(&str, &str, f64, i64)>) -> Result<()> {
         let mut events = Vec::new();
-        for (check, name) in changes {
+        for (check, name, value, breach_started_at_ms) in changes {
             let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
             events.push(v1::Event {
                 seq,
-                check: (*check).to_owned(),
+                check: check.to_owned(),
                 state: state(name).into(),
                 previous: v1::State::Ok.into(),
-                value: Some(1.0),
+                value: Some(value),
                 unit: "percent".into(),
                 message: format!("{check} is {name} on {}", self.id),
                 observed_at_ms: tocsin_agent::event::now_ms(),
@@ -142,6 +169,27 @@ impl ScriptedNode {
     /// Sends a heartbeat (no check states) every `interval` from now on, so the node
     /// stays alive; stops when the node is dropped.
     pub fn heartbeats(&mut self, interval: Duration) {
+        self.heartbeats_with(interval, &[]);
+    }
+
+    /// [`ScriptedNode::heartbeats`] carrying the check states `(check, state)` (states as
+    /// in [`ScriptedNode::send`]), as an agent's heartbeats do: the aggregator reconciles
+    /// its incidents with them. Replaces any heartbeat task started before.
+    pub fn heartbeats_with(&mut self, interval: Duration, checks: &[(&str, &str)]) {
+        if let Some(h) = self.heartbeats.take() {
+            h.abort();
+        }
+        let checks: Vec<v1::CheckStatus> = checks
+            .iter()
+            .map(|(check, name)| v1::CheckStatus {
+                check: (*check).to_owned(),
+                state: state(name).into(),
+                value: Some(1.0),
+                unit: "percent".into(),
+                since_ms: tocsin_agent::event::now_ms(),
+                ..Default::default()
+            })
+            .collect();
         let (tx, seq) = (self.tx.clone(), self.seq.clone());
         self.heartbeats = Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
@@ -149,7 +197,7 @@ impl ScriptedNode {
                 tick.tick().await;
                 let hb = v1::Heartbeat {
                     sent_at_ms: tocsin_agent::event::now_ms(),
-                    checks: Vec::new(),
+                    checks: checks.clone(),
                     last_seq: seq.load(Ordering::SeqCst),
                 };
                 let msg = v1::AgentMessage {

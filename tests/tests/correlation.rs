@@ -589,3 +589,122 @@ async fn a_held_group_survives_an_aggregator_restart_and_pages_once() -> Result<
     assert_eq!(sent(&receiver, "trigger", id).len(), 1);
     Ok(())
 }
+
+/// Regression: a resolve by hand (`POST /api/v1/incidents/{id}/resolve`) of a group
+/// whose checks still fired went silent — the agents' unchanged heartbeats were skipped,
+/// so no new incident opened until an aggregator restart paged a surprise. Now the next
+/// heartbeats open a new incident for every member that still fires, and it pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_resolve_of_a_still_firing_group_opens_a_new_incident_and_pages() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = WebhookReceiver::start().await?;
+    let agg = Aggregator::start(
+        dir.path(),
+        &AggregatorToml::new(dir.path())
+            .webhook(&receiver.url)
+            .set("node_timeout = \"10m\"")
+            .build(),
+    )
+    .await?;
+    let mut nodes = Vec::new();
+    for id in ["hr-1", "hr-2"] {
+        let mut n = ScriptedNode::connect(&endpoint(&agg), id, &[], HEARTBEAT).await?;
+        n.send(&[("exec:queue", "critical")]).await?;
+        // The agents keep saying the check fires, as a real agent's heartbeats do.
+        n.heartbeats_with(HEARTBEAT, &[("exec:queue", "critical")]);
+        nodes.push(n);
+    }
+    let first = id_of(&incident_of(&agg, "exec:queue").await?)?;
+    wait_incident(&agg, first, "2 members", |d| {
+        d["members"].as_array().is_some_and(|m| m.len() == 2)
+    })
+    .await?;
+    eventually("the first page", PATIENCE, || async {
+        (!sent(&receiver, "trigger", first).is_empty()).then_some(())
+    })
+    .await?;
+    // Let a few heartbeats be reconciled (and remembered) before the resolve.
+    tokio::time::sleep(HEARTBEAT * 4).await;
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "http://{}/api/v1/incidents/{first}/resolve",
+            agg.http
+        ))
+        .json(&serde_json::json!({ "by": "alice", "note": "looks fine" }))
+        .send()
+        .await?;
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let second = eventually("a new incident for what still fires", PATIENCE, || async {
+        let list = agg.get("/api/v1/incidents").await.ok()?;
+        list["incidents"]
+            .as_array()?
+            .iter()
+            .filter(|i| i["check"] == "exec:queue" && i["status"] == "triggered")
+            .find_map(|i| i["id"].as_i64().filter(|id| *id != first))
+    })
+    .await?;
+    wait_incident(&agg, second, "both members in the new incident", |d| {
+        d["members"].as_array().is_some_and(|m| m.len() == 2)
+    })
+    .await?;
+    eventually("the new incident's page", PATIENCE, || async {
+        (!sent(&receiver, "trigger", second).is_empty()).then_some(())
+    })
+    .await?;
+    eventually("the first incident's resolve", PATIENCE, || async {
+        (!sent(&receiver, "resolve", first).is_empty()).then_some(())
+    })
+    .await?;
+    assert_eq!(sent(&receiver, "trigger", first).len(), 1);
+    assert_eq!(sent(&receiver, "trigger", second).len(), 1);
+    drop(nodes);
+    Ok(())
+}
+
+/// Regression: after one member of a group recovered, the incident showed the value of
+/// the member that recovered (critical, value 0), and the resolve sent out carried the
+/// old firing text ("critical on 1 node: …"). Now the open incident shows its worst
+/// firing member, and the resolve says every member is OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_shows_its_worst_firing_member_and_resolves_with_every_member_ok() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = WebhookReceiver::start().await?;
+    let agg = Aggregator::start(
+        dir.path(),
+        &AggregatorToml::new(dir.path())
+            .webhook(&receiver.url)
+            .set("node_timeout = \"10m\"")
+            .build(),
+    )
+    .await?;
+    let mut one = ScriptedNode::connect(&endpoint(&agg), "val-1", &[], HEARTBEAT).await?;
+    let mut two = ScriptedNode::connect(&endpoint(&agg), "val-2", &[], HEARTBEAT).await?;
+    one.send_values(&[("disk", "critical", 97.0)]).await?;
+    two.send_values(&[("disk", "critical", 91.0)]).await?;
+    let id = id_of(&incident_of(&agg, "disk").await?)?;
+    one.send_values(&[("disk", "ok", 12.0)]).await?;
+    let d = wait_incident(&agg, id, "val-1 recovered", |d| {
+        d["members"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["node"] == "val-1" && m["state"] == "ok"))
+    })
+    .await?;
+    assert_eq!(d["status"], "triggered", "{d}");
+    assert_eq!(
+        (&d["state"], &d["value"]),
+        (&Value::from("critical"), &Value::from(91.0)),
+        "{d}"
+    );
+    two.send_values(&[("disk", "ok", 15.0)]).await?;
+    let resolve = eventually("the resolve", PATIENCE, || async {
+        sent(&receiver, "resolve", id).into_iter().next()
+    })
+    .await?;
+    assert_eq!(
+        resolve["incident"]["summary"], "disk ok on 2 nodes: val-1, val-2",
+        "{resolve}"
+    );
+    assert_eq!(resolve["incident"]["state"], "ok", "{resolve}");
+    assert_eq!(resolve["incident"]["value"], 15.0, "{resolve}");
+    Ok(())
+}

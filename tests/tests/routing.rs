@@ -491,6 +491,245 @@ escalate_to = ["backup"]
     Ok(())
 }
 
+/// Timeline entries of `kind` as `(at_ms, note)`.
+fn timeline_at(detail: &Value, kind: &str) -> Vec<(i64, String)> {
+    detail["timeline"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter(|e| e["kind"] == kind)
+                .map(|e| {
+                    (
+                        e["at_ms"].as_i64().unwrap_or(0),
+                        e["note"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Regression: the response target counted from the trigger, not from the page, so a
+/// page held by a group wait longer than the target escalated to the backup at the next
+/// sweep after the primary was paged. Now the primary gets the whole target from its
+/// page: the escalation comes at least the target after the `routed` entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escalation_counts_from_the_page_after_a_group_wait() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (primary, backup) = (
+        WebhookReceiver::start().await?,
+        WebhookReceiver::start().await?,
+    );
+    let top = r#"
+[correlation]
+group_wait = "3s"
+[response_targets]
+P2 = "2s"
+[[route]]
+name = "commander"
+channels = ["primary"]
+escalate_to = ["backup"]
+"#;
+    let agg = Aggregator::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            top,
+            &[("primary", &primary, ""), ("backup", &backup, "")],
+        ),
+    )
+    .await?;
+    let mut node = SimNode::connect(agg.grpc, "node-gw", &[]).await?;
+    node.send(&[("held-then-paged", v1::State::Critical)])
+        .await?;
+    wait_count(&primary, "trigger", "held-then-paged", 1).await?;
+    wait_count(&backup, "trigger", "held-then-paged", 1).await?;
+    let id = incident_id(&agg, "held-then-paged").await?;
+    let detail = agg.get(&format!("/api/v1/incidents/{id}")).await?;
+    let triggered = detail["triggered_at_ms"].as_i64().context("triggered")?;
+    let routed = timeline_at(&detail, "routed");
+    let escalated = timeline_at(&detail, "escalated");
+    let (Some((routed_at, _)), Some((escalated_at, note))) = (routed.first(), escalated.first())
+    else {
+        bail!("routed and escalated entries: {detail}");
+    };
+    assert!(
+        *routed_at >= triggered + 3_000,
+        "precondition: paged after the group wait: {detail}"
+    );
+    assert!(
+        *escalated_at >= routed_at + 2_000,
+        "escalated {} ms after the page, before the 2 s target: {note}",
+        escalated_at - routed_at
+    );
+    Ok(())
+}
+
+/// Regression: an incident whose severity rose after its page (P2 → P1 when half of a
+/// service's nodes went critical) never reached the P1 route. Now the P1 route's
+/// channel gets the trigger once, the P2 route's channel is not paged again, and the
+/// resolve goes to both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_severity_that_rises_to_p1_pages_the_p1_route() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (war, general) = (
+        WebhookReceiver::start().await?,
+        WebhookReceiver::start().await?,
+    );
+    let top = r#"
+[[route]]
+name = "p1"
+severity = ["P1"]
+channels = ["war"]
+[[route]]
+name = "rest"
+severity = ["P2", "P3", "P4"]
+channels = ["general"]
+"#;
+    let agg = Aggregator::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            top,
+            &[("war", &war, ""), ("general", &general, "")],
+        ),
+    )
+    .await?;
+    let mut nodes = Vec::new();
+    for n in 1..=4 {
+        nodes.push(SimNode::connect(agg.grpc, &format!("web-{n}"), &[("service", "web")]).await?);
+    }
+    // One of four web nodes critical: P2, the rest route.
+    nodes[0].send(&[("cpu", v1::State::Critical)]).await?;
+    wait_count(&general, "trigger", "cpu", 1).await?;
+    let id = incident_id(&agg, "cpu").await?;
+    // Two of four: critical on half the service, P1.
+    nodes[1].send(&[("cpu", v1::State::Critical)]).await?;
+    let p1 = war
+        .wait_for("trigger", "2 nodes", "cpu")
+        .await
+        .context("the P1 route's page")?;
+    assert_eq!(p1["incident"]["severity"], "P1", "{p1}");
+    let detail = agg.get(&format!("/api/v1/incidents/{id}")).await?;
+    let rerouted = timeline_kinds(&detail, "rerouted");
+    assert!(
+        rerouted.len() == 1 && rerouted[0].starts_with("now P1 (was P2): route p1 → paged war"),
+        "{rerouted:?}"
+    );
+    for n in &mut nodes[..2] {
+        n.send(&[("cpu", v1::State::Ok)]).await?;
+    }
+    wait_count(&general, "resolve", "cpu", 1).await?;
+    wait_count(&war, "resolve", "cpu", 1).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(got(&war), pairs(&[("trigger", "cpu"), ("resolve", "cpu")]));
+    assert_eq!(
+        got(&general),
+        pairs(&[("trigger", "cpu"), ("resolve", "cpu")]),
+        "not paged a second time"
+    );
+    Ok(())
+}
+
+/// Regression: a storm summary went to PagerDuty as a trigger even when every incident
+/// it stood for had resolved in the window — an alert nothing would ever resolve. Now
+/// PagerDuty gets nothing for such a window (the outbox row is `skipped`), and a chat
+/// channel gets "1 incident held, all resolved".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_whose_held_incidents_all_resolved_sends_pagerduty_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (pd, chat) = (
+        WebhookReceiver::start().await?,
+        WebhookReceiver::start().await?,
+    );
+    let key = dir.path().join("pd.key");
+    std::fs::write(&key, "PDKEY123")?;
+    let storm = "storm_budget = 1\nstorm_window = \"4s\"";
+    let agg = Aggregator::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            "",
+            &[
+                (
+                    "pd",
+                    &pd,
+                    &format!(
+                        "kind = \"pagerduty\"\nrouting_key_file = \"{}\"\n{storm}",
+                        key.display()
+                    ),
+                ),
+                ("chat", &chat, storm),
+            ],
+        ),
+    )
+    .await?;
+    let mut node = SimNode::connect(agg.grpc, "node-storm", &[]).await?;
+    // Early in a 4 s window, so that both fire and clear inside it.
+    eventually("the start of a storm window", PATIENCE, || async {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_millis();
+        (now % 4_000 < 500).then_some(())
+    })
+    .await?;
+    node.send(&[
+        ("first", v1::State::Critical),
+        ("held", v1::State::Critical),
+    ])
+    .await?;
+    node.send(&[("first", v1::State::Ok), ("held", v1::State::Ok)])
+        .await?;
+    let summary = eventually("the chat summary", PATIENCE, || async {
+        chat.received()
+            .into_iter()
+            .find(|b| b["event"] == "storm_summary")
+    })
+    .await?;
+    assert!(
+        summary["incident"]["summary"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("1 incident held, all resolved")),
+        "{summary}"
+    );
+    let held = incident_id(&agg, "held").await?;
+    let detail = eventually("the PagerDuty summary skipped", PATIENCE, || async {
+        let d = agg.get(&format!("/api/v1/incidents/{held}")).await.ok()?;
+        d["notifications"]
+            .as_array()?
+            .iter()
+            .any(|n| {
+                n["channel"] == "pd" && n["kind"] == "storm_summary" && n["status"] == "skipped"
+            })
+            .then_some(d)
+    })
+    .await?;
+    assert_eq!(
+        timeline_kinds(&detail, "notify_skipped").len(),
+        1,
+        "{detail}"
+    );
+    eventually("PagerDuty's trigger and resolve", PATIENCE, || async {
+        (pd.received().len() >= 2).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let actions: Vec<String> = pd
+        .received()
+        .iter()
+        .map(|b| {
+            format!(
+                "{} {}",
+                b["event_action"].as_str().unwrap_or("?"),
+                b["payload"]["component"].as_str().unwrap_or("-")
+            )
+        })
+        .collect();
+    assert_eq!(actions, ["trigger first", "resolve -"], "{actions:?}");
+    Ok(())
+}
+
 /// An escalation that fell due while the aggregator was down fires once after the
 /// restart, and a second restart does not fire it again; the acknowledge then reaches
 /// both the primary and the backup.

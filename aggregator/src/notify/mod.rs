@@ -126,6 +126,7 @@ impl Dispatcher {
                         Attempt::Delivered => "delivered",
                         Attempt::Retry { .. } => "retry",
                         Attempt::Failed { .. } => "failed",
+                        Attempt::Skipped { .. } => "skipped",
                     };
                     let labels = crate::metrics::Delivery {
                         channel: self.name.clone(),
@@ -167,6 +168,25 @@ impl Dispatcher {
                         .into(),
                 };
             }
+        }
+        // A storm summary of incidents that all resolved would be a PagerDuty alert
+        // nothing ever resolves: not sent there (chat channels get "all resolved").
+        if n.kind == crate::store::STORM_SUMMARY
+            && matches!(
+                &self.target,
+                Target::Webhook {
+                    format: Format::PagerDuty(_),
+                    ..
+                }
+            )
+            && serde_json::from_str::<serde_json::Value>(&n.payload)
+                .is_ok_and(|p| p["storm"]["all_resolved"] == true)
+        {
+            return Attempt::Skipped {
+                reason: "every incident the storm guard held resolved within the window: \
+                         no PagerDuty alert that nothing would resolve"
+                    .into(),
+            };
         }
         let delivery = match &self.target {
             Target::Console => console::deliver(&n.payload),

@@ -170,19 +170,32 @@ fn service_share(conn: &Connection, check: &str, service: &str) -> rusqlite::Res
     ))
 }
 
+/// What [`refresh`] did besides describing the incident.
+#[derive(Debug, Clone, Copy, Default)]
+struct Refreshed {
+    /// The severity rose (e.g. P2 → P1).
+    rose: bool,
+    /// Triggers queued to the routes of the higher severity (see `paging::reroute`).
+    queued: usize,
+}
+
 /// Recomputes incident `id`'s severity (recording a reclassification on the timeline)
 /// and description (node, check, labels, summary, state) from its members; `obs`
-/// supplies the latest value, unit and threshold.
+/// supplies the latest value, unit and threshold. With `note_reclassify` (an incident
+/// that already exists), a severity that rises on a triggered incident already paged in
+/// this cycle pages the routes of the new severity (`paging::reroute`); a severity that
+/// drops un-pages nothing.
 fn refresh(
     conn: &Connection,
     ctx: &Context<'_>,
     id: i64,
     obs: &Observation<'_>,
     note_reclassify: bool,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<Refreshed> {
+    let mut done = Refreshed::default();
     let all = members(conn, id)?;
     let Some(d) = correlate::describe(&all) else {
-        return Ok(());
+        return Ok(done);
     };
     // One count per (check, service), however many members share it.
     let mut counted: std::collections::HashMap<(&str, &str), (u64, u64)> = Default::default();
@@ -218,9 +231,11 @@ fn refresh(
     let current: String = conn
         .prepare_cached("SELECT severity FROM incidents WHERE id = ?1")?
         .query_row([id], |r| r.get(0))?;
+    let before = Severity::parse(&current);
     if let Some(sev) = sev
-        && Severity::parse(&current) != Some(sev)
+        && before != Some(sev)
     {
+        done.rose = before.is_some_and(|b| sev < b);
         conn.execute(
             "UPDATE incidents SET severity = ?2 WHERE id = ?1",
             params![id, sev.as_str()],
@@ -240,7 +255,7 @@ fn refresh(
     }
     conn.execute(
         "UPDATE incidents SET node = ?2, check_name = ?3, labels = ?4, summary = ?5,
-             state = coalesce(?6, state), value = ?7, unit = ?8, threshold = ?9
+             state = coalesce(?6, state)
          WHERE id = ?1",
         params![
             id,
@@ -249,12 +264,30 @@ fn refresh(
             serde_json::to_string(&d.labels).unwrap_or_default(),
             d.summary,
             d.state.map(State::as_str),
-            obs.value,
-            obs.unit,
-            obs.threshold
         ],
     )?;
-    Ok(())
+    // Value, unit and threshold of the worst firing member (critical over warning; the
+    // latest report among equals) — not of whichever member reported last, e.g. one
+    // that just recovered. No member fires (pending, unknown): kept as they are.
+    conn.prepare_cached(
+        "UPDATE incidents SET value = w.value, unit = coalesce(w.unit, incidents.unit),
+             threshold = CASE WHEN w.unit IS NULL THEN incidents.threshold ELSE w.threshold END
+         FROM (SELECT value, unit, threshold FROM incident_members
+               WHERE incident_id = ?1 AND state IN ('critical', 'warning')
+               ORDER BY CASE state WHEN 'critical' THEN 2 ELSE 1 END DESC, updated_ms DESC, id DESC
+               LIMIT 1) AS w
+         WHERE incidents.id = ?1",
+    )?
+    .execute([id])?;
+    if done.rose && note_reclassify {
+        let status: String = conn
+            .prepare_cached("SELECT status FROM incidents WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))?;
+        if status == Status::Triggered.as_str() && paged(conn, id)? {
+            done.queued = super::paging::reroute(conn, ctx.router, id, before, ctx.now)?;
+        }
+    }
+    Ok(done)
 }
 
 /// Inserts or updates the member `fp` of incident `id` from `obs`.
@@ -268,10 +301,11 @@ fn upsert_member(
 ) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT INTO incident_members
-             (incident_id, fingerprint, node, check_name, labels, state, value, message, since_ms, updated_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
+             (incident_id, fingerprint, node, check_name, labels, state, value, message, since_ms, updated_ms,
+              unit, threshold)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10, ?11)
          ON CONFLICT (incident_id, fingerprint) DO UPDATE SET
-             labels = ?5, value = ?7, message = ?8, updated_ms = ?9,
+             labels = ?5, value = ?7, message = ?8, updated_ms = ?9, unit = ?10, threshold = ?11,
              since_ms = CASE WHEN state = ?6 THEN since_ms ELSE ?9 END, state = ?6",
     )?
     .execute(params![
@@ -283,7 +317,9 @@ fn upsert_member(
         obs.state.as_str(),
         obs.value,
         obs.message,
-        now
+        now,
+        obs.unit,
+        obs.threshold
     ])?;
     Ok(())
 }
@@ -453,7 +489,7 @@ fn open(
         params![id, format!("tocsin-{}-{id}", ctx.install_id)],
     )?;
     upsert_member(conn, id, fp, obs, labels, now)?;
-    refresh(conn, ctx, id, obs, false)?;
+    refresh(conn, ctx, id, obs, false)?; // new: not paged yet, nothing to re-route
     let sev = load_incident(conn, id)?.severity;
     let note = format!("{} {}: {}", sev.as_str(), obs.state.as_str(), obs.message);
     timeline(conn, id, now, "triggered", obs.actor, &note)?;
@@ -499,7 +535,7 @@ pub fn apply(
                 // (unless something else holds it).
                 upsert_member(conn, id, &fp, obs, &labels, now)?;
                 conn.execute("UPDATE incidents SET flapping_hold = 0 WHERE id = ?1", [id])?;
-                refresh(conn, ctx, id, obs, true)?;
+                out.notifications += refresh(conn, ctx, id, obs, true)?.queued;
                 timeline(
                     conn,
                     id,
@@ -515,9 +551,15 @@ pub fn apply(
                     return Ok(()); // nothing new: no write per heartbeat
                 }
                 upsert_member(conn, id, &fp, obs, &labels, now)?;
-                refresh(conn, ctx, id, obs, true)?;
+                let refreshed = refresh(conn, ctx, id, obs, true)?;
+                out.notifications += refreshed.queued;
                 if !obs.reconcile {
                     timeline(conn, id, now, "state", obs.actor, obs.message)?;
+                }
+                if refreshed.rose {
+                    // Held (e.g. by a silence on the old severity) and held no more:
+                    // paged now, at the new severity.
+                    out.notifications += page_or_hold(conn, ctx, id, obs.actor)?;
                 }
             }
             None => join_or_open(conn, ctx, obs, &fp, &labels, out)?,
@@ -557,7 +599,7 @@ pub fn apply(
     upsert_member(conn, id, &fp, obs, &labels, now)?;
     let all_ok = members(conn, id)?.iter().all(|m| m.state == State::Ok);
     if !all_ok {
-        refresh(conn, ctx, id, obs, true)?;
+        out.notifications += refresh(conn, ctx, id, obs, true)?.queued;
         timeline(
             conn,
             id,
@@ -568,10 +610,19 @@ pub fn apply(
         )?;
         return Ok(());
     }
+    // The resolve says what resolved it: the last observation's message for a lone
+    // member, else every member OK ("cpu ok on 12 nodes: …"); state, value, unit and
+    // threshold of the last observation — not the firing text of before.
+    let all = members(conn, id)?;
+    let summary = match all.as_slice() {
+        [_] => obs.message.to_owned(),
+        _ => correlate::describe(&all).map_or_else(|| obs.message.to_owned(), |d| d.summary),
+    };
     conn.execute(
-        "UPDATE incidents SET status = 'resolved', state = 'ok', resolved_at_ms = ?2, value = ?3, resolution = ?4
+        "UPDATE incidents SET status = 'resolved', state = 'ok', resolved_at_ms = ?2, value = ?3, resolution = ?4,
+             summary = ?5, unit = ?6, threshold = ?7
          WHERE id = ?1",
-        params![id, now, obs.value, obs.message],
+        params![id, now, obs.value, obs.message, summary, obs.unit, obs.threshold],
     )?;
     timeline(conn, id, now, "resolved", obs.actor, obs.message)?;
     // A resolve goes exactly to the channels that were sent the trigger (or still may
@@ -603,7 +654,7 @@ fn join_or_open(
         .optional()?;
     if let Some(id) = group {
         upsert_member(conn, id, fp, obs, labels, now)?;
-        refresh(conn, ctx, id, obs, true)?;
+        out.notifications += refresh(conn, ctx, id, obs, true)?.queued;
         timeline(
             conn,
             id,
@@ -640,6 +691,7 @@ fn join_or_open(
             params![id, due, obs.flapping],
         )?;
         upsert_member(conn, id, fp, obs, labels, now)?;
+        // A new cycle, not paged yet: the page below routes it by its severity now.
         refresh(conn, ctx, id, obs, true)?;
         timeline(
             conn,

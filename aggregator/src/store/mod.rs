@@ -98,7 +98,8 @@ pub struct Store {
     seen_flushed_ms: i64,
     /// Per agent, a hash of the check states of its last heartbeat that was reconciled
     /// with nothing in flight. A heartbeat with the same states needs no work; any event
-    /// from the agent forgets it.
+    /// from the agent, and a resolve by hand of an incident with a member on the agent,
+    /// forgets it.
     hb_memo: std::collections::HashMap<String, u64>,
     /// Agents with an open `node_down` incident.
     down: std::collections::HashSet<String>,
@@ -968,6 +969,7 @@ impl Store {
         } else {
             format!(": {note}")
         };
+        let mut forget_nodes: Vec<String> = Vec::new();
         let outcome = match (incident.status, to) {
             (Status::Resolved, "acknowledged") => Change::Conflict(format!(
                 "incident {id} is resolved: there is nothing to acknowledge"
@@ -997,6 +999,15 @@ impl Store {
                 Change::Done
             }
             _ => {
+                // Every member's node: its next heartbeat is reconciled again, so a check
+                // that still fires opens a new incident (and pages) instead of being
+                // skipped as "same states as last time" until an aggregator restart.
+                forget_nodes = tx
+                    .prepare_cached(
+                        "SELECT DISTINCT node FROM incident_members WHERE incident_id = ?1",
+                    )
+                    .and_then(|mut st| st.query_map([id], |r| r.get(0))?.collect())
+                    .map_err(err)?;
                 let resolution = format!("resolved by {by}{why}");
                 tx.execute(
                     "UPDATE incidents SET status = 'resolved', resolved_at_ms = ?2, resolution = ?3 WHERE id = ?1",
@@ -1011,6 +1022,9 @@ impl Store {
         };
         tx.commit().map_err(err)?;
         if to == "resolved" && outcome == Change::Done {
+            for node in &forget_nodes {
+                self.hb_memo.remove(node);
+            }
             self.silences_end_with(&[id], now);
             self.observe_kpis(&[], &[id]);
         }
@@ -1115,8 +1129,8 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// Records a delivery attempt's outcome: delivered, retry at `retry_at_ms`, or failed
-    /// for good; and adds it to the incident's timeline.
+    /// Records a delivery attempt's outcome: delivered, retry at `retry_at_ms`, failed
+    /// for good, or skipped on purpose; and adds it to the incident's timeline.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
@@ -1159,6 +1173,22 @@ impl Store {
                 )
                 .map_err(err)?;
             }
+            Attempt::Skipped { reason } => {
+                tx.execute(
+                    "UPDATE outbox SET status = 'skipped', last_error = ?2 WHERE id = ?1",
+                    params![id, reason],
+                )
+                .map_err(err)?;
+                timeline(
+                    &tx,
+                    incident_id,
+                    now,
+                    "notify_skipped",
+                    "aggregator",
+                    &format!("{kind} to {channel} not sent: {reason}"),
+                )
+                .map_err(err)?;
+            }
             Attempt::Failed { error } => {
                 tx.execute(
                     "UPDATE outbox SET status = 'failed', attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
@@ -1196,6 +1226,12 @@ pub enum Attempt {
     Failed {
         /// What went wrong.
         error: String,
+    },
+    /// Deliberately not sent (status `skipped`, timeline `notify_skipped`): e.g. a storm
+    /// summary of incidents that all resolved, to PagerDuty.
+    Skipped {
+        /// Why.
+        reason: String,
     },
 }
 
@@ -2167,6 +2203,141 @@ mod tests {
             "no timeline entry per heartbeat: {:?}",
             d.timeline
         );
+    }
+
+    /// Regression: a resolve by hand of a check that still fired went silent — the
+    /// heartbeat shortcut skipped reconciliation while the agent's states were unchanged,
+    /// so no new incident opened (until an aggregator restart paged a surprise).
+    #[test]
+    fn a_hand_resolve_of_a_still_firing_group_reopens_at_the_next_heartbeats() {
+        let (_dir, mut s) = store(&["hook"]);
+        s.hello(&hello("a"), 1).expect("hello a");
+        s.hello(
+            &AgentHello {
+                instance_id: "ib".into(),
+                ..hello("b")
+            },
+            2,
+        )
+        .expect("hello b");
+        let id = s
+            .ingest("a", &[event(1, State::Critical)])
+            .expect("a fires")
+            .opened[0];
+        s.ingest("b", &[event(1, State::Critical)])
+            .expect("b joins");
+        let firing = [status("process:nginx", State::Critical)];
+        // Reconciled once each: nothing new, and the states are remembered.
+        for agent in ["a", "b"] {
+            let out = s.heartbeat(agent, 1, &firing).expect("hb");
+            assert!(out.opened.is_empty() && out.notifications == 0);
+        }
+        assert_eq!(
+            s.resolve_by_hand(id, "alice", "looks fine")
+                .expect("resolve"),
+            Change::Done
+        );
+        let again = s.heartbeat("a", 1, &firing).expect("hb a");
+        assert_eq!(again.opened.len(), 1, "a new incident for what still fires");
+        assert_ne!(again.opened[0], id);
+        assert_eq!(again.notifications, 1, "and it pages");
+        let joined = s.heartbeat("b", 1, &firing).expect("hb b");
+        assert!(joined.opened.is_empty(), "b joins the new incident");
+        let d = s.incident(again.opened[0]).expect("r").expect("e");
+        assert_eq!(d.members.len(), 2, "every member that still fires");
+        assert_eq!(triggers(&s, again.opened[0]), 1);
+    }
+
+    fn valued(seq: u64, state: State, value: f64, unit: &str) -> Event {
+        Event {
+            value: Some(value),
+            unit: unit.into(),
+            message: format!("nginx {} ({value} {unit})", state.as_str()),
+            ..event(seq, state)
+        }
+    }
+
+    /// The `resolve` payload queued for incident `id`.
+    fn resolve_payload(s: &Store, id: i64) -> serde_json::Value {
+        let n = s
+            .incident(id)
+            .expect("r")
+            .expect("e")
+            .notifications
+            .into_iter()
+            .find(|n| n.kind == "resolve")
+            .expect("a resolve");
+        serde_json::from_str(&n.payload).expect("json")
+    }
+
+    /// Regression: the incident's value came from whichever member reported last (one
+    /// that just recovered showed "critical, value 0"), and the resolve carried the old
+    /// firing text ("critical on 1 node: b").
+    #[test]
+    fn an_incident_shows_its_worst_firing_member_and_resolves_with_the_resolving_state() {
+        let (_dir, mut s) = store(&["hook"]);
+        s.hello(&hello("a"), 1).expect("hello a");
+        s.hello(
+            &AgentHello {
+                instance_id: "ib".into(),
+                ..hello("b")
+            },
+            2,
+        )
+        .expect("hello b");
+        let id = s
+            .ingest("a", &[valued(1, State::Critical, 95.0, "percent")])
+            .expect("a")
+            .opened[0];
+        s.ingest("b", &[valued(1, State::Warning, 70.0, "percent")])
+            .expect("b");
+        let i = s.incident(id).expect("r").expect("e").incident;
+        assert_eq!(
+            (i.state, i.value),
+            (State::Critical, Some(95.0)),
+            "worst, not latest"
+        );
+        s.ingest("a", &[valued(2, State::Ok, 0.0, "percent")])
+            .expect("a recovers");
+        let i = s.incident(id).expect("r").expect("e").incident;
+        assert_eq!(
+            (i.state, i.value, i.status),
+            (State::Warning, Some(70.0), Status::Triggered),
+            "the member still firing, not the one that recovered"
+        );
+        s.ingest("b", &[valued(2, State::Ok, 1.0, "percent")])
+            .expect("b recovers");
+        let i = s.incident(id).expect("r").expect("e").incident;
+        assert_eq!((i.state, i.value), (State::Ok, Some(1.0)));
+        assert_eq!(i.summary, "process:nginx ok on 2 nodes: a, b");
+        let p = resolve_payload(&s, id);
+        assert_eq!(
+            p["incident"]["summary"], "process:nginx ok on 2 nodes: a, b",
+            "{p}"
+        );
+        assert_eq!(p["incident"]["state"], "ok", "{p}");
+
+        // A lone member resolves with its own recovery message.
+        let lone = s
+            .ingest(
+                "a",
+                &[Event {
+                    check: "disk".into(),
+                    ..valued(3, State::Critical, 99.0, "percent")
+                }],
+            )
+            .expect("disk")
+            .opened[0];
+        s.ingest(
+            "a",
+            &[Event {
+                check: "disk".into(),
+                ..valued(4, State::Ok, 40.0, "percent")
+            }],
+        )
+        .expect("disk ok");
+        let p = resolve_payload(&s, lone);
+        assert_eq!(p["incident"]["summary"], "nginx ok (40 percent)", "{p}");
     }
 
     #[test]

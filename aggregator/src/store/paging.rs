@@ -8,9 +8,10 @@
 //!   escalation channels, repeat period — a snapshot: later config changes do not
 //!   re-route open incidents);
 //! - `storm_held`: triggers held by the storm guard, until their window's summary;
-//! - escalations are the `escalated` timeline entry (written once, in the same
-//!   transaction as the escalation triggers); repeats are `repeat` outbox rows (the next
-//!   one is due a period after the last).
+//! - escalations: each `routing` row escalates once, its severity's response target
+//!   after it paged (`routed_ms`); `escalated_ms` records it in the same transaction as
+//!   the escalation triggers and the `escalated` timeline entry; repeats are `repeat`
+//!   outbox rows (the next one is due a period after the last).
 //!
 //! All of it is per **paging cycle**: an incident that resolves and fires again within
 //! the re-open window (`store::apply`) starts a new cycle — it is routed, paged, repeated
@@ -42,7 +43,8 @@ CREATE TABLE IF NOT EXISTS routing (
     escalate_to TEXT NOT NULL,
     repeat_ms   INTEGER,
     routed_ms   INTEGER NOT NULL,
-    cycle       INTEGER NOT NULL DEFAULT 0
+    cycle       INTEGER NOT NULL DEFAULT 0,
+    escalated_ms INTEGER
 );
 CREATE INDEX IF NOT EXISTS routing_incident ON routing (incident_id);
 
@@ -94,19 +96,7 @@ pub(super) fn page(
     let mut channels: Vec<String> = Vec::new();
     let mut notes = Vec::new();
     for p in &plans {
-        conn.prepare_cached(
-            "INSERT INTO routing (incident_id, route, channels, escalate_to, repeat_ms, routed_ms, cycle)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT reopened FROM incidents WHERE id = ?1))",
-        )?
-        .execute(params![
-            id,
-            p.name,
-            serde_json::to_string(&p.channels).unwrap_or_default(),
-            serde_json::to_string(&p.escalate_to).unwrap_or_default(),
-            p.repeat_interval
-                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
-            now
-        ])?;
+        record_route(conn, id, p, now)?;
         let mut note = format!(
             "{} → {}",
             p.name,
@@ -156,6 +146,121 @@ pub(super) fn page(
     Ok(sent)
 }
 
+/// Records that incident `id` takes route `p` in its current cycle, paged at `now`
+/// (Unix ms; its response target counts from there).
+fn record_route(
+    conn: &Connection,
+    id: i64,
+    p: &crate::route::Planned,
+    now: i64,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO routing (incident_id, route, channels, escalate_to, repeat_ms, routed_ms, cycle)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT reopened FROM incidents WHERE id = ?1))",
+    )?
+    .execute(params![
+        id,
+        p.name,
+        serde_json::to_string(&p.channels).unwrap_or_default(),
+        serde_json::to_string(&p.escalate_to).unwrap_or_default(),
+        p.repeat_interval
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        now
+    ])?;
+    Ok(())
+}
+
+/// Pages incident `id`, already paged in this cycle, on the routes its severity — which
+/// just rose from `from` (e.g. P2 → P1) — takes and it did not take yet: records them
+/// (`routing` rows, so their repeats and escalation apply, the response target counting
+/// from now) and sends the trigger to each of their channels that has not had this
+/// cycle's trigger (a channel already paged is not paged again; the storm guard applies).
+/// Adds a `rerouted` timeline entry ("now P1 (was P2): route p1 → paged war-room,
+/// pagerduty"). Without any `[[route]]` every channel already had the trigger: nothing
+/// to do. Returns how many triggers were queued.
+pub(super) fn reroute(
+    conn: &Connection,
+    router: &Router,
+    id: i64,
+    from: Option<Severity>,
+    now: i64,
+) -> rusqlite::Result<usize> {
+    if router.routing.routes.is_empty() {
+        return Ok(0);
+    }
+    let incident = load_incident(conn, id)?;
+    let fields = crate::silence::fields(
+        &incident.node,
+        &incident.check,
+        incident.severity.as_str(),
+        &incident.labels,
+    );
+    let taken: Vec<String> = conn
+        .prepare_cached(
+            "SELECT r.route FROM routing r, incidents i
+             WHERE i.id = ?1 AND r.incident_id = i.id AND r.cycle = i.reopened",
+        )?
+        .query_map([id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut names = Vec::new();
+    let mut channels: Vec<String> = Vec::new();
+    for p in router.plan(&fields, incident.severity) {
+        if taken.contains(&p.name) {
+            continue;
+        }
+        record_route(conn, id, &p, now)?;
+        for c in &p.channels {
+            if !channels.contains(c) {
+                channels.push(c.clone());
+            }
+        }
+        names.push(p.name);
+    }
+    if names.is_empty() {
+        return Ok(0);
+    }
+    let (mut paged, mut held, mut had) = (Vec::new(), Vec::new(), Vec::new());
+    for ch in &channels {
+        match send_trigger(conn, router, &incident, ch, now)? {
+            Sent::Queued => paged.push(ch.as_str()),
+            Sent::Held => held.push(ch.as_str()),
+            Sent::Skipped => had.push(ch.as_str()),
+        }
+    }
+    let mut parts = Vec::new();
+    if !paged.is_empty() {
+        parts.push(format!("paged {}", paged.join(", ")));
+    }
+    if !held.is_empty() {
+        parts.push(format!("held by the storm guard for {}", held.join(", ")));
+    }
+    if !had.is_empty() {
+        parts.push(format!(
+            "{} already paged or not configured",
+            had.join(", ")
+        ));
+    }
+    if parts.is_empty() {
+        parts.push("no channel".to_owned());
+    }
+    let was = from.map_or(String::new(), |f| format!(" (was {})", f.as_str()));
+    timeline(
+        conn,
+        id,
+        now,
+        "rerouted",
+        "aggregator",
+        &format!(
+            "now {}{was}: {} {} → {}",
+            incident.severity.as_str(),
+            if names.len() == 1 { "route" } else { "routes" },
+            names.join(", "),
+            parts.join("; ")
+        ),
+    )?;
+    Ok(paged.len())
+}
+
 /// Whether incident `id` was paged under routing in its current cycle (it has a
 /// `routing` row of the cycle), even if no trigger went out (a route without channels,
 /// every trigger held by the storm guard).
@@ -163,20 +268,6 @@ pub(super) fn routed(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
     conn.prepare_cached(
         "SELECT EXISTS (SELECT 1 FROM routing r, incidents i
                         WHERE i.id = ?1 AND r.incident_id = i.id AND r.cycle = i.reopened)",
-    )?
-    .query_row([id], |r| r.get(0))
-}
-
-/// When the current cycle of incident `id` started (Unix ms): when it triggered, or when
-/// it last reopened (its `reopened` timeline entry, the first of the cycle). Response
-/// targets count from here.
-fn cycle_start(conn: &Connection, id: i64) -> rusqlite::Result<i64> {
-    conn.prepare_cached(
-        "SELECT CASE WHEN i.reopened = 0 THEN i.triggered_at_ms
-                     ELSE coalesce((SELECT min(t.at_ms) FROM timeline t
-                                    WHERE t.incident_id = i.id AND t.id > i.timeline_mark),
-                                   i.triggered_at_ms) END
-         FROM incidents i WHERE i.id = ?1",
     )?
     .query_row([id], |r| r.get(0))
 }
@@ -205,8 +296,10 @@ fn send_trigger(
     if !router.has_channel(channel) || has_page(conn, incident.id, channel)? {
         return Ok(Sent::Skipped);
     }
-    if let Some(storm) = router.storm(channel)
-        && !admit(conn, storm, channel, now)?
+    // A P1 is never held by the storm guard (it still spends the budget).
+    if incident.severity != Severity::P1
+        && let Some(storm) = router.storm(channel)
+        && !admit(conn, storm, channel, now, Kind::Trigger)?
     {
         let window_end = storm.window_start(now) + storm.window_ms();
         conn.prepare_cached(
@@ -253,13 +346,37 @@ fn has_page(conn: &Connection, id: i64, channel: &str) -> rusqlite::Result<bool>
     .query_row(params![id, channel], |r| r.get(0))
 }
 
-/// Whether one more trigger or repeat fits in `channel`'s budget for the window of `now`.
-fn admit(conn: &Connection, storm: Storm, channel: &str, now: i64) -> rusqlite::Result<bool> {
+/// What asks for a place in a storm budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A trigger: the budget counts triggers only (P1 ones included), so repeats never
+    /// take a place a trigger needs.
+    Trigger,
+    /// A repeat: only what triggers and earlier repeats left of the budget; beyond it
+    /// the repeat is held (recorded, not sent).
+    Repeat,
+}
+
+/// Whether one more trigger or repeat fits in `channel`'s budget for the window of `now`:
+/// a trigger fits while the window's triggers are under the budget; a repeat fits while
+/// its triggers and repeats together are. Repeats are thus held first, and a window
+/// carries at most `budget` triggers plus the repeats sent while room was left.
+fn admit(
+    conn: &Connection,
+    storm: Storm,
+    channel: &str,
+    now: i64,
+    kind: Kind,
+) -> rusqlite::Result<bool> {
+    let kinds = match kind {
+        Kind::Trigger => "('trigger')",
+        Kind::Repeat => "('trigger', 'repeat')",
+    };
     let used: i64 = conn
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT count(*) FROM outbox
-             WHERE channel = ?1 AND created_ms >= ?2 AND kind IN ('trigger', 'repeat') AND status != 'held'",
-        )?
+             WHERE channel = ?1 AND created_ms >= ?2 AND kind IN {kinds} AND status != 'held'"
+        ))?
         .query_row(params![channel, storm.window_start(now)], |r| r.get(0))?;
     Ok(used < i64::from(storm.budget))
 }
@@ -279,9 +396,9 @@ pub struct SweepOutcome {
 
 impl Store {
     /// One paging sweep at `now` (Unix ms), in one transaction: escalates incidents still
-    /// unacknowledged past their severity's response target (measured from
-    /// `triggered_at`, or from the reopen of a reopened incident; once per paging cycle,
-    /// so a restart never escalates twice), queues the repeats that are due, and sends a
+    /// unacknowledged past their severity's response target (measured from when each
+    /// route paged its channels; once per route and paging cycle, so a restart never
+    /// escalates twice), queues the repeats that are due, and sends a
     /// summary for every channel whose storm window ended with held triggers. Run by
     /// [`crate::escalate::Sweep`].
     ///
@@ -319,37 +436,57 @@ fn escalate(
     now: i64,
     out: &mut SweepOutcome,
 ) -> rusqlite::Result<()> {
-    let due: Vec<i64> = tx
+    // The routes of open, unacknowledged incidents (this cycle) that escalate and have
+    // not escalated yet: each one's response target counts from when it paged its
+    // channels (`routed_ms`), not from the trigger, so a page released after a silence,
+    // an inhibition or a group wait — or a route added when the severity rose — gives
+    // its channels the whole target.
+    let rows: Vec<(i64, i64, String, i64)> = tx
         .prepare_cached(
-            "SELECT i.id FROM incidents i
-             WHERE i.status = 'triggered'
-               AND EXISTS (SELECT 1 FROM routing r WHERE r.incident_id = i.id AND r.cycle = i.reopened
-                             AND r.escalate_to != '[]')
-               AND NOT EXISTS (SELECT 1 FROM timeline t WHERE t.incident_id = i.id AND t.id > i.timeline_mark
-                                 AND t.kind = 'escalated')",
+            "SELECT r.id, r.incident_id, r.escalate_to, r.routed_ms FROM routing r JOIN incidents i ON i.id = r.incident_id
+             WHERE i.status = 'triggered' AND r.cycle = i.reopened AND r.escalate_to != '[]'
+               AND r.escalated_ms IS NULL
+             ORDER BY r.incident_id, r.id",
         )?
-        .query_map([], |r| r.get(0))?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
         .collect::<rusqlite::Result<_>>()?;
-    for id in due {
+    let mut by_incident: BTreeMap<i64, Vec<(i64, String, i64)>> = BTreeMap::new();
+    for (row, id, escalate_to, routed_ms) in rows {
+        by_incident
+            .entry(id)
+            .or_default()
+            .push((row, escalate_to, routed_ms));
+    }
+    for (id, routes) in by_incident {
         let incident = load_incident(tx, id)?;
         let targets = &router.routing.targets;
-        let deadline = targets.deadline(incident.severity, cycle_start(tx, id)?);
+        let due: Vec<(i64, &str, i64)> = routes
+            .iter()
+            .map(|(row, to, routed)| {
+                (
+                    *row,
+                    to.as_str(),
+                    targets.deadline(incident.severity, *routed),
+                )
+            })
+            .filter(|(_, _, deadline)| *deadline <= now)
+            .collect();
         // A silence mutes escalation as it mutes the page: it goes out when it ends.
-        if now < deadline || muted(silences, &incident, now) {
+        let Some(deadline) = due.iter().map(|(_, _, d)| *d).min() else {
+            continue;
+        };
+        if muted(silences, &incident, now) {
             continue;
         }
         let mut to: Vec<String> = Vec::new();
-        let rows: Vec<String> = tx
-            .prepare_cached(
-                "SELECT r.escalate_to FROM routing r, incidents i
-                 WHERE i.id = ?1 AND r.incident_id = i.id AND r.cycle = i.reopened ORDER BY r.id",
-            )?
-            .query_map([id], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
-        for ch in rows.iter().flat_map(|r| json_list(r)) {
+        for ch in due.iter().flat_map(|(_, list, _)| json_list(list)) {
             if !to.contains(&ch) {
                 to.push(ch);
             }
+        }
+        for (row, _, _) in &due {
+            tx.prepare_cached("UPDATE routing SET escalated_ms = ?2 WHERE id = ?1")?
+                .execute(params![row, now])?;
         }
         let (mut paged, mut held, mut had) = (Vec::new(), Vec::new(), Vec::new());
         for ch in &to {
@@ -452,7 +589,7 @@ fn repeat(
         ));
         let storm = router.storm(&ch);
         if let Some(storm) = storm
-            && !admit(tx, storm, &ch, now)?
+            && !admit(tx, storm, &ch, now, Kind::Repeat)?
         {
             // Recorded as a held repeat, so the next one is due a period later.
             insert(
@@ -616,14 +753,17 @@ fn summarise(
     Ok(())
 }
 
-/// The summary's one-line text and its JSON payload. The payload carries an `incident`
+/// The summary's one-line text and its JSON payload. When every held incident resolved
+/// by the window's end the text says "N incidents held, all resolved", `all_resolved` is
+/// true and the `incident` is `resolved`/`ok`: a PagerDuty channel then sends nothing
+/// (an alert nothing would ever resolve), see `notify`. The payload carries an `incident`
 /// object shaped like a trigger's (id of the first held incident, worst severity, the
 /// text as `summary`), so every channel format renders it, plus a `storm` object:
 ///
 /// ```json
 /// {"version":"1","event":"storm_summary","dedup_key":"tocsin-ab12cd34-storm-ops-1705277100000",
 ///  "storm":{"channel":"ops","held":37,"open":30,"by_severity":{"P2":20,"P3":17},
-///           "window_start":"…","window_end":"…","incidents":[12,13,…]},
+///           "window_start":"…","window_end":"…","incidents":[12,13,…],"all_resolved":false},
 ///  "incident":{"id":12,"severity":"P2","check":"storm_summary","summary":"+37 more incidents: …",…}}
 /// ```
 #[expect(clippy::too_many_arguments, reason = "the parts of one message")]
@@ -652,12 +792,21 @@ fn summary(
         .map(|h| format!("#{} {} {}", h.id, h.node, h.check))
         .collect();
     let window_start = storm.map_or(first_held, |s| window_end - s.window_ms());
-    let mut text = format!(
-        "+{} more incidents: {}; {} still open",
-        held.len(),
-        counts.join(", "),
-        open.len()
-    );
+    let mut text = if open.is_empty() {
+        format!(
+            "{} incident{} held, all resolved: {}",
+            held.len(),
+            if held.len() == 1 { "" } else { "s" },
+            counts.join(", ")
+        )
+    } else {
+        format!(
+            "+{} more incidents: {}; {} still open",
+            held.len(),
+            counts.join(", "),
+            open.len()
+        )
+    };
     if !listed.is_empty() {
         text.push_str(&format!(": {}", listed.join(", ")));
         if open.len() > listed.len() {
@@ -689,14 +838,15 @@ fn summary(
             "window_start": rfc3339(window_start),
             "window_end": rfc3339(window_end),
             "incidents": held.iter().map(|h| h.id).collect::<Vec<_>>(),
+            "all_resolved": open.is_empty(),
         },
         "incident": {
             "id": first.id,
-            "status": "triggered",
+            "status": if open.is_empty() { "resolved" } else { "triggered" },
             "severity": worst.as_str(),
             "node": "",
             "check": STORM_SUMMARY,
-            "state": "critical",
+            "state": if open.is_empty() { "ok" } else { "critical" },
             "summary": text,
             "labels": {},
             "fingerprint": "",
@@ -713,7 +863,7 @@ mod tests {
     use std::time::Duration;
 
     use super::super::Store;
-    use crate::model::{AgentHello, Event, State, now_ms};
+    use crate::model::{AgentHello, Event, Severity, State, now_ms};
     use crate::route::{ResponseTarget, Route, Router, Routing, Storm};
 
     const MIN: i64 = 60_000;
@@ -866,6 +1016,148 @@ mod tests {
         );
     }
 
+    fn storm(budget: u32, window: Duration) -> BTreeMap<String, Storm> {
+        BTreeMap::from([("a".to_owned(), Storm { budget, window })])
+    }
+
+    /// Regression: the storm guard held P1 triggers like any other. A P1 is never held;
+    /// it still spends the budget.
+    #[test]
+    fn the_storm_guard_never_holds_a_p1_but_counts_it() {
+        let routing = Routing {
+            storm: storm(1, Duration::from_secs(86_400)),
+            ..Routing::default()
+        };
+        let (dir, s) = store(&["a"], routing.clone());
+        drop(s);
+        let correlation = crate::correlate::Correlation {
+            severity: vec![crate::correlate::SeverityRule {
+                matchers: vec![crate::silence::Matcher::parse("check=boom").expect("m")],
+                level: Severity::P1,
+            }],
+            ..crate::correlate::Correlation::default()
+        };
+        let mut s = Store::open(dir.path(), vec!["a".into()])
+            .expect("open")
+            .with_correlation(correlation);
+        s.set_router(Router {
+            channels: vec!["a".into()],
+            routing,
+        });
+        s.hello(&hello(), 1).expect("hello");
+        let out = s
+            .ingest(
+                "a",
+                &[
+                    event(1, "c1", State::Critical, false),
+                    event(2, "c2", State::Critical, false),
+                    event(3, "boom", State::Critical, false),
+                    event(4, "c3", State::Critical, false),
+                ],
+            )
+            .expect("ingest");
+        let ids = out.opened;
+        assert_eq!(
+            ids.iter()
+                .map(|id| channels_of(&s, *id, "trigger").len())
+                .collect::<Vec<_>>(),
+            [1, 0, 1, 0],
+            "c1 spends the budget; the P1 goes out anyway"
+        );
+        assert_eq!(timeline_count(&s, ids[2], "storm"), 0);
+    }
+
+    /// Regression: repeats spent the storm budget, so a repeat of an old incident could
+    /// hold the trigger of a new one. Triggers count only triggers; repeats use what is
+    /// left and are held first.
+    #[test]
+    fn repeats_never_take_the_budget_a_trigger_needs() {
+        let routing = Routing {
+            routes: vec![route(&["a"], &[], Some(Duration::from_secs(1)))],
+            storm: storm(2, Duration::from_secs(86_400)),
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["a"], routing);
+        let first = s
+            .ingest("a", &[event(1, "c1", State::Critical, false)])
+            .expect("c1")
+            .opened[0];
+        let now = now_ms();
+        assert_eq!(s.sweep_paging(now + 2_000).expect("sweep").repeats, 1);
+        let second = s
+            .ingest("a", &[event(2, "c2", State::Critical, false)])
+            .expect("c2")
+            .opened[0];
+        assert_eq!(
+            channels_of(&s, second, "trigger"),
+            ["a"],
+            "the repeat did not take the trigger's place"
+        );
+        assert_eq!(
+            s.sweep_paging(now + 4_000).expect("sweep").repeats,
+            0,
+            "the budget is spent: repeats are held"
+        );
+        let third = s
+            .ingest("a", &[event(3, "c3", State::Critical, false)])
+            .expect("c3")
+            .opened[0];
+        assert!(channels_of(&s, third, "trigger").is_empty(), "held");
+        assert_eq!(timeline_count(&s, first, "storm"), 1, "its repeat held");
+    }
+
+    /// A storm window whose held incidents all resolved is summarised as such (and
+    /// flagged, so PagerDuty is sent nothing): no alert that nothing resolves.
+    #[test]
+    fn a_storm_summary_of_incidents_that_all_resolved_says_so() {
+        let routing = Routing {
+            storm: storm(1, Duration::from_secs(3600)),
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["a"], routing);
+        let out = s
+            .ingest(
+                "a",
+                &[
+                    event(1, "c1", State::Critical, false),
+                    event(2, "c2", State::Critical, false),
+                ],
+            )
+            .expect("fires");
+        let held = out.opened[1];
+        s.ingest(
+            "a",
+            &[
+                event(3, "c1", State::Ok, false),
+                event(4, "c2", State::Ok, false),
+            ],
+        )
+        .expect("clears");
+        assert_eq!(
+            s.sweep_paging(now_ms() + 2 * 3_600_000)
+                .expect("sweep")
+                .summaries,
+            1
+        );
+        let summary = s
+            .incident(held)
+            .expect("read")
+            .expect("exists")
+            .notifications
+            .into_iter()
+            .find(|n| n.kind == super::STORM_SUMMARY)
+            .expect("summary");
+        let p: serde_json::Value = serde_json::from_str(&summary.payload).expect("json");
+        assert_eq!(p["storm"]["all_resolved"], true, "{p}");
+        assert_eq!(p["incident"]["status"], "resolved", "{p}");
+        assert!(
+            p["incident"]["summary"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("1 incident held, all resolved")),
+            "{p}"
+        );
+    }
+
     #[test]
     fn escalation_fires_once_past_the_target_and_never_after_an_acknowledge() {
         let routing = Routing {
@@ -915,6 +1207,156 @@ mod tests {
             .map(|(ch, _, _)| ch)
             .collect();
         assert_eq!(acks, ["primary", "backup"]);
+    }
+
+    /// Regression: the response target counted from the trigger, so a page released
+    /// after a 2 h silence escalated at the next sweep, giving the primary no time.
+    #[test]
+    fn escalation_counts_from_when_the_route_paged_not_from_the_trigger() {
+        let routing = Routing {
+            routes: vec![route(&["primary"], &["backup"], None)],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["primary", "backup"], routing);
+        let t0 = now_ms();
+        let m = crate::silence::Matcher::parse("check=c").expect("matcher");
+        s.add_silence(vec![m], t0 - 1000, t0 + 120 * MIN, "alice", "maintenance")
+            .expect("silence");
+        let id = s
+            .ingest("a", &[event(1, "c", State::Critical, false)])
+            .expect("ingest")
+            .opened[0];
+        assert!(outbox(&s, id).is_empty(), "silenced");
+        let released = t0 + 121 * MIN;
+        assert_eq!(s.release_held(released).expect("release"), 1);
+        assert!(
+            s.sweep_paging(released + MIN)
+                .expect("sweep")
+                .escalated
+                .is_empty(),
+            "the primary has its 30 minutes from the page"
+        );
+        assert!(
+            s.sweep_paging(released + 29 * MIN)
+                .expect("sweep")
+                .escalated
+                .is_empty()
+        );
+        assert_eq!(
+            s.sweep_paging(released + 30 * MIN)
+                .expect("sweep")
+                .escalated,
+            [id]
+        );
+        assert_eq!(channels_of(&s, id, "trigger"), ["primary", "backup"]);
+    }
+
+    fn by_severity(name: &str, severities: &[Severity], channels: &[&str]) -> Route {
+        Route {
+            name: name.into(),
+            severities: severities.to_vec(),
+            ..route(channels, &[], None)
+        }
+    }
+
+    /// Regression: an incident whose severity rose after it was paged (P3 → P2 here;
+    /// P2 → P1 when half a service goes critical) was never sent to the routes of the
+    /// new severity — routes were planned once, at the first page.
+    #[test]
+    fn a_severity_that_rises_pages_the_routes_of_the_new_severity_once() {
+        let mut urgent = by_severity("urgent", &[Severity::P1, Severity::P2], &["war"]);
+        urgent.escalate_to = vec!["backup".into()];
+        let routing = Routing {
+            routes: vec![
+                urgent,
+                by_severity("rest", &[Severity::P3, Severity::P4], &["tickets"]),
+            ],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["war", "tickets", "backup"], routing);
+        let id = s
+            .ingest("a", &[event(1, "c", State::Warning, false)])
+            .expect("warning")
+            .opened[0];
+        assert_eq!(channels_of(&s, id, "trigger"), ["tickets"]);
+        let rose = s
+            .ingest("a", &[event(2, "c", State::Critical, false)])
+            .expect("critical");
+        assert_eq!(rose.notifications, 1, "the new route's channel");
+        assert_eq!(channels_of(&s, id, "trigger"), ["tickets", "war"]);
+        let d = s.incident(id).expect("read").expect("exists");
+        let note = d
+            .timeline
+            .iter()
+            .find(|t| t.kind == "rerouted")
+            .expect("rerouted")
+            .note
+            .clone();
+        assert!(
+            note.starts_with("now P2 (was P3): route urgent → paged war"),
+            "{note}"
+        );
+        // Down and up again: nothing is un-paged, nothing is paged twice.
+        s.ingest("a", &[event(3, "c", State::Warning, false)])
+            .expect("warning again");
+        s.ingest("a", &[event(4, "c", State::Critical, false)])
+            .expect("critical again");
+        assert_eq!(channels_of(&s, id, "trigger"), ["tickets", "war"]);
+        // The new route escalates, its 30 minutes counting from its page.
+        let now = now_ms();
+        assert_eq!(
+            s.sweep_paging(now + 31 * MIN).expect("sweep").escalated,
+            [id]
+        );
+        s.acknowledge(id, "alice", "").expect("ack");
+        assert_eq!(
+            channels_of(&s, id, "acknowledge"),
+            ["tickets", "war", "backup"]
+        );
+    }
+
+    /// An incident held by a silence on its old severity is paged as soon as its
+    /// severity rises out of the silence, at the new severity's routes.
+    #[test]
+    fn a_silenced_incident_whose_severity_rises_out_of_the_silence_pages_at_once() {
+        let routing = Routing {
+            routes: vec![
+                by_severity("urgent", &[Severity::P1, Severity::P2], &["war"]),
+                by_severity("rest", &[Severity::P3, Severity::P4], &["tickets"]),
+            ],
+            ..Routing::default()
+        };
+        let (_dir, mut s) = store(&["war", "tickets"], routing);
+        let t0 = now_ms();
+        let m = crate::silence::Matcher::parse("severity=P3").expect("matcher");
+        s.add_silence(vec![m], t0 - 1000, t0 + 60 * MIN, "alice", "noise")
+            .expect("silence");
+        let id = s
+            .ingest("a", &[event(1, "c", State::Warning, false)])
+            .expect("warning")
+            .opened[0];
+        assert!(outbox(&s, id).is_empty(), "silenced");
+        let rose = s
+            .ingest("a", &[event(2, "c", State::Critical, false)])
+            .expect("critical");
+        assert_eq!(rose.notifications, 1);
+        assert_eq!(channels_of(&s, id, "trigger"), ["war"]);
+    }
+
+    /// Without any `[[route]]` every channel had the trigger: a rise sends nothing.
+    #[test]
+    fn without_routes_a_severity_rise_sends_nothing_more() {
+        let (_dir, mut s) = store(&["a", "b"], Routing::default());
+        let id = s
+            .ingest("a", &[event(1, "c", State::Warning, false)])
+            .expect("warning")
+            .opened[0];
+        let rose = s
+            .ingest("a", &[event(2, "c", State::Critical, false)])
+            .expect("critical");
+        assert_eq!(rose.notifications, 0);
+        assert_eq!(channels_of(&s, id, "trigger"), ["a", "b"]);
+        assert_eq!(timeline_count(&s, id, "rerouted"), 0);
     }
 
     #[test]

@@ -131,6 +131,8 @@ CREATE TABLE IF NOT EXISTS incident_members (
     message     TEXT NOT NULL,
     since_ms    INTEGER NOT NULL,
     updated_ms  INTEGER NOT NULL,
+    unit        TEXT,
+    threshold   REAL,
     UNIQUE (incident_id, fingerprint)
 );
 CREATE INDEX IF NOT EXISTS members_fingerprint ON incident_members (fingerprint);
@@ -167,6 +169,12 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // belongs to (`store::paging`).
     ("routing", "cycle", "INTEGER NOT NULL DEFAULT 0"),
     ("storm_held", "cycle", "INTEGER NOT NULL DEFAULT 0"),
+    // The member's unit and threshold, so the incident shows the value of its worst
+    // firing member with its unit (NULL for members from before: the incident's kept).
+    ("incident_members", "unit", "TEXT"),
+    ("incident_members", "threshold", "REAL"),
+    // When the route escalated (Unix ms); NULL while it has not (`store::paging`).
+    ("routing", "escalated_ms", "INTEGER"),
     // The highest severity the incident reached (P1 < P2 as text), kept by the
     // `incidents_peak_*` triggers: a P1 that calms to P2 before it resolves is a P1
     // for the KPIs and its post-mortem.
@@ -205,6 +213,16 @@ pub fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
         if !exists {
             conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
             added_incident_columns |= *table == "incidents";
+            if (*table, *column) == ("routing", "escalated_ms") {
+                // Escalations before the column: one per cycle, the `escalated` entry.
+                conn.execute_batch(
+                    "UPDATE routing SET escalated_ms =
+                         (SELECT max(t.at_ms) FROM timeline t, incidents i
+                          WHERE i.id = routing.incident_id AND t.incident_id = i.id
+                            AND t.kind = 'escalated' AND t.id > i.timeline_mark)
+                     WHERE cycle = (SELECT reopened FROM incidents WHERE id = routing.incident_id)",
+                )?;
+            }
         }
     }
     conn.execute_batch(
