@@ -9,6 +9,10 @@
 //!   hooks then do their job.
 //! - `high_load`: one busy thread per CPU for `duration_ms` (at most [`MAX_DURATION`]),
 //!   stopped afterwards; the `cpu` rule sees it.
+//! - `dependency_down`: with `[drills] dependency_listen = "127.0.0.1:PORT"` the agent
+//!   itself holds that port open all the time (a stand-in dependency: it accepts and
+//!   closes connections) for a `[[tcp]]` (or `[[http]]`) check to watch; the drill closes
+//!   it for `duration_ms`, then holds it again, so the check fails and recovers.
 //! - `node_down`: the shipper sends no heartbeat and no event for `duration_ms` (the
 //!   connection stays up), so the aggregator's liveness raises `node_down`; the events
 //!   of that time are sent afterwards.
@@ -30,7 +34,7 @@ use crate::event::now_ms;
 use crate::settings::Validator;
 
 /// The scenarios an agent can run.
-pub const SCENARIOS: [&str; 3] = ["process_crash", "high_load", "node_down"];
+pub const SCENARIOS: [&str; 4] = ["process_crash", "high_load", "dependency_down", "node_down"];
 
 /// Longest fault a drill may ask for.
 pub const MAX_DURATION: Duration = Duration::from_secs(600);
@@ -44,6 +48,9 @@ pub const REFUSED: &str = "refused: drills not allowed on this node";
 pub struct RawDrills {
     /// Scenario names this node runs (see [`SCENARIOS`]), or `"all"`. Default: none.
     pub allow: Vec<String>,
+    /// `127.0.0.1:PORT` (loopback only) the agent holds open as the stand-in dependency
+    /// that `dependency_down` closes; empty: none (then `dependency_down` is refused).
+    pub dependency_listen: String,
 }
 
 /// The validated `[drills]`.
@@ -51,6 +58,8 @@ pub struct RawDrills {
 pub struct DrillPolicy {
     /// Allowed scenario names (`"all"` expanded).
     pub allow: BTreeSet<String>,
+    /// The stand-in dependency's address (`[drills] dependency_listen`), loopback.
+    pub dependency: Option<std::net::SocketAddr>,
 }
 
 impl DrillPolicy {
@@ -73,7 +82,26 @@ impl DrillPolicy {
                 );
             }
         }
-        DrillPolicy { allow }
+        let dependency = match raw.dependency_listen.trim() {
+            "" => None,
+            a => {
+                match a.parse::<std::net::SocketAddr>() {
+                    Ok(addr) if addr.ip().is_loopback() && addr.port() != 0 => Some(addr),
+                    Ok(_) => {
+                        v.problem(
+                        "drills.dependency_listen",
+                        format!("{a:?} must be a loopback address with a port, e.g. \"127.0.0.1:15432\""),
+                    );
+                        None
+                    }
+                    Err(e) => {
+                        v.problem("drills.dependency_listen", format!("{a:?}: {e}"));
+                        None
+                    }
+                }
+            }
+        };
+        DrillPolicy { allow, dependency }
     }
 }
 
@@ -93,6 +121,8 @@ struct Inner {
     /// A drill runs: a second one is refused.
     busy: AtomicBool,
     reports: mpsc::UnboundedSender<v1::DrillReport>,
+    /// The stand-in dependency is closed until then.
+    dependency_down: tokio::sync::watch::Sender<Option<Instant>>,
 }
 
 impl Drills {
@@ -107,10 +137,61 @@ impl Drills {
                     mute_until: Mutex::new(None),
                     busy: AtomicBool::new(false),
                     reports: tx,
+                    dependency_down: tokio::sync::watch::channel(None).0,
                 }),
             },
             rx,
         )
+    }
+
+    /// Holds the stand-in dependency's port (`[drills] dependency_listen`) open until
+    /// `shutdown`, closing it while a `dependency_down` drill says so. Nothing to do
+    /// without the setting.
+    pub async fn hold_dependency(self, shutdown: tokio_util::sync::CancellationToken) {
+        let Some(addr) = self.inner.policy.dependency else {
+            return;
+        };
+        let mut down = self.inner.dependency_down.subscribe();
+        let mut warned = false;
+        loop {
+            let until = *down.borrow_and_update();
+            if let Some(t) = until.filter(|t| *t > Instant::now()) {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep_until(t.into()) => continue,
+                }
+            }
+            let listener = match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    tracing::info!(%addr, "holding the drill dependency port");
+                    warned = false;
+                    l
+                }
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(%addr, error = %e, "cannot hold the drill dependency port; retrying");
+                        warned = true;
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                    }
+                }
+            };
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    r = down.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                    a = listener.accept() => drop(a),
+                }
+            }
+            drop(listener);
+        }
     }
 
     /// Whether a `node_down` drill holds heartbeats and events back now.
@@ -206,6 +287,24 @@ impl Drills {
                     .map_err(|e| e.to_string())?;
                 Ok(format!(
                     "burned {threads} CPU threads for {duration:?}; stopped"
+                ))
+            }
+            "dependency_down" => {
+                let addr = self.inner.policy.dependency.ok_or_else(|| {
+                    "no stand-in dependency: set [drills] dependency_listen".to_owned()
+                })?;
+                self.inner
+                    .dependency_down
+                    .send_replace(Some(Instant::now() + duration));
+                self.report(
+                    cmd,
+                    true,
+                    false,
+                    format!("dependency {addr} closed for {duration:?}"),
+                );
+                tokio::time::sleep(duration).await;
+                Ok(format!(
+                    "dependency {addr} closed for {duration:?}; open again"
                 ))
             }
             "node_down" => {

@@ -100,7 +100,7 @@ pub enum Command {
     /// confirmation unless --yes (and refuses without a terminal and without --yes).
     Rollback(hooks::RollbackArgs),
     /// Run a drill for real on a node through its agent (process_crash, high_load,
-    /// node_down or all) and print its measured report; exit 2 when it failed.
+    /// dependency_down, node_down or all) and print its measured report; exit 2 when it failed.
     Drill(drill::DrillArgs),
     /// Validate the CLI config and exit 0, or print every problem and exit 64.
     CheckConfig,

@@ -31,7 +31,7 @@ use crate::store::StoreHandle;
 use crate::store::drills::Observed;
 
 /// The scenarios, in the order `all` runs them.
-pub const SCENARIOS: [&str; 3] = ["process_crash", "high_load", "node_down"];
+pub const SCENARIOS: [&str; 4] = ["process_crash", "high_load", "dependency_down", "node_down"];
 
 /// Default fault duration.
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(20);
@@ -209,12 +209,16 @@ pub enum DrillError {
     Store(#[from] crate::store::StoreError),
 }
 
-/// The incident check expected for `scenario` (a SQL `LIKE` pattern).
-fn expected_check(scenario: &str) -> &'static str {
+/// The incident check expected for `scenario` (a SQL `LIKE` pattern): `process:%` (a
+/// process watch), `cpu`, `tcp:%` (`dependency_down`; with a `target`, the check of that
+/// name: `tcp:TARGET` or `http:TARGET`) or `node_down`.
+fn expected_check(scenario: &str, target: &str) -> String {
     match scenario {
-        "process_crash" => "process:%",
-        "high_load" => "cpu",
-        _ => crate::correlate::NODE_DOWN,
+        "process_crash" => "process:%".to_owned(),
+        "high_load" => "cpu".to_owned(),
+        "dependency_down" if target.is_empty() => "tcp:%".to_owned(),
+        "dependency_down" => format!("%:{}", target.replace(['%', '_'], "")),
+        _ => crate::correlate::NODE_DOWN.to_owned(),
     }
 }
 
@@ -309,10 +313,10 @@ async fn run_one(
     id: i64,
     scenario: &str,
 ) -> ScenarioReport {
-    let check = expected_check(scenario);
+    let check = expected_check(scenario, &req.target);
     let mut report = ScenarioReport {
         scenario: scenario.to_owned(),
-        check: check.to_owned(),
+        check: check.clone(),
         status: "refused".to_owned(),
         agent: String::new(),
         injected_ms: 0,
@@ -357,8 +361,8 @@ async fn run_one(
     let node = req.node.clone();
     let mut agent_done = first.done;
     loop {
-        let n = node.clone();
-        if let Ok(o) = store.call(move |s| s.drill_observe(&n, check, from)).await {
+        let (n, c) = (node.clone(), check.clone());
+        if let Ok(o) = store.call(move |s| s.drill_observe(&n, &c, from)).await {
             report.observed = o;
         }
         let o = &report.observed;

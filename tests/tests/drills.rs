@@ -234,3 +234,100 @@ async fn a_high_load_drill_burns_cpu_until_the_cpu_rule_fires() -> Result<()> {
     assert_eq!(trigger["incident"]["labels"]["drill"], "true", "{trigger}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependency_down_drill_closes_the_port_the_agent_holds_and_the_tcp_check_pages()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = WebhookReceiver::start().await?;
+    let agg = Aggregator::start(
+        dir.path(),
+        &AggregatorToml::new(dir.path())
+            .webhook(&receiver.url)
+            .build(),
+    )
+    .await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let cfg = AgentToml::new(dir.path(), "node-dep", agg.grpc)
+        .set(&format!(
+            "[drills]\nallow = [\"dependency_down\"]\ndependency_listen = \"127.0.0.1:{port}\"\n\
+             [[tcp]]\nname = \"db\"\naddress = \"127.0.0.1:{port}\"\ninterval = \"250ms\"\ntimeout = \"1s\"\nfor = \"500ms\""
+        ))
+        .build();
+    let _agent = start_agent(dir.path(), &cfg)?;
+    agg.wait_reported("node-dep").await?;
+    // The agent holds the port: the dependency is up.
+    tocsin_e2e::eventually(
+        "the stand-in dependency answers",
+        tocsin_e2e::PATIENCE,
+        || async { std::net::TcpStream::connect(("127.0.0.1", port)).ok() },
+    )
+    .await?;
+    let (status, answer) = start_drill(
+        agg.http,
+        json!({"by": "t", "node": "node-dep", "scenario": "dependency_down", "duration_s": 2,
+               "wait_s": 30, "target": "db"}),
+    )
+    .await?;
+    assert_eq!(status, 200, "{answer}");
+    let r = &answer["drill"];
+    assert_eq!(r["status"], "passed", "{r:#}");
+    let s = &r["scenarios"][0];
+    assert_eq!(s["observed"]["notified_channel"], "t", "{s:#}");
+    let trigger = receiver.wait_for("trigger", "node-dep", "tcp:db").await?;
+    assert_eq!(trigger["incident"]["labels"]["drill"], "true", "{trigger}");
+    receiver.wait_for("resolve", "node-dep", "tcp:db").await?;
+    // Open again after the drill.
+    std::net::TcpStream::connect(("127.0.0.1", port))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_whose_notification_never_arrives_fails_loudly_with_exit_code_2() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // The only channel refuses every delivery.
+    let receiver = WebhookReceiver::scripted(vec![500; 10_000]).await?;
+    let agg = Aggregator::start(
+        dir.path(),
+        &AggregatorToml::new(dir.path())
+            .set("node_timeout = \"1s\"")
+            .webhook(&receiver.url)
+            .build(),
+    )
+    .await?;
+    let cfg = AgentToml::new(dir.path(), "node-deaf", agg.grpc)
+        .set("[drills]\nallow = [\"node_down\"]")
+        .build();
+    let _agent = start_agent(dir.path(), &cfg)?;
+    agg.wait_connected("node-deaf").await?;
+    let api = format!("http://{}", agg.http);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin("tocsin"))
+            .args([
+                "--api",
+                &api,
+                "drill",
+                "node-deaf",
+                "node_down",
+                "--duration",
+                "3s",
+                "--wait",
+                "5s",
+                "--by",
+                "cli-test",
+            ])
+            .output()
+    })
+    .await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stdout.contains("FAILED"), "{stdout}");
+    assert!(stdout.contains("NO NOTIFICATION ARRIVED"), "{stdout}");
+    assert!(stderr.contains("A NOTIFICATION NEVER ARRIVED"), "{stderr}");
+    assert!(!receiver.requests().is_empty(), "the page was tried");
+    assert!(receiver.received().is_empty());
+    Ok(())
+}

@@ -22,7 +22,7 @@ use super::{api_token, complain, say, text};
 pub struct DrillArgs {
     /// Node (agent id) to run the drill on.
     pub node: String,
-    /// process_crash, high_load, node_down, or all (in that order).
+    /// process_crash, high_load, dependency_down, node_down, or all (in that order).
     pub scenario: String,
     /// How long the fault lasts (CPU burn, heartbeats stopped).
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
@@ -30,7 +30,8 @@ pub struct DrillArgs {
     /// How long after the fault to wait for the remaining steps (resolve above all).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub wait: Duration,
-    /// process_crash: the process watch whose process is killed (default: the first).
+    /// process_crash: the process watch whose process is killed (default: the first);
+    /// dependency_down: the check expected to fail (default: any tcp check).
     #[arg(long, default_value = "")]
     pub target: String,
     /// Print the report in Markdown (the global --json prints it as JSON).
@@ -58,7 +59,7 @@ pub async fn drill(api: &Api, a: DrillArgs, json: bool) -> ExitCode {
         "wait_s": a.wait.as_secs_f64(),
         "target": a.target,
     });
-    let runs = if a.scenario == "all" { 3 } else { 1 };
+    let runs = if a.scenario == "all" { 4 } else { 1 };
     let timeout = (a.duration + a.wait + Duration::from_secs(15)) * runs + Duration::from_secs(10);
     complain(&format!(
         "DRILL {} on {}: injecting the fault for {:?}, then waiting up to {:?} for the rest",
