@@ -331,3 +331,44 @@ async fn a_drill_whose_notification_never_arrives_fails_loudly_with_exit_code_2(
     assert!(receiver.received().is_empty());
     Ok(())
 }
+
+/// The documented way to keep drills off the real paging path: a first route matching
+/// the drill mark sends drill incidents to a drill channel only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_on_the_drill_mark_keeps_drill_pages_off_the_real_channel() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let real = WebhookReceiver::start().await?;
+    let drills = WebhookReceiver::start().await?;
+    let cfg = format!(
+        "{}[[notify.webhook]]\nname = \"drill-room\"\nurl = \"{}\"\n\
+         [[route]]\nname = \"drills\"\nmatch = [\"drill=true\"]\nchannels = [\"drill-room\"]\n\
+         [[route]]\nname = \"real\"\nchannels = [\"t\"]\n",
+        AggregatorToml::new(dir.path())
+            .set("node_timeout = \"1s\"")
+            .webhook(&real.url)
+            .build(),
+        drills.url
+    );
+    let agg = Aggregator::start(dir.path(), &cfg).await?;
+    let _agent = start_agent(
+        dir.path(),
+        &AgentToml::new(dir.path(), "node-r", agg.grpc)
+            .set("[drills]\nallow = [\"node_down\"]")
+            .build(),
+    )?;
+    agg.wait_connected("node-r").await?;
+    let (status, answer) = start_drill(
+        agg.http,
+        json!({"by": "t", "node": "node-r", "scenario": "node_down", "duration_s": 3, "wait_s": 30}),
+    )
+    .await?;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["drill"]["status"], "passed", "{answer:#}");
+    assert_eq!(
+        answer["drill"]["scenarios"][0]["observed"]["notified_channel"],
+        "drill-room"
+    );
+    drills.wait_for("trigger", "node-r", "node_down").await?;
+    assert!(real.received().is_empty(), "{:?}", real.received());
+    Ok(())
+}
