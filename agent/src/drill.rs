@@ -373,3 +373,40 @@ fn burn(threads: usize, deadline: Instant) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<crate::config::AgentConfig, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, text).map_err(|e| e.to_string())?;
+        crate::config::load(Some(&path)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn drills_are_off_by_default_and_all_allows_every_scenario() {
+        let none = load("").expect("empty config");
+        assert!(none.drills.allow.is_empty());
+        assert_eq!(none.drills.dependency, None);
+        let all = load("[drills]\nallow = [\"all\"]\ndependency_listen = \"127.0.0.1:15432\"\n")
+            .expect("config");
+        assert_eq!(all.drills.allow.len(), SCENARIOS.len());
+        assert_eq!(
+            all.drills.dependency,
+            Some("127.0.0.1:15432".parse().expect("addr"))
+        );
+    }
+
+    #[test]
+    fn bad_drill_settings_name_their_keys_all_at_once() {
+        let e = load("[drills]\nallow = [\"meltdown\"]\ndependency_listen = \"0.0.0.0:80\"\n")
+            .expect_err("refused");
+        assert!(e.contains("drills.allow") && e.contains("meltdown"), "{e}");
+        assert!(
+            e.contains("drills.dependency_listen") && e.contains("loopback"),
+            "{e}"
+        );
+    }
+}
