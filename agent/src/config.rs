@@ -89,6 +89,8 @@ pub struct RawConfig {
     pub exec: Vec<crate::nagios::RawExecCheck>,
     /// Logging.
     pub log: RawLog,
+    /// Drills this node accepts from the aggregator (`[drills]`).
+    pub drills: crate::drill::RawDrills,
 }
 
 /// `[defaults]`: values many checks share, set by the seed's variables.
@@ -289,6 +291,7 @@ impl Default for RawConfig {
             tcp: Vec::new(),
             exec: Vec::new(),
             log: RawLog::default(),
+            drills: crate::drill::RawDrills::default(),
         }
     }
 }
@@ -433,6 +436,8 @@ pub struct AgentConfig {
     pub error_rate_warning: f64,
     /// Log settings.
     pub log: LogConfig,
+    /// Drill scenarios this node runs when the aggregator asks (`[drills] allow`).
+    pub drills: crate::drill::DrillPolicy,
 }
 
 /// The validated host rules beyond CPU and memory (`None` when disabled).
@@ -895,6 +900,7 @@ impl RawConfig {
             v.problem("state_dir", "must not be empty");
         }
 
+        let drills = crate::drill::DrillPolicy::validate(self.drills, &mut v);
         v.finish(AgentConfig {
             agent_id,
             hostname,
@@ -924,6 +930,7 @@ impl RawConfig {
             health_check_timeout,
             error_rate_warning: self.defaults.error_rate_warning,
             log,
+            drills,
         })
     }
 }

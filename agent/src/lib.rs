@@ -15,6 +15,7 @@ pub mod config;
 pub mod convert;
 pub mod deathwatch;
 pub mod diagnose;
+pub mod drill;
 pub mod evaluate;
 pub mod event;
 pub mod exec;
@@ -130,7 +131,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         tls: cfg.tls.clone(),
         hello,
     };
+    let (drills, drill_reports) = drill::Drills::new(&cfg);
     let (shipper, conn_state) = Shipper::new(ship_cfg, spool.clone(), status_rx, backoff);
+    let shipper = shipper.with_drills(drills.clone(), drill_reports);
     let mut progress = systemd::SamplingProgress::new(status_tx.subscribe(), cfg.interval);
     let board = active::Board::new(&cfg.active, std::time::Instant::now());
     let collector = Collector::new(
@@ -153,6 +156,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         "agent started"
     );
     let tracker = TaskTracker::new();
+    // The drill's stand-in dependency first, so the checks watching it start out OK.
+    tracker.spawn(drills.clone().hold_dependency(shutdown.clone()));
     active::spawn(&cfg.active, &board, &tracker, &shutdown);
     tracker.spawn(collector.run(shutdown.clone()));
     if let Some(addr) = cfg.admin_listen {

@@ -140,6 +140,11 @@ pub struct Shipper {
     connected_at: Option<std::time::Instant>,
     /// When a failed spool ack was last logged (logged at most once a minute).
     ack_error_logged: Option<std::time::Instant>,
+    /// Drill runner (`None`: drill commands are refused) and its reports to send.
+    drills: Option<(
+        crate::drill::Drills,
+        mpsc::UnboundedReceiver<v1::DrillReport>,
+    )>,
 }
 
 impl Shipper {
@@ -162,9 +167,25 @@ impl Shipper {
                 state_tx,
                 connected_at: None,
                 ack_error_logged: None,
+                drills: None,
             },
             state_rx,
         )
+    }
+
+    /// Hands drill commands from the aggregator to `drills` and sends its `reports`.
+    pub fn with_drills(
+        mut self,
+        drills: crate::drill::Drills,
+        reports: mpsc::UnboundedReceiver<v1::DrillReport>,
+    ) -> Self {
+        self.drills = Some((drills, reports));
+        self
+    }
+
+    /// Whether a `node_down` drill holds heartbeats and events back now.
+    fn muted(&self) -> bool {
+        self.drills.as_ref().is_some_and(|(d, _)| d.muted())
     }
 
     /// Runs until `shutdown` is cancelled.
@@ -313,7 +334,14 @@ impl Shipper {
         loop {
             // Send what the spool holds beyond what this stream already carried, within
             // the in-flight window.
-            while sent < *latest.borrow_and_update()
+            let muted = self.muted();
+            if muted {
+                // Seen: `latest.changed()` must not wake this loop over and over; the
+                // events go out at the first turn after the drill.
+                latest.borrow_and_update();
+            }
+            while !muted
+                && sent < *latest.borrow_and_update()
                 && (inflight.len() as u64) < MAX_INFLIGHT_BATCHES
             {
                 let batch = self.spool.read_after(sent, BATCH_EVENTS).await?;
@@ -362,11 +390,26 @@ impl Shipper {
                             inflight.pop_front();
                         }
                     }
+                    Ok(Some(v1::AggregatorMessage { msg: Some(aggregator_message::Msg::Drill(cmd)) })) => {
+                        match &self.drills {
+                            Some((d, _)) => d.start(cmd),
+                            None => {
+                                let r = v1::DrillReport { drill_id: cmd.drill_id, done: true, message: crate::drill::REFUSED.to_owned(), ..Default::default() };
+                                tx.send(msg(agent_message::Msg::DrillReport(r))).await.map_err(|_| closed("send failed"))?;
+                            }
+                        }
+                    }
                     Ok(Some(_)) => {}
                     Ok(None) => return Err(closed("aggregator ended the stream")),
                     Err(status) => return Err(ShipError::Status { endpoint: endpoint.to_owned(), status }),
                 },
+                Some(r) = next_report(&mut self.drills) => {
+                    tx.send(msg(agent_message::Msg::DrillReport(r))).await.map_err(|_| closed("send failed"))?;
+                }
                 _ = heartbeat.tick() => {
+                    if self.muted() {
+                        continue;
+                    }
                     let checks = self.status.borrow().iter().map(convert::check_status).collect();
                     let hb = v1::Heartbeat { sent_at_ms: now_ms(), checks, last_seq: *latest.borrow() };
                     tx.send(msg(agent_message::Msg::Heartbeat(hb))).await.map_err(|_| closed("send failed"))?;
@@ -402,6 +445,19 @@ impl Shipper {
                 Ok(())
             }
         }
+    }
+}
+
+/// The next drill report to send; pending forever without a drill runner.
+async fn next_report(
+    drills: &mut Option<(
+        crate::drill::Drills,
+        mpsc::UnboundedReceiver<v1::DrillReport>,
+    )>,
+) -> Option<v1::DrillReport> {
+    match drills {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

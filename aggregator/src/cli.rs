@@ -14,6 +14,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod drill;
 pub mod hooks;
 use serde::{Deserialize, Serialize};
 use tocsin_agent::settings::{self, ConfigError, Validator};
@@ -98,6 +99,9 @@ pub enum Command {
     /// Run the rollback hook (`[[hook]] kind = "rollback"`) with a reason; asks for
     /// confirmation unless --yes (and refuses without a terminal and without --yes).
     Rollback(hooks::RollbackArgs),
+    /// Run a drill for real on a node through its agent (process_crash, high_load,
+    /// dependency_down, node_down or all) and print its measured report; exit 2 when it failed.
+    Drill(drill::DrillArgs),
     /// Validate the CLI config and exit 0, or print every problem and exit 64.
     CheckConfig,
 }
@@ -304,6 +308,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Resolve(a) => change(&api, a, "resolve", json).await,
             Command::Hook(c) => hooks::hook(&api, c, json).await,
             Command::Rollback(a) => hooks::rollback(&api, a, json).await,
+            Command::Drill(a) => drill::drill(&api, a, json).await,
             Command::Up(_) => ExitCode::FAILURE,
         }
     })

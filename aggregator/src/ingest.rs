@@ -35,6 +35,8 @@ pub struct IngestService {
     /// Counters.
     metrics: Metrics,
     shutdown: CancellationToken,
+    /// Connected streams, for drill commands.
+    drills: crate::drill::DrillHub,
 }
 
 impl IngestService {
@@ -53,7 +55,14 @@ impl IngestService {
             tokens: tokens.map(std::sync::Arc::new),
             metrics,
             shutdown,
+            drills: Default::default(),
         }
+    }
+
+    /// Registers connected agents with `drills` (drill commands go down their streams).
+    pub fn with_drills(mut self, drills: crate::drill::DrillHub) -> Self {
+        self.drills = drills;
+        self
     }
 }
 
@@ -83,6 +92,7 @@ impl v1::ingest_server::Ingest for IngestService {
             metrics: self.metrics.clone(),
             peer,
             tx,
+            drills: self.drills.clone(),
         };
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -104,6 +114,7 @@ struct Session {
     outbox_wake: watch::Sender<u64>,
     peer: String,
     tx: mpsc::Sender<Result<v1::AggregatorMessage, Status>>,
+    drills: crate::drill::DrillHub,
 }
 
 fn reply(m: aggregator_message::Msg) -> Result<v1::AggregatorMessage, Status> {
@@ -191,7 +202,9 @@ impl Session {
             return;
         }
         self.metrics.agents_connected.inc();
+        self.drills.register(&agent_id, session, self.tx.clone());
         let reason = self.serve(&agent_id, &mut inbound).await;
+        self.drills.unregister(&agent_id, session);
         self.metrics.agents_connected.dec();
         tracing::info!(%peer, agent = %agent_id, reason, "agent disconnected");
         let id = agent_id.clone();
@@ -259,6 +272,7 @@ impl Session {
                         }
                     }
                 }
+                agent_message::Msg::DrillReport(r) => self.drills.report(agent_id, r),
                 agent_message::Msg::Heartbeat(hb) => {
                     let checks = match convert::checks(&hb) {
                         Ok(c) => c,

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod correlate;
+pub mod drill;
 pub mod escalate;
 pub mod hook;
 pub mod ingest;
@@ -200,13 +201,15 @@ pub async fn run(
     };
     tracker.spawn(runner.run(shutdown.clone()));
     let api_wake = wake_tx.clone();
+    let drills = drill::DrillHub::default();
     let ingest = ingest::IngestService::new(
         store.clone(),
         wake_tx,
         cfg.tokens.clone(),
         metrics.clone(),
         shutdown.clone(),
-    );
+    )
+    .with_drills(drills.clone());
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(cfg.keepalive))
         .http2_keepalive_timeout(Some(cfg.keepalive))
@@ -262,6 +265,7 @@ pub async fn run(
             list: hook_list,
             wake: hook_wake,
         },
+        drills,
     };
     let ui_state = web::ui::UiState::new(
         api_state.clone(),

@@ -19,6 +19,19 @@ pub const EVENTS: [&str; 5] = [
     crate::store::STORM_SUMMARY,
 ];
 
+/// The summary a notification shows: `[DRILL] ` before it when the incident is a drill
+/// (label `drill=true`, see `kpi::is_drill`), so nobody mistakes a drill for a real page.
+pub fn drill_summary(i: &Incident) -> String {
+    if crate::kpi::is_drill(&i.labels) {
+        format!("{DRILL_PREFIX}{}", i.summary)
+    } else {
+        i.summary.clone()
+    }
+}
+
+/// Prefix of a drill incident's summary in notifications.
+pub const DRILL_PREFIX: &str = "[DRILL] ";
+
 /// Renders the generic webhook body for `kind` (`trigger`, `acknowledge`, `resolve` or
 /// `repeat`; a storm summary has its own shape, see `store::paging`):
 ///
@@ -60,7 +73,7 @@ pub fn render_with(
             "value": i.value,
             "unit": i.unit,
             "threshold": i.threshold,
-            "summary": i.summary,
+            "summary": drill_summary(i),
             "labels": i.labels,
             "fingerprint": i.fingerprint,
             "triggered_at": rfc3339(i.triggered_at_ms),

@@ -9,6 +9,7 @@
 
 pub mod alertmanager;
 mod apply;
+pub mod drills;
 mod hooks;
 mod kpi;
 mod paging;
@@ -274,6 +275,10 @@ impl Store {
         store
             .conn
             .execute_batch(hooks::SCHEMA)
+            .map_err(|e| store.err(e))?;
+        store
+            .conn
+            .execute_batch(drills::SCHEMA)
             .map_err(|e| store.err(e))?;
         schema::migrate(&store.conn).map_err(|e| store.err(e))?;
         let fresh = format!("{:08x}", fastrand::u32(..));

@@ -22,6 +22,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+mod drills;
 mod hooks;
 
 use crate::model::{Incident, Node, rfc3339};
@@ -45,6 +46,8 @@ pub struct AppState {
     pub started_ms: i64,
     /// The recovery hooks, and the runner's wake-up.
     pub hooks: crate::hook::Hooks,
+    /// Connected agents, for drills (`POST /api/v1/drills`).
+    pub drills: crate::drill::DrillHub,
 }
 
 /// Who may acknowledge and resolve through the API.
@@ -166,6 +169,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/nodes", get(list_nodes))
         .route("/api/v1/silences", get(list_silences).post(add_silence))
         .route("/api/v1/silences/{id}/expire", post(expire_silence))
+        .route("/api/v1/drills", get(drills::list).post(drills::start))
         .route("/api/v1/hooks", get(hooks::list))
         .route("/api/v1/hooks/runs", get(hooks::runs))
         .route("/api/v1/hooks/runs/{id}", get(hooks::run))
