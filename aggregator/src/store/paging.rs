@@ -219,9 +219,42 @@ pub(super) fn reroute(
     if names.is_empty() {
         return Ok(0);
     }
+    let (queued, mut what) = trigger_each(conn, router, &incident, &channels, now, "paged")?;
+    if what.is_empty() {
+        "no channel".clone_into(&mut what);
+    }
+    let was = from.map_or(String::new(), |f| format!(" (was {})", f.as_str()));
+    timeline(
+        conn,
+        id,
+        now,
+        "rerouted",
+        "aggregator",
+        &format!(
+            "now {}{was}: {} {} → {what}",
+            incident.severity.as_str(),
+            if names.len() == 1 { "route" } else { "routes" },
+            names.join(", "),
+        ),
+    )?;
+    Ok(queued)
+}
+
+/// Sends the trigger of `incident` to each of `channels` (see [`send_trigger`]); answers
+/// how many were queued, and what became of each channel for the timeline ("paged a, b;
+/// held by the storm guard for c; d already paged or not configured"; empty without
+/// channels). `verb` says "paged" or "paging".
+fn trigger_each(
+    conn: &Connection,
+    router: &Router,
+    incident: &Incident,
+    channels: &[String],
+    now: i64,
+    verb: &str,
+) -> rusqlite::Result<(usize, String)> {
     let (mut paged, mut held, mut had) = (Vec::new(), Vec::new(), Vec::new());
-    for ch in &channels {
-        match send_trigger(conn, router, &incident, ch, now)? {
+    for ch in channels {
+        match send_trigger(conn, router, incident, ch, now)? {
             Sent::Queued => paged.push(ch.as_str()),
             Sent::Held => held.push(ch.as_str()),
             Sent::Skipped => had.push(ch.as_str()),
@@ -229,7 +262,7 @@ pub(super) fn reroute(
     }
     let mut parts = Vec::new();
     if !paged.is_empty() {
-        parts.push(format!("paged {}", paged.join(", ")));
+        parts.push(format!("{verb} {}", paged.join(", ")));
     }
     if !held.is_empty() {
         parts.push(format!("held by the storm guard for {}", held.join(", ")));
@@ -240,25 +273,7 @@ pub(super) fn reroute(
             had.join(", ")
         ));
     }
-    if parts.is_empty() {
-        parts.push("no channel".to_owned());
-    }
-    let was = from.map_or(String::new(), |f| format!(" (was {})", f.as_str()));
-    timeline(
-        conn,
-        id,
-        now,
-        "rerouted",
-        "aggregator",
-        &format!(
-            "now {}{was}: {} {} → {}",
-            incident.severity.as_str(),
-            if names.len() == 1 { "route" } else { "routes" },
-            names.join(", "),
-            parts.join("; ")
-        ),
-    )?;
-    Ok(paged.len())
+    Ok((paged.len(), parts.join("; ")))
 }
 
 /// Whether incident `id` was paged under routing in its current cycle (it has a
@@ -488,31 +503,8 @@ fn escalate(
             tx.prepare_cached("UPDATE routing SET escalated_ms = ?2 WHERE id = ?1")?
                 .execute(params![row, now])?;
         }
-        let (mut paged, mut held, mut had) = (Vec::new(), Vec::new(), Vec::new());
-        for ch in &to {
-            match send_trigger(tx, router, &incident, ch, now)? {
-                Sent::Queued => {
-                    paged.push(ch.as_str());
-                    out.notifications += 1;
-                }
-                Sent::Held => held.push(ch.as_str()),
-                Sent::Skipped => had.push(ch.as_str()),
-            }
-        }
-        let mut parts = Vec::new();
-        if !paged.is_empty() {
-            parts.push(format!("paging {}", paged.join(", ")));
-        }
-        if !held.is_empty() {
-            parts.push(format!("held by the storm guard for {}", held.join(", ")));
-        }
-        if !had.is_empty() {
-            parts.push(format!(
-                "{} already paged or not configured",
-                had.join(", ")
-            ));
-        }
-        let what = parts.join("; ");
+        let (queued, what) = trigger_each(tx, router, &incident, &to, now, "paging")?;
+        out.notifications += queued;
         timeline(
             tx,
             id,
