@@ -116,11 +116,7 @@ impl WriteAccess {
                 "changes are refused: the API listens beyond loopback and auth.api_token_file is not set".into(),
             )),
             WriteAccess::Token(t) => {
-                let given = headers
-                    .get(axum::http::header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .unwrap_or("");
+                let given = ui::auth::bearer(headers).unwrap_or("");
                 let ok: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), t.expose().as_bytes()).into();
                 if ok {
                     Ok(())

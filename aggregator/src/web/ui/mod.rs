@@ -89,6 +89,8 @@ pub struct UiState {
     token: Option<tocsin_agent::config::Secret>,
     /// Name-only sign-in: a loopback listener with neither token nor users.
     open_login: bool,
+    /// Whether `listen_http` is a loopback address.
+    loopback: bool,
     sessions: Arc<Sessions>,
     templates: Arc<Templates>,
     pages: Arc<Environment<'static>>,
@@ -114,6 +116,7 @@ impl UiState {
             auth: Arc::new(auth),
             token,
             open_login,
+            loopback,
             sessions: Arc::new(Sessions::new()?),
             templates,
             pages: Arc::new(environment()),
@@ -158,6 +161,71 @@ pub fn router(state: UiState) -> Router {
         .route("/api/v1/checks", get(api_checks))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
+}
+
+/// The read policy for every request, as a layer over the whole HTTP router (API and
+/// pages):
+/// - on a loopback listener whose reads are public, a request naming a non-loopback
+///   `Host` is refused with 403 (DNS rebinding: a foreign web page resolving its own name
+///   to 127.0.0.1 must not read the API or the pages);
+/// - with `auth.read_only = "login"`, reads of the JSON API (`GET`/`HEAD` `/api/…`) need
+///   a valid session cookie or `Authorization: Bearer TOKEN` (the API token), else 401
+///   (the pages send strangers to `/login` themselves).
+///
+/// Always open: `/health`, `/login`, `/status/…` (the public status pages) and the
+/// `/ui/…` assets. `/metrics` follows the Host rule but needs no login (Prometheus
+/// scrapes it; `docs/API.md`). Errors are JSON under `/api/` and `/metrics`, HTML pages
+/// elsewhere.
+pub async fn read_guard(
+    State(st): State<UiState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    if path == "/health"
+        || path == "/login"
+        || path.starts_with("/status/")
+        || path.starts_with("/ui/")
+    {
+        return next.run(req).await;
+    }
+    let api = path.starts_with("/api/") || path == "/metrics";
+    let headers = req.headers();
+    let refuse = |code: StatusCode, text: &str| {
+        if api {
+            (
+                code,
+                Json(json!({ "error": { "status": code.as_u16(), "message": text } })),
+            )
+                .into_response()
+        } else {
+            message(&st, None, code, "Refused", text)
+        }
+    };
+    if st.loopback && st.auth.read == ReadAccess::Public && !auth::host_is_loopback(headers) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "this aggregator listens on loopback and answers only a loopback Host",
+        );
+    }
+    let read = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if read && path.starts_with("/api/") && st.auth.read == ReadAccess::Login {
+        let token_ok = st
+            .token
+            .as_ref()
+            .zip(auth::bearer(headers))
+            .is_some_and(|(t, given)| auth::ct_eq(given.as_bytes(), t.expose().as_bytes()));
+        if !token_ok && session(&st, headers).is_none() {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "reading needs a login: a session cookie or `Authorization: Bearer TOKEN`",
+            );
+        }
+    }
+    next.run(req).await
 }
 
 /// No inline script or style, no framing (the buttons cannot be clickjacked), forms post
