@@ -1203,8 +1203,13 @@ async fn status_page(State(st): State<UiState>, Path(service): Path<String>) -> 
             } else {
                 "trigger"
             };
+            // "Posted" is the incident's last change, not this request.
+            let changed = i
+                .triggered_at_ms
+                .max(i.acknowledged_at_ms.unwrap_or(0))
+                .max(i.resolved_at_ms.unwrap_or(0));
             let payload: Value =
-                serde_json::from_str(&crate::notify::payload::render(event, i, now))
+                serde_json::from_str(&crate::notify::payload::render(event, i, changed))
                     .unwrap_or_default();
             markdown::to_html(&st.templates.render(Name::Status, &payload, "status-page"))
         })
