@@ -255,13 +255,16 @@ async fn get_incident(
     Ok(Json(v))
 }
 
-/// A name for the timeline: 1 to 128 bytes, no control characters and no invisible
-/// format characters (zero-width, bidirectional overrides) that could disguise it.
+/// A name for the timeline: 1 to 128 bytes, no control characters, no `<` or `>`
+/// (markup), and no invisible format characters (zero-width, bidirectional overrides)
+/// that could disguise it.
 fn valid_actor(by: &str) -> bool {
     !by.is_empty()
         && by.len() <= 128
         && !by.chars().any(|c| {
             c.is_control()
+                || c == '<'
+                || c == '>'
                 || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
         })
 }
@@ -321,10 +324,7 @@ async fn change(
     let note = crate::convert::clip_text(&req.note);
     let outcome = st
         .store
-        .call(move |s| match to {
-            "acknowledged" => s.acknowledge(id, &by, &note),
-            _ => s.resolve_by_hand(id, &by, &note),
-        })
+        .call(move |s| s.change_via(crate::store::Via::Api, id, &by, &note, to))
         .await?;
     let (result, message) = match outcome {
         crate::store::Change::Done => {
@@ -526,5 +526,7 @@ mod actor_tests {
         assert!(!valid_actor("ali\u{202E}ecila"));
         assert!(!valid_actor("ali\u{200B}ce"));
         assert!(!valid_actor(&"x".repeat(129)));
+        assert!(!valid_actor("<script>alice"));
+        assert!(!valid_actor("alice>"));
     }
 }
