@@ -434,13 +434,15 @@ fn summary(
         ),
     };
     let end = q.until_ms.min(now);
-    let availability = with_availability.then(|| {
-        let spans = all
-            .iter()
-            .filter(|i| matches!(i.severity, Severity::P1 | Severity::P2))
-            .flat_map(|i| i.open_spans.iter().copied());
-        up_fraction(spans, q.since_ms, end, now)
-    });
+    let availability = with_availability
+        .then(|| {
+            let spans = all
+                .iter()
+                .filter(|i| matches!(i.severity, Severity::P1 | Severity::P2))
+                .flat_map(|i| i.open_spans.iter().copied());
+            up_fraction(spans, q.since_ms, end, now)
+        })
+        .flatten();
     Summary {
         incidents: counted.len(),
         open: counted
@@ -498,9 +500,10 @@ fn up_fraction(
     since: i64,
     end: i64,
     now: i64,
-) -> f64 {
+) -> Option<f64> {
+    // An empty range, or one wholly in the future: nothing was measured.
     if end <= since {
-        return 1.0;
+        return None;
     }
     let mut clipped: Vec<(i64, i64)> = spans
         .map(|(a, b)| (a.max(since), b.unwrap_or(now).min(end)))
@@ -522,7 +525,7 @@ fn up_fraction(
     if let Some((ca, cb)) = current {
         down += cb - ca;
     }
-    1.0 - down as f64 / (end - since) as f64
+    Some(1.0 - down as f64 / (end - since) as f64)
 }
 
 /// `postmortem` of an incident in the API: due 48 hours after a P1/P2 resolves, until a
@@ -872,6 +875,15 @@ mod tests {
         assert_eq!(sla.p1_resolved.pending, 1);
         // Availability stops at now: open for 20 of 20 minutes so far.
         assert_eq!(late.incidents.overall.availability, Some(0.0));
+        // A range wholly in the future has no availability, not 100 %.
+        let future = Query {
+            since_ms: T0 + 30 * MIN,
+            until_ms: T0 + 90 * MIN,
+            ..q.clone()
+        };
+        let ahead = report(std::slice::from_ref(&p1), &future, T0 + 20 * MIN);
+        assert_eq!(ahead.incidents.overall.availability, None);
+        assert_eq!(ahead.incidents.overall.availability_target, None);
     }
 
     #[test]

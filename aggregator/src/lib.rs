@@ -275,7 +275,12 @@ pub async fn run(
         cfg.templates.clone(),
     )
     .map_err(|_| AggregatorError::Random)?;
-    let app = web::router(api_state).merge(web::ui::router(ui_state));
+    let app = web::router(api_state)
+        .merge(web::ui::router(ui_state.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            ui_state,
+            web::ui::read_guard,
+        ));
     let http_shutdown = shutdown.clone();
     tracker.spawn(async move {
         let serve = axum::serve(http_listener, app)

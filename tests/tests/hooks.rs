@@ -547,7 +547,7 @@ async fn a_manual_run_by_cli_is_recorded_with_who_ran_it() -> Result<()> {
         "{out}"
     );
     let entry = wait_timeline(&agg, id, "hook", "(by hand, by alice: api down): exit 0").await?;
-    assert_eq!(entry["actor"], "user:alice");
+    assert_eq!(entry["actor"], "api:alice", "the API, not a web login");
     assert!(
         entry["note"].as_str().is_some_and(|n| n.contains("exit 0")),
         "{entry}"

@@ -299,7 +299,7 @@ async fn cli_reports_incidents_kpis_status_and_postmortems() -> Result<()> {
         "**Severity:** P1".into(),
         "**Nodes (2):** web-1, web-2".into(),
         "| Time to detect (breach → opened) |".into(),
-        "**acknowledged** (user:kpi-test): acknowledged by kpi-test: on it".into(),
+        "**acknowledged** (api:kpi-test): acknowledged by kpi-test: on it".into(),
         "## Root cause".into(),
         "## Actions".into(),
     ] {
@@ -343,7 +343,7 @@ async fn cli_reports_incidents_kpis_status_and_postmortems() -> Result<()> {
             .as_array()
             .into_iter()
             .flatten()
-            .any(|t| t["kind"] == "postmortem" && t["actor"] == "user:alice"),
+            .any(|t| t["kind"] == "postmortem" && t["actor"] == "api:alice"),
         "{detail}"
     );
     let (code, _, err) = tocsin(

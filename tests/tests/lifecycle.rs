@@ -88,7 +88,7 @@ async fn acknowledge_and_resolve_by_hand_are_recorded_and_notified_once() -> Res
         .and_then(|t| t.iter().find(|e| e["kind"] == "acknowledged"))
         .cloned()
         .context("an acknowledged entry on the timeline")?;
-    assert_eq!(entry["actor"], "user:alice", "{entry}");
+    assert_eq!(entry["actor"], "api:alice", "{entry}");
     assert!(
         entry["note"].as_str().is_some_and(|n| n.contains("on it")),
         "{entry}"

@@ -51,11 +51,20 @@ async fn scene(dir: &Path, node: &str, auth: &str) -> Result<Scene> {
             .watch(&dummy.name)
             .build(),
     )?;
-    agg.wait_reported(node).await?;
+    // (Aggregator::wait_reported reads without the token, which read_only = "login" refuses.)
+    eventually(&format!("first events of {node}"), PATIENCE, || async {
+        let nodes = api(&agg, "/api/v1/nodes").await.ok()?;
+        nodes["nodes"]
+            .as_array()?
+            .iter()
+            .any(|n| n["agent_id"] == node && n["last_seq"].as_u64().unwrap_or(0) >= 1)
+            .then_some(())
+    })
+    .await?;
     let check = format!("process:{}", dummy.name);
     dummy.kill();
     let incident = eventually("the incident of the killed process", PATIENCE, || async {
-        let list = agg.get("/api/v1/incidents?status=open").await.ok()?;
+        let list = api(&agg, "/api/v1/incidents?status=open").await.ok()?;
         list["incidents"]
             .as_array()?
             .iter()
@@ -71,6 +80,18 @@ async fn scene(dir: &Path, node: &str, auth: &str) -> Result<Scene> {
         incident,
         base,
     })
+}
+
+/// `GET path` on the aggregator's API with the test token (reads need it under
+/// `read_only = "login"`; the scheme is sent in lower case, which must be accepted).
+async fn api(agg: &Aggregator, path: &str) -> Result<Value> {
+    let res = reqwest::Client::new()
+        .get(format!("http://{}{path}", agg.http))
+        .header("authorization", format!("bearer {TOKEN}"))
+        .send()
+        .await?;
+    anyhow::ensure!(res.status().is_success(), "GET {path}: {}", res.status());
+    Ok(res.json().await?)
 }
 
 fn auth_with_token(dir: &Path) -> Result<String> {
@@ -345,7 +366,7 @@ async fn browser_logs_in_acknowledges_and_sees_the_change() -> Result<()> {
         )
         .await?;
 
-        let detail = s.agg.get(&format!("/api/v1/incidents/{id}")).await?;
+        let detail = api(&s.agg, &format!("/api/v1/incidents/{id}")).await?;
         assert_eq!(detail["status"], "acknowledged", "in the API: {detail}");
         let entry = detail["timeline"]
             .as_array()
@@ -471,7 +492,7 @@ async fn forms_need_a_login_the_csrf_token_and_this_origin() -> Result<()> {
         .build()?;
     let ack_url = format!("{}/incidents/{id}/ack", s.base);
     let status = || async {
-        let d = s.agg.get(&format!("/api/v1/incidents/{id}")).await?;
+        let d = api(&s.agg, &format!("/api/v1/incidents/{id}")).await?;
         anyhow::Ok(d["status"].as_str().unwrap_or("").to_owned())
     };
 
@@ -486,6 +507,25 @@ async fn forms_need_a_login_the_csrf_token_and_this_origin() -> Result<()> {
         .await?;
     assert_eq!(res.status().as_u16(), 200);
     assert!(res.text().await?.contains("Investigating"));
+    // … and so do API reads: 401 JSON without a token or a session; /health stays open.
+    for path in [
+        "/api/v1/incidents",
+        &format!("/api/v1/incidents/{id}"),
+        "/api/v1/checks",
+    ] {
+        let res = client.get(format!("{}{path}", s.base)).send().await?;
+        assert_eq!(res.status().as_u16(), 401, "{path}");
+        let body: Value = res.json().await?;
+        assert_eq!(body["error"]["status"], 401, "{path}: {body}");
+    }
+    let res = client
+        .get(format!("{}/api/v1/incidents", s.base))
+        .header("authorization", "Bearer wrong")
+        .send()
+        .await?;
+    assert_eq!(res.status().as_u16(), 401);
+    let res = client.get(format!("{}/health", s.base)).send().await?;
+    assert_eq!(res.status().as_u16(), 200);
 
     // No session: refused.
     let (code, _, _) = post_form(&client, &ack_url, None, None, &[("csrf", "x")]).await?;
@@ -551,6 +591,12 @@ async fn forms_need_a_login_the_csrf_token_and_this_origin() -> Result<()> {
         page.contains(&format!("/incidents/{id}/ack")),
         "buttons once logged in"
     );
+    let res = client
+        .get(format!("{}/api/v1/incidents/{id}", s.base))
+        .header("cookie", &cookie)
+        .send()
+        .await?;
+    assert_eq!(res.status().as_u16(), 200, "a session reads the API");
     let csrf = page
         .split("name=\"csrf\" value=\"")
         .nth(1)
@@ -597,7 +643,7 @@ async fn forms_need_a_login_the_csrf_token_and_this_origin() -> Result<()> {
     .await?;
     assert_eq!(code, 303);
     assert_eq!(location, "/", "the way back stays on this site");
-    let d = s.agg.get(&format!("/api/v1/incidents/{id}")).await?;
+    let d = api(&s.agg, &format!("/api/v1/incidents/{id}")).await?;
     assert_eq!(d["status"], "acknowledged", "{d}");
     let entry = d["timeline"]
         .as_array()
@@ -626,7 +672,7 @@ async fn forms_need_a_login_the_csrf_token_and_this_origin() -> Result<()> {
     )
     .await?;
     assert_eq!(code, 303, "{body}");
-    let silences: Value = s.agg.get("/api/v1/silences").await?;
+    let silences: Value = api(&s.agg, "/api/v1/silences").await?;
     let silence = silences["silences"][0].clone();
     assert_eq!(silence["created_by"], "carol", "{silence}");
     assert_eq!(silence["ends_with_incident"], id, "{silence}");
@@ -640,10 +686,10 @@ async fn forms_need_a_login_the_csrf_token_and_this_origin() -> Result<()> {
     )
     .await?;
     assert_eq!(code, 303);
-    let silences: Value = s.agg.get("/api/v1/silences").await?;
+    let silences: Value = api(&s.agg, "/api/v1/silences").await?;
     assert_eq!(silences["silences"][0]["state"], "expired", "{silences}");
     assert_eq!(silences["silences"][0]["expired_by"], "carol", "{silences}");
-    let d = s.agg.get(&format!("/api/v1/incidents/{id}")).await?;
+    let d = api(&s.agg, &format!("/api/v1/incidents/{id}")).await?;
     assert!(
         d["timeline"].as_array().is_some_and(|t| t
             .iter()
@@ -652,12 +698,61 @@ async fn forms_need_a_login_the_csrf_token_and_this_origin() -> Result<()> {
     );
 
     // The check states behind the nodes page.
-    let checks: Value = s.agg.get("/api/v1/checks").await?;
+    let checks: Value = api(&s.agg, "/api/v1/checks").await?;
     assert!(
         checks["checks"].as_array().is_some_and(|c| c
             .iter()
             .any(|c| c["node"] == "node-csrf" && c["state"] == "critical")),
         "{checks}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_reads_need_a_loopback_host() -> Result<()> {
+    // No auth on a loopback listener: reads are public, but only to a loopback Host — a
+    // page on evil.example rebinding its name to 127.0.0.1 reads nothing (DNS rebinding).
+    let dir = tempfile::tempdir()?;
+    let agg = Aggregator::start(dir.path(), &AggregatorToml::new(dir.path()).build()).await?;
+    let base = format!("http://{}", agg.http);
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    for path in [
+        "/",
+        "/nodes",
+        "/kpi",
+        "/api/v1/incidents",
+        "/api/v1/status",
+        "/metrics",
+    ] {
+        let res = client
+            .get(format!("{base}{path}"))
+            .header("host", "evil.example:7600")
+            .send()
+            .await?;
+        assert_eq!(res.status().as_u16(), 403, "{path}");
+        let res = client.get(format!("{base}{path}")).send().await?;
+        assert_eq!(res.status().as_u16(), 200, "{path}");
+        let res = client
+            .get(format!("{base}{path}"))
+            .header("host", format!("localhost:{}", agg.http.port()))
+            .send()
+            .await?;
+        assert_eq!(res.status().as_u16(), 200, "{path} with Host localhost");
+    }
+    let res = client
+        .get(format!("{base}/api/v1/incidents"))
+        .header("host", "evil.example")
+        .send()
+        .await?;
+    let body: Value = res.json().await?;
+    assert_eq!(body["error"]["status"], 403, "{body}");
+    let res = client
+        .get(format!("{base}/health"))
+        .header("host", "evil.example")
+        .send()
+        .await?;
+    assert_eq!(res.status().as_u16(), 200, "/health stays open");
     Ok(())
 }

@@ -188,7 +188,8 @@ pub struct IncidentsArgs {
     /// all.
     #[arg(long, visible_alias = "state", default_value = "all")]
     pub status: String,
-    /// Comma list of severities, e.g. P1,P2.
+    /// Comma list of severities, e.g. P1,P2: the current severity (an incident that
+    /// peaked at P1 and resolved at P2 matches P2; the table shows `P2 (peak P1)`).
     #[arg(long)]
     pub severity: Option<String>,
     /// Opened since: a duration before now (2h, 7d), RFC 3339 in UTC or Unix ms.
@@ -251,7 +252,7 @@ pub async fn incidents(api: &Api, a: &IncidentsArgs, json: bool) -> ExitCode {
         out.push_str(&format!(
             "{:<5} {:<4} {:<12} {:<20} {:<28} {:<9} {:>8}  {:<24}  {}\n",
             i["id"].to_string(),
-            text(&i["severity"], "?"),
+            severity_cell(i),
             text(&i["status"], "?"),
             text(&i["node"], "?"),
             text(&i["check"], "?"),
@@ -575,9 +576,28 @@ pub async fn status(api: &Api, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The SEV cell of an incident row: its current severity, and the peak when that was
+/// higher (`P2 (peak P1)`), from the API's `severity` and `peak_severity`.
+fn severity_cell(i: &Value) -> String {
+    let now = text(&i["severity"], "?");
+    match i["peak_severity"].as_str() {
+        Some(peak) if peak != now => format!("{now} (peak {peak})"),
+        _ => now,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_severity_cell_shows_a_higher_peak() {
+        let v = serde_json::json!({"severity": "P2", "peak_severity": "P1"});
+        assert_eq!(severity_cell(&v), "P2 (peak P1)");
+        let v = serde_json::json!({"severity": "P1", "peak_severity": "P1"});
+        assert_eq!(severity_cell(&v), "P1");
+        assert_eq!(severity_cell(&serde_json::json!({"severity": "P3"})), "P3");
+    }
 
     #[test]
     fn exit_codes_follow_the_status() {

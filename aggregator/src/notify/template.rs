@@ -369,6 +369,31 @@ mod tests {
     }
 
     #[test]
+    fn the_status_page_update_shows_no_internals() {
+        let t = Templates::defaults(BTreeMap::new());
+        for event in ["trigger", "acknowledge", "resolve"] {
+            let text = t.render(Name::Status, &sample_payload(event), "status-page");
+            for secret in [
+                "web-1",
+                "http:checkout",
+                "error rate",
+                "tocsin-0123456789abcdef",
+            ] {
+                assert!(!text.contains(secret), "{event} shows {secret}: {text}");
+            }
+            assert!(text.contains("checkout"), "{text}");
+            assert!(text.contains("Major outage"), "{text}");
+            assert!(text.contains("**Status:** "), "{text}");
+            assert!(
+                text.lines()
+                    .filter(|l| l.starts_with("**Started:**"))
+                    .all(|l| l.ends_with("  ")),
+                "Markdown line breaks: {text}"
+            );
+        }
+    }
+
+    #[test]
     fn defaults_render_every_event_with_the_seed_fields() {
         let t = Templates::defaults(BTreeMap::new());
         for event in ["trigger", "acknowledge", "resolve"] {

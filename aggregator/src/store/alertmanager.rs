@@ -84,8 +84,11 @@ impl Store {
         Ok(Some(Paged {
             incident,
             trigger_payload,
-            acknowledged_by: acknowledged_by
-                .map(|a| a.strip_prefix("user:").map_or(a.clone(), str::to_owned)),
+            acknowledged_by: acknowledged_by.map(|a| {
+                a.strip_prefix("user:")
+                    .or_else(|| a.strip_prefix("api:"))
+                    .map_or(a.clone(), str::to_owned)
+            }),
         }))
     }
 }

@@ -209,7 +209,7 @@ fn cycle_of(conn: &Connection, id: i64) -> rusqlite::Result<i64> {
 
 fn actor(event: &str, by: &str) -> String {
     if event == "manual" {
-        format!("user:{by}")
+        format!("api:{by}")
     } else {
         "aggregator".to_owned()
     }

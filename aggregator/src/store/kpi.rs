@@ -258,7 +258,7 @@ impl Store {
             id,
             now,
             "postmortem",
-            &format!("user:{by}"),
+            &format!("api:{by}"),
             &format!("post-mortem linked by {by}: {url}"),
         )
         .map_err(err)?;
@@ -618,7 +618,7 @@ mod tests {
             detail
                 .timeline
                 .iter()
-                .any(|t| t.kind == "postmortem" && t.actor == "user:alice"),
+                .any(|t| t.kind == "postmortem" && t.actor == "api:alice"),
             "{:?}",
             detail.timeline
         );

@@ -36,6 +36,27 @@ use crate::model::{
 };
 use crate::notify::payload;
 
+/// How a person's change reached the aggregator, shown as the prefix of the timeline
+/// actor: the web view (`user:NAME`, a signed-in session) or the JSON API (`api:NAME`,
+/// a token or loopback client naming itself with `by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The on-call web view.
+    Web,
+    /// The JSON API (`/api/v1/…`, the `tocsin` CLI).
+    Api,
+}
+
+impl Via {
+    /// `user:` or `api:`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Via::Web => "user:",
+            Via::Api => "api:",
+        }
+    }
+}
+
 /// What a change asked by a person did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -944,7 +965,24 @@ impl Store {
     /// # Errors
     /// [`StoreError::Sqlite`].
     pub fn acknowledge(&mut self, id: i64, by: &str, note: &str) -> Result<Change, StoreError> {
-        self.change(id, by, note, "acknowledged")
+        self.change(Via::Web, id, by, note, "acknowledged")
+    }
+
+    /// [`Self::acknowledge`] or [`Self::resolve_by_hand`] (`to`: `acknowledged` or
+    /// `resolved`) with the timeline actor naming the way it came: `user:NAME` from the
+    /// web view, `api:NAME` from the JSON API.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn change_via(
+        &mut self,
+        via: Via,
+        id: i64,
+        by: &str,
+        note: &str,
+        to: &str,
+    ) -> Result<Change, StoreError> {
+        self.change(via, id, by, note, to)
     }
 
     /// A person resolves incident `id`: status `resolved`, the resolution says who and
@@ -954,10 +992,17 @@ impl Store {
     /// # Errors
     /// [`StoreError::Sqlite`].
     pub fn resolve_by_hand(&mut self, id: i64, by: &str, note: &str) -> Result<Change, StoreError> {
-        self.change(id, by, note, "resolved")
+        self.change(Via::Web, id, by, note, "resolved")
     }
 
-    fn change(&mut self, id: i64, by: &str, note: &str, to: &str) -> Result<Change, StoreError> {
+    fn change(
+        &mut self,
+        via: Via,
+        id: i64,
+        by: &str,
+        note: &str,
+        to: &str,
+    ) -> Result<Change, StoreError> {
         let path = self.path.clone();
         let err = |source| StoreError::Sqlite {
             path: path.clone(),
@@ -968,7 +1013,7 @@ impl Store {
         let Some(incident) = load_incident_opt(&tx, id).map_err(err)? else {
             return Ok(Change::NotFound);
         };
-        let actor = format!("user:{by}");
+        let actor = format!("{}{by}", via.prefix());
         let why = if note.is_empty() {
             String::new()
         } else {

@@ -406,11 +406,94 @@ pub fn render_postmortem(
         "generated_at": rfc3339(now),
     });
     let mut env = minijinja::Environment::new();
+    env.add_filter("md", |v: minijinja::Value| md_inline(&plain(&v)));
+    env.add_filter("code", |v: minijinja::Value| md_code(&plain(&v)));
+    env.add_filter("note", |v: minijinja::Value, indent: String| {
+        md_note(&plain(&v), &indent)
+    });
     env.add_template("postmortem.md.j2", POSTMORTEM_TEMPLATE)?;
     let text = env
         .get_template("postmortem.md.j2")?
         .render(minijinja::Value::from(minijinja::value::Serde(&ctx)))?;
     Ok(format!("{}\n", text.trim()))
+}
+
+fn plain(v: &minijinja::Value) -> String {
+    if v.is_none() || v.is_undefined() {
+        String::new()
+    } else {
+        v.to_string()
+    }
+}
+
+/// One line of untrusted text (check output, notes, node names) for Markdown that may
+/// be rendered to HTML: `&`, `<`, `>` become entities; Markdown punctuation that could
+/// start emphasis, code, links or table cells is backslash-escaped, as is a line start
+/// that would open a heading, list or quote; line breaks become spaces.
+pub fn md_inline(text: &str) -> String {
+    let one_line = text
+        .split(['\n', '\r'])
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let t = one_line.trim();
+    let mut out = String::with_capacity(t.len() + 8);
+    for c in t.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\\' | '`' | '*' | '_' | '[' | ']' | '|' | '~' => {
+                out.push('\\');
+                out.push(c);
+            }
+            _ if c.is_control() => out.push(' '),
+            _ => out.push(c),
+        }
+    }
+    // A line start that would make a heading, list item or thematic break.
+    if out.starts_with(['#', '-', '+', '=']) {
+        out.insert(0, '\\');
+    } else if let Some(n) = out.find(|c: char| !c.is_ascii_digit())
+        && n > 0
+        && out[n..].starts_with(['.', ')'])
+    {
+        out.insert(n, '\\');
+    }
+    out
+}
+
+/// A Markdown code span of `text` (one line), delimited by more backticks than any run
+/// inside it.
+pub fn md_code(text: &str) -> String {
+    let line = text.replace(['\n', '\r'], " ");
+    let fence = "`".repeat(longest_backtick_run(&line) + 1);
+    format!("{fence} {line} {fence}")
+}
+
+/// A note or check output after `: ` in a list item: one line as [`md_inline`]; several
+/// lines as a fenced code block indented by `indent` (the list item's continuation),
+/// fenced by more backticks (at least three) than any run inside.
+pub fn md_note(text: &str, indent: &str) -> String {
+    let text = text.trim_end();
+    if !text.contains(['\n', '\r']) {
+        return md_inline(text);
+    }
+    let fence = "`".repeat((longest_backtick_run(text) + 1).max(3));
+    let mut out = format!("\n\n{indent}{fence}text\n");
+    for line in text.lines() {
+        out.push_str(indent);
+        out.push_str(&line.replace(|c: char| c.is_control() && c != '\t', " "));
+        out.push('\n');
+    }
+    out.push_str(indent);
+    out.push_str(&fence);
+    out.push('\n');
+    out
+}
+
+fn longest_backtick_run(text: &str) -> usize {
+    text.split(|c| c != '`').map(str::len).max().unwrap_or(0)
 }
 
 /// `GET /api/v1/incidents/{id}/postmortem`: the Markdown draft
@@ -726,6 +809,38 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("Due: 2024-01-17T00:45:00.000Z"), "{md}");
+    }
+
+    #[test]
+    fn untrusted_text_cannot_inject_markdown_or_html() {
+        let mut d = detail();
+        d.incident.summary = "## Owned\n- injected item <script>alert(1)</script>".into();
+        d.incident.node = "-web-1".into();
+        d.timeline[1].note = "line one\n## not a heading\n```\n<b>x</b>\n````".into();
+        d.timeline[2].note = "# heading & *bold* [link](http://x)".into();
+        let md = render_postmortem(&d, None, None, d.incident.triggered_at_ms + 60_000)
+            .expect("renders");
+        for line in md.lines() {
+            assert!(
+                !line.starts_with("## Owned") && !line.starts_with("- injected"),
+                "{md}"
+            );
+        }
+        assert!(!md.contains("<script>"), "{md}");
+        assert!(md.contains("&lt;script&gt;"), "{md}");
+        assert!(
+            md.contains(": \\# heading &amp; \\*bold\\* \\[link\\](http://x)"),
+            "{md}"
+        );
+        assert!(md.contains("on \\-web-1"), "{md}");
+        // The hook's multi-line output sits in a fence longer than its backtick runs.
+        assert!(
+            md.contains("\n  `````text\n  line one\n  ## not a heading\n"),
+            "{md}"
+        );
+        assert!(md.contains("\n  <b>x</b>\n  ````\n  `````\n"), "{md}");
+        assert_eq!(md_code("a`b"), "`` a`b ``");
+        assert_eq!(md_inline("1. first"), "1\\. first");
     }
 
     #[test]

@@ -121,11 +121,7 @@ impl WriteAccess {
                 "changes are refused: the API listens beyond loopback and auth.api_token_file is not set".into(),
             )),
             WriteAccess::Token(t) => {
-                let given = headers
-                    .get(axum::http::header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .unwrap_or("");
+                let given = ui::auth::bearer(headers).unwrap_or("");
                 let ok: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), t.expose().as_bytes()).into();
                 if ok {
                     Ok(())
@@ -305,13 +301,16 @@ async fn get_incident(
     Ok(Json(v))
 }
 
-/// A name for the timeline: 1 to 128 bytes, no control characters and no invisible
-/// format characters (zero-width, bidirectional overrides) that could disguise it.
+/// A name for the timeline: 1 to 128 bytes, no control characters, no `<` or `>`
+/// (markup), and no invisible format characters (zero-width, bidirectional overrides)
+/// that could disguise it.
 fn valid_actor(by: &str) -> bool {
     !by.is_empty()
         && by.len() <= 128
         && !by.chars().any(|c| {
             c.is_control()
+                || c == '<'
+                || c == '>'
                 || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
         })
 }
@@ -371,10 +370,7 @@ async fn change(
     let note = crate::convert::clip_text(&req.note);
     let outcome = st
         .store
-        .call(move |s| match to {
-            "acknowledged" => s.acknowledge(id, &by, &note),
-            _ => s.resolve_by_hand(id, &by, &note),
-        })
+        .call(move |s| s.change_via(crate::store::Via::Api, id, &by, &note, to))
         .await?;
     let (result, message) = match outcome {
         crate::store::Change::Done => {
@@ -582,5 +578,7 @@ mod actor_tests {
         assert!(!valid_actor("ali\u{202E}ecila"));
         assert!(!valid_actor("ali\u{200B}ce"));
         assert!(!valid_actor(&"x".repeat(129)));
+        assert!(!valid_actor("<script>alice"));
+        assert!(!valid_actor("alice>"));
     }
 }

@@ -266,7 +266,8 @@ impl Sessions {
     }
 }
 
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+/// Whether `a` and `b` are equal, in time independent of where they differ.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
@@ -280,6 +281,19 @@ pub fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a 
         .filter_map(|kv| kv.trim().split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v)
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header (the scheme in any case, as
+/// RFC 9110 allows), if there is one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = v.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
 }
 
 /// Whether the `Host` header names a loopback address (`localhost`, `127.x`, `[::1]`,
@@ -413,6 +427,12 @@ mod tests {
         assert!(host_is_loopback(&h(&[("host", "localhost:7600")])));
         assert!(host_is_loopback(&h(&[("host", "[::1]:7600")])));
         assert!(!host_is_loopback(&h(&[("host", "evil.example:7600")])));
+        assert_eq!(bearer(&h(&[("authorization", "bearer abc")])), Some("abc"));
+        assert_eq!(
+            bearer(&h(&[("authorization", "Bearer  abc ")])),
+            Some("abc")
+        );
+        assert_eq!(bearer(&h(&[("authorization", "Basic abc")])), None);
         let c = h(&[("cookie", "a=1; tocsin_session=abc.def; b=2")]);
         assert_eq!(cookie(&c, SESSION_COOKIE), Some("abc.def"));
     }

@@ -89,6 +89,8 @@ pub struct UiState {
     token: Option<tocsin_agent::config::Secret>,
     /// Name-only sign-in: a loopback listener with neither token nor users.
     open_login: bool,
+    /// Whether `listen_http` is a loopback address.
+    loopback: bool,
     sessions: Arc<Sessions>,
     templates: Arc<Templates>,
     pages: Arc<Environment<'static>>,
@@ -114,6 +116,7 @@ impl UiState {
             auth: Arc::new(auth),
             token,
             open_login,
+            loopback,
             sessions: Arc::new(Sessions::new()?),
             templates,
             pages: Arc::new(environment()),
@@ -158,6 +161,71 @@ pub fn router(state: UiState) -> Router {
         .route("/api/v1/checks", get(api_checks))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
+}
+
+/// The read policy for every request, as a layer over the whole HTTP router (API and
+/// pages):
+/// - on a loopback listener whose reads are public, a request naming a non-loopback
+///   `Host` is refused with 403 (DNS rebinding: a foreign web page resolving its own name
+///   to 127.0.0.1 must not read the API or the pages);
+/// - with `auth.read_only = "login"`, reads of the JSON API (`GET`/`HEAD` `/api/…`) need
+///   a valid session cookie or `Authorization: Bearer TOKEN` (the API token), else 401
+///   (the pages send strangers to `/login` themselves).
+///
+/// Always open: `/health`, `/login`, `/status/…` (the public status pages) and the
+/// `/ui/…` assets. `/metrics` follows the Host rule but needs no login (Prometheus
+/// scrapes it; `docs/API.md`). Errors are JSON under `/api/` and `/metrics`, HTML pages
+/// elsewhere.
+pub async fn read_guard(
+    State(st): State<UiState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    if path == "/health"
+        || path == "/login"
+        || path.starts_with("/status/")
+        || path.starts_with("/ui/")
+    {
+        return next.run(req).await;
+    }
+    let api = path.starts_with("/api/") || path == "/metrics";
+    let headers = req.headers();
+    let refuse = |code: StatusCode, text: &str| {
+        if api {
+            (
+                code,
+                Json(json!({ "error": { "status": code.as_u16(), "message": text } })),
+            )
+                .into_response()
+        } else {
+            message(&st, None, code, "Refused", text)
+        }
+    };
+    if st.loopback && st.auth.read == ReadAccess::Public && !auth::host_is_loopback(headers) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "this aggregator listens on loopback and answers only a loopback Host",
+        );
+    }
+    let read = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    if read && path.starts_with("/api/") && st.auth.read == ReadAccess::Login {
+        let token_ok = st
+            .token
+            .as_ref()
+            .zip(auth::bearer(headers))
+            .is_some_and(|(t, given)| auth::ct_eq(given.as_bytes(), t.expose().as_bytes()));
+        if !token_ok && session(&st, headers).is_none() {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "reading needs a login: a session cookie or `Authorization: Bearer TOKEN`",
+            );
+        }
+    }
+    next.run(req).await
 }
 
 /// No inline script or style, no framing (the buttons cannot be clickjacked), forms post
@@ -403,18 +471,43 @@ async fn index(State(st): State<UiState>, headers: HeaderMap) -> Response {
         Ok(w) => w,
         Err(r) => return r,
     };
-    let open = match st
+    // Open incidents, and the recently resolved ones with their peak and post-mortem
+    // link (for "post-mortem due").
+    let found = st
         .app
         .store
-        .call(|s| s.incidents(IncidentFilter::Open, super::MAX_LIST))
-        .await
-    {
+        .call(|s| {
+            let open = s.incidents(IncidentFilter::Open, super::MAX_LIST)?;
+            let resolved = s.incidents_where(&crate::store::IncidentQuery {
+                statuses: vec![Status::Resolved],
+                severities: Vec::new(),
+                since_ms: None,
+                limit: 200,
+            })?;
+            let ids: Vec<i64> = resolved.iter().map(|i| i.id).collect();
+            let peaks = s.peak_severities(&ids)?;
+            let links = s.postmortem_links(&ids)?;
+            Ok((open, resolved, peaks, links))
+        })
+        .await;
+    let (mut open, resolved, peaks, links) = match found {
         Ok(v) => v,
         Err(e) => return store_down(&st, who.as_ref(), &e),
     };
-    let mut open = open;
     open.sort_by_key(|i| (i.severity, i.triggered_at_ms, i.id));
     let now = now_ms();
+    let postmortems_due: Vec<Value> = resolved
+        .iter()
+        .filter_map(|i| {
+            let peak = peaks.get(&i.id).copied();
+            let (peak, pm) = super::api_kpi::extras(i, peak, links.get(&i.id), now);
+            let pm = pm.filter(|p| p.due_at.is_some() && p.linked.is_none())?;
+            Some(json!({
+                "id": i.id, "severity": peak.as_str(), "check": i.check, "node": i.node,
+                "due_at": pm.due_at, "overdue": pm.overdue,
+            }))
+        })
+        .collect();
     let counts: Vec<Value> = [Severity::P1, Severity::P2, Severity::P3, Severity::P4]
         .into_iter()
         .map(|s| json!({"severity": s.as_str(), "count": open.iter().filter(|i| i.severity == s).count()}))
@@ -426,7 +519,10 @@ async fn index(State(st): State<UiState>, headers: HeaderMap) -> Response {
         StatusCode::OK,
         "index.html",
         "Open incidents",
-        json!({ "incidents": rows, "counts": counts, "live": true, "here": "/" }),
+        json!({
+            "incidents": rows, "counts": counts, "live": true, "here": "/",
+            "postmortems_due": postmortems_due,
+        }),
     )
 }
 
@@ -449,7 +545,20 @@ async fn incident_page(
             "The incident id is not a number.",
         );
     };
-    let detail = match st.app.store.call(move |s| s.incident(id)).await {
+    let found = st
+        .app
+        .store
+        .call(move |s| {
+            let Some(d) = s.incident(id)? else {
+                return Ok(None);
+            };
+            let peak = s.peak_severities(&[id])?.remove(&id);
+            let link = s.postmortem_links(&[id])?.remove(&id);
+            let runs = s.hook_runs(Some(id), None, super::MAX_LIST)?;
+            Ok(Some((d, peak, link, runs)))
+        })
+        .await;
+    let (detail, peak, link, runs) = match found {
         Ok(Some(d)) => d,
         Ok(None) => {
             return message(
@@ -500,7 +609,21 @@ async fn incident_page(
             })
         })
         .collect();
+    let (peak, postmortem) = super::api_kpi::extras(&detail.incident, peak, link.as_ref(), now);
+    let hook_runs: Vec<Value> = runs
+        .iter()
+        .map(|r| {
+            json!({
+                "id": r.id, "hook": r.hook, "event": r.event, "status": r.status,
+                "started_by": r.started_by, "exit_code": r.exit_code, "timed_out": r.timed_out,
+                "duration_s": r.duration_ms.map(|ms| format!("{:.1}", ms as f64 / 1000.0)),
+                "queued": rfc3339(r.queued_ms), "error": r.error,
+                "stdout": r.stdout, "stderr": r.stderr,
+            })
+        })
+        .collect();
     let mut row = incident_row(&detail.incident, now);
+    row["peak_severity"] = json!(peak);
     row["dedup_key"] = json!(detail.incident.dedup_key);
     row["breach_started_at"] = json!(
         (detail.incident.breach_started_at_ms > 0)
@@ -518,6 +641,7 @@ async fn incident_page(
         json!({
             "incident": row, "members": members, "timeline": timeline,
             "notifications": notifications, "live": true, "here": here,
+            "postmortem": postmortem, "hook_runs": hook_runs,
         }),
     )
 }
@@ -1135,8 +1259,13 @@ async fn status_page(State(st): State<UiState>, Path(service): Path<String>) -> 
             } else {
                 "trigger"
             };
+            // "Posted" is the incident's last change, not this request.
+            let changed = i
+                .triggered_at_ms
+                .max(i.acknowledged_at_ms.unwrap_or(0))
+                .max(i.resolved_at_ms.unwrap_or(0));
             let payload: Value =
-                serde_json::from_str(&crate::notify::payload::render(event, i, now))
+                serde_json::from_str(&crate::notify::payload::render(event, i, changed))
                     .unwrap_or_default();
             markdown::to_html(&st.templates.render(Name::Status, &payload, "status-page"))
         })
@@ -1200,6 +1329,41 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{name}: {e:#}"));
             }
         }
+    }
+
+    #[test]
+    fn the_incident_page_shows_post_mortem_state_and_hook_runs() {
+        let env = environment();
+        let ctx = json!({
+            "incident": {"id": 3, "severity": "P2", "peak_severity": "P1", "status": "resolved",
+                         "summary": "s", "labels": {}},
+            "members": [], "timeline": [], "notifications": [],
+            "postmortem": {"due_at": "2024-01-17T00:00:00.000Z", "linked": null, "overdue": true},
+            "hook_runs": [{"id": 9, "hook": "restart", "event": "trigger", "status": "failed",
+                           "exit_code": 2, "duration_s": "1.5", "queued": "t", "started_by": "aggregator",
+                           "stdout": "out <x>\nline 2", "stderr": "", "error": null, "timed_out": false}],
+            "user": null, "csrf": "", "live": true, "refresh_s": 5,
+        });
+        let html = env
+            .get_template("incident.html")
+            .and_then(|t| t.render(minijinja::Value::from(minijinja::value::Serde(&ctx))))
+            .expect("render");
+        assert!(html.contains("<h2>Hook runs</h2>"), "{html}");
+        assert!(html.contains("<pre>out &lt;x&gt;\nline 2</pre>"), "{html}");
+        assert!(html.contains("1.5 s") && html.contains(">2<"), "{html}");
+        assert!(html.contains("overdue</strong> since 2024-01-17"), "{html}");
+        assert!(html.contains("<dt>Peak severity</dt><dd>P1</dd>"), "{html}");
+        let ctx = json!({
+            "incidents": [], "counts": [], "user": null, "csrf": "", "live": true, "refresh_s": 5,
+            "postmortems_due": [{"id": 4, "severity": "P1", "check": "http", "node": "web-1",
+                                 "due_at": "2024-01-17T00:00:00.000Z", "overdue": false}],
+        });
+        let html = env
+            .get_template("index.html")
+            .and_then(|t| t.render(minijinja::Value::from(minijinja::value::Serde(&ctx))))
+            .expect("render");
+        assert!(html.contains("Post-mortems due:"), "{html}");
+        assert!(html.contains("#4 http</a> (due by 2024-01-17"), "{html}");
     }
 
     #[test]
