@@ -5,114 +5,28 @@
 //! receiver per channel, simulated agents speaking real gRPC (and a real agent watching
 //! a real process), all on 127.0.0.1.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use serde_json::Value;
+use tocsin_e2e::scripted::ScriptedNode;
 use tocsin_e2e::{
     AgentToml, Aggregator, AggregatorToml, Dummy, PATIENCE, WebhookReceiver, eventually,
     start_agent,
 };
-use tocsin_proto::v1::{self, agent_message, aggregator_message, ingest_client::IngestClient};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
-/// A simulated agent: one stream, events sent one batch at a time and acked. Its
-/// heartbeat interval is long, so the aggregator never takes its quiet for a node down.
-struct SimNode {
-    id: String,
-    tx: mpsc::Sender<v1::AgentMessage>,
-    inbound: tonic::Streaming<v1::AggregatorMessage>,
-    seq: u64,
-}
-
-impl SimNode {
-    async fn connect(grpc: SocketAddr, id: &str, labels: &[(&str, &str)]) -> Result<Self> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await?;
-        let mut client = IngestClient::new(channel);
-        let (tx, rx) = mpsc::channel::<v1::AgentMessage>(8);
-        let hello = v1::Hello {
-            agent_id: id.into(),
-            hostname: id.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            version: "sim".into(),
-            instance_id: format!("sim-{id}"),
-            heartbeat_interval_ms: 600_000,
-            ..Default::default()
-        };
-        tx.send(v1::AgentMessage {
-            msg: Some(agent_message::Msg::Hello(hello)),
-        })
-        .await?;
-        let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
-        let seq = match inbound.message().await? {
-            Some(v1::AggregatorMessage {
-                msg: Some(aggregator_message::Msg::Welcome(w)),
-            }) => w.last_seq,
-            other => bail!("expected Welcome, got {other:?}"),
-        };
-        Ok(SimNode {
-            id: id.into(),
-            tx,
-            inbound,
-            seq,
-        })
-    }
-
-    /// Sends one batch with a state for each check and waits for its ack.
-    async fn send(&mut self, changes: &[(&str, v1::State)]) -> Result<()> {
-        let now = i64::try_from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_millis(),
-        )?;
-        let events = changes
-            .iter()
-            .map(|(check, state)| {
-                self.seq += 1;
-                v1::Event {
-                    seq: self.seq,
-                    check: (*check).to_owned(),
-                    labels: HashMap::new(),
-                    state: (*state).into(),
-                    previous: v1::State::Ok.into(),
-                    value: Some(1.0),
-                    unit: "count".into(),
-                    message: format!("{check} on {}", self.id),
-                    observed_at_ms: now,
-                    breach_started_at_ms: now,
-                    ..Default::default()
-                }
-            })
-            .collect();
-        self.tx
-            .send(v1::AgentMessage {
-                msg: Some(agent_message::Msg::Events(v1::EventBatch { events })),
-            })
-            .await?;
-        let want = self.seq;
-        tokio::time::timeout(PATIENCE, async {
-            loop {
-                match self.inbound.message().await? {
-                    Some(v1::AggregatorMessage {
-                        msg: Some(aggregator_message::Msg::Ack(a)),
-                    }) if a.seq >= want => return Ok(()),
-                    Some(_) => {}
-                    None => bail!("stream closed before the ack of {want}"),
-                }
-            }
-        })
-        .await
-        .map_err(|_| anyhow!("no ack for seq {want}"))?
-    }
+/// A simulated agent (real gRPC, events acked one batch at a time) whose heartbeat
+/// interval is long, so the aggregator never takes its quiet for a node down.
+async fn sim_node(grpc: SocketAddr, id: &str, labels: &[(&str, &str)]) -> Result<ScriptedNode> {
+    ScriptedNode::connect(
+        &format!("http://{grpc}"),
+        id,
+        labels,
+        Duration::from_secs(600),
+    )
+    .await
 }
 
 /// An aggregator config: fast paging sweep, fast retries, the given top-level lines
@@ -245,20 +159,13 @@ channels = ["tickets"]
         ),
     )
     .await?;
-    let mut front =
-        SimNode::connect(agg.grpc, "node-front", &[("service", "web-frontend")]).await?;
-    let mut db = SimNode::connect(agg.grpc, "node-db", &[("service", "db")]).await?;
+    let mut front = sim_node(agg.grpc, "node-front", &[("service", "web-frontend")]).await?;
+    let mut db = sim_node(agg.grpc, "node-db", &[("service", "db")]).await?;
     front
-        .send(&[
-            ("web-crit", v1::State::Critical),
-            ("web-warn", v1::State::Warning),
-        ])
+        .send(&[("web-crit", "critical"), ("web-warn", "warning")])
         .await?;
-    db.send(&[
-        ("db-warn", v1::State::Warning),
-        ("db-crit", v1::State::Critical),
-    ])
-    .await?;
+    db.send(&[("db-warn", "warning"), ("db-crit", "critical")])
+        .await?;
     // web-crit (P2, web): web-critical, then (continue) the web route.
     // web-warn (P3, web): the web route, which stops there (not tickets).
     // db-warn (P3, db): tickets. db-crit (P2, db): no route: every channel.
@@ -284,10 +191,9 @@ channels = ["tickets"]
     );
 
     front
-        .send(&[("web-crit", v1::State::Ok), ("web-warn", v1::State::Ok)])
+        .send(&[("web-crit", "ok"), ("web-warn", "ok")])
         .await?;
-    db.send(&[("db-warn", v1::State::Ok), ("db-crit", v1::State::Ok)])
-        .await?;
+    db.send(&[("db-warn", "ok"), ("db-crit", "ok")]).await?;
     wait_count(&oncall, "resolve", "db-crit", 1).await?;
     wait_count(&web, "resolve", "db-crit", 1).await?;
     wait_count(&tickets, "resolve", "db-crit", 1).await?;
@@ -430,14 +336,14 @@ escalate_to = ["backup"]
         ),
     )
     .await?;
-    let mut node = SimNode::connect(agg.grpc, "node-esc", &[]).await?;
+    let mut node = sim_node(agg.grpc, "node-esc", &[]).await?;
     // P3 (warning), acknowledged as soon as it is paged: within its 6 s target.
-    node.send(&[("acked-in-time", v1::State::Warning)]).await?;
+    node.send(&[("acked-in-time", "warning")]).await?;
     wait_count(&primary, "trigger", "acked-in-time", 1).await?;
     let quick = incident_id(&agg, "acked-in-time").await?;
     ack(&agg, quick).await?;
     // P2 (critical), never acknowledged: past 2 s the backup is paged.
-    node.send(&[("ignored", v1::State::Critical)]).await?;
+    node.send(&[("ignored", "critical")]).await?;
     wait_count(&primary, "trigger", "ignored", 1).await?;
     wait_count(&backup, "trigger", "ignored", 1).await?;
     let late = incident_id(&agg, "ignored").await?;
@@ -477,7 +383,7 @@ escalate_to = ["backup"]
     );
     assert_eq!(count(&backup, "trigger", "acked-in-time"), 0);
 
-    node.send(&[("ignored", v1::State::Ok), ("acked-in-time", v1::State::Ok)])
+    node.send(&[("ignored", "ok"), ("acked-in-time", "ok")])
         .await?;
     wait_count(&primary, "resolve", "ignored", 1).await?;
     wait_count(&backup, "resolve", "ignored", 1).await?;
@@ -539,9 +445,8 @@ escalate_to = ["backup"]
         ),
     )
     .await?;
-    let mut node = SimNode::connect(agg.grpc, "node-gw", &[]).await?;
-    node.send(&[("held-then-paged", v1::State::Critical)])
-        .await?;
+    let mut node = sim_node(agg.grpc, "node-gw", &[]).await?;
+    node.send(&[("held-then-paged", "critical")]).await?;
     wait_count(&primary, "trigger", "held-then-paged", 1).await?;
     wait_count(&backup, "trigger", "held-then-paged", 1).await?;
     let id = incident_id(&agg, "held-then-paged").await?;
@@ -597,14 +502,14 @@ channels = ["general"]
     .await?;
     let mut nodes = Vec::new();
     for n in 1..=4 {
-        nodes.push(SimNode::connect(agg.grpc, &format!("web-{n}"), &[("service", "web")]).await?);
+        nodes.push(sim_node(agg.grpc, &format!("web-{n}"), &[("service", "web")]).await?);
     }
     // One of four web nodes critical: P2, the rest route.
-    nodes[0].send(&[("cpu", v1::State::Critical)]).await?;
+    nodes[0].send(&[("cpu", "critical")]).await?;
     wait_count(&general, "trigger", "cpu", 1).await?;
     let id = incident_id(&agg, "cpu").await?;
     // Two of four: critical on half the service, P1.
-    nodes[1].send(&[("cpu", v1::State::Critical)]).await?;
+    nodes[1].send(&[("cpu", "critical")]).await?;
     let p1 = war
         .wait_for("trigger", "2 nodes", "cpu")
         .await
@@ -617,7 +522,7 @@ channels = ["general"]
         "{rerouted:?}"
     );
     for n in &mut nodes[..2] {
-        n.send(&[("cpu", v1::State::Ok)]).await?;
+        n.send(&[("cpu", "ok")]).await?;
     }
     wait_count(&general, "resolve", "cpu", 1).await?;
     wait_count(&war, "resolve", "cpu", 1).await?;
@@ -664,7 +569,7 @@ async fn a_storm_whose_held_incidents_all_resolved_sends_pagerduty_nothing() -> 
         ),
     )
     .await?;
-    let mut node = SimNode::connect(agg.grpc, "node-storm", &[]).await?;
+    let mut node = sim_node(agg.grpc, "node-storm", &[]).await?;
     // Early in a 4 s window, so that both fire and clear inside it.
     eventually("the start of a storm window", PATIENCE, || async {
         let now = std::time::SystemTime::now()
@@ -674,13 +579,9 @@ async fn a_storm_whose_held_incidents_all_resolved_sends_pagerduty_nothing() -> 
         (now % 4_000 < 500).then_some(())
     })
     .await?;
-    node.send(&[
-        ("first", v1::State::Critical),
-        ("held", v1::State::Critical),
-    ])
-    .await?;
-    node.send(&[("first", v1::State::Ok), ("held", v1::State::Ok)])
+    node.send(&[("first", "critical"), ("held", "critical")])
         .await?;
+    node.send(&[("first", "ok"), ("held", "ok")]).await?;
     let summary = eventually("the chat summary", PATIENCE, || async {
         chat.received()
             .into_iter()
@@ -753,8 +654,8 @@ escalate_to = ["backup"]
         &[("primary", &primary, ""), ("backup", &backup, "")],
     );
     let mut agg = Aggregator::start(dir.path(), &cfg).await?;
-    let mut node = SimNode::connect(agg.grpc, "node-rs", &[]).await?;
-    node.send(&[("overdue", v1::State::Critical)]).await?;
+    let mut node = sim_node(agg.grpc, "node-rs", &[]).await?;
+    node.send(&[("overdue", "critical")]).await?;
     wait_count(&primary, "trigger", "overdue", 1).await?;
     let id = incident_id(&agg, "overdue").await?;
     let detail = agg.get(&format!("/api/v1/incidents/{id}")).await?;
@@ -823,19 +724,19 @@ repeat_interval = "10s"
         ),
     )
     .await?;
-    let mut node = SimNode::connect(agg.grpc, "node-reopen", &[]).await?;
+    let mut node = sim_node(agg.grpc, "node-reopen", &[]).await?;
     // Cycle 1: paged, repeated, escalated; resolved to both.
-    node.send(&[("again", v1::State::Critical)]).await?;
+    node.send(&[("again", "critical")]).await?;
     wait_count(&primary, "trigger", "again", 1).await?;
     wait_count(&primary, "repeat", "again", 1).await?;
     wait_count(&backup, "trigger", "again", 1).await?;
     let id = incident_id(&agg, "again").await?;
-    node.send(&[("again", v1::State::Ok)]).await?;
+    node.send(&[("again", "ok")]).await?;
     wait_count(&primary, "resolve", "again", 1).await?;
     wait_count(&backup, "resolve", "again", 1).await?;
 
     // Cycle 2: the same incident, paged, repeated and escalated again.
-    node.send(&[("again", v1::State::Critical)]).await?;
+    node.send(&[("again", "critical")]).await?;
     wait_count(&primary, "trigger", "again", 2).await?;
     assert_eq!(incident_id(&agg, "again").await?, id, "reopened, not new");
     let repeats = count(&primary, "repeat", "again");
@@ -845,12 +746,12 @@ repeat_interval = "10s"
     assert_eq!(timeline_kinds(&detail, "reopened").len(), 1, "{detail}");
     assert_eq!(timeline_kinds(&detail, "routed").len(), 2, "{detail}");
     assert_eq!(timeline_kinds(&detail, "escalated").len(), 2, "{detail}");
-    node.send(&[("again", v1::State::Ok)]).await?;
+    node.send(&[("again", "ok")]).await?;
     wait_count(&primary, "resolve", "again", 2).await?;
     wait_count(&backup, "resolve", "again", 2).await?;
 
     // Cycle 3: acknowledged as soon as it is paged, within the 3 s target.
-    node.send(&[("again", v1::State::Critical)]).await?;
+    node.send(&[("again", "critical")]).await?;
     wait_count(&primary, "trigger", "again", 3).await?;
     ack(&agg, id).await?;
     wait_count(&primary, "acknowledge", "again", 1).await?;
@@ -875,7 +776,7 @@ repeat_interval = "10s"
         (i64::try_from(now).ok()? > reopened_at + 4_000).then_some(())
     })
     .await?;
-    node.send(&[("again", v1::State::Ok)]).await?;
+    node.send(&[("again", "ok")]).await?;
     wait_count(&primary, "resolve", "again", 3).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let detail = agg.get(&format!("/api/v1/incidents/{id}")).await?;
@@ -916,12 +817,9 @@ async fn storm_guard_sends_the_budget_then_one_summary() -> Result<()> {
         ),
     )
     .await?;
-    let mut node = SimNode::connect(agg.grpc, "node-storm", &[]).await?;
+    let mut node = sim_node(agg.grpc, "node-storm", &[]).await?;
     let checks: Vec<String> = (0..30).map(|i| format!("storm-{i:02}")).collect();
-    let firing: Vec<(&str, v1::State)> = checks
-        .iter()
-        .map(|c| (c.as_str(), v1::State::Critical))
-        .collect();
+    let firing: Vec<(&str, &str)> = checks.iter().map(|c| (c.as_str(), "critical")).collect();
     // One batch: one transaction, one window.
     node.send(&firing).await?;
     let summary = eventually("the storm summary", PATIENCE, || async {
@@ -981,8 +879,7 @@ async fn storm_guard_sends_the_budget_then_one_summary() -> Result<()> {
         "{outbox}"
     );
 
-    let clearing: Vec<(&str, v1::State)> =
-        checks.iter().map(|c| (c.as_str(), v1::State::Ok)).collect();
+    let clearing: Vec<(&str, &str)> = checks.iter().map(|c| (c.as_str(), "ok")).collect();
     node.send(&clearing).await?;
     eventually("30 resolves on the calm channel", PATIENCE, || async {
         (calm
