@@ -330,6 +330,33 @@ fn url_encode(s: &str) -> String {
         .collect()
 }
 
+/// [`writer`] for a change to the `what` ("incident", "silence") whose id is the path
+/// segment `id`: the session and the id, or the page that refuses (403, or 400 when the
+/// id is not a number).
+#[expect(
+    clippy::result_large_err,
+    reason = "the error is the response to send, returned at once by the handler"
+)]
+fn writer_of(
+    st: &UiState,
+    headers: &HeaderMap,
+    csrf: &str,
+    id: &str,
+    what: &str,
+) -> Result<(Session, i64), Response> {
+    let who = writer(st, headers, csrf)?;
+    match id.parse::<i64>() {
+        Ok(id) => Ok((who, id)),
+        Err(_) => Err(message(
+            st,
+            Some(&who),
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            &format!("The {what} id is not a number."),
+        )),
+    }
+}
+
 /// Refuses a form POST unless it is same-origin, signed in and carries the session's
 /// CSRF token (403 otherwise); on a name-only (loopback) setup the Host must be loopback.
 #[expect(
@@ -979,18 +1006,9 @@ async fn change(
     f: FormData,
     to: &'static str,
 ) -> Response {
-    let who = match writer(&st, headers, &f.csrf) {
-        Ok(s) => s,
+    let (who, id) = match writer_of(&st, headers, &f.csrf, id, "incident") {
+        Ok(w) => w,
         Err(r) => return r,
-    };
-    let Ok(id) = id.parse::<i64>() else {
-        return message(
-            &st,
-            Some(&who),
-            StatusCode::BAD_REQUEST,
-            "Bad request",
-            "The incident id is not a number.",
-        );
     };
     let by = who.user.clone();
     let note = crate::convert::clip_text(f.note.trim());
@@ -1043,18 +1061,9 @@ async fn silence_incident(
     headers: HeaderMap,
     Form(f): Form<FormData>,
 ) -> Response {
-    let who = match writer(&st, &headers, &f.csrf) {
-        Ok(s) => s,
+    let (who, id) = match writer_of(&st, &headers, &f.csrf, &id, "incident") {
+        Ok(w) => w,
         Err(r) => return r,
-    };
-    let Ok(id) = id.parse::<i64>() else {
-        return message(
-            &st,
-            Some(&who),
-            StatusCode::BAD_REQUEST,
-            "Bad request",
-            "The incident id is not a number.",
-        );
     };
     let duration = match parse_duration(if f.duration.is_empty() {
         "2h"
@@ -1205,18 +1214,9 @@ async fn expire_silence(
     headers: HeaderMap,
     Form(f): Form<FormData>,
 ) -> Response {
-    let who = match writer(&st, &headers, &f.csrf) {
-        Ok(s) => s,
+    let (who, id) = match writer_of(&st, &headers, &f.csrf, &id, "silence") {
+        Ok(w) => w,
         Err(r) => return r,
-    };
-    let Ok(id) = id.parse::<i64>() else {
-        return message(
-            &st,
-            Some(&who),
-            StatusCode::BAD_REQUEST,
-            "Bad request",
-            "The silence id is not a number.",
-        );
     };
     let by = who.user.clone();
     match st.app.store.call(move |s| s.expire_silence(id, &by)).await {
