@@ -293,37 +293,62 @@ fn origin_of(md: &Metadata, key: &str) -> String {
 }
 
 /// Best-effort line number of `key` (`leaf = …`) in a TOML file. For keys inside an
-/// array of tables (`process.1.name`) the search starts at the second `[[process]]`.
+/// array of tables (`process.1.name`) the search covers the second `[[process]]` only (up
+/// to the next table header). A key not written as `leaf = …` of its own — inside an
+/// inline table (`hook.0.env.TOCSIN_NODE`, `hook.0.on.match.0`) or missing (a required
+/// `hook.0.name`) — gets the line of its nearest written parent (`env = {…}`, `on = {…}`),
+/// else of its `[[hook]]` header.
 fn line_of(path: &Path, key: &str) -> Option<usize> {
     let text = std::fs::read_to_string(path).ok()?;
     let lines: Vec<&str> = text.lines().collect();
     let segments: Vec<&str> = key.split('.').collect();
-    let leaf = segments
-        .last()
-        .filter(|s| !s.is_empty() && s.parse::<usize>().is_err())?;
-    let mut start = 0;
-    if let Some(pos) = segments.iter().position(|s| s.parse::<usize>().is_ok()) {
-        let index: usize = segments[pos].parse().ok()?;
-        let header = format!("[[{}]]", segments[..pos].join("."));
-        start = lines
+    let index_at = segments.iter().position(|s| s.parse::<usize>().is_ok());
+    let (start, end) = match index_at {
+        Some(pos) => {
+            let index: usize = segments[pos].parse().ok()?;
+            let header = format!("[[{}]]", segments[..pos].join("."));
+            let start = lines
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.trim() == header)
+                .nth(index)
+                .map(|(i, _)| i)?;
+            let end = lines[start + 1..]
+                .iter()
+                .position(|l| l.trim_start().starts_with('['))
+                .map_or(lines.len(), |n| start + 1 + n);
+            (start, end)
+        }
+        None => (0, lines.len()),
+    };
+    let assigns = |leaf: &str| {
+        lines[start..end]
             .iter()
-            .enumerate()
-            .filter(|(_, l)| l.trim() == header)
-            .nth(index)
-            .map(|(i, _)| i)?;
-    }
-    lines[start..]
-        .iter()
-        .position(|l| {
-            let l = l.trim_start().trim_start_matches('"');
-            l.strip_prefix(leaf).is_some_and(|rest| {
-                rest.trim_start()
-                    .trim_start_matches('"')
-                    .trim_start()
-                    .starts_with('=')
+            .position(|l| {
+                let l = l.trim_start().trim_start_matches('"');
+                l.strip_prefix(leaf).is_some_and(|rest| {
+                    rest.trim_start()
+                        .trim_start_matches('"')
+                        .trim_start()
+                        .starts_with('=')
+                })
             })
-        })
-        .map(|i| start + i + 1)
+            .map(|i| start + i + 1)
+    };
+    // The key itself, then its parents, down to the array element's header.
+    for n in (1..=segments.len()).rev() {
+        let leaf = segments[n - 1];
+        if Some(n - 1) == index_at {
+            return Some(start + 1);
+        }
+        if leaf.is_empty() || leaf.parse::<usize>().is_ok() {
+            continue;
+        }
+        if let Some(line) = assigns(leaf) {
+            return Some(line);
+        }
+    }
+    None
 }
 
 /// Collects problems while a raw config is converted into typed values.

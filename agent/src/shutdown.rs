@@ -8,6 +8,19 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Logs under the target of the daemon `what` (`tocsin_aggregator::shutdown` for the
+/// aggregator, else `tocsin_agent::shutdown`), so its lifecycle lines are filtered and
+/// read with the rest of its logs (a tracing target must be a constant).
+macro_rules! daemon_log {
+    ($what:expr, $level:ident, $($arg:tt)+) => {
+        if $what == "aggregator" {
+            tracing::$level!(target: "tocsin_aggregator::shutdown", $($arg)+)
+        } else {
+            tracing::$level!(target: "tocsin_agent::shutdown", $($arg)+)
+        }
+    };
+}
+
 /// How long tasks get to finish after shutdown is requested.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -60,17 +73,17 @@ where
     let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
+            daemon_log!(what, error, error = %e, "cannot start the async runtime");
             return ExitCode::FAILURE;
         }
     };
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        tokio::spawn(cancel_on_signal_of(shutdown.clone(), what));
         match daemon(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!(error = %e, "{what} failed");
+                daemon_log!(what, error, error = %e, "{what} failed");
                 ExitCode::FAILURE
             }
         }
@@ -85,38 +98,48 @@ pub async fn drain(tracker: &TaskTracker, what: &str) {
         .await
         .is_err()
     {
-        tracing::warn!(
+        daemon_log!(
+            what,
+            warn,
             still_running = tracker.len(),
             "{what} tasks did not stop within the grace period"
         );
     }
-    tracing::info!("{what} stopped");
+    daemon_log!(what, info, "{what} stopped");
 }
 
 /// Cancels `token` on SIGTERM or SIGINT. SIGHUP does not reload: the config is read
 /// once at start (listeners, state directories and rules are built from it), so a
 /// SIGHUP is logged with the advice to restart, and the daemon keeps running.
 pub async fn cancel_on_signal(token: CancellationToken) {
+    cancel_on_signal_of(token, "agent").await;
+}
+
+/// [`cancel_on_signal`], logging under the target of the daemon `what` (`"aggregator"`,
+/// `"agent"`).
+pub async fn cancel_on_signal_of(token: CancellationToken, what: &str) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
     ) else {
-        tracing::error!("cannot install signal handlers");
+        daemon_log!(what, error, "cannot install signal handlers");
         return;
     };
     loop {
         tokio::select! {
             _ = term.recv() => {
-                tracing::info!(signal = "SIGTERM", "shutting down");
+                daemon_log!(what, info, signal = "SIGTERM", "shutting down");
                 break;
             }
             _ = int.recv() => {
-                tracing::info!(signal = "SIGINT", "shutting down");
+                daemon_log!(what, info, signal = "SIGINT", "shutting down");
                 break;
             }
-            _ = hup.recv() => tracing::warn!(
+            _ = hup.recv() => daemon_log!(
+                what,
+                warn,
                 signal = "SIGHUP",
                 "configuration is not reloaded; restart the daemon to apply changes"
             ),

@@ -4,7 +4,7 @@
 //! [`reports`].
 //!
 //! Exit codes ([`EXIT_CODES`]): 0 success, 1 runtime failure (API unreachable, refused,
-//! daemon failed), 3 not found, 4 conflict, 64 bad usage or config.
+//! daemon failed), 3 not found, 4 conflict, 5 not confirmed, 64 bad usage or config.
 
 mod reports;
 
@@ -34,7 +34,10 @@ Exit codes (stable, for scripts):
   0   success (also: nothing to do, e.g. already acknowledged)
   1   runtime failure: aggregator unreachable, change refused (401/403), server error
   3   not found: no such incident or silence
-  4   conflict: the incident's state forbids it (acknowledging a resolved incident)
+  4   conflict: the incident's state forbids it (acknowledging a resolved incident), or a
+      rollback is already queued or running
+  5   not confirmed: a confirmation prompt (tocsin rollback, a rollback hook) was not
+      answered \"yes\"; nothing was done
   64  bad usage: unknown flag or value, invalid config, request refused as invalid (400)
 
 Aggregator address: --api, else TOCSIN_API_URL, else `api_url` in the config file
@@ -334,8 +337,13 @@ fn api_token(file: Option<&Path>, api: &reports::Api) -> Result<Option<String>, 
 /// `--by`). Neither (or only blanks): refused with exit 64 — a silence needs an owner and
 /// the timeline a name, never a made-up "unknown".
 fn actor(by: Option<String>) -> Result<String, ExitCode> {
-    match by.map(|b| b.trim().to_owned()).filter(|b| !b.is_empty()) {
-        Some(b) => Ok(b),
+    // clap ignores an empty $USER: a blank value here was given as --by.
+    match by.map(|b| b.trim().to_owned()) {
+        Some(b) if !b.is_empty() => Ok(b),
+        Some(_) => {
+            complain("--by must not be empty: give --by NAME");
+            Err(ExitCode::from(64))
+        }
         None => {
             complain("give --by NAME (no $USER)");
             Err(ExitCode::from(64))
@@ -513,13 +521,20 @@ async fn show(api: &reports::Api, id: i64, json: bool) -> ExitCode {
     }
     out.push_str("\ntimeline:\n");
     for t in body["timeline"].as_array().into_iter().flatten() {
+        // A note may hold lines (a hook's output): the first on the entry's line, the
+        // rest indented below it, each sanitised (no escape sequences reach the terminal).
+        let note = t["note"].as_str().unwrap_or("");
+        let mut lines = note.lines();
         out.push_str(&format!(
             "  {}  {:<14} {:<20} {}\n",
             crate::model::rfc3339(t["at_ms"].as_i64().unwrap_or(0)),
             text(&t["kind"], "?"),
             text(&t["actor"], "?"),
-            text(&t["note"], ""),
+            tocsin_agent::event::printable(lines.next().unwrap_or("")),
         ));
+        for line in lines {
+            out.push_str(&format!("      {}\n", tocsin_agent::event::printable(line)));
+        }
     }
     out.push_str("\nnotifications:\n");
     for n in body["notifications"].as_array().into_iter().flatten() {

@@ -20,6 +20,61 @@ pub const DEFAULT_LISTEN_HTTP: &str = "127.0.0.1:7600";
 pub const DEFAULT_LISTEN_GRPC: &str = "127.0.0.1:7601";
 /// Default silence after which a node is down.
 pub const DEFAULT_NODE_TIMEOUT: &str = "30s";
+/// Deserializes a duration key as written: a string (`"30s"`, `"5m"`, or for the hook
+/// timeouts bare seconds `"300"`), or a TOML integer, read as **seconds** (`timeout = 30`
+/// is `"30s"`), as the seed writes its timeouts. Every duration key of the aggregator's
+/// config uses it (`#[serde(deserialize_with = …)]`); the typed value is checked later by
+/// the `Validator`, with the key's name. A negative or fractional number is an error.
+///
+/// # Errors
+/// The deserializer's, naming the accepted forms.
+pub fn duration_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    d.deserialize_any(DurationText)
+}
+
+/// [`duration_text`] for an optional key.
+///
+/// # Errors
+/// As [`duration_text`].
+pub fn opt_duration_text<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    d.deserialize_any(DurationText).map(Some)
+}
+
+/// Visitor of [`duration_text`].
+struct DurationText;
+
+impl serde::de::Visitor<'_> for DurationText {
+    type Value = String;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a duration such as \"30s\", \"5m\", or a whole number of seconds")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+        Ok(v.to_owned())
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+        Ok(format!("{v}s"))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+        u64::try_from(v).map(|v| format!("{v}s")).map_err(|_| {
+            E::custom(format!(
+                "invalid duration {v}: a number of seconds must not be negative"
+            ))
+        })
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
+        Err(E::custom(format!(
+            "invalid duration {v}: a number is whole seconds; write fractions as a duration (\"1500ms\")"
+        )))
+    }
+}
+
 /// Default per-request timeout of notification deliveries.
 pub const DEFAULT_NOTIFY_TIMEOUT: &str = "10s";
 
@@ -37,9 +92,11 @@ pub struct RawConfig {
     pub max_message_bytes: usize,
     /// HTTP/2 keepalive ping interval toward agents; a silent agent connection is
     /// closed after twice this.
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub keepalive: String,
     /// A node whose agent sends no heartbeat for this long (and at least 3 of its
     /// heartbeat intervals) becomes a `node_down` incident.
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub node_timeout: String,
     /// Notification channels.
     pub notify: RawNotify,
@@ -60,13 +117,16 @@ pub struct RawConfig {
     /// Response targets per severity (`[response_targets]`), for escalation.
     pub response_targets: crate::route::RawResponseTargets,
     /// Period of the paging sweep: repeats, escalations, storm summaries (100ms to 60s).
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub paging_sweep_interval: String,
     /// Recovery hooks (`[[hook]]`, see `crate::hook`).
     pub hook: Vec<crate::hook::RawHook>,
     /// Default timeout of `recovery` hooks (a duration, or seconds; the seed's
     /// `RECOVERY_TIMEOUT`).
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub recovery_timeout: String,
     /// Default timeout of the `rollback` hook (the seed's `ROLLBACK_TIMEOUT`).
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub rollback_timeout: String,
 }
 
@@ -86,9 +146,11 @@ pub struct RawCorrelation {
     pub group_by: Vec<String>,
     /// Hold a new incident's trigger this long so the page names every member that
     /// joins meanwhile ("0s": page at once; later members join without a second page).
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub group_wait: String,
     /// A fingerprint that fires again within this time after its incident resolved
     /// reopens that incident ("0s": never).
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub reopen_window: String,
 }
 
@@ -178,10 +240,13 @@ pub struct RawNotify {
     /// Print notifications on standard output (on in `tocsin up`).
     pub console: bool,
     /// First retry delay.
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub retry_min: String,
     /// Largest retry delay.
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub retry_max: String,
     /// Give up on a notification still failing this long after it was queued.
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub give_up_after: String,
     /// Generic JSON webhooks (`[[notify.webhook]]`).
     pub webhook: Vec<RawWebhook>,
@@ -189,6 +254,7 @@ pub struct RawNotify {
     /// are held and summarised. 0 turns the guard off.
     pub storm_budget: u32,
     /// Default storm window (a duration, at most 24h; `"0s"` only with `storm_budget = 0`).
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub storm_window: String,
     /// E-mail over SMTP (`[[notify.email]]`).
     pub email: Vec<crate::notify::email::RawEmail>,
@@ -216,12 +282,15 @@ pub struct RawWebhook {
     /// For `alertmanager` only: every open incident the channel was paged for is posted
     /// again this often (default `1m`, at least `1s`), so Alertmanager does not resolve
     /// it by its `resolve_timeout` (default 5m): keep it below that.
+    #[serde(deserialize_with = "crate::config::opt_duration_text", default)]
     pub repost_interval: Option<String>,
     /// Per-request timeout.
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub timeout: String,
     /// This channel's storm budget (default `notify.storm_budget`; 0: no guard).
     pub storm_budget: Option<u32>,
     /// This channel's storm window (default `notify.storm_window`; at most 24h).
+    #[serde(deserialize_with = "crate::config::opt_duration_text", default)]
     pub storm_window: Option<String>,
 }
 
@@ -750,6 +819,7 @@ impl RawConfig {
                 .collect::<Vec<_>>(),
         );
         let routing = crate::route::Routing { hooks, ..routing };
+        crate::hook::validate_remediate(&mut v, &self.hook, &routing);
         let log = tocsin_agent::telemetry::validate(&mut v, &self.log);
         let correlation = self.validate_correlation(&mut v);
         let api_token = self.auth.api_token_file.as_deref().and_then(|f| {

@@ -20,8 +20,18 @@
 //! `TOCSIN_STATUS`, `TOCSIN_SUMMARY`, `TOCSIN_DEDUP_KEY`, `TOCSIN_LABELS` (JSON object) and
 //! `TOCSIN_LABEL_<NAME>` per label (name upper-cased, every character outside `A-Z0-9`
 //! made `_`); about the run: `TOCSIN_HOOK`, `TOCSIN_RUN_ID`, `TOCSIN_EVENT` (`trigger`,
-//! `resolve`, `remediate`, `manual`), `TOCSIN_STARTED_BY`, `TOCSIN_REASON`, and
-//! `TOCSIN_FORCE=1` when forced.
+//! `resolve`, `remediate`, `manual`, `rollback`), `TOCSIN_STARTED_BY`, `TOCSIN_REASON`,
+//! `TOCSIN_FORCE=1` when forced, and `TOCSIN_RUN_KEY` (the run's random key, by which
+//! its processes are found: [`procs`]).
+//!
+//! No process of a run outlives it: its process group is killed when it ends (see
+//! `tocsin_agent::exec`), then the processes that escaped the group (`setsid`) are found
+//! by the run key and killed ([`procs`], recorded in the run's `cleanup`); and when the
+//! aggregator starts, the runs the last process left `running` (it was killed with
+//! `kill -9` or crashed) have their processes killed the same way before any queued run
+//! starts, so `max_concurrent` holds across the restart.
+
+pub mod procs;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -81,8 +91,10 @@ pub struct RawHook {
     /// Longest run (a duration, or seconds); default `recovery_timeout`
     /// (`RECOVERY_TIMEOUT`, 300 s), for `kind = "rollback"` `rollback_timeout`
     /// (`ROLLBACK_TIMEOUT`, 600 s).
+    #[serde(deserialize_with = "crate::config::opt_duration_text", default)]
     pub timeout: Option<String>,
     /// Time between SIGTERM and SIGKILL of the process group after the timeout.
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub kill_grace: String,
     /// Runs of this hook at once (1 to 64).
     pub max_concurrent: usize,
@@ -226,7 +238,11 @@ impl Hook {
 
 /// `TOCSIN_LABEL_<NAME>` for label `name`: upper-cased, every character outside `A-Z0-9`
 /// made `_` (`app.kubernetes.io/name` → `TOCSIN_LABEL_APP_KUBERNETES_IO_NAME`). Two labels
-/// that map to the same variable: the later in name order wins (`TOCSIN_LABELS` has both).
+/// that map to the same variable (`evil-2` and `evil_2`, `Service` and `service`): the
+/// variable carries the value of the label whose name comes **last in byte order**
+/// (`evil_2` over `evil-2`, `service` over `Service`), the others are left out, a warning
+/// goes on the run's incident timeline ([`label_collisions`]), and `TOCSIN_LABELS` has
+/// them all.
 pub fn label_var(name: &str) -> String {
     let clean: String = name
         .chars()
@@ -263,10 +279,35 @@ pub fn incident_env(i: &Incident) -> Vec<(String, String)> {
             env_value(&serde_json::to_string(&i.labels).unwrap_or_default()),
         ),
     ];
+    // `labels` iterates in byte order of the names: the last of a collision wins.
+    let mut vars: BTreeMap<String, &str> = BTreeMap::new();
     for (k, v) in &i.labels {
-        env.push((label_var(k), env_value(v)));
+        vars.insert(label_var(k), v);
     }
+    env.extend(vars.into_iter().map(|(k, v)| (k, env_value(v))));
     env
+}
+
+/// One warning per `TOCSIN_LABEL_…` variable that two or more labels map to, e.g.
+/// `labels "evil-2", "evil_2" all map to TOCSIN_LABEL_EVIL_2: it carries "evil_2"'s
+/// value (every label is in TOCSIN_LABELS)`; empty when there is no collision.
+pub fn label_collisions(labels: &BTreeMap<String, String>) -> Vec<String> {
+    let mut by_var: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for k in labels.keys() {
+        by_var.entry(label_var(k)).or_default().push(k);
+    }
+    by_var
+        .into_iter()
+        .filter(|(_, names)| names.len() > 1)
+        .map(|(var, names)| {
+            let list: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+            format!(
+                "labels {} all map to {var}: it carries {}'s value (every label is in TOCSIN_LABELS)",
+                list.join(", "),
+                list.last().map_or("", String::as_str)
+            )
+        })
+        .collect()
 }
 
 /// Why and by whom a run was started.
@@ -276,7 +317,8 @@ pub struct RunContext {
     pub run_id: i64,
     /// Hook name.
     pub hook: String,
-    /// `trigger`, `resolve`, `remediate` or `manual`.
+    /// `trigger`, `resolve`, `remediate`, `manual`, or `rollback` (a run of the
+    /// rollback hook by hand).
     pub event: String,
     /// `aggregator`, or the person who ran it.
     pub started_by: String,
@@ -284,6 +326,8 @@ pub struct RunContext {
     pub reason: String,
     /// `--force` asked.
     pub force: bool,
+    /// The run's key (`TOCSIN_RUN_KEY`, see [`procs`]).
+    pub run_key: String,
 }
 
 /// The whole `TOCSIN_…` environment of a run: about the run, then the incident's (if any).
@@ -294,6 +338,7 @@ pub fn run_env(run: &RunContext, incident: Option<&Incident>) -> Vec<(String, St
         ("TOCSIN_EVENT".to_owned(), run.event.clone()),
         ("TOCSIN_STARTED_BY".to_owned(), env_value(&run.started_by)),
         ("TOCSIN_REASON".to_owned(), env_value(&run.reason)),
+        (procs::RUN_KEY_VAR.to_owned(), run.run_key.clone()),
     ];
     if run.force {
         env.push(("TOCSIN_FORCE".to_owned(), "1".to_owned()));
@@ -324,6 +369,8 @@ pub struct RunResult {
     pub stdout_truncated: bool,
     /// stderr was cut.
     pub stderr_truncated: bool,
+    /// What was killed after the run ([`procs::Killed::describe`]).
+    pub cleanup: Option<String>,
 }
 
 impl RunResult {
@@ -355,6 +402,7 @@ impl RunResult {
             stderr: o.stderr,
             stdout_truncated: o.stdout_truncated,
             stderr_truncated: o.stderr_truncated,
+            cleanup: None,
         }
     }
 
@@ -369,6 +417,7 @@ impl RunResult {
             stderr: String::new(),
             stdout_truncated: false,
             stderr_truncated: false,
+            cleanup: None,
         }
     }
 }
@@ -565,6 +614,19 @@ pub fn validate(
                 check: o.check.clone(),
             }
         });
+        if kind == Kind::Rollback
+            && on.as_ref().is_some_and(|o| {
+                o.severities.is_empty() && o.matchers.is_empty() && o.check.is_none()
+            })
+        {
+            bad(
+                v,
+                "on",
+                "a rollback hook may not run on every incident (`on = {}`): give it narrow \
+                 conditions (severity, match, check), or run it by hand (tocsin rollback)"
+                    .into(),
+            );
+        }
         if h.on_resolve && on.is_none() {
             bad(
                 v,
@@ -587,6 +649,62 @@ pub fn validate(
                 on,
                 on_resolve: h.on_resolve,
             });
+        }
+    }
+    out
+}
+
+/// Rejects a route whose `remediate` names the rollback hook (`route.<i>.remediate`):
+/// routes match broadly and remediation runs without a reason or a confirmation, while a
+/// rollback is run by hand (`tocsin rollback`) or by a deliberately narrow `on`.
+/// The hooks as written (`raw`) count, so an invalid rollback hook is named here too.
+pub fn validate_remediate(v: &mut Validator<'_>, raw: &[RawHook], routing: &crate::route::Routing) {
+    for (i, r) in routing.routes.iter().enumerate() {
+        let Some((name, _)) = &r.remediate else {
+            continue;
+        };
+        if raw.iter().any(|h| h.name == *name && h.kind == "rollback") {
+            v.problem(
+                &format!("route.{i}.remediate"),
+                format!(
+                    "hook {name:?} is the rollback hook (kind = \"rollback\"): a route may not \
+                     remediate with it (run it by hand: tocsin rollback)"
+                ),
+            );
+        }
+    }
+}
+
+/// A remediate route that can match a P1 holds its page for up to the hook's timeout
+/// plus `verify_after`; beyond this, `check-config` warns ([`warnings`]).
+pub const P1_HOLD_WARNING: Duration = Duration::from_secs(60);
+
+/// Warnings about a valid config (printed by `check-config`, logged at start): a
+/// remediate route that can match a P1 (its `severity` is empty or has `"P1"`) whose
+/// hook's timeout plus `verify_after` exceeds [`P1_HOLD_WARNING`] — a P1 page may wait
+/// that long.
+pub fn warnings(routing: &crate::route::Routing) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, r) in routing.routes.iter().enumerate() {
+        let Some((name, verify)) = &r.remediate else {
+            continue;
+        };
+        let Some(hook) = routing.hooks.iter().find(|h| h.name == *name) else {
+            continue;
+        };
+        let p1 = r.severities.is_empty() || r.severities.contains(&Severity::P1);
+        let hold = hook.timeout + *verify;
+        if p1 && hold > P1_HOLD_WARNING {
+            let f = tocsin_agent::settings::format_duration;
+            out.push(format!(
+                "route.{i}.remediate: route {:?} can hold a P1 page for up to {} (hook {name} \
+                 timeout {} + verify_after {}); give the hook a shorter timeout, or leave P1 \
+                 out of the route's severity",
+                r.name,
+                f(hold),
+                f(hook.timeout),
+                f(*verify)
+            ));
         }
     }
     out
@@ -632,18 +750,7 @@ pub struct Runner {
 impl Runner {
     /// Runs until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        match self
-            .store
-            .call(|s| s.interrupt_hook_runs(now_ms(), "the aggregator stopped while it ran"))
-            .await
-        {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::warn!(runs = n, "hook runs interrupted by the last stop");
-                self.outbox_wake.send_modify(|n| *n += 1);
-            }
-            Err(e) => tracing::error!(error = %e, "cannot mark interrupted hook runs"),
-        }
+        self.recover().await;
         loop {
             match self.store.call(|s| s.claim_hook_runs(now_ms())).await {
                 Ok(claims) => {
@@ -661,6 +768,58 @@ impl Runner {
         }
     }
 
+    /// At start, before any queued run is claimed: kills the processes of the runs the
+    /// last process left `running` and records each run `interrupted`, saying what was
+    /// killed; skips the queued rollbacks (never resumed automatically).
+    async fn recover(&self) {
+        let orphans = match self.store.call(|s| s.orphaned_hook_runs()).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the hook runs left running");
+                Vec::new()
+            }
+        };
+        let mut changed = !orphans.is_empty();
+        for (id, hook, key) in orphans {
+            let killed = match key {
+                Some(key) => tokio::task::spawn_blocking(move || procs::kill_run(&key))
+                    .await
+                    .unwrap_or_default(),
+                None => procs::Killed::default(),
+            };
+            let mut result = RunResult::without_result(
+                "interrupted",
+                "interrupted: the aggregator was stopped without a clean shutdown (killed or \
+                 crashed) while it ran; found at the next start; its output was lost",
+            );
+            result.cleanup = Some(
+                killed
+                    .describe()
+                    .unwrap_or_else(|| "no process of the run was left at the restart".to_owned()),
+            );
+            tracing::warn!(hook = %hook, run = id, cleanup = result.cleanup.as_deref().unwrap_or(""),
+                "hook run left running by the last stop: interrupted");
+            if let Err(e) = self
+                .store
+                .call(move |s| s.finish_hook_run(id, &result, now_ms()))
+                .await
+            {
+                tracing::error!(error = %e, run = id, "cannot record an interrupted hook run");
+            }
+        }
+        match self.store.call(|s| s.skip_queued_rollbacks(now_ms())).await {
+            Ok(0) => {}
+            Ok(n) => {
+                changed = true;
+                tracing::warn!(runs = n, "queued rollbacks not resumed after the restart");
+            }
+            Err(e) => tracing::error!(error = %e, "cannot skip queued rollbacks"),
+        }
+        if changed {
+            self.outbox_wake.send_modify(|n| *n += 1);
+        }
+    }
+
     fn start(&self, claim: crate::store::HookClaim, shutdown: &CancellationToken) {
         let store = self.store.clone();
         let wake = self.wake_tx.clone();
@@ -670,7 +829,8 @@ impl Runner {
         let span = tracing::info_span!("hook", hook = %claim.hook, run = claim.run_id);
         let task = async move {
             let id = claim.run_id;
-            let result = match hook {
+            let key = claim.run_key.clone();
+            let mut result = match hook {
                 None => RunResult::without_result("failed", "the hook is no longer configured"),
                 Some(hook) => {
                     tracing::info!(by = %claim.started_by, "hook run started");
@@ -681,11 +841,26 @@ impl Runner {
                             "interrupted",
                             "the aggregator stopped while it ran: its process group was killed",
                         ),
-                        o = exec::run(&spec) => RunResult::from_outcome(o, hook.timeout),
+                        o = exec::run(&spec) => {
+                            let mut r = RunResult::from_outcome(o, hook.timeout);
+                            if r.status == "failed" && r.exit_code.is_none() {
+                                blame_cwd(&mut r, &hook.cwd);
+                            }
+                            r
+                        }
                     }
                 }
             };
-            tracing::info!(status = result.status, exit_code = ?result.exit_code, "hook run ended");
+            // Processes that left the run's process group (`setsid`) outlive the group
+            // kill: find them by the run key.
+            let killed = tokio::task::spawn_blocking(move || procs::kill_run(&key))
+                .await
+                .unwrap_or_default();
+            result.cleanup = killed
+                .describe()
+                .map(|d| format!("{d} (left running by the run outside its process group)"));
+            tracing::info!(status = result.status, exit_code = ?result.exit_code,
+                cleanup = result.cleanup.as_deref().unwrap_or(""), "hook run ended");
             if let Err(e) = store
                 .call(move |s| s.finish_hook_run(id, &result, now_ms()))
                 .await
@@ -698,6 +873,22 @@ impl Runner {
         self.tracker
             .spawn(tracing::Instrument::instrument(task, span));
     }
+}
+
+/// A spawn that failed because the working directory is gone (removed after the config
+/// was checked) names the directory, not the program: the OS reports both as "No such
+/// file or directory".
+fn blame_cwd(r: &mut RunResult, cwd: &std::path::Path) {
+    let Some(err) = &r.error else { return };
+    if !err.starts_with("could not start: ") {
+        return;
+    }
+    let why = match std::fs::metadata(cwd) {
+        Ok(m) if m.is_dir() => return,
+        Ok(_) => "not a directory".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    r.error = Some(format!("could not start: cwd {}: {why}", cwd.display()));
 }
 
 #[cfg(test)]
@@ -790,6 +981,7 @@ mod tests {
             started_by: "alice".into(),
             reason: "deploy went bad".into(),
             force: false,
+            run_key: "k".into(),
         };
         let env = run_env(&run, None);
         assert!(

@@ -107,7 +107,14 @@ fn main() -> ExitCode {
     let file = cli.config.as_deref();
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => match config::load(file) {
-            Ok(_) => ExitCode::SUCCESS,
+            Ok(cfg) => {
+                // Valid, but worth a look: said on stderr, exit 0.
+                for w in tocsin_aggregator::hook::warnings(&cfg.routing) {
+                    let _ = std::io::stderr()
+                        .write_all(format!("tocsin-aggregator: warning: {w}\n").as_bytes());
+                }
+                ExitCode::SUCCESS
+            }
             Err(e) => fail_config(&e),
         },
         Command::PrintConfig => match config::effective(file) {
@@ -136,6 +143,9 @@ fn main() -> ExitCode {
                 Err(e) => return fail_config(&e),
             };
             tocsin_agent::telemetry::init(cfg.log.json, &cfg.log.level);
+            for w in tocsin_aggregator::hook::warnings(&cfg.routing) {
+                tracing::warn!(warning = %w, "config");
+            }
             tocsin_agent::shutdown::run_daemon("aggregator", |shutdown| {
                 tocsin_aggregator::run(cfg, shutdown, None)
             })

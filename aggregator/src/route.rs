@@ -75,6 +75,7 @@ pub struct RawRoute {
     pub escalate_to: Vec<String>,
     /// Re-notify the route's channels this often while the incident is open and
     /// unacknowledged (a duration, at least 10s); unset: once.
+    #[serde(deserialize_with = "crate::config::opt_duration_text", default)]
     pub repeat_interval: Option<String>,
     /// Keep trying the next routes after this one matched.
     #[serde(rename = "continue")]
@@ -85,6 +86,7 @@ pub struct RawRoute {
     pub remediate: Option<String>,
     /// With `remediate`: how long after the hook succeeded the incident must still fire
     /// to be paged (a duration; default [`DEFAULT_VERIFY_AFTER`]).
+    #[serde(deserialize_with = "crate::config::opt_duration_text", default)]
     pub verify_after: Option<String>,
 }
 
@@ -96,15 +98,19 @@ pub struct RawRoute {
 pub struct RawResponseTargets {
     /// P1 target: a duration or `next-business-day`.
     #[serde(rename = "P1")]
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub p1: String,
     /// P2 target.
     #[serde(rename = "P2")]
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub p2: String,
     /// P3 target.
     #[serde(rename = "P3")]
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub p3: String,
     /// P4 target.
     #[serde(rename = "P4")]
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub p4: String,
     /// UTC offset of business days (`"+08:00"`, `"-05:00"`, `"UTC"`).
     pub timezone: String,

@@ -596,7 +596,7 @@ async fn rollback_refuses_without_yes_on_a_non_tty_and_runs_with_it() -> Result<
         "TOCSIN_REASON=bad deploy",
         "TOCSIN_STARTED_BY=bob",
         "TOCSIN_HOOK=rollback",
-        "TOCSIN_EVENT=manual",
+        "TOCSIN_EVENT=rollback",
     ] {
         assert!(env.lines().any(|l| l == line), "{line} missing in:\n{env}");
     }
@@ -607,5 +607,522 @@ async fn rollback_refuses_without_yes_on_a_non_tty_and_runs_with_it() -> Result<
     if runs.len() != 1 {
         bail!("one run expected: {runs:?}");
     }
+    Ok(())
+}
+
+/// POSTs a manual run of `name` with `body`; returns the status and the answer.
+async fn post_run(agg: &Aggregator, name: &str, body: Value) -> Result<(u16, Value)> {
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/hooks/{name}/run", agg.http))
+        .json(&body)
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.json().await.unwrap_or(Value::Null)))
+}
+
+/// Waits until `path` holds a pid.
+async fn wait_pid(path: &Path) -> Result<i32> {
+    eventually(
+        &format!("a pid in {}", path.display()),
+        PATIENCE,
+        || async { read_pid(path) },
+    )
+    .await
+}
+
+fn kill_pid(pid: i32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+}
+
+#[tokio::test]
+async fn regression_hooks_left_by_a_kill_9_are_killed_at_restart_and_the_limit_holds() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let lock = d.join("lock");
+    // Holds an flock (inherited by its child) for as long as any of its processes lives:
+    // a second run inside the first fails to take it. With reason "short" it ends at once.
+    let s = script(
+        d,
+        "hang.sh",
+        &format!(
+            "exec 9>{lock}\nflock -n 9 || {{ echo overlap; exit 9; }}\n\
+             [ \"$TOCSIN_REASON\" = short ] && {{ echo alone; exit 0; }}\n\
+             echo $$ > {d}/hang.pid\nsleep 300 &\necho $! > {d}/sleep.pid\nwait",
+            lock = lock.display(),
+            d = d.display()
+        ),
+    )?;
+    let stubborn = script(
+        d,
+        "stubborn.sh",
+        &format!(
+            "trap '' TERM\necho $$ > {}/stubborn.pid\nwhile :; do sleep 0.1; done",
+            d.display()
+        ),
+    )?;
+    let rollback = script(
+        d,
+        "rollback.sh",
+        &format!("echo $$ >> {}/rollback.pids\nsleep 300", d.display()),
+    )?;
+    let cfg = AggregatorToml::new(d)
+        .set(&format!(
+            "{}{}{}",
+            hook("hang", &s, "timeout = \"600s\"\nmax_concurrent = 1"),
+            hook("stubborn", &stubborn, "timeout = \"600s\""),
+            hook("rollback", &rollback, "kind = \"rollback\""),
+        ))
+        .build();
+    let mut agg = Aggregator::start(d, &cfg).await?;
+    let by = |reason: &str| serde_json::json!({ "by": "tester", "reason": reason });
+    let (code, first) = post_run(&agg, "hang", by("long")).await?;
+    ensure!(code == 202, "{first}");
+    let (code, queued) = post_run(&agg, "hang", by("short")).await?;
+    ensure!(code == 202, "{queued}");
+    let (code, _) = post_run(&agg, "stubborn", by("")).await?;
+    ensure!(code == 202);
+    let (code, rb) = post_run(&agg, "rollback", by("bad deploy")).await?;
+    ensure!(code == 202, "{rb}");
+    let (code, rb2) = post_run(
+        &agg,
+        "rollback",
+        serde_json::json!({ "by": "tester", "reason": "again", "force": true }),
+    )
+    .await?;
+    ensure!(code == 202, "{rb2}");
+    let hang = wait_pid(&d.join("hang.pid")).await?;
+    let sleep = wait_pid(&d.join("sleep.pid")).await?;
+    let stub = wait_pid(&d.join("stubborn.pid")).await?;
+    let rb_pid = wait_pid(&d.join("rollback.pids")).await?;
+
+    agg.daemon.stop("KILL")?;
+    // The aggregator is gone; its hooks are not (nothing can kill them at a kill -9).
+    for pid in [hang, sleep, stub, rb_pid] {
+        ensure!(pid_alive(pid), "{pid} died with the aggregator");
+    }
+    agg = Aggregator::start(d, &cfg).await?;
+    let gone = eventually("the orphaned hooks killed", PATIENCE, || async {
+        [hang, sleep, stub, rb_pid]
+            .iter()
+            .all(|p| !pid_alive(*p))
+            .then_some(())
+    })
+    .await;
+    if gone.is_err() {
+        for pid in [hang, sleep, stub, rb_pid] {
+            kill_pid(pid);
+        }
+    }
+    gone?;
+    let runs = ended_runs(&agg, "hook=hang", 2).await?;
+    let first_id = first["run"]["id"].as_i64().context("id")?;
+    let r1 = runs
+        .iter()
+        .find(|r| r["id"] == first_id)
+        .context("first run")?;
+    assert_eq!(r1["status"], "interrupted", "{r1}");
+    let cleanup = r1["cleanup"].as_str().unwrap_or_default();
+    for pid in [hang, sleep] {
+        assert!(cleanup.contains(&pid.to_string()), "{pid} not in {cleanup}");
+    }
+    assert!(
+        r1["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("killed or crashed")),
+        "{r1}"
+    );
+    // The queued run started only after the orphan was killed: it got the lock.
+    let r2 = runs
+        .iter()
+        .find(|r| r["id"] != first_id)
+        .context("second")?;
+    assert_eq!(r2["status"], "succeeded", "{r2}");
+    assert_eq!(r2["stdout"], "alone\n");
+    // The queued rollback was not resumed.
+    let rbs = ended_runs(&agg, "hook=rollback", 2).await?;
+    let rb2_id = rb2["run"]["id"].as_i64().context("id")?;
+    let r = rbs.iter().find(|r| r["id"] == rb2_id).context("rb2")?;
+    assert_eq!(r["status"], "skipped", "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("never resumed")),
+        "{r}"
+    );
+    assert_eq!(r["started_ms"], Value::Null, "{r}");
+    let pids = std::fs::read_to_string(d.join("rollback.pids"))?;
+    assert_eq!(pids.lines().count(), 1, "the queued rollback ran: {pids}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn regression_a_setsid_child_does_not_survive_its_hook() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let child_file = dir.path().join("child.pid");
+    let s = script(
+        dir.path(),
+        "setsid.sh",
+        &format!(
+            "setsid sleep 300 >/dev/null 2>&1 </dev/null &\necho $! > {}\necho started\nexit 0",
+            child_file.display()
+        ),
+    )?;
+    let cfg = AggregatorToml::new(dir.path())
+        .set(&hook("escaper", &s, ""))
+        .build();
+    let agg = Aggregator::start(dir.path(), &cfg).await?;
+    let (code, body) = post_run(&agg, "escaper", serde_json::json!({ "by": "t" })).await?;
+    ensure!(code == 202, "{body}");
+    let runs = ended_runs(&agg, "hook=escaper", 1).await?;
+    let pid = read_pid(&child_file).context("the hook wrote its child's pid")?;
+    let gone = eventually(&format!("setsid child {pid} gone"), PATIENCE, || async {
+        (!pid_alive(pid)).then_some(())
+    })
+    .await;
+    if gone.is_err() {
+        kill_pid(pid);
+    }
+    gone?;
+    assert_eq!(runs[0]["status"], "succeeded", "{}", runs[0]);
+    assert!(
+        runs[0]["cleanup"]
+            .as_str()
+            .is_some_and(|c| c.contains(&format!("{pid} (sleep)"))),
+        "{}",
+        runs[0]
+    );
+    Ok(())
+}
+
+fn tocsin_in(
+    agg: &Aggregator,
+    args: &[&str],
+    stdin: &str,
+) -> Result<(Option<i32>, String, String)> {
+    use std::io::Write as _;
+    let mut child = Command::new(bin("tocsin"))
+        .arg("--api")
+        .arg(format!("http://{}", agg.http))
+        .args(args)
+        .env_remove("TOCSIN_API_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut i) = child.stdin.take() {
+        let _ = i.write_all(stdin.as_bytes());
+    }
+    let out = child.wait_with_output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test]
+async fn regression_rollback_needs_a_reason_a_confirmation_and_one_at_a_time() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let release = d.join("release");
+    let s = script(
+        d,
+        "rollback.sh",
+        &format!(
+            "echo \"$TOCSIN_RUN_ID $TOCSIN_EVENT $TOCSIN_REASON\" >> {}/ran\n\
+             while [ ! -e {} ]; do sleep 0.1; done\necho rolled back",
+            d.display(),
+            release.display()
+        ),
+    )?;
+    let cfg = AggregatorToml::new(d)
+        .set(&hook("rollback", &s, "kind = \"rollback\""))
+        .build();
+    let agg = Aggregator::start(d, &cfg).await?;
+    let ran = d.join("ran");
+
+    // `hook run` on the rollback hook asks like `tocsin rollback`: not on a non-TTY,
+    // not without a reason.
+    let (code, _, err) = tocsin_in(&agg, &["hook", "run", "rollback", "--by", "a"], "")?;
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("--reason"), "{err}");
+    let (code, _, err) = tocsin_in(
+        &agg,
+        &["hook", "run", "rollback", "--by", "a", "--reason", "x"],
+        "yes\n",
+    )?;
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("--yes"), "{err}");
+    let (code, body) = post_run(&agg, "rollback", serde_json::json!({ "by": "x" })).await?;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = post_run(
+        &agg,
+        "rollback",
+        serde_json::json!({ "by": "x", "reason": "  " }),
+    )
+    .await?;
+    assert_eq!(code, 400, "{body}");
+    ensure!(
+        !ran.exists(),
+        "a rollback ran without reason or confirmation"
+    );
+
+    // One at a time: the second is refused naming the first, unless forced.
+    let (code, out, err) = tocsin_in(
+        &agg,
+        &[
+            "rollback",
+            "--yes",
+            "--reason",
+            "bad deploy",
+            "--no-wait",
+            "--by",
+            "a",
+        ],
+        "",
+    )?;
+    ensure!(code == Some(0), "{out}{err}");
+    let first: i64 = out
+        .split('#')
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .context(out.clone())?;
+    let (code, _, err) = tocsin_in(
+        &agg,
+        &[
+            "rollback",
+            "--yes",
+            "--reason",
+            "again",
+            "--no-wait",
+            "--by",
+            "a",
+        ],
+        "",
+    )?;
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains(&format!("rollback run #{first} is ")), "{err}");
+    let (code, out, err) = tocsin_in(
+        &agg,
+        &[
+            "hook",
+            "run",
+            "rollback",
+            "-y",
+            "--reason",
+            "forced",
+            "--force",
+            "--no-wait",
+            "--by",
+            "a",
+        ],
+        "",
+    )?;
+    ensure!(code == Some(0), "{out}{err}");
+    std::fs::write(&release, "")?;
+    let runs = ended_runs(&agg, "hook=rollback", 2).await?;
+    assert!(runs.iter().all(|r| r["status"] == "succeeded"), "{runs:?}");
+    assert!(runs.iter().all(|r| r["event"] == "rollback"), "{runs:?}");
+    let lines = std::fs::read_to_string(&ran)?;
+    assert!(
+        lines.lines().any(|l| l.ends_with(" rollback bad deploy")),
+        "TOCSIN_EVENT: {lines}"
+    );
+    assert_eq!(lines.lines().count(), 2, "{lines}");
+    Ok(())
+}
+
+/// Runs `tocsin-aggregator check-config` on `text`; returns (exit code, stderr).
+fn check_config(dir: &Path, text: &str) -> Result<(Option<i32>, String)> {
+    let path = dir.join("check.toml");
+    std::fs::write(&path, text)?;
+    let out = Command::new(bin("tocsin-aggregator"))
+        .args([
+            "--config",
+            path.to_str().unwrap_or_default(),
+            "check-config",
+        ])
+        .env_remove("RECOVERY_TIMEOUT")
+        .env_remove("ROLLBACK_TIMEOUT")
+        .output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test]
+async fn regression_hook_config_integers_lines_rollback_and_p1_hold() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let data = d.join("data");
+    // TOML integers are seconds, as the seed writes RECOVERY_TIMEOUT=300.
+    let (code, err) = check_config(
+        d,
+        &format!(
+            "data_dir = \"{}\"\nrecovery_timeout = 300\nrollback_timeout = 600\nnode_timeout = 30\n\
+             [[hook]]\nname = \"a\"\ncommand = [\"/bin/true\"]\ntimeout = 30\nkill_grace = 2\n",
+            data.display()
+        ),
+    )?;
+    assert_eq!(code, Some(0), "{err}");
+    // Every problem names its line, inline tables and a missing name included.
+    let (code, err) = check_config(
+        d,
+        &format!(
+            "data_dir = \"{}\"\n[[hook]]\nname = \"a\"\ncommand = [\"/bin/true\"]\n\
+             env = {{ TOCSIN_NODE = \"x\" }}\non = {{ severity = [\"P9\"], match = [\"x=~((\"] }}\n\
+             [[hook]]\ncommand = [\"/bin/true\"]\n",
+            data.display()
+        ),
+    )?;
+    assert_eq!(code, Some(64), "{err}");
+    for (key, line) in [
+        ("hook.0.env.TOCSIN_NODE", 5),
+        ("hook.0.on.severity", 6),
+        ("hook.0.on.match.0", 6),
+        ("hook.1.name", 7),
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&format!("check.toml:{line}: key `{key}`"))),
+            "{key} at line {line}: {err}"
+        );
+    }
+    let (code, err) = check_config(
+        d,
+        &format!(
+            "data_dir = \"{}\"\n[[hook]]\nname = \"a\"\ncommand = [\"/bin/true\"]\ntimeout = -5\n",
+            data.display()
+        ),
+    )?;
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("check.toml:5: key `hook.0.timeout`") && err.contains("must not be negative"),
+        "{err}"
+    );
+    // A rollback hook neither runs on every incident nor remediates a route.
+    let (code, err) = check_config(
+        d,
+        &format!(
+            "data_dir = \"{}\"\n[[hook]]\nname = \"rb\"\nkind = \"rollback\"\ncommand = [\"/bin/true\"]\non = {{}}\n\
+             [[route]]\nname = \"r\"\nchannels = []\nremediate = \"rb\"\n",
+            data.display()
+        ),
+    )?;
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("hook.0.on") && err.contains("every incident"),
+        "{err}"
+    );
+    assert!(err.contains("route.0.remediate"), "{err}");
+    // A remediate route that can match a P1 and holds its page long: a warning.
+    let (code, err) = check_config(
+        d,
+        &format!(
+            "data_dir = \"{}\"\n[[hook]]\nname = \"fix\"\ncommand = [\"/bin/true\"]\n\
+             [[route]]\nname = \"r\"\nchannels = []\nremediate = \"fix\"\n\
+             [[route]]\nname = \"quick\"\nchannels = []\nseverity = [\"P2\"]\nremediate = \"fix\"\n",
+            data.display()
+        ),
+    )?;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("warning: route.0.remediate") && err.contains("P1 page"),
+        "{err}"
+    );
+    assert!(!err.contains("route.1"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn regression_missing_cwd_colliding_labels_and_cli_output() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let gone = d.join("gone");
+    std::fs::create_dir(&gone)?;
+    let s = script(
+        d,
+        "env.sh",
+        "printf 'line one\\nline \\033[31mtwo\\n'\necho \"v=$TOCSIN_LABEL_EVIL_2 s=$TOCSIN_LABEL_SERVICE\"",
+    )?;
+    let cfg = AggregatorToml::new(d)
+        .set(&format!(
+            "{}{}",
+            hook("envdump", &s, "on = { check = \"disk\" }"),
+            hook("nocwd", &s, &format!("cwd = \"{}\"", gone.display()))
+        ))
+        .build();
+    let agg = Aggregator::start(d, &cfg).await?;
+    std::fs::remove_dir(&gone)?;
+    let (code, body) = post_run(&agg, "nocwd", serde_json::json!({ "by": "t" })).await?;
+    ensure!(code == 202, "{body}");
+    let runs = ended_runs(&agg, "hook=nocwd", 1).await?;
+    let want = format!(
+        "could not start: cwd {}: No such file or directory",
+        gone.display()
+    );
+    assert!(
+        runs[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with(&want)),
+        "{}",
+        runs[0]
+    );
+
+    let mut n = node(
+        &agg,
+        "web-1",
+        &[
+            ("evil-2", "dash"),
+            ("evil_2", "under"),
+            ("Service", "big"),
+            ("service", "small"),
+        ],
+    )
+    .await?;
+    n.send(&[("disk", "critical")]).await?;
+    let id = incident_of(&agg, "disk").await?;
+    let runs = ended_runs(&agg, &format!("incident={id}"), 1).await?;
+    assert!(
+        runs[0]["stdout"]
+            .as_str()
+            .is_some_and(|o| o.ends_with("v=under s=small\n")),
+        "{}",
+        runs[0]
+    );
+    wait_timeline(&agg, id, "hook", "all map to TOCSIN_LABEL_EVIL_2").await?;
+    wait_timeline(&agg, id, "hook", "all map to TOCSIN_LABEL_SERVICE").await?;
+
+    // `tocsin show`: the output as indented lines, escape sequences made inert.
+    let (code, out, err) = tocsin(&agg, &["show", &id.to_string()])?;
+    ensure!(code == Some(0), "{err}");
+    assert!(out.contains("\n      stdout: line one\n"), "{out}");
+    assert!(out.contains("\n      line \\u{1b}[31mtwo\n"), "{out}");
+    assert!(!out.contains('\u{1b}'), "{out}");
+
+    // `hook runs`: aligned; an unknown incident is "not found".
+    let (code, out, err) = tocsin(&agg, &["hook", "runs"])?;
+    ensure!(code == Some(0), "{err}");
+    let header = out.lines().next().unwrap_or_default();
+    let col = header.find("HOOK").context("HOOK column")?;
+    for line in out.lines().skip(1) {
+        assert_eq!(
+            line.find(" nocwd").or(line.find(" envdump")).map(|i| i + 1),
+            Some(col),
+            "{out}"
+        );
+    }
+    let (code, _, err) = tocsin(&agg, &["hook", "runs", "--incident", "99999"])?;
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("no incident 99999"), "{err}");
+    let (code, _, err) = tocsin(&agg, &["hook", "run", "envdump", "--by", ""])?;
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("--by must not be empty"), "{err}");
     Ok(())
 }

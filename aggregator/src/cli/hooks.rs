@@ -4,10 +4,16 @@
 //! aggregator's API. Every run is recorded there with who ran it (`--by`, default
 //! `$USER`) and why.
 //!
+//! The rollback hook (`kind = "rollback"`) asks the same wherever it is run from
+//! (`tocsin rollback`, or `tocsin hook run NAME`): a non-blank `--reason` and a typed
+//! `yes` (or `--yes`); one rollback at a time unless `--force`.
+//!
 //! Exit codes: 0 the hook succeeded (or was queued, with `--no-wait`); 1 it failed, timed
-//! out or was refused, or the API failed; 3 no such hook or incident; 64 bad usage —
-//! including `tocsin rollback` without `--yes` when stdin is not a terminal (it cannot
-//! ask); 5 the confirmation was declined.
+//! out or was refused at its concurrency limit, or the API failed; 3 no such hook or
+//! incident; 4 another rollback is queued or running (without `--force`); 5 the
+//! confirmation was not answered `yes` (nothing was run); 64 bad usage — including a
+//! rollback without `--yes` when stdin is not a terminal (it cannot ask) or without a
+//! reason.
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
@@ -26,7 +32,8 @@ pub enum HookCommand {
     /// List the recovery hooks configured on the aggregator, with runs in progress.
     List,
     /// Run a hook by hand (e.g. `restart-all`, `fix-pods`) and wait for its end; its
-    /// output is printed. With --incident the hook gets that incident's fields.
+    /// output is printed. With --incident the hook gets that incident's fields. The
+    /// rollback hook asks as `tocsin rollback` does: --reason, and "yes" or --yes.
     Run {
         /// Hook name.
         name: String,
@@ -37,12 +44,17 @@ pub enum HookCommand {
         /// Who runs it (default: $USER; required when that is unset).
         #[arg(long, env = "USER")]
         by: Option<String>,
-        /// Why (TOCSIN_REASON).
+        /// Why (TOCSIN_REASON; required for the rollback hook).
         #[arg(long, default_value = "")]
         reason: String,
-        /// Pass TOCSIN_FORCE=1.
+        /// Pass TOCSIN_FORCE=1 (for the rollback hook also: queue it even while another
+        /// rollback is queued or running).
         #[arg(long)]
         force: bool,
+        /// Do not ask for confirmation (the rollback hook only; required when stdin is not
+        /// a terminal).
+        #[arg(long, short)]
+        yes: bool,
         /// Return once queued instead of waiting for the end.
         #[arg(long)]
         no_wait: bool,
@@ -67,7 +79,8 @@ pub struct RollbackArgs {
     /// Why (required; TOCSIN_REASON; recorded).
     #[arg(long, short)]
     pub reason: String,
-    /// Pass TOCSIN_FORCE=1 to the rollback hook.
+    /// Pass TOCSIN_FORCE=1 to the rollback hook, and queue it even while another
+    /// rollback is queued or running.
     #[arg(long, short)]
     pub force: bool,
     /// Do not ask for confirmation (required when stdin is not a terminal).
@@ -99,6 +112,7 @@ pub async fn hook(api: &Api, c: HookCommand, json: bool) -> ExitCode {
             by,
             reason,
             force,
+            yes,
             no_wait,
             token_file,
         } => {
@@ -111,7 +125,7 @@ pub async fn hook(api: &Api, c: HookCommand, json: bool) -> ExitCode {
                 no_wait,
                 token_file,
             };
-            run(api, ask, json).await
+            hook_run(api, ask, yes, json).await
         }
     }
 }
@@ -166,6 +180,7 @@ async fn runs(api: &Api, incident: Option<i64>, hook: Option<&str>, json: bool) 
         say(&format!("{}\n", body["runs"]));
         return ExitCode::SUCCESS;
     }
+    // Values are rendered to strings first: a JSON value ignores width and alignment.
     let mut out = format!(
         "{:<6} {:<20} {:<9} {:<12} {:<10} {:<16} {:>6}  {}\n",
         "RUN", "HOOK", "INCIDENT", "STATUS", "EVENT", "BY", "EXIT", "STARTED"
@@ -173,7 +188,7 @@ async fn runs(api: &Api, incident: Option<i64>, hook: Option<&str>, json: bool) 
     for r in body["runs"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "{:<6} {:<20} {:<9} {:<12} {:<10} {:<16} {:>6}  {}\n",
-            r["id"],
+            r["id"].as_i64().map_or("?".into(), |i| i.to_string()),
             text(&r["hook"], "?"),
             r["incident_id"]
                 .as_i64()
@@ -224,7 +239,7 @@ async fn run(api: &Api, ask: Ask, json: bool) -> ExitCode {
     let answer = match api.post(&path, &body, token).await {
         Ok(a) => a,
         // 409: refused at the hook's concurrency limit; the run is recorded.
-        Err(f) if f.code == 4 => {
+        Err(f) if f.code == 4 && f.body.as_ref().is_some_and(|b| b["run"]["id"].is_i64()) => {
             let run = f
                 .body
                 .as_ref()
@@ -271,6 +286,9 @@ async fn run(api: &Api, ask: Ask, json: bool) -> ExitCode {
             },
             run["duration_ms"].as_i64().unwrap_or(0),
         );
+        if let Some(c) = run["cleanup"].as_str() {
+            out.push_str(&format!("cleanup: {}\n", tocsin_agent::event::printable(c)));
+        }
         for stream in ["stdout", "stderr"] {
             let t = run[stream].as_str().unwrap_or("");
             if !t.is_empty() {
@@ -290,15 +308,95 @@ async fn run(api: &Api, ask: Ask, json: bool) -> ExitCode {
     }
 }
 
+/// `tocsin hook run NAME`: the rollback hook asks as `tocsin rollback` does.
+async fn hook_run(api: &Api, mut ask: Ask, yes: bool, json: bool) -> ExitCode {
+    let body = match api.get("/api/v1/hooks").await {
+        Ok(b) => b,
+        Err(f) => return fail(&f),
+    };
+    let Some(hook) = body["hooks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|h| h["name"] == ask.name.as_str())
+        .cloned()
+    else {
+        complain(&format!(
+            "no hook {:?} (tocsin hook list)",
+            tocsin_agent::event::printable(&ask.name)
+        ));
+        return ExitCode::from(3);
+    };
+    if hook["kind"] == "rollback" {
+        ask.reason = match confirm_rollback(&hook, &ask.reason, ask.force, yes) {
+            Ok(r) => r,
+            Err(code) => return code,
+        };
+    }
+    run(api, ask, json).await
+}
+
+/// The checks and the question before a rollback: a non-blank reason (64 without), and
+/// unless `yes` a terminal on stdin (64 without) where the answer is exactly `yes` (5
+/// otherwise). Returns the trimmed reason.
+fn confirm_rollback(
+    hook: &serde_json::Value,
+    reason: &str,
+    force: bool,
+    yes: bool,
+) -> Result<String, ExitCode> {
+    let reason = reason.trim().to_owned();
+    if reason.is_empty() {
+        complain(
+            "--reason must say why you roll back (it is recorded and reaches the hook as TOCSIN_REASON)",
+        );
+        return Err(ExitCode::from(64));
+    }
+    if yes {
+        return Ok(reason);
+    }
+    if !std::io::stdin().is_terminal() {
+        complain(
+            "refusing to roll back: stdin is not a terminal, so nobody can confirm; pass --yes to roll back without asking",
+        );
+        return Err(ExitCode::from(64));
+    }
+    let mut prompt = std::io::stderr().lock();
+    let _ = std::io::Write::write_all(
+        &mut prompt,
+        format!(
+            "Roll back with hook {} ({}, timeout {}){}?\nReason: {}\nType \"yes\" to roll back: ",
+            text(&hook["name"], "?"),
+            text(&hook["program"], "?"),
+            text(&hook["timeout"], "?"),
+            if force {
+                ", forced (TOCSIN_FORCE=1)"
+            } else {
+                ""
+            },
+            tocsin_agent::event::printable(&reason),
+        )
+        .as_bytes(),
+    );
+    let _ = std::io::Write::flush(&mut prompt);
+    let mut line = String::new();
+    let answered = std::io::stdin().lock().read_line(&mut line).is_ok();
+    if !answered || line.trim() != "yes" {
+        complain("rollback not confirmed (only \"yes\" confirms): nothing was run");
+        return Err(ExitCode::from(5));
+    }
+    Ok(reason)
+}
+
 /// `tocsin rollback --reason TEXT [--force] [--yes]`: runs the hook of kind `rollback`.
 pub async fn rollback(api: &Api, a: RollbackArgs, json: bool) -> ExitCode {
-    let reason = a.reason.trim().to_owned();
-    if reason.is_empty() {
-        complain("--reason must say why (it is recorded and reaches the hook as TOCSIN_REASON)");
+    if a.reason.trim().is_empty() {
+        complain(
+            "--reason must say why you roll back (it is recorded and reaches the hook as TOCSIN_REASON)",
+        );
         return ExitCode::from(64);
     }
-    let tty = std::io::stdin().is_terminal();
-    if !a.yes && !tty {
+    if !a.yes && !std::io::stdin().is_terminal() {
         complain(
             "refusing to roll back: stdin is not a terminal, so nobody can confirm; pass --yes to roll back without asking",
         );
@@ -320,30 +418,12 @@ pub async fn rollback(api: &Api, a: RollbackArgs, json: bool) -> ExitCode {
         );
         return ExitCode::from(3);
     };
-    let name = text(&hook["name"], "");
-    if !a.yes {
-        let mut prompt = std::io::stderr().lock();
-        let _ = std::io::Write::write_all(
-            &mut prompt,
-            format!(
-                "Roll back with hook {name} ({}, timeout {}){}?\nReason: {}\nType \"yes\" to roll back: ",
-                text(&hook["program"], "?"),
-                text(&hook["timeout"], "?"),
-                if a.force { ", forced (TOCSIN_FORCE=1)" } else { "" },
-                tocsin_agent::event::printable(&reason),
-            )
-            .as_bytes(),
-        );
-        let _ = std::io::Write::flush(&mut prompt);
-        let mut line = String::new();
-        let answered = std::io::stdin().lock().read_line(&mut line).is_ok();
-        if !answered || !matches!(line.trim(), "yes" | "y" | "YES" | "Yes") {
-            complain("rollback not confirmed: nothing was run");
-            return ExitCode::from(5);
-        }
-    }
+    let reason = match confirm_rollback(&hook, &a.reason, a.force, a.yes) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
     let ask = Ask {
-        name,
+        name: text(&hook["name"], ""),
         incident: a.incident,
         by: a.by,
         reason,

@@ -58,6 +58,7 @@ pub struct RawEmail {
     /// Recipients, same forms.
     pub to: Vec<String>,
     /// Per-message timeout.
+    #[serde(deserialize_with = "crate::config::duration_text")]
     pub timeout: String,
 }
 

@@ -56,7 +56,9 @@ CREATE TABLE IF NOT EXISTS hook_runs (
     stdout           TEXT NOT NULL DEFAULT '',
     stderr           TEXT NOT NULL DEFAULT '',
     stdout_truncated INTEGER NOT NULL DEFAULT 0,
-    stderr_truncated INTEGER NOT NULL DEFAULT 0
+    stderr_truncated INTEGER NOT NULL DEFAULT 0,
+    run_key          TEXT,
+    cleanup          TEXT
 );
 CREATE INDEX IF NOT EXISTS hook_runs_incident ON hook_runs (incident_id);
 CREATE INDEX IF NOT EXISTS hook_runs_open ON hook_runs (hook, status) WHERE status IN ('queued', 'running');
@@ -123,10 +125,14 @@ pub struct HookRun {
     pub stdout_truncated: bool,
     /// stderr was cut.
     pub stderr_truncated: bool,
+    /// Processes of the run killed after it ended (escaped its process group, e.g. with
+    /// `setsid`) or at the aggregator's restart (left running by a crash), e.g.
+    /// `"killed 1 process: 4242 (sleep)"`; `null` when none (see `crate::hook::procs`).
+    pub cleanup: Option<String>,
 }
 
 const RUN_COLUMNS: &str = "id, hook, incident_id, event, started_by, reason, force, status, queued_ms, \
-    started_ms, ended_ms, exit_code, timed_out, error, stdout, stderr, stdout_truncated, stderr_truncated";
+    started_ms, ended_ms, exit_code, timed_out, error, stdout, stderr, stdout_truncated, stderr_truncated, cleanup";
 
 fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HookRun> {
     let started_ms: Option<i64> = r.get(9)?;
@@ -151,6 +157,7 @@ fn run_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HookRun> {
         stderr: r.get(15)?,
         stdout_truncated: r.get(16)?,
         stderr_truncated: r.get(17)?,
+        cleanup: r.get(18)?,
     })
 }
 
@@ -171,6 +178,8 @@ pub struct HookClaim {
     pub hook: String,
     /// Who started it (for the log).
     pub started_by: String,
+    /// Its key (`TOCSIN_RUN_KEY`, stored before it starts; `crate::hook::procs`).
+    pub run_key: String,
     /// Environment (see `crate::hook::run_env`).
     pub env: Vec<(String, String)>,
 }
@@ -197,6 +206,14 @@ pub enum Queued {
     Run(Box<HookRun>),
     /// No hook of that name is configured.
     NoSuchHook,
+    /// A rollback was asked while run `run_id` of the rollback hook is `status`
+    /// (`queued` or `running`), without `force`: nothing recorded.
+    RollbackBusy {
+        /// The rollback run in the way.
+        run_id: i64,
+        /// Its status.
+        status: String,
+    },
     /// The incident does not exist.
     NoSuchIncident,
 }
@@ -208,7 +225,7 @@ fn cycle_of(conn: &Connection, id: i64) -> rusqlite::Result<i64> {
 }
 
 fn actor(event: &str, by: &str) -> String {
-    if event == "manual" {
+    if matches!(event, "manual" | "rollback") {
         format!("api:{by}")
     } else {
         "aggregator".to_owned()
@@ -282,7 +299,7 @@ fn queue(
                     who(event, by, reason)
                 ),
             )?;
-        } else if event == "manual" {
+        } else if matches!(event, "manual" | "rollback") {
             timeline(
                 conn,
                 inc,
@@ -305,6 +322,8 @@ fn who(event: &str, by: &str, reason: &str) -> String {
     match event {
         "manual" if reason.is_empty() => format!("by hand, by {by}"),
         "manual" => format!("by hand, by {by}: {reason}"),
+        "rollback" if reason.is_empty() => format!("rollback, by {by}"),
+        "rollback" => format!("rollback, by {by}: {reason}"),
         "trigger" => "started on trigger".into(),
         "resolve" => "started on resolve".into(),
         "remediate" => "remediation before paging".into(),
@@ -613,8 +632,9 @@ fn excerpt(text: &str, max: usize, run: i64) -> String {
 fn finish_in(conn: &Connection, id: i64, r: &RunResult, now: i64) -> rusqlite::Result<()> {
     let updated = conn.execute(
         "UPDATE hook_runs SET status = ?2, ended_ms = ?3, exit_code = ?4, timed_out = ?5, error = ?6,
-             stdout = ?7, stderr = ?8, stdout_truncated = ?9, stderr_truncated = ?10,
-             started_ms = coalesce(started_ms, ?3)
+             stdout = ?7, stderr = ?8, stdout_truncated = ?9, stderr_truncated = ?10, cleanup = ?11,
+             started_ms = CASE WHEN ?2 IN ('skipped', 'refused') THEN started_ms
+                               ELSE coalesce(started_ms, ?3) END
          WHERE id = ?1 AND status IN ('queued', 'running')",
         params![
             id,
@@ -626,7 +646,8 @@ fn finish_in(conn: &Connection, id: i64, r: &RunResult, now: i64) -> rusqlite::R
             r.stdout,
             r.stderr,
             r.stdout_truncated,
-            r.stderr_truncated
+            r.stderr_truncated,
+            r.cleanup
         ],
     )?;
     if updated == 0 {
@@ -641,17 +662,23 @@ fn finish_in(conn: &Connection, id: i64, r: &RunResult, now: i64) -> rusqlite::R
     let took = run
         .duration_ms
         .map(|ms| {
-            tocsin_agent::settings::format_duration(std::time::Duration::from_millis(
-                u64::try_from(ms).unwrap_or(0),
-            ))
+            format!(
+                " after {}",
+                tocsin_agent::settings::format_duration(std::time::Duration::from_millis(
+                    u64::try_from(ms).unwrap_or(0),
+                ))
+            )
         })
         .unwrap_or_default();
     let mut note = format!(
-        "hook {} run #{id} ({}): {} after {took}",
+        "hook {} run #{id} ({}): {}{took}",
         run.hook,
         who(&run.event, &run.started_by, &run.reason),
         outcome(&run)
     );
+    if let Some(c) = &run.cleanup {
+        note.push_str(&format!("\ncleanup: {c}"));
+    }
     for (name, text) in [("stdout", &run.stdout), ("stderr", &run.stderr)] {
         if !text.is_empty() {
             note.push_str(&format!(
@@ -738,11 +765,27 @@ impl Store {
         {
             return Ok(Queued::NoSuchIncident);
         }
+        let rollback = hook.kind == crate::hook::Kind::Rollback;
+        if rollback && !req.force {
+            let busy: Option<(i64, String)> = tx
+                .prepare_cached(
+                    "SELECT id, status FROM hook_runs WHERE hook = ?1 AND status IN ('queued', 'running')
+                     ORDER BY id LIMIT 1",
+                )
+                .and_then(|mut st| {
+                    st.query_row([&hook.name], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                })
+                .map_err(&err)?;
+            if let Some((run_id, status)) = busy {
+                return Ok(Queued::RollbackBusy { run_id, status });
+            }
+        }
         let (id, _) = queue(
             &tx,
             &hook,
             req.incident_id,
-            "manual",
+            if rollback { "rollback" } else { "manual" },
             &req.by,
             &req.reason,
             req.force,
@@ -823,12 +866,28 @@ impl Store {
                 finish_in(&tx, id, &r, now).map_err(&err)?;
                 continue;
             }
+            // The key is stored before the process starts: after a crash, the next start
+            // finds the run's processes by it (`crate::hook::procs`).
+            let run_key = crate::hook::procs::new_key();
             tx.execute(
-                "UPDATE hook_runs SET status = 'running', started_ms = ?2 WHERE id = ?1",
-                params![id, now],
+                "UPDATE hook_runs SET status = 'running', started_ms = ?2, run_key = ?3 WHERE id = ?1",
+                params![id, now, run_key],
             )
             .map_err(&err)?;
             *slots += 1;
+            if let Some(inc) = &incident {
+                for warning in crate::hook::label_collisions(&inc.labels) {
+                    timeline(
+                        &tx,
+                        inc.id,
+                        now,
+                        "hook",
+                        "aggregator",
+                        &format!("hook {name} run #{id}: {warning}"),
+                    )
+                    .map_err(&err)?;
+                }
+            }
             let ctx = RunContext {
                 run_id: id,
                 hook: name.clone(),
@@ -836,11 +895,13 @@ impl Store {
                 started_by: by.clone(),
                 reason,
                 force,
+                run_key: run_key.clone(),
             };
             claims.push(HookClaim {
                 run_id: id,
                 hook: name,
                 started_by: by,
+                run_key,
                 env: crate::hook::run_env(&ctx, incident.as_ref()),
             });
         }
@@ -860,20 +921,55 @@ impl Store {
         tx.commit().map_err(&err)
     }
 
-    /// Marks every `running` run `interrupted` (with `why`): at start, the runs the last
-    /// process did not finish. Their remediation holds end (the page goes out if the
-    /// incident still fires). Returns how many.
+    /// The runs the last process left `running` (it was killed or crashed while they
+    /// ran): `(run id, hook, run key)`, oldest first; the key is `None` for runs from
+    /// before run keys.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
-    pub fn interrupt_hook_runs(&mut self, now: i64, why: &str) -> Result<usize, StoreError> {
+    pub fn orphaned_hook_runs(&self) -> Result<Vec<(i64, String, Option<String>)>, StoreError> {
+        self.conn
+            .prepare("SELECT id, hook, run_key FROM hook_runs WHERE status = 'running' ORDER BY id")
+            .and_then(|mut st| {
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect()
+            })
+            .map_err(|e| self.err(e))
+    }
+
+    /// At start: the queued runs of the rollback hook (`kind = "rollback"`) become
+    /// `skipped` with a timeline entry — a rollback is never resumed automatically after
+    /// the aggregator restarted; whoever wants it runs `tocsin rollback` again. Returns
+    /// how many.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn skip_queued_rollbacks(&mut self, now: i64) -> Result<usize, StoreError> {
         let err = self.tx_err();
+        let rollbacks: Vec<String> = self
+            .router
+            .routing
+            .hooks
+            .iter()
+            .filter(|h| h.kind == crate::hook::Kind::Rollback)
+            .map(|h| h.name.clone())
+            .collect();
         let tx = self.conn.transaction().map_err(&err)?;
-        let ids: Vec<i64> = tx
-            .prepare("SELECT id FROM hook_runs WHERE status = 'running' ORDER BY id")
-            .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
-            .map_err(&err)?;
-        let r = RunResult::without_result("interrupted", why);
+        let mut ids = Vec::new();
+        for hook in &rollbacks {
+            let mut more: Vec<i64> = tx
+                .prepare(
+                    "SELECT id FROM hook_runs WHERE status = 'queued' AND hook = ?1 ORDER BY id",
+                )
+                .and_then(|mut st| st.query_map([hook], |r| r.get(0))?.collect())
+                .map_err(&err)?;
+            ids.append(&mut more);
+        }
+        let r = RunResult::without_result(
+            "skipped",
+            "not run: the aggregator restarted before this queued rollback started, and a \
+             rollback is never resumed automatically (run `tocsin rollback` again if it is still wanted)",
+        );
         for id in &ids {
             finish_in(&tx, *id, &r, now).map_err(&err)?;
         }
@@ -905,6 +1001,16 @@ impl Store {
                 )?
                 .collect()
             })
+            .map_err(|e| self.err(e))
+    }
+
+    /// Whether incident `id` exists.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn incident_exists(&self, id: i64) -> Result<bool, StoreError> {
+        load_incident_opt(&self.conn, id)
+            .map(|i| i.is_some())
             .map_err(|e| self.err(e))
     }
 

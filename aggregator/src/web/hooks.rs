@@ -7,8 +7,11 @@
 //!   "…"?, "force": false?}` (same write access as acknowledge): 202 `{"result": "queued",
 //!   "run": …}`; 409 `{"error", "run"}` when refused (the hook's slots and queue are full;
 //!   the refusal is recorded); 404 for an unknown hook or incident; 400 for a bad body.
+//!   The rollback hook (`kind = "rollback"`, event `rollback`) needs a non-blank
+//!   `reason` (else 400), and is refused with 409 `{"error", "busy_run_id"}` (nothing
+//!   recorded) while another of its runs is queued or running, unless `force`.
 //! - `GET /api/v1/hooks/runs?incident=ID&hook=NAME&limit=N`: `{"runs": […]}`, newest first
-//!   (default and most [`MAX_RUNS`]).
+//!   (default and most [`MAX_RUNS`]); 404 when incident `ID` does not exist.
 //! - `GET /api/v1/hooks/runs/{id}`: `{"run": …}`, 404.
 
 use axum::Json;
@@ -90,8 +93,16 @@ pub(super) async fn start(
             "`by` must name who runs it (1 to 128 printable characters)".into(),
         ));
     }
-    if st.hooks.get(&name).is_none() {
+    let Some(hook) = st.hooks.get(&name) else {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no hook {name:?}")));
+    };
+    if hook.kind == crate::hook::Kind::Rollback && req.reason.trim().is_empty() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "hook {name:?} is the rollback hook: `reason` must say why (it is recorded and reaches the hook as TOCSIN_REASON)"
+            ),
+        ));
     }
     let ask = RunRequest {
         hook: name.clone(),
@@ -103,6 +114,18 @@ pub(super) async fn start(
     let queued = st.store.call(move |s| s.queue_hook_run(&ask)).await?;
     match queued {
         Queued::NoSuchHook => Err(ApiError(StatusCode::NOT_FOUND, format!("no hook {name:?}"))),
+        Queued::RollbackBusy { run_id, status } => Ok((
+            StatusCode::CONFLICT,
+            Json(json!({
+                "error": format!(
+                    "refused: rollback run #{run_id} is {status}; one rollback at a time \
+                     (wait for it, or force to queue another)"
+                ),
+                "status": 409,
+                "busy_run_id": run_id,
+            })),
+        )
+            .into_response()),
         Queued::NoSuchIncident => Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no incident {}", req.incident_id.unwrap_or_default()),
@@ -142,11 +165,26 @@ pub(super) async fn runs(
     Query(q): Query<RunsQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let limit = q.limit.unwrap_or(MAX_RUNS).min(MAX_RUNS);
+    let incident = q.incident;
     let runs = st
         .store
-        .call(move |s| s.hook_runs(q.incident, q.hook.as_deref(), limit))
+        .call(move |s| {
+            // An incident that does not exist is a 404, not an empty list.
+            if let Some(id) = q.incident
+                && !s.incident_exists(id)?
+            {
+                return Ok(None);
+            }
+            s.hook_runs(q.incident, q.hook.as_deref(), limit).map(Some)
+        })
         .await?;
-    Ok(Json(json!({ "runs": runs })))
+    match runs {
+        Some(runs) => Ok(Json(json!({ "runs": runs }))),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no incident {}", incident.unwrap_or_default()),
+        )),
+    }
 }
 
 pub(super) async fn run(
