@@ -372,7 +372,8 @@ fn several_type_mistakes_are_reported_together() {
     let aggregator = dir.path().join("aggregator.toml");
     std::fs::write(
         &aggregator,
-        "listen_http = 7600\nnode_timeout = []\n[notify]\nretry_min = 1\n",
+        // A number is seconds for a duration key (`retry_min = 1` is fine); a boolean is not.
+        "listen_http = 7600\nnode_timeout = []\n[notify]\nretry_min = true\n",
     )
     .expect("write");
     let (code, stderr) = run(

@@ -381,11 +381,17 @@ fn confirm_rollback(
     let _ = std::io::Write::flush(&mut prompt);
     let mut line = String::new();
     let answered = std::io::stdin().lock().read_line(&mut line).is_ok();
-    if !answered || line.trim() != "yes" {
+    if !answered || !confirmed(&line) {
         complain("rollback not confirmed (only \"yes\" confirms): nothing was run");
         return Err(ExitCode::from(5));
     }
     Ok(reason)
+}
+
+/// Whether the answer to the rollback question confirms: exactly `yes` (surrounding
+/// blanks ignored). `y`, `YES`, `yes please` do not: a rollback is not undone by a typo.
+fn confirmed(answer: &str) -> bool {
+    answer.trim() == "yes"
 }
 
 /// `tocsin rollback --reason TEXT [--force] [--yes]`: runs the hook of kind `rollback`.
@@ -432,4 +438,18 @@ pub async fn rollback(api: &Api, a: RollbackArgs, json: bool) -> ExitCode {
         token_file: a.token_file,
     };
     run(api, ask, json).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::confirmed;
+
+    #[test]
+    fn regression_only_yes_confirms_a_rollback() {
+        assert!(confirmed("yes\n"));
+        assert!(confirmed("  yes  \r\n"));
+        for no in ["y\n", "Y", "YES", "Yes", "yes please", "", "\n", "no"] {
+            assert!(!confirmed(no), "{no:?} confirmed");
+        }
+    }
 }

@@ -662,12 +662,15 @@ fn finish_in(conn: &Connection, id: i64, r: &RunResult, now: i64) -> rusqlite::R
     let took = run
         .duration_ms
         .map(|ms| {
-            format!(
-                " after {}",
-                tocsin_agent::settings::format_duration(std::time::Duration::from_millis(
-                    u64::try_from(ms).unwrap_or(0),
-                ))
-            )
+            let d = tocsin_agent::settings::format_duration(std::time::Duration::from_millis(
+                u64::try_from(ms).unwrap_or(0),
+            ));
+            // An interrupted run was found later (at the next start): not its duration.
+            if run.status == "interrupted" {
+                format!(" (recorded {d} after it started)")
+            } else {
+                format!(" after {d}")
+            }
         })
         .unwrap_or_default();
     let mut note = format!(
