@@ -451,8 +451,14 @@ pub fn validate(
             v.problem(&format!("{key}.{field}"), msg);
             ok = false;
         };
-        if h.name.is_empty()
-            || h.name.len() > 64
+        if h.name.trim().is_empty() {
+            bad(
+                v,
+                "name",
+                "missing or empty: every [[hook]] needs a name (1 to 64 letters, digits, -, _ or .)"
+                    .into(),
+            );
+        } else if h.name.len() > 64
             || !h
                 .name
                 .chars()

@@ -8,6 +8,11 @@
 //! remediate-verify-then-page (fixed → no page; failed → a page naming the hook; still
 //! firing after a success → a page after verify_after, across a restart); a manual run by
 //! CLI recorded with who ran it; `tocsin rollback` refusing without --yes on a non-TTY.
+//! Regressions of the review of issue 6: hooks left running by a `kill -9` of the
+//! aggregator killed at its restart (the concurrency limit holding, a queued rollback not
+//! resumed); a `setsid` child killed after its hook; rollback needing a reason, a
+//! confirmation and one at a time on every path; integer durations and line numbers in
+//! config errors; a missing cwd named; colliding label names warned; CLI output.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

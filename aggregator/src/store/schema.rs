@@ -179,6 +179,10 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // `incidents_peak_*` triggers: a P1 that calms to P2 before it resolves is a P1
     // for the KPIs and its post-mortem.
     ("incidents", "peak_severity", "TEXT NOT NULL DEFAULT ''"),
+    // A hook run's key (`TOCSIN_RUN_KEY`, by which its processes are found) and what was
+    // killed after it (`crate::hook::procs`); NULL for runs from before.
+    ("hook_runs", "run_key", "TEXT"),
+    ("hook_runs", "cleanup", "TEXT"),
 ];
 
 /// Triggers that keep `incidents.peak_severity` (created after the column exists).
