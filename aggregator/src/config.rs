@@ -68,6 +68,8 @@ pub struct RawConfig {
     pub recovery_timeout: String,
     /// Default timeout of the `rollback` hook (the seed's `ROLLBACK_TIMEOUT`).
     pub rollback_timeout: String,
+    /// Drills (`[drills]`): where their incidents are paged (see `crate::route`).
+    pub drills: crate::route::RawDrills,
 }
 
 /// The seed's variables that set aggregator keys (beside `TOCSIN_AGGREGATOR_…`):
@@ -247,6 +249,7 @@ impl Default for RawConfig {
             hook: Vec::new(),
             recovery_timeout: crate::hook::DEFAULT_RECOVERY_TIMEOUT.into(),
             rollback_timeout: crate::hook::DEFAULT_ROLLBACK_TIMEOUT.into(),
+            drills: crate::route::RawDrills::default(),
         }
     }
 }
@@ -749,7 +752,12 @@ impl RawConfig {
                 .map(|h| h.name.as_str())
                 .collect::<Vec<_>>(),
         );
-        let routing = crate::route::Routing { hooks, ..routing };
+        let drill_channels = crate::route::validate_drills(&mut v, &self.drills, &channel_names);
+        let routing = crate::route::Routing {
+            hooks,
+            drill_channels,
+            ..routing
+        };
         let log = tocsin_agent::telemetry::validate(&mut v, &self.log);
         let correlation = self.validate_correlation(&mut v);
         let api_token = self.auth.api_token_file.as_deref().and_then(|f| {

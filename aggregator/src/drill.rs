@@ -3,11 +3,23 @@
 //!
 //! The aggregator sends a `DrillCommand` down the node's stream ([`DrillHub`]); the
 //! agent runs it only if its `[drills] allow` names the scenario, else it answers
-//! `refused: drills not allowed on this node`. While the drill runs, the node carries the
-//! drill mark (label `drill=true`, see `store::drills`), so its incidents go through the
-//! real routes with `[DRILL]` before their summary in every notification and are
-//! reported apart by the KPIs. To keep drills off the real P1 path, add a route that
-//! matches `drill="true"` first and names a drill channel.
+//! `refused: drills not allowed on this node`. During the drill window the node carries
+//! the drill mark (kept on the `drills` row, not in the node's labels, so an agent that
+//! reconnects mid-drill keeps it; see `store::drills`): its incidents get the labels
+//! `drill=true` and `drill_id=<id>`, say `[DRILL]` before their summary in every
+//! notification and are reported apart by the KPIs.
+//!
+//! **Drills never page the real P1 path unless asked** (`route::DrillPaging`): with
+//! `[drills] channels = [...]` in the aggregator's config, drill incidents are paged to
+//! those channels only (no escalation, no repeat); without it they take the real routes
+//! as if their severity were at most P2 (routes, escalation target and storm guard of a
+//! P2; the incident and the report keep the real severity). A drill run with
+//! `--page-real` (API `"page_real": true`, recorded on the `drills` row) takes the real
+//! routes at the real severity, P1 included — still `[DRILL]`.
+//!
+//! **The aggregator dying mid-drill**: the run dies with it; at the next start the row
+//! left `running` is stamped, its mark lasts until the end of its window (the fault may
+//! still be injected), and it then ends as `interrupted` (`store::drills`).
 //!
 //! Each scenario is measured from the moment the agent injected the fault: time to
 //! detect (the first firing event of the expected check stored; for `node_down`, the
@@ -134,6 +146,21 @@ pub struct DrillRequest {
     pub target: String,
     /// Who runs it.
     pub by: String,
+    /// Page the real routes at the real severity, P1 included (`--page-real`).
+    pub page_real: bool,
+}
+
+/// Extra time after the last scenario's window before the mark lapses on its own (when
+/// the run died with the aggregator).
+pub const MARK_MARGIN: Duration = Duration::from_secs(5);
+
+/// End of the drill window of `req` running `scenarios` scenarios from `started_ms`
+/// (Unix ms): per scenario the agent's answer time, the fault and the wait, plus
+/// [`MARK_MARGIN`]. The drill mark lasts until then at most.
+pub fn window_end(started_ms: i64, req: &DrillRequest, scenarios: usize) -> i64 {
+    let per = ANSWER_TIMEOUT + req.duration + req.wait;
+    let total = per * u32::try_from(scenarios).unwrap_or(u32::MAX) + MARK_MARGIN;
+    started_ms.saturating_add(i64::try_from(total.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// One measured step: when it happened and how long after the fault.
@@ -187,8 +214,14 @@ pub struct DrillReport {
     pub started_ms: i64,
     /// End, Unix ms.
     pub ended_ms: i64,
-    /// `passed`, `failed` (a step missing) or `refused` (not run).
+    /// `passed`, `failed` (a step missing) or `refused` (not run); a drill whose run died
+    /// with the aggregator ends `interrupted` (`store::drills`).
     pub status: String,
+    /// Whether its incidents took the real routes at their real severity (`--page-real`).
+    pub page_real: bool,
+    /// How its incidents were paged: `drill channels: a, b`, `real routes, at most P2`
+    /// or `real routes, real severity (--page-real)`.
+    pub paging: String,
     /// Whether some scenario's notification never arrived (the loudest failure).
     pub notification_missing: bool,
     /// One per scenario run.
@@ -255,12 +288,25 @@ pub async fn run(
         )));
     }
     let started = now_ms();
+    let until = window_end(started, &req, scenarios.len());
     let (node, scenario, by) = (req.node.clone(), req.scenario.clone(), req.by.clone());
+    let page_real = req.page_real;
     let id = store
-        .call(move |s| s.drill_begin(&node, &scenario, &by, started))
+        .call(move |s| s.drill_begin(&node, &scenario, &by, started, until, page_real))
         .await?;
-    let node = req.node.clone();
-    store.call(move |s| s.drill_mark(&node, true)).await?;
+    let paging = if req.page_real {
+        "real routes, real severity (--page-real)".to_owned()
+    } else {
+        let channels = store
+            .call(|s| Ok(s.drill_channels()))
+            .await
+            .unwrap_or_default();
+        if channels.is_empty() {
+            "real routes, at most P2".to_owned()
+        } else {
+            format!("drill channels: {}", channels.join(", "))
+        }
+    };
     let mut reports = Vec::new();
     for scenario in scenarios {
         let r = run_one(store, hub, &req, id, scenario).await;
@@ -270,8 +316,6 @@ pub async fn run(
             break;
         }
     }
-    let node = req.node.clone();
-    store.call(move |s| s.drill_mark(&node, false)).await?;
     let status = if reports.iter().any(|r| r.status == "refused") {
         "refused"
     } else if reports.iter().all(|r| r.status == "passed") {
@@ -287,6 +331,8 @@ pub async fn run(
         started_ms: started,
         ended_ms: now_ms(),
         status: status.to_owned(),
+        page_real: req.page_real,
+        paging,
         notification_missing: reports.iter().any(|r| {
             r.status != "refused"
                 && r.steps
@@ -425,13 +471,16 @@ async fn run_one(
     report
 }
 
-/// Exit code of `tocsin drill` for a report `status` and `notification_missing`: 0
-/// passed; 2 failed (a step missing, a notification that never arrived above all); 3
+/// Exit code of `tocsin drill` for a report `status`: 0 passed; 2 failed (a step
+/// missing, a notification that never arrived above all); 4 interrupted (the aggregator
+/// restarted during the drill: nothing was measured); 5 still running (`--show`); 3
 /// refused or not run.
 pub fn exit_code(status: &str) -> i32 {
     match status {
         "passed" => 0,
         "failed" => 2,
+        crate::store::drills::INTERRUPTED => 4,
+        "running" => 5,
         _ => 3,
     }
 }

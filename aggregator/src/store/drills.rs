@@ -1,20 +1,38 @@
 //! Drills in the store: the `drills` table (one row per `tocsin drill` run), the drill
 //! mark on a node, and what a drill's scenario caused, read back for its report.
 //!
-//! **Drill mark**: while a drill runs on a node, the node's labels (table `agents`)
-//! carry `drill=true` (`kpi::DRILL_LABEL`), so every incident that opens from that
-//! node in the drill window — from its events, heartbeats or its liveness — has the
-//! label: it goes through the real routes, its notifications say `[DRILL]`, and the KPIs
-//! report it apart. The mark is removed when the drill ends (a reconnecting agent's
-//! `Hello` also replaces the node's labels, ending the mark early).
+//! **Drill mark**: a `drills` row that has not ended (`ended_ms` NULL) marks its node
+//! until `until_ms`, the end of the drill's window (start + per scenario: duration, wait
+//! and the agent's answer time, plus a margin). Every incident that opens from a marked
+//! node — from its events, heartbeats or its liveness — gets the labels `drill=true`
+//! (`kpi::DRILL_LABEL`) and `drill_id=<id>` ([`DRILL_ID_LABEL`]) on top of the node's
+//! labels: it is paged as a drill (`route::DrillPaging`), its notifications say
+//! `[DRILL]`, and the KPIs report it apart. The mark is kept apart from the node's own
+//! labels (table `agents`), so a reconnecting agent's `Hello`, which replaces those,
+//! does not end it; it ends with the drill (`drill_end`) or at `until_ms`.
+//!
+//! **Aggregator restarts**: a row still `running` when the aggregator starts belongs to
+//! a run that died with the previous process ([`Store::drills_after_restart`] stamps it
+//! `restarted_ms`). Its mark stays until `until_ms` — the agent may still inject the
+//! fault, and its incidents are still drills — and then [`Store::drill_sweep`] ends it
+//! as `interrupted`, with a report saying the aggregator restarted during the drill.
 
-use rusqlite::{OptionalExtension, params};
+use std::collections::BTreeMap;
+
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use super::{Store, StoreError};
 use crate::kpi::DRILL_LABEL;
+use crate::model::rfc3339;
 
-/// The `drills` table.
+/// Label naming the drill (`drills.id`) an incident belongs to, set with `drill=true`.
+pub const DRILL_ID_LABEL: &str = "drill_id";
+
+/// Status of a drill whose run died with the aggregator (see the module docs).
+pub const INTERRUPTED: &str = "interrupted";
+
+/// The `drills` table (columns added later are also in `schema::ADDED_COLUMNS`).
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS drills (
     id          INTEGER PRIMARY KEY,
@@ -24,8 +42,12 @@ CREATE TABLE IF NOT EXISTS drills (
     started_ms  INTEGER NOT NULL,
     ended_ms    INTEGER,
     status      TEXT NOT NULL,
-    report      TEXT
+    report      TEXT,
+    until_ms    INTEGER,
+    page_real   INTEGER NOT NULL DEFAULT 0,
+    restarted_ms INTEGER
 );
+CREATE INDEX IF NOT EXISTS drills_open ON drills (node) WHERE ended_ms IS NULL;
 ";
 
 /// One row of `drills`.
@@ -43,10 +65,18 @@ pub struct DrillRow {
     pub started_ms: i64,
     /// End, Unix ms (`None` while running).
     pub ended_ms: Option<i64>,
-    /// `running`, `passed`, `failed` or `refused`.
+    /// `running`, `passed`, `failed`, `refused` or `interrupted` (the aggregator
+    /// restarted during the drill).
     pub status: String,
     /// The report (JSON of `drill::DrillReport`), once ended.
     pub report: Option<serde_json::Value>,
+    /// End of the drill window, Unix ms: the mark lasts until then at most.
+    pub until_ms: Option<i64>,
+    /// Whether its incidents took the real routes at their real severity, P1 included
+    /// (`--page-real`).
+    pub page_real: bool,
+    /// When an aggregator started while it was running (its run died), Unix ms.
+    pub restarted_ms: Option<i64>,
 }
 
 /// What a scenario caused on its node, read from the store (all times Unix ms).
@@ -77,8 +107,90 @@ pub struct Observed {
     pub resolved_ms: Option<i64>,
 }
 
+const ROW_COLUMNS: &str =
+    "id, node, scenario, started_by, started_ms, ended_ms, status, report, until_ms, page_real, restarted_ms";
+
+fn drill_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DrillRow> {
+    Ok(DrillRow {
+        id: r.get(0)?,
+        node: r.get(1)?,
+        scenario: r.get(2)?,
+        started_by: r.get(3)?,
+        started_ms: r.get(4)?,
+        ended_ms: r.get(5)?,
+        status: r.get(6)?,
+        report: r
+            .get::<_, Option<String>>(7)?
+            .and_then(|s| serde_json::from_str(&s).ok()),
+        until_ms: r.get(8)?,
+        page_real: r.get(9)?,
+        restarted_ms: r.get(10)?,
+    })
+}
+
+/// The drill marking `node` at `now` (Unix ms), if any: the newest drill of the node not
+/// ended whose window (`until_ms`) is still open.
+pub(super) fn active_mark(conn: &Connection, node: &str, now: i64) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached(
+        "SELECT id FROM drills WHERE node = ?1 AND ended_ms IS NULL AND until_ms > ?2
+         ORDER BY id DESC LIMIT 1",
+    )?
+    .query_row(params![node, now], |r| r.get(0))
+    .optional()
+}
+
+/// Adds the drill mark (`drill=true`, `drill_id=<id>`) to `labels`, the labels of
+/// `node` an incident would take, when a drill marks the node at `now`.
+pub(super) fn mark_labels(
+    conn: &Connection,
+    node: &str,
+    now: i64,
+    labels: &mut BTreeMap<String, String>,
+) -> rusqlite::Result<()> {
+    if let Some(id) = active_mark(conn, node, now)? {
+        labels.insert(DRILL_LABEL.to_owned(), "true".to_owned());
+        labels.insert(DRILL_ID_LABEL.to_owned(), id.to_string());
+    }
+    Ok(())
+}
+
+/// How an incident with `labels` is paged: not a drill (no `drill=true`); a drill that
+/// pages real (its `drill_id` names a drill run with `--page-real`); else a drill (also
+/// when `drill=true` comes without a known drill, e.g. from a node's own labels).
+pub(super) fn paging_of(
+    conn: &Connection,
+    labels: &BTreeMap<String, String>,
+) -> rusqlite::Result<crate::route::DrillPaging> {
+    use crate::route::DrillPaging;
+    if !crate::kpi::is_drill(labels) {
+        return Ok(DrillPaging::Real);
+    }
+    let Some(id) = labels
+        .get(DRILL_ID_LABEL)
+        .and_then(|v| v.parse::<i64>().ok())
+    else {
+        return Ok(DrillPaging::Drill);
+    };
+    let real: Option<bool> = conn
+        .prepare_cached("SELECT page_real FROM drills WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    Ok(if real == Some(true) {
+        DrillPaging::DrillPageReal
+    } else {
+        DrillPaging::Drill
+    })
+}
+
 impl Store {
-    /// Records a drill starting now on `node` (status `running`); returns its id.
+    /// `[drills] channels` of the routing in use (empty: not set).
+    pub fn drill_channels(&self) -> Vec<String> {
+        self.router.routing.drill_channels.clone()
+    }
+
+    /// Records a drill starting at `now` on `node` (status `running`), marking the node
+    /// until `until_ms` (Unix ms; see the module docs); `page_real`: its incidents take
+    /// the real routes at their real severity. Returns its id.
     ///
     /// # Errors
     /// [`StoreError`] on a database failure.
@@ -88,49 +200,101 @@ impl Store {
         scenario: &str,
         by: &str,
         now: i64,
+        until_ms: i64,
+        page_real: bool,
     ) -> Result<i64, StoreError> {
         self.conn
             .execute(
-                "INSERT INTO drills (node, scenario, started_by, started_ms, status)
-                 VALUES (?1, ?2, ?3, ?4, 'running')",
-                params![node, scenario, by, now],
+                "INSERT INTO drills (node, scenario, started_by, started_ms, status, until_ms, page_real)
+                 VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6)",
+                params![node, scenario, by, now, until_ms, page_real],
             )
             .map_err(|e| self.err(e))?;
         Ok(self.conn.last_insert_rowid())
     }
 
-    /// Sets (`on`) or removes the drill mark (`drill=true`) on `node`'s labels; returns
-    /// whether the node is known.
+    /// At start (`now`, Unix ms): stamps every drill still `running` — its run died with
+    /// the previous aggregator — with `restarted_ms`, and ends those whose window has
+    /// passed ([`Store::drill_sweep`]). Returns `(id, node, until_ms)` of the stamped
+    /// drills, for the log.
     ///
     /// # Errors
     /// [`StoreError`] on a database failure.
-    pub fn drill_mark(&mut self, node: &str, on: bool) -> Result<bool, StoreError> {
-        let labels: Option<String> = self
+    pub fn drills_after_restart(
+        &mut self,
+        now: i64,
+    ) -> Result<Vec<(i64, String, i64)>, StoreError> {
+        let e = |e| self.err(e);
+        let rows: Vec<(i64, String, i64)> = self
             .conn
-            .query_row(
-                "SELECT labels FROM agents WHERE agent_id = ?1",
-                [node],
-                |r| r.get(0),
+            .prepare(
+                "UPDATE drills SET restarted_ms = ?1 WHERE ended_ms IS NULL AND restarted_ms IS NULL
+                 RETURNING id, node, coalesce(until_ms, started_ms)",
             )
-            .optional()
-            .map_err(|e| self.err(e))?;
-        let Some(labels) = labels else {
-            return Ok(false);
+            .and_then(|mut st| {
+                st.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect()
+            })
+            .map_err(e)?;
+        self.drill_sweep(now)?;
+        Ok(rows)
+    }
+
+    /// Ends, as `interrupted`, every drill whose run died with an earlier aggregator
+    /// (`restarted_ms` set) and whose window (`until_ms`) has passed at `now`; its report
+    /// says the aggregator restarted during the drill and that its steps were not
+    /// measured. Returns the ids ended. Run at start and by the paging sweep.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database failure.
+    pub fn drill_sweep(&mut self, now: i64) -> Result<Vec<i64>, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
         };
-        let mut labels: std::collections::BTreeMap<String, String> =
-            serde_json::from_str(&labels).unwrap_or_default();
-        if on {
-            labels.insert(DRILL_LABEL.to_owned(), "true".to_owned());
-        } else {
-            labels.remove(DRILL_LABEL);
-        }
-        self.conn
-            .execute(
-                "UPDATE agents SET labels = ?2 WHERE agent_id = ?1",
-                params![node, serde_json::to_string(&labels).unwrap_or_default()],
+        let tx = self.conn.transaction().map_err(err)?;
+        let due: Vec<DrillRow> = tx
+            .prepare(&format!(
+                "SELECT {ROW_COLUMNS} FROM drills
+                 WHERE ended_ms IS NULL AND restarted_ms IS NOT NULL
+                   AND coalesce(until_ms, started_ms) <= ?1 ORDER BY id"
+            ))
+            .and_then(|mut st| st.query_map([now], drill_row)?.collect())
+            .map_err(err)?;
+        let mut ended = Vec::new();
+        for d in due {
+            let restarted = d.restarted_ms.unwrap_or(now);
+            let message = format!(
+                "INTERRUPTED: the aggregator restarted during the drill (at {}); the drill \
+                 run died with it, so its steps were not measured. The drill window ended at \
+                 {}; until then the node's incidents were still marked as drills.",
+                rfc3339(restarted),
+                rfc3339(d.until_ms.unwrap_or(now))
+            );
+            let report = serde_json::json!({
+                "id": d.id,
+                "node": d.node,
+                "scenario": d.scenario,
+                "started_by": d.started_by,
+                "started_ms": d.started_ms,
+                "ended_ms": now,
+                "status": INTERRUPTED,
+                "page_real": d.page_real,
+                "notification_missing": false,
+                "restarted_ms": restarted,
+                "message": message,
+                "scenarios": [],
+            });
+            tx.execute(
+                "UPDATE drills SET ended_ms = ?2, status = ?3, report = ?4 WHERE id = ?1",
+                params![d.id, now, INTERRUPTED, report.to_string()],
             )
-            .map_err(|e| self.err(e))?;
-        Ok(true)
+            .map_err(err)?;
+            ended.push(d.id);
+        }
+        tx.commit().map_err(err)?;
+        Ok(ended)
     }
 
     /// Records the end of drill `id` with its `status` and `report`.
@@ -160,29 +324,30 @@ impl Store {
     pub fn drills(&self, limit: usize) -> Result<Vec<DrillRow>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare(
-                "SELECT id, node, scenario, started_by, started_ms, ended_ms, status, report
-                 FROM drills ORDER BY id DESC LIMIT ?1",
-            )
+            .prepare(&format!(
+                "SELECT {ROW_COLUMNS} FROM drills ORDER BY id DESC LIMIT ?1"
+            ))
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
-                Ok(DrillRow {
-                    id: r.get(0)?,
-                    node: r.get(1)?,
-                    scenario: r.get(2)?,
-                    started_by: r.get(3)?,
-                    started_ms: r.get(4)?,
-                    ended_ms: r.get(5)?,
-                    status: r.get(6)?,
-                    report: r
-                        .get::<_, Option<String>>(7)?
-                        .and_then(|s| serde_json::from_str(&s).ok()),
-                })
-            })
+            .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], drill_row)
             .and_then(Iterator::collect::<Result<Vec<_>, _>>)
             .map_err(|e| self.err(e))?;
         Ok(rows)
+    }
+
+    /// Drill `id`, if it exists.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database failure.
+    pub fn drill(&self, id: i64) -> Result<Option<DrillRow>, StoreError> {
+        self.conn
+            .query_row(
+                &format!("SELECT {ROW_COLUMNS} FROM drills WHERE id = ?1"),
+                [id],
+                drill_row,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
     }
 
     /// What happened on `node` since `since_ms` for a check named `check` (a process

@@ -426,19 +426,24 @@ impl Store {
     }
 
     /// Every label name a known node or check has (node labels from `Hello`, check
-    /// labels from events and heartbeats), for warning about silences that name a label
-    /// nothing has.
+    /// labels from events and heartbeats), and the drill mark's (`drill`, `drill_id`:
+    /// any node may carry them during a drill), for warning about silences that name a
+    /// label nothing has.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
     pub fn known_label_names(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
-        self.conn
+        let mut names: std::collections::BTreeSet<String> = self
+            .conn
             .prepare(
                 "SELECT DISTINCT j.key FROM agents, json_each(agents.labels) j
                  UNION SELECT DISTINCT j.key FROM checks, json_each(checks.labels) j",
             )
             .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        names.insert(crate::kpi::DRILL_LABEL.to_owned());
+        names.insert(drills::DRILL_ID_LABEL.to_owned());
+        Ok(names)
     }
 
     /// Adds a silence; returns its id. The matchers are already parsed.
@@ -774,7 +779,8 @@ impl Store {
             return Ok(IngestOutcome::default());
         }
         let tx = self.conn.transaction().map_err(err)?;
-        let (stored_seq, node_labels) = agent_row(&tx, agent_id).map_err(err)?;
+        let (stored_seq, mut node_labels) = agent_row(&tx, agent_id).map_err(err)?;
+        drills::mark_labels(&tx, agent_id, now, &mut node_labels).map_err(err)?;
         let mut out = IngestOutcome {
             last_seq: stored_seq,
             ..IngestOutcome::default()
@@ -894,8 +900,9 @@ impl Store {
             if silence <= timeout {
                 continue;
             }
-            let node_labels: BTreeMap<String, String> =
+            let mut node_labels: BTreeMap<String, String> =
                 serde_json::from_str(&labels).unwrap_or_default();
+            drills::mark_labels(&tx, &agent_id, now, &mut node_labels).map_err(err)?;
             let ctx = apply::Context {
                 silences: &self.silences,
                 router: &self.router,
@@ -1305,7 +1312,7 @@ fn ingest_in(
     events: &[Event],
 ) -> rusqlite::Result<IngestOutcome> {
     let now = base.now;
-    let node_labels: BTreeMap<String, String> = tx
+    let mut node_labels: BTreeMap<String, String> = tx
         .query_row(
             "SELECT labels FROM agents WHERE agent_id = ?1",
             [agent_id],
@@ -1314,6 +1321,7 @@ fn ingest_in(
         .optional()?
         .and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or_default();
+    drills::mark_labels(tx, agent_id, now, &mut node_labels)?;
     let mut out = IngestOutcome::default();
     let actor = format!("agent:{agent_id}");
     let ctx = apply::Context {

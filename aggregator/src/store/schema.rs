@@ -179,6 +179,13 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // `incidents_peak_*` triggers: a P1 that calms to P2 before it resolves is a P1
     // for the KPIs and its post-mortem.
     ("incidents", "peak_severity", "TEXT NOT NULL DEFAULT ''"),
+    // The drill mark lives on the drill (`store::drills`): the end of the drill window
+    // (Unix ms; NULL for drills from before, which mark nothing), whether the drill
+    // pages the real routes at the real severity (`--page-real`), and when an
+    // aggregator started while it was running (its run died).
+    ("drills", "until_ms", "INTEGER"),
+    ("drills", "page_real", "INTEGER NOT NULL DEFAULT 0"),
+    ("drills", "restarted_ms", "INTEGER"),
 ];
 
 /// Triggers that keep `incidents.peak_severity` (created after the column exists).

@@ -1,13 +1,22 @@
 //! The drills API (see `crate::drill`).
 //!
 //! - `POST /api/v1/drills` with `{"by": "alice", "node": "web-1", "scenario":
-//!   "process_crash" | "high_load" | "node_down" | "all", "duration_s": 20?, "wait_s":
-//!   60?, "target": "nginx"?}` (same write access as acknowledge): runs the drill and
-//!   answers when it is over (up to duration + wait per scenario): 200 `{"drill":
-//!   report}` with `report.status` `passed`, `failed` or `refused`; 400 for a bad body or
-//!   scenario; 404 when the node is not connected.
-//! - `GET /api/v1/drills`: `{"drills": [row…]}`, newest first (at most 100).
+//!   "process_crash" | "high_load" | "dependency_down" | "node_down" | "all",
+//!   "duration_s": 20?, "wait_s": 60?, "target": "nginx"?, "page_real": false?}` (same
+//!   write access as acknowledge): runs the drill and answers when it is over (up to
+//!   duration + wait per scenario): 200 `{"drill": report}` with `report.status`
+//!   `passed`, `failed` or `refused`, `report.page_real` and `report.paging` (how its
+//!   incidents were paged); 400 for a bad body or scenario; 404 when the node is not
+//!   connected. `page_real: true` pages the real routes at the real severity, P1
+//!   included; by default a drill never takes the P1 path (`[drills] channels`, or the
+//!   real routes at most as a P2).
+//! - `GET /api/v1/drills`: `{"drills": [row…]}`, newest first (at most 100); a row's
+//!   `status` is `running`, `passed`, `failed`, `refused` or `interrupted` (the
+//!   aggregator restarted during the drill), with `page_real`, `until_ms` (end of the
+//!   drill window) and `restarted_ms`.
+//! - `GET /api/v1/drills/{id}`: `{"drill": row}`; 404 when there is no such drill.
 
+use axum::extract::Path;
 use std::time::Duration;
 
 use axum::Json;
@@ -31,6 +40,8 @@ struct StartBody {
     wait_s: Option<f64>,
     #[serde(default)]
     target: String,
+    #[serde(default)]
+    page_real: bool,
 }
 
 fn seconds(v: Option<f64>, default: Duration, what: &str) -> Result<Duration, ApiError> {
@@ -72,6 +83,7 @@ pub(super) async fn start(
         wait: seconds(req.wait_s, DEFAULT_WAIT, "wait_s")?,
         target: req.target,
         by,
+        page_real: req.page_real,
     };
     match crate::drill::run(&st.store, &st.drills, ask).await {
         Ok(report) => Ok(Json(json!({ "drill": report }))),
@@ -84,4 +96,20 @@ pub(super) async fn start(
 pub(super) async fn list(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let rows = st.store.call(|s| s.drills(100)).await?;
     Ok(Json(json!({ "drills": rows })))
+}
+
+pub(super) async fn one(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id: i64 = id.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("drill id {id:?} is not a number"),
+        )
+    })?;
+    match st.store.call(move |s| s.drill(id)).await? {
+        Some(row) => Ok(Json(json!({ "drill": row }))),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no drill {id}"))),
+    }
 }
