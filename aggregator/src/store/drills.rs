@@ -437,3 +437,260 @@ impl Store {
         Ok(o)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::Store;
+    use super::INTERRUPTED;
+    use crate::model::{AgentHello, Event, Severity, State, now_ms};
+    use crate::route::{Route, Router, Routing};
+
+    fn hello(labels: &[(&str, &str)]) -> AgentHello {
+        AgentHello {
+            agent_id: "a".into(),
+            hostname: "a".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            version: "test".into(),
+            boot_id: String::new(),
+            instance_id: "i1".into(),
+            heartbeat_interval_ms: 1000,
+        }
+    }
+
+    fn event(seq: u64, check: &str, state: State) -> Event {
+        Event {
+            seq,
+            check: check.into(),
+            labels: BTreeMap::new(),
+            state,
+            previous: State::Ok,
+            value: Some(1.0),
+            unit: "count".into(),
+            threshold: Some(1.0),
+            message: format!("{check} {}", state.as_str()),
+            observed_at_ms: 1,
+            breach_started_at_ms: 1,
+            flapping: false,
+        }
+    }
+
+    fn route(name: &str, severities: &[Severity], channels: &[&str], escalate: &[&str]) -> Route {
+        Route {
+            name: name.into(),
+            severities: severities.to_vec(),
+            matchers: Vec::new(),
+            channels: channels.iter().map(|c| (*c).to_owned()).collect(),
+            escalate_to: escalate.iter().map(|c| (*c).to_owned()).collect(),
+            repeat_interval: None,
+            continue_matching: false,
+            remediate: None,
+        }
+    }
+
+    /// A store whose check `boom` is P1 (a `[[severity]]` rule), with a P1 route to
+    /// `war` and a route for the rest to `ops` that escalates to `war`; channels `war`,
+    /// `ops` and `drill-room`; `[drills] channels` as given.
+    fn store(drill_channels: &[&str]) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let channels: Vec<String> = vec!["war".into(), "ops".into(), "drill-room".into()];
+        let correlation = crate::correlate::Correlation {
+            severity: vec![crate::correlate::SeverityRule {
+                matchers: vec![crate::silence::Matcher::parse("check=boom").expect("m")],
+                level: Severity::P1,
+            }],
+            ..crate::correlate::Correlation::default()
+        };
+        let mut s = Store::open(dir.path(), channels.clone())
+            .expect("open")
+            .with_correlation(correlation);
+        s.set_router(Router {
+            channels,
+            routing: Routing {
+                routes: vec![
+                    route("p1", &[Severity::P1], &["war"], &[]),
+                    route("rest", &[], &["ops"], &["war"]),
+                ],
+                drill_channels: drill_channels.iter().map(|c| (*c).to_owned()).collect(),
+                ..Routing::default()
+            },
+        });
+        s.hello(&hello(&[("service", "web")]), 1).expect("hello");
+        (dir, s)
+    }
+
+    fn triggers(s: &Store, id: i64) -> Vec<String> {
+        s.incident(id)
+            .expect("read")
+            .expect("exists")
+            .notifications
+            .into_iter()
+            .filter(|n| n.kind == "trigger")
+            .map(|n| n.channel)
+            .collect()
+    }
+
+    fn routed_note(s: &Store, id: i64) -> String {
+        s.incident(id)
+            .expect("read")
+            .expect("exists")
+            .timeline
+            .into_iter()
+            .filter(|t| t.kind == "routed")
+            .map(|t| t.note)
+            .collect::<Vec<_>>()
+            .join(" | ")
+    }
+
+    /// Opens a P1 incident (`boom` critical) on node `a` during a drill started with
+    /// `page_real`; returns (drill id, incident id).
+    fn drill_p1(s: &mut Store, page_real: bool) -> (i64, i64) {
+        let now = now_ms();
+        let drill = s
+            .drill_begin("a", "process_crash", "t", now, now + 60_000, page_real)
+            .expect("begin");
+        let out = s
+            .ingest("a", &[event(1, "boom", State::Critical)])
+            .expect("ingest");
+        assert_eq!(out.opened.len(), 1);
+        (drill, out.opened[0])
+    }
+
+    #[test]
+    fn a_drill_is_routed_as_at_most_p2_and_never_escalates_as_a_p1() {
+        let (_dir, mut s) = store(&[]);
+        let (drill, id) = drill_p1(&mut s, false);
+        let d = s.incident(id).expect("r").expect("e");
+        assert_eq!(d.incident.severity, Severity::P1, "the real severity stays");
+        assert_eq!(d.incident.labels.get("drill").map(String::as_str), Some("true"));
+        assert_eq!(
+            d.incident.labels.get("drill_id"),
+            Some(&drill.to_string()),
+            "{:?}",
+            d.incident.labels
+        );
+        assert_eq!(triggers(&s, id), ["ops"], "the P2 route, not the P1 one");
+        let note = routed_note(&s, id);
+        assert!(note.contains("routed as P2 although it is P1"), "{note}");
+        // P1's target is 0s: a P1 would escalate to war at the first sweep; as a P2
+        // (30m) it does not.
+        let out = s.sweep_paging(now_ms() + 60_000).expect("sweep");
+        assert!(out.escalated.is_empty(), "{out:?}");
+        assert_eq!(triggers(&s, id), ["ops"]);
+        let later = s.sweep_paging(now_ms() + 31 * 60_000).expect("sweep");
+        assert_eq!(later.escalated, [id], "P2's target: 30m");
+    }
+
+    #[test]
+    fn with_drill_channels_a_drill_pages_only_them() {
+        let (_dir, mut s) = store(&["drill-room"]);
+        let (_, id) = drill_p1(&mut s, false);
+        assert_eq!(triggers(&s, id), ["drill-room"]);
+        assert!(routed_note(&s, id).contains("drill channels only"));
+        let out = s.sweep_paging(now_ms() + 31 * 60_000).expect("sweep");
+        assert!(out.escalated.is_empty(), "no escalation: {out:?}");
+    }
+
+    #[test]
+    fn a_drill_that_pages_real_takes_the_p1_route() {
+        let (_dir, mut s) = store(&["drill-room"]);
+        let (drill, id) = drill_p1(&mut s, true);
+        assert_eq!(triggers(&s, id), ["war"]);
+        assert!(routed_note(&s, id).contains("--page-real"));
+        assert!(s.drill(drill).expect("r").expect("e").page_real);
+    }
+
+    #[test]
+    fn the_mark_survives_a_reconnect_and_ends_with_the_drill() {
+        let (_dir, mut s) = store(&[]);
+        let now = now_ms();
+        let drill = s
+            .drill_begin("a", "node_down", "t", now, now + 60_000, false)
+            .expect("begin");
+        // The agent reconnects mid-drill: its Hello replaces the node's labels.
+        s.hello(&hello(&[("service", "api")]), 2).expect("hello");
+        let out = s
+            .ingest("a", &[event(1, "c1", State::Critical)])
+            .expect("ingest");
+        let d = s.incident(out.opened[0]).expect("r").expect("e");
+        assert_eq!(d.incident.labels.get("drill").map(String::as_str), Some("true"));
+        assert_eq!(d.incident.labels.get("service").map(String::as_str), Some("api"));
+        s.drill_end(drill, now_ms(), "passed", &serde_json::json!({}))
+            .expect("end");
+        let out = s
+            .ingest("a", &[event(2, "c2", State::Critical)])
+            .expect("ingest");
+        let d = s.incident(out.opened[0]).expect("r").expect("e");
+        assert!(!d.incident.labels.contains_key("drill"), "{:?}", d.incident.labels);
+    }
+
+    #[test]
+    fn a_drill_left_running_is_marked_until_its_window_then_interrupted() {
+        let (dir, mut s) = store(&[]);
+        let now = now_ms();
+        let open = s
+            .drill_begin("a", "node_down", "t", now, now + 60_000, false)
+            .expect("begin");
+        let passed = s
+            .drill_begin("b", "node_down", "t", now - 120_000, now - 1, false)
+            .expect("begin");
+        drop(s);
+        // The aggregator restarts.
+        let mut s = Store::open(dir.path(), vec!["ops".into()]).expect("reopen");
+        let stamped = s.drills_after_restart(now).expect("restart");
+        assert_eq!(stamped.len(), 2);
+        let row = s.drill(passed).expect("r").expect("e");
+        assert_eq!(row.status, INTERRUPTED, "its window had passed");
+        let report = row.report.expect("a report");
+        assert!(
+            report["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("the aggregator restarted during the drill")),
+            "{report}"
+        );
+        let row = s.drill(open).expect("r").expect("e");
+        assert_eq!(row.status, "running", "its window is still open");
+        assert_eq!(row.restarted_ms, Some(now));
+        // Still a drill: an incident of the node carries the mark.
+        s.hello(&hello(&[]), 1).expect("hello");
+        let out = s
+            .ingest("a", &[event(1, "c1", State::Critical)])
+            .expect("ingest");
+        let d = s.incident(out.opened[0]).expect("r").expect("e");
+        assert_eq!(d.incident.labels.get("drill_id"), Some(&open.to_string()));
+        assert!(s.drill_sweep(now + 59_000).expect("sweep").is_empty());
+        assert_eq!(s.drill_sweep(now + 60_000).expect("sweep"), [open]);
+        assert_eq!(s.drill(open).expect("r").expect("e").status, INTERRUPTED);
+        // A second restart leaves ended drills alone.
+        assert!(s.drills_after_restart(now + 70_000).expect("again").is_empty());
+    }
+
+    #[test]
+    fn an_old_drills_table_is_migrated_and_its_running_drill_interrupted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let conn = rusqlite::Connection::open(dir.path().join("tocsin.db")).expect("open");
+            conn.execute_batch(
+                "CREATE TABLE drills (id INTEGER PRIMARY KEY, node TEXT NOT NULL,
+                     scenario TEXT NOT NULL, started_by TEXT NOT NULL, started_ms INTEGER NOT NULL,
+                     ended_ms INTEGER, status TEXT NOT NULL, report TEXT);
+                 INSERT INTO drills (node, scenario, started_by, started_ms, status)
+                 VALUES ('a', 'all', 't', 1, 'running');",
+            )
+            .expect("old table");
+        }
+        let mut s = Store::open(dir.path(), vec![]).expect("migrate");
+        s.drills_after_restart(now_ms()).expect("restart");
+        let row = s.drill(1).expect("r").expect("e");
+        assert_eq!(row.status, INTERRUPTED);
+        assert!(!row.page_real);
+        assert_eq!(
+            s.drill_begin("a", "all", "t", 2, 3, true).expect("new columns"),
+            2
+        );
+    }
+}
