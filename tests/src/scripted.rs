@@ -166,6 +166,55 @@ impl ScriptedNode {
         }
     }
 
+    /// Waits for the aggregator's next drill command (`tocsin drill`), skipping other
+    /// messages, and answers it as an agent does when it starts one: accepted, the
+    /// fault injected now. The test then plays the fault with [`ScriptedNode::send`].
+    ///
+    /// # Errors
+    /// When no drill comes within `patience`, or the stream fails.
+    pub async fn accept_drill(&mut self, patience: Duration) -> Result<v1::DrillCommand> {
+        let cmd = tokio::time::timeout(patience, async {
+            loop {
+                match self.inbound.message().await? {
+                    Some(v1::AggregatorMessage {
+                        msg: Some(aggregator_message::Msg::Drill(cmd)),
+                    }) => return Ok(cmd),
+                    Some(_) => {}
+                    None => return Err(anyhow!("{}: stream closed before a drill", self.id)),
+                }
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("{}: no drill within {patience:?}", self.id))??;
+        self.drill_report(&cmd, false, "scripted fault injected")
+            .await?;
+        Ok(cmd)
+    }
+
+    /// Tells the aggregator that the fault of drill `cmd` is over (`done`).
+    ///
+    /// # Errors
+    /// When the stream is closed.
+    pub async fn end_drill(&mut self, cmd: &v1::DrillCommand) -> Result<()> {
+        self.drill_report(cmd, true, "scripted fault over").await
+    }
+
+    async fn drill_report(&self, cmd: &v1::DrillCommand, done: bool, message: &str) -> Result<()> {
+        let report = v1::DrillReport {
+            drill_id: cmd.drill_id,
+            accepted: true,
+            done,
+            message: message.to_owned(),
+            injected_at_ms: tocsin_agent::event::now_ms(),
+        };
+        self.tx
+            .send(v1::AgentMessage {
+                msg: Some(agent_message::Msg::DrillReport(report)),
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Sends a heartbeat (no check states) every `interval` from now on, so the node
     /// stays alive; stops when the node is dropped.
     pub fn heartbeats(&mut self, interval: Duration) {
