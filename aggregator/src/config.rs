@@ -1206,15 +1206,17 @@ mod tests {
         let hook = "[[notify.webhook]]\nname = \"drill-room\"\nurl = \"http://127.0.0.1:9/\"\n";
         let cfg = load_text("").expect("defaults");
         assert!(cfg.routing.drill_channels.is_empty(), "unset by default");
-        let cfg = load_text(&format!("[drills]\nchannels = [\"drill-room\"]\n{hook}"))
-            .expect("valid");
+        let cfg =
+            load_text(&format!("[drills]\nchannels = [\"drill-room\"]\n{hook}")).expect("valid");
         assert_eq!(cfg.routing.drill_channels, ["drill-room"]);
         let err = load_text(&format!(
             "[drills]\nchannels = [\"drill-room\", \"nope\"]\n{hook}"
         ))
         .expect_err("unknown");
         assert!(
-            err.contains("drills.channels") && err.contains("\"nope\"") && err.contains("drill-room"),
+            err.contains("drills.channels")
+                && err.contains("\"nope\"")
+                && err.contains("drill-room"),
             "{err}"
         );
         let err = load_text("[drills]\nchannels = []\n").expect_err("empty");

@@ -11,8 +11,8 @@ use anyhow::{Result, ensure};
 use serde_json::{Value, json};
 use tocsin_e2e::scripted::ScriptedNode;
 use tocsin_e2e::{
-    AgentToml, Aggregator, AggregatorToml, Dummy, PATIENCE, QUIET_HOST_RULES, WebhookReceiver,
-    bin, eventually, start_agent,
+    AgentToml, Aggregator, AggregatorToml, Dummy, PATIENCE, QUIET_HOST_RULES, WebhookReceiver, bin,
+    eventually, start_agent,
 };
 
 /// `POST /api/v1/drills` on the API at `http`; waits for the report.
@@ -447,7 +447,10 @@ async fn a_p1_drill_incident_does_not_reach_the_p1_route_by_default() -> Result<
     assert_eq!(r["page_real"], false, "{r:#}");
     assert_eq!(r["paging"], "real routes, at most P2", "{r:#}");
     let o = &r["scenarios"][0]["observed"];
-    assert_eq!(o["severity"], "P1", "the report shows the real severity: {o:#}");
+    assert_eq!(
+        o["severity"], "P1",
+        "the report shows the real severity: {o:#}"
+    );
     assert_eq!(o["notified_channel"], "ops", "{o:#}");
     let trigger = ops.wait_for("trigger", "node-p1", "node_down").await?;
     assert!(is_drill_page(&trigger), "{trigger}");
@@ -457,10 +460,12 @@ async fn a_p1_drill_incident_does_not_reach_the_p1_route_by_default() -> Result<
         .get(&format!("/api/v1/incidents/{}", o["incident_id"]))
         .await?;
     assert!(
-        detail["timeline"].as_array().is_some_and(|t| t.iter().any(|e| e["kind"] == "routed"
-            && e["note"]
-                .as_str()
-                .is_some_and(|n| n.contains("routed as P2 although it is P1")))),
+        detail["timeline"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|e| e["kind"] == "routed"
+                && e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("routed as P2 although it is P1")))),
         "{detail:#}"
     );
     assert!(war.received().is_empty(), "{:?}", war.received());
@@ -492,7 +497,10 @@ async fn with_drill_channels_a_p1_drill_incident_reaches_only_the_drill_channel(
     let r = &answer["drill"];
     assert_eq!(r["status"], "passed", "{r:#}");
     assert_eq!(r["paging"], "drill channels: drill-room", "{r:#}");
-    assert_eq!(r["scenarios"][0]["observed"]["notified_channel"], "drill-room");
+    assert_eq!(
+        r["scenarios"][0]["observed"]["notified_channel"],
+        "drill-room"
+    );
     let trigger = room.wait_for("trigger", "node-room", "node_down").await?;
     assert!(is_drill_page(&trigger), "{trigger}");
     room.wait_for("resolve", "node-room", "node_down").await?;
@@ -637,8 +645,17 @@ async fn an_aggregator_killed_mid_drill_leaves_an_interrupted_drill() -> Result<
     let cli = tokio::task::spawn_blocking(move || {
         std::process::Command::new(bin("tocsin"))
             .args([
-                "--api", &api, "drill", "node-k", "node_down", "--duration", "10s", "--wait",
-                "2s", "--by", "cli-test",
+                "--api",
+                &api,
+                "drill",
+                "node-k",
+                "node_down",
+                "--duration",
+                "10s",
+                "--wait",
+                "2s",
+                "--by",
+                "cli-test",
             ])
             .output()
     });
@@ -651,7 +668,8 @@ async fn an_aggregator_killed_mid_drill_leaves_an_interrupted_drill() -> Result<
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(
-        stderr.contains("DRILL INTERRUPTED") && stderr.contains("connection to the aggregator was lost"),
+        stderr.contains("DRILL INTERRUPTED")
+            && stderr.contains("connection to the aggregator was lost"),
         "{stderr}"
     );
 
@@ -686,6 +704,9 @@ async fn an_aggregator_killed_mid_drill_leaves_an_interrupted_drill() -> Result<
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stdout}\n{stderr}");
     assert!(stdout.contains("INTERRUPTED"), "{stdout}");
-    assert!(stdout.contains("the aggregator restarted during the drill"), "{stdout}");
+    assert!(
+        stdout.contains("the aggregator restarted during the drill"),
+        "{stdout}"
+    );
     Ok(())
 }

@@ -162,9 +162,9 @@ fn print_report(report: &Value, json: bool, markdown_out: bool) -> ExitCode {
     }
     let st = report["status"].as_str().unwrap_or("failed");
     match st {
-        "failed" if report["notification_missing"] == true => complain(
-            "DRILL FAILED: A NOTIFICATION NEVER ARRIVED — nobody would have been paged",
-        ),
+        "failed" if report["notification_missing"] == true => {
+            complain("DRILL FAILED: A NOTIFICATION NEVER ARRIVED — nobody would have been paged")
+        }
         "failed" => complain("DRILL FAILED: an expected step never happened"),
         crate::store::drills::INTERRUPTED => complain(
             "DRILL INTERRUPTED: the aggregator restarted during the drill; nothing was measured",

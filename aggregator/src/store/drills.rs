@@ -107,8 +107,7 @@ pub struct Observed {
     pub resolved_ms: Option<i64>,
 }
 
-const ROW_COLUMNS: &str =
-    "id, node, scenario, started_by, started_ms, ended_ms, status, report, until_ms, page_real, restarted_ms";
+const ROW_COLUMNS: &str = "id, node, scenario, started_by, started_ms, ended_ms, status, report, until_ms, page_real, restarted_ms";
 
 fn drill_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DrillRow> {
     Ok(DrillRow {
@@ -130,7 +129,11 @@ fn drill_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DrillRow> {
 
 /// The drill marking `node` at `now` (Unix ms), if any: the newest drill of the node not
 /// ended whose window (`until_ms`) is still open.
-pub(super) fn active_mark(conn: &Connection, node: &str, now: i64) -> rusqlite::Result<Option<i64>> {
+pub(super) fn active_mark(
+    conn: &Connection,
+    node: &str,
+    now: i64,
+) -> rusqlite::Result<Option<i64>> {
     conn.prepare_cached(
         "SELECT id FROM drills WHERE node = ?1 AND ended_ms IS NULL AND until_ms > ?2
          ORDER BY id DESC LIMIT 1",
@@ -566,7 +569,10 @@ mod tests {
         let (drill, id) = drill_p1(&mut s, false);
         let d = s.incident(id).expect("r").expect("e");
         assert_eq!(d.incident.severity, Severity::P1, "the real severity stays");
-        assert_eq!(d.incident.labels.get("drill").map(String::as_str), Some("true"));
+        assert_eq!(
+            d.incident.labels.get("drill").map(String::as_str),
+            Some("true")
+        );
         assert_eq!(
             d.incident.labels.get("drill_id"),
             Some(&drill.to_string()),
@@ -617,15 +623,25 @@ mod tests {
             .ingest("a", &[event(1, "c1", State::Critical)])
             .expect("ingest");
         let d = s.incident(out.opened[0]).expect("r").expect("e");
-        assert_eq!(d.incident.labels.get("drill").map(String::as_str), Some("true"));
-        assert_eq!(d.incident.labels.get("service").map(String::as_str), Some("api"));
+        assert_eq!(
+            d.incident.labels.get("drill").map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(
+            d.incident.labels.get("service").map(String::as_str),
+            Some("api")
+        );
         s.drill_end(drill, now_ms(), "passed", &serde_json::json!({}))
             .expect("end");
         let out = s
             .ingest("a", &[event(2, "c2", State::Critical)])
             .expect("ingest");
         let d = s.incident(out.opened[0]).expect("r").expect("e");
-        assert!(!d.incident.labels.contains_key("drill"), "{:?}", d.incident.labels);
+        assert!(
+            !d.incident.labels.contains_key("drill"),
+            "{:?}",
+            d.incident.labels
+        );
     }
 
     #[test]
@@ -666,7 +682,11 @@ mod tests {
         assert_eq!(s.drill_sweep(now + 60_000).expect("sweep"), [open]);
         assert_eq!(s.drill(open).expect("r").expect("e").status, INTERRUPTED);
         // A second restart leaves ended drills alone.
-        assert!(s.drills_after_restart(now + 70_000).expect("again").is_empty());
+        assert!(
+            s.drills_after_restart(now + 70_000)
+                .expect("again")
+                .is_empty()
+        );
     }
 
     #[test]
@@ -689,7 +709,8 @@ mod tests {
         assert_eq!(row.status, INTERRUPTED);
         assert!(!row.page_real);
         assert_eq!(
-            s.drill_begin("a", "all", "t", 2, 3, true).expect("new columns"),
+            s.drill_begin("a", "all", "t", 2, 3, true)
+                .expect("new columns"),
             2
         );
     }

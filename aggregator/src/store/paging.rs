@@ -19,6 +19,11 @@
 //! belong to (the incident's `reopened` count then); outbox rows and timeline entries of
 //! the current cycle are those after the incident's `outbox_mark` and `timeline_mark`.
 //!
+//! Drill incidents (`drill=true`) are paged as `route::DrillPaging` says: to `[drills]
+//! channels` only, or through the routes at most as a P2 — routes, escalation target
+//! and the storm guard's P1 exemption all read that severity — unless their drill pages
+//! real (`store::drills::paging_of`).
+//!
 //! The invariant holds for everything here: acknowledge and resolve go to a channel iff
 //! it was sent the trigger in the current cycle (`notify_triggered` reads that cycle's
 //! `trigger` outbox rows). Escalation triggers are `trigger` rows; held triggers, repeats
