@@ -299,6 +299,8 @@ fn upsert_member(
     labels: &BTreeMap<String, String>,
     now: i64,
 ) -> rusqlite::Result<()> {
+    // The drill mark is decided when the member starts firing (`store::drills`).
+    let labels = &super::drills::member_labels(conn, id, fp, obs.state.is_firing(), labels)?;
     conn.prepare_cached(
         "INSERT INTO incident_members
              (incident_id, fingerprint, node, check_name, labels, state, value, message, since_ms, updated_ms,

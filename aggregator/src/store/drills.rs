@@ -9,7 +9,10 @@
 //! labels: it is paged as a drill (`route::DrillPaging`), its notifications say
 //! `[DRILL]`, and the KPIs report it apart. The mark is kept apart from the node's own
 //! labels (table `agents`), so a reconnecting agent's `Hello`, which replaces those,
-//! does not end it; it ends with the drill (`drill_end`) or at `until_ms`.
+//! does not end it; it ends with the drill (`drill_end`) or at `until_ms`. A member of
+//! an incident takes the mark when it starts firing and keeps it until it fires again
+//! ([`member_labels`]): a drill incident that resolves after the drill ended is still a
+//! drill, and a real incident already firing when a drill starts stays real.
 //!
 //! **Aggregator restarts**: a row still `running` when the aggregator starts belongs to
 //! a run that died with the previous process ([`Store::drills_after_restart`] stamps it
@@ -155,6 +158,44 @@ pub(super) fn mark_labels(
         labels.insert(DRILL_ID_LABEL.to_owned(), id.to_string());
     }
     Ok(())
+}
+
+/// The labels member `fp` of incident `id` takes from an observation (`firing`: warning
+/// or critical) whose labels are `labels`: the drill mark (`drill`, `drill_id`) of a
+/// member is decided when it starts firing (a new member, or one that was not firing)
+/// and kept until it starts firing again. So a member that fired during a drill stays
+/// a drill through its recovery, even after the mark ended (its resolve still says
+/// `[DRILL]` and the KPIs keep it apart), and a member already firing when a drill
+/// starts stays real (a real incident never turns into a drill).
+pub(super) fn member_labels(
+    conn: &Connection,
+    id: i64,
+    fp: &str,
+    firing: bool,
+    labels: &BTreeMap<String, String>,
+) -> rusqlite::Result<BTreeMap<String, String>> {
+    let before: Option<(String, String)> = conn
+        .prepare_cached(
+            "SELECT labels, state FROM incident_members WHERE incident_id = ?1 AND fingerprint = ?2",
+        )?
+        .query_row(params![id, fp], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let mut out = labels.clone();
+    let Some((old, state)) = before else {
+        return Ok(out);
+    };
+    let was_firing = matches!(state.as_str(), "warning" | "critical");
+    if firing && !was_firing {
+        return Ok(out);
+    }
+    let old: BTreeMap<String, String> = serde_json::from_str(&old).unwrap_or_default();
+    for key in [DRILL_LABEL, DRILL_ID_LABEL] {
+        match old.get(key) {
+            Some(v) => out.insert(key.to_owned(), v.clone()),
+            None => out.remove(key),
+        };
+    }
+    Ok(out)
 }
 
 /// How an incident with `labels` is paged: not a drill (no `drill=true`); a drill that
@@ -641,6 +682,56 @@ mod tests {
             !d.incident.labels.contains_key("drill"),
             "{:?}",
             d.incident.labels
+        );
+    }
+
+    fn labels_of(s: &Store, id: i64) -> BTreeMap<String, String> {
+        s.incident(id).expect("r").expect("e").incident.labels
+    }
+
+    #[test]
+    fn a_member_keeps_the_mark_it_started_firing_with() {
+        let (_dir, mut s) = store(&[]);
+        // Real, and firing before the drill: stays real while the drill runs.
+        let real = s
+            .ingest("a", &[event(1, "c1", State::Warning)])
+            .expect("ingest")
+            .opened[0];
+        let now = now_ms();
+        let drill = s
+            .drill_begin("a", "high_load", "t", now, now + 60_000, false)
+            .expect("begin");
+        s.ingest("a", &[event(2, "c1", State::Critical)])
+            .expect("ingest");
+        assert!(!labels_of(&s, real).contains_key("drill"));
+        // Opened during the drill: a drill, through its resolve after the drill ended.
+        let marked = s
+            .ingest("a", &[event(3, "c2", State::Critical)])
+            .expect("ingest")
+            .opened[0];
+        s.drill_end(drill, now_ms(), "failed", &serde_json::json!({}))
+            .expect("end");
+        s.ingest(
+            "a",
+            &[event(4, "c2", State::Warning), event(5, "c2", State::Ok)],
+        )
+        .expect("ingest");
+        let d = s.incident(marked).expect("r").expect("e");
+        assert_eq!(d.incident.status.as_str(), "resolved");
+        assert_eq!(
+            d.incident.labels.get("drill").map(String::as_str),
+            Some("true")
+        );
+        // Firing again after the drill (a new episode; here a new incident): real.
+        let again = s
+            .ingest("a", &[event(6, "c2", State::Critical)])
+            .expect("ingest")
+            .opened;
+        let id = again.first().copied().unwrap_or(marked);
+        assert!(
+            !labels_of(&s, id).contains_key("drill"),
+            "{:?}",
+            labels_of(&s, id)
         );
     }
 
