@@ -211,7 +211,7 @@ pub async fn run(
     };
     tracker.spawn(runner.run(shutdown.clone()));
     let api_wake = wake_tx.clone();
-    let drills = drill::DrillHub::default();
+    let drills = drill::DrillHub::new(cfg.node_timeout);
     let ingest = ingest::IngestService::new(
         store.clone(),
         wake_tx,

@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS drills (
     report      TEXT,
     until_ms    INTEGER,
     page_real   INTEGER NOT NULL DEFAULT 0,
-    restarted_ms INTEGER
+    restarted_ms INTEGER,
+    scope       TEXT
 );
 CREATE INDEX IF NOT EXISTS drills_open ON drills (node) WHERE ended_ms IS NULL;
 ";
@@ -80,6 +81,9 @@ pub struct DrillRow {
     pub page_real: bool,
     /// When an aggregator started while it was running (its run died), Unix ms.
     pub restarted_ms: Option<i64>,
+    /// The checks its mark applies to (SQL `LIKE` patterns, `\\` escapes), growing
+    /// scenario by scenario during `all`; `None` (drills from before): every check.
+    pub scope: Option<Vec<String>>,
 }
 
 /// What a scenario caused on its node, read from the store (all times Unix ms).
@@ -110,7 +114,7 @@ pub struct Observed {
     pub resolved_ms: Option<i64>,
 }
 
-const ROW_COLUMNS: &str = "id, node, scenario, started_by, started_ms, ended_ms, status, report, until_ms, page_real, restarted_ms";
+const ROW_COLUMNS: &str = "id, node, scenario, started_by, started_ms, ended_ms, status, report, until_ms, page_real, restarted_ms, scope";
 
 fn drill_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DrillRow> {
     Ok(DrillRow {
@@ -127,35 +131,70 @@ fn drill_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DrillRow> {
         until_ms: r.get(8)?,
         page_real: r.get(9)?,
         restarted_ms: r.get(10)?,
+        scope: r
+            .get::<_, Option<String>>(11)?
+            .and_then(|s| serde_json::from_str(&s).ok()),
     })
 }
 
-/// The drill marking `node` at `now` (Unix ms), if any: the newest drill of the node not
-/// ended whose window (`until_ms`) is still open.
+/// The drill marking check `check` of `node` at `now` (Unix ms), if any: the newest
+/// drill of the node not ended whose window (`until_ms`) is still open and whose scope
+/// (the checks its scenarios expect, `drills.scope`; NULL: every check) names `check`.
 pub(super) fn active_mark(
     conn: &Connection,
     node: &str,
+    check: &str,
     now: i64,
 ) -> rusqlite::Result<Option<i64>> {
     conn.prepare_cached(
-        "SELECT id FROM drills WHERE node = ?1 AND ended_ms IS NULL AND until_ms > ?2
+        "SELECT id FROM drills d WHERE node = ?1 AND ended_ms IS NULL AND until_ms > ?2
+           AND (scope IS NULL OR EXISTS (SELECT 1 FROM json_each(d.scope) j
+                                         WHERE ?3 LIKE j.value ESCAPE '\\'))
          ORDER BY id DESC LIMIT 1",
     )?
-    .query_row(params![node, now], |r| r.get(0))
+    .query_row(params![node, now, check], |r| r.get(0))
     .optional()
 }
 
-/// Adds the drill mark (`drill=true`, `drill_id=<id>`) to `labels`, the labels of
-/// `node` an incident would take, when a drill marks the node at `now`.
-pub(super) fn mark_labels(
+/// Adds the drill mark (`drill=true`, `drill_id=<id>`) to `labels`, the labels an
+/// observation of `check` on `node` gives its incident, when a drill marks that check
+/// at `now` ([`active_mark`]); returns the drill's id.
+pub(super) fn mark_check(
     conn: &Connection,
     node: &str,
+    check: &str,
     now: i64,
     labels: &mut BTreeMap<String, String>,
-) -> rusqlite::Result<()> {
-    if let Some(id) = active_mark(conn, node, now)? {
+) -> rusqlite::Result<Option<i64>> {
+    let id = active_mark(conn, node, check, now)?;
+    if let Some(id) = id {
         labels.insert(DRILL_LABEL.to_owned(), "true".to_owned());
         labels.insert(DRILL_ID_LABEL.to_owned(), id.to_string());
+    }
+    Ok(id)
+}
+
+/// A member joining (or firing again in) the open incident `id` stays real unless that
+/// incident already carries drill `mark`: an incident open before the drill — or opened
+/// during it by a check the drill does not expect — is never turned into a drill.
+/// Removes the mark [`mark_check`] added to `labels` in that case.
+pub(super) fn keep_real(
+    conn: &Connection,
+    id: i64,
+    mark: Option<i64>,
+    labels: &mut BTreeMap<String, String>,
+) -> rusqlite::Result<()> {
+    let Some(mark) = mark else {
+        return Ok(());
+    };
+    let incident_mark: Option<String> = conn
+        .prepare_cached("SELECT json_extract(labels, '$.' || ?2) FROM incidents WHERE id = ?1")?
+        .query_row(params![id, DRILL_ID_LABEL], |r| r.get(0))
+        .optional()?
+        .flatten();
+    if incident_mark.as_deref() != Some(mark.to_string().as_str()) {
+        labels.remove(DRILL_LABEL);
+        labels.remove(DRILL_ID_LABEL);
     }
     Ok(())
 }
@@ -257,6 +296,41 @@ impl Store {
         Ok(self.conn.last_insert_rowid())
     }
 
+    /// The drill still open on `node` at `now` (Unix ms): not ended and its window
+    /// (`until_ms`) not over. A second drill on the node is refused while there is one.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database failure.
+    pub fn drill_open_on(&self, node: &str, now: i64) -> Result<Option<DrillRow>, StoreError> {
+        self.conn
+            .query_row(
+                &format!(
+                    "SELECT {ROW_COLUMNS} FROM drills WHERE node = ?1 AND ended_ms IS NULL
+                       AND coalesce(until_ms, started_ms) > ?2 ORDER BY id DESC LIMIT 1"
+                ),
+                params![node, now],
+                drill_row,
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records drill `id`'s scope: the checks its mark applies to, SQL `LIKE` patterns
+    /// (`\` escapes) — see the module docs.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database failure.
+    pub fn drill_scope(&mut self, id: i64, patterns: &[String]) -> Result<(), StoreError> {
+        let scope = serde_json::to_string(patterns).unwrap_or_else(|_| "[]".into());
+        self.conn
+            .execute(
+                "UPDATE drills SET scope = ?2 WHERE id = ?1",
+                params![id, scope],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// At start (`now`, Unix ms): stamps every drill still `running` — its run died with
     /// the previous aggregator — with `restarted_ms`, and ends those whose window has
     /// passed ([`Store::drill_sweep`]). Returns `(id, node, until_ms)` of the stamped
@@ -284,10 +358,12 @@ impl Store {
         Ok(rows)
     }
 
-    /// Ends, as `interrupted`, every drill whose run died with an earlier aggregator
-    /// (`restarted_ms` set) and whose window (`until_ms`) has passed at `now`; its report
-    /// says the aggregator restarted during the drill and that its steps were not
-    /// measured. Returns the ids ended. Run at start and by the paging sweep.
+    /// Ends, as `interrupted`, every drill still `running` whose window (`until_ms`)
+    /// has passed at `now`: its run died with an earlier aggregator (`restarted_ms`
+    /// set; the report says so), or it stopped without recording its report for any
+    /// other reason. Its steps were not measured. Returns the ids ended. Run at start
+    /// and by the paging sweep. A run that still records its report later replaces
+    /// this one ([`Store::drill_end`]).
     ///
     /// # Errors
     /// [`StoreError`] on a database failure.
@@ -301,21 +377,26 @@ impl Store {
         let due: Vec<DrillRow> = tx
             .prepare(&format!(
                 "SELECT {ROW_COLUMNS} FROM drills
-                 WHERE ended_ms IS NULL AND restarted_ms IS NOT NULL
-                   AND coalesce(until_ms, started_ms) <= ?1 ORDER BY id"
+                 WHERE ended_ms IS NULL AND coalesce(until_ms, started_ms) <= ?1 ORDER BY id"
             ))
             .and_then(|mut st| st.query_map([now], drill_row)?.collect())
             .map_err(err)?;
         let mut ended = Vec::new();
         for d in due {
-            let restarted = d.restarted_ms.unwrap_or(now);
-            let message = format!(
-                "INTERRUPTED: the aggregator restarted during the drill (at {}); the drill \
-                 run died with it, so its steps were not measured. The drill window ended at \
-                 {}; until then the node's incidents were still marked as drills.",
-                rfc3339(restarted),
-                rfc3339(d.until_ms.unwrap_or(now))
-            );
+            let until = rfc3339(d.until_ms.unwrap_or(now));
+            let message = match d.restarted_ms {
+                Some(restarted) => format!(
+                    "INTERRUPTED: the aggregator restarted during the drill (at {}); the drill \
+                     run died with it, so its steps were not measured. The drill window ended at \
+                     {until}; until then the node's incidents were still marked as drills.",
+                    rfc3339(restarted),
+                ),
+                None => format!(
+                    "INTERRUPTED: the drill was still running when its window ended ({until}) \
+                     and never recorded its report, so its steps were not measured; its mark \
+                     ended with the window."
+                ),
+            };
             let report = serde_json::json!({
                 "id": d.id,
                 "node": d.node,
@@ -326,7 +407,7 @@ impl Store {
                 "status": INTERRUPTED,
                 "page_real": d.page_real,
                 "notification_missing": false,
-                "restarted_ms": restarted,
+                "restarted_ms": d.restarted_ms,
                 "message": message,
                 "scenarios": [],
             });
@@ -394,26 +475,90 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// What happened on `node` since `since_ms` for a check named `check` (a process
-    /// watch's checks: `check` ending in `%`, a SQL `LIKE` pattern): see [`Observed`].
+    /// The checks of `node` matching `patterns` (SQL `LIKE`, `\\` escapes) that fire
+    /// now (warning or critical in the node's last reported states): `(check, state,
+    /// since_ms)`. A drill of such a check cannot show anything new.
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database failure.
+    pub fn drill_firing(
+        &self,
+        node: &str,
+        patterns: &[String],
+    ) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let scope = serde_json::to_string(patterns).unwrap_or_else(|_| "[]".into());
+        self.conn
+            .prepare(
+                "SELECT check_name, state, since_ms FROM checks c
+                 WHERE agent_id = ?1 AND state IN ('warning', 'critical')
+                   AND EXISTS (SELECT 1 FROM json_each(?2) j WHERE c.check_name LIKE j.value ESCAPE '\\')
+                 ORDER BY check_name",
+            )
+            .and_then(|mut st| {
+                st.query_map(params![node, scope], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect()
+            })
+            .map_err(|e| self.err(e))
+    }
+
+    /// Whether `node` reported a check matching `pattern` (SQL `LIKE`, `\\` escapes)
+    /// in its states, and the names of its checks starting with `prefix` (for the
+    /// error naming the known ones).
+    ///
+    /// # Errors
+    /// [`StoreError`] on a database failure.
+    pub fn drill_known_check(
+        &self,
+        node: &str,
+        pattern: &str,
+        prefix: &str,
+    ) -> Result<(bool, Vec<String>), StoreError> {
+        let e = |e| self.err(e);
+        let known: bool = self
+            .conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM checks WHERE agent_id = ?1 AND check_name LIKE ?2 ESCAPE '\\')",
+                params![node, pattern],
+                |r| r.get(0),
+            )
+            .map_err(e)?;
+        let names = self
+            .conn
+            .prepare(
+                "SELECT check_name FROM checks WHERE agent_id = ?1 AND substr(check_name, 1, length(?2)) = ?2
+                 ORDER BY check_name",
+            )
+            .and_then(|mut st| st.query_map(params![node, prefix], |r| r.get(0))?.collect())
+            .map_err(e)?;
+        Ok((known, names))
+    }
+
+    /// What drill `drill` caused on `node` since `since_ms` for the checks matching
+    /// `patterns` (SQL `LIKE`, `\\` escapes): see [`Observed`]. Its incident is the
+    /// one carrying its mark (`drill_id`) that opened — or reopened (`reopen_window`:
+    /// the same check firing again soon after its incident resolved) — since
+    /// `since_ms`; its incident time is then the reopen, and its notification the
+    /// first trigger delivered after it.
     ///
     /// # Errors
     /// [`StoreError`] on a database failure.
     pub fn drill_observe(
         &self,
         node: &str,
-        check: &str,
+        patterns: &[String],
         since_ms: i64,
+        drill: i64,
     ) -> Result<Observed, StoreError> {
         let e = |e| self.err(e);
+        let scope = serde_json::to_string(patterns).unwrap_or_else(|_| "[]".into());
         let mut o = Observed {
             detected_ms: self
                 .conn
                 .query_row(
-                    "SELECT min(received_at_ms) FROM events
-                     WHERE agent_id = ?1 AND check_name LIKE ?2 AND received_at_ms >= ?3
-                       AND state IN ('warning', 'critical')",
-                    params![node, check, since_ms],
+                    "SELECT min(received_at_ms) FROM events e
+                     WHERE agent_id = ?1 AND received_at_ms >= ?3 AND state IN ('warning', 'critical')
+                       AND EXISTS (SELECT 1 FROM json_each(?2) j WHERE e.check_name LIKE j.value ESCAPE '\\')",
+                    params![node, scope, since_ms],
                     |r| r.get(0),
                 )
                 .map_err(e)?,
@@ -422,14 +567,18 @@ impl Store {
         let incident: Option<(i64, String, String, i64, Option<i64>)> = self
             .conn
             .query_row(
-                "SELECT i.id, i.severity, i.summary, i.triggered_at_ms, i.resolved_at_ms
-                 FROM incidents i
-                 WHERE i.triggered_at_ms >= ?3
-                   AND json_extract(i.labels, '$.' || ?4) = 'true'
-                   AND EXISTS (SELECT 1 FROM incident_members m WHERE m.incident_id = i.id
-                               AND m.node = ?1 AND m.check_name LIKE ?2)
-                 ORDER BY i.id LIMIT 1",
-                params![node, check, since_ms, DRILL_LABEL],
+                "SELECT id, severity, summary, opened, resolved_at_ms FROM (
+                     SELECT i.id, i.severity, i.summary, i.resolved_at_ms,
+                            CASE WHEN i.triggered_at_ms >= ?3 THEN i.triggered_at_ms
+                                 ELSE (SELECT min(t.at_ms) FROM timeline t WHERE t.incident_id = i.id
+                                         AND t.kind = 'reopened' AND t.at_ms >= ?3) END AS opened
+                     FROM incidents i
+                     WHERE json_extract(i.labels, '$.' || ?4) = ?5
+                       AND EXISTS (SELECT 1 FROM incident_members m, json_each(?2) j
+                                   WHERE m.incident_id = i.id AND m.node = ?1
+                                     AND m.check_name LIKE j.value ESCAPE '\\'))
+                 WHERE opened IS NOT NULL ORDER BY opened, id LIMIT 1",
+                params![node, scope, since_ms, DRILL_ID_LABEL, drill.to_string()],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
@@ -449,9 +598,9 @@ impl Store {
             .conn
             .query_row(
                 "SELECT delivered_ms, channel FROM outbox
-                 WHERE incident_id = ?1 AND kind = 'trigger' AND delivered_ms IS NOT NULL
+                 WHERE incident_id = ?1 AND kind = 'trigger' AND delivered_ms >= ?2
                  ORDER BY delivered_ms LIMIT 1",
-                [id],
+                params![id, opened],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
@@ -461,7 +610,8 @@ impl Store {
         o.notifications = self
             .conn
             .query_row(
-                "SELECT count(*) FROM outbox WHERE incident_id = ?1 AND kind = 'trigger'",
+                "SELECT count(*) FROM outbox WHERE incident_id = ?1 AND kind = 'trigger'
+                   AND id > (SELECT outbox_mark FROM incidents WHERE id = ?1)",
                 [id],
                 |r| r.get(0),
             )
@@ -470,8 +620,8 @@ impl Store {
             .conn
             .query_row(
                 "SELECT started_ms, hook FROM hook_runs
-                 WHERE incident_id = ?1 AND started_ms IS NOT NULL ORDER BY started_ms LIMIT 1",
-                [id],
+                 WHERE incident_id = ?1 AND started_ms >= ?2 ORDER BY started_ms LIMIT 1",
+                params![id, opened],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
@@ -804,5 +954,169 @@ mod tests {
                 .expect("new columns"),
             2
         );
+    }
+
+    fn scoped_drill(s: &mut Store, scenario: &str, target: &str) -> i64 {
+        let now = now_ms();
+        let id = s
+            .drill_begin("a", scenario, "t", now, now + 60_000, false)
+            .expect("begin");
+        s.drill_scope(id, &crate::drill::scope(scenario, target))
+            .expect("scope");
+        id
+    }
+
+    /// Regression (review of issue 6, finding 2): during a drill every incident of the
+    /// node was a drill — a real incident open before it, a real node_down.
+    #[test]
+    fn a_drill_marks_only_the_checks_its_scenario_causes() {
+        let (_dir, mut s) = store(&[]);
+        // Node b, not drilled, has a real load incident open; node a's joins it later.
+        let mut b = hello(&[]);
+        b.agent_id = "b".into();
+        s.hello(&b, 2).expect("hello b");
+        let real_load = s
+            .ingest("b", &[event(1, "load", State::Critical)])
+            .expect("ingest")
+            .opened[0];
+        let drill = scoped_drill(&mut s, "high_load", "");
+        let cpu = s
+            .ingest("a", &[event(1, "cpu", State::Critical)])
+            .expect("ingest")
+            .opened[0];
+        assert_eq!(labels_of(&s, cpu).get("drill_id"), Some(&drill.to_string()));
+        // Not the scenario's check: real.
+        let disk = s
+            .ingest("a", &[event(2, "disk:/", State::Critical)])
+            .expect("ingest")
+            .opened[0];
+        assert!(
+            !labels_of(&s, disk).contains_key("drill"),
+            "{:?}",
+            labels_of(&s, disk)
+        );
+        // The scenario's check joining a real incident open before: stays real.
+        let out = s
+            .ingest("a", &[event(3, "load", State::Critical)])
+            .expect("ingest");
+        assert!(out.opened.is_empty(), "joined: {out:?}");
+        assert!(!labels_of(&s, real_load).contains_key("drill"));
+        let members = super::super::apply::members(&s.conn, real_load).expect("members");
+        assert!(
+            members.iter().all(|m| !m.labels.contains_key("drill")),
+            "{members:?}"
+        );
+        // A real node_down during a high_load drill pages for real.
+        let down = s
+            .sweep_liveness(now_ms() + 600_000, 1_000, 0)
+            .expect("sweep")
+            .opened;
+        assert_eq!(down.len(), 1, "one node_down incident (grouped by check)");
+        let members = super::super::apply::members(&s.conn, down[0]).expect("members");
+        let a = members.iter().find(|m| m.node == "a").expect("a is down");
+        assert!(!a.labels.contains_key("drill"), "{members:?}");
+        assert!(!labels_of(&s, down[0]).contains_key("drill"));
+        assert!(!triggers(&s, down[0]).is_empty(), "paged");
+    }
+
+    /// Regression (finding 1): a drill whose run stopped without a report (its HTTP
+    /// client went away before the run was its own task) stayed `running` forever.
+    #[test]
+    fn a_drill_left_running_past_its_window_is_interrupted_without_a_restart() {
+        let (_dir, mut s) = store(&[]);
+        let now = now_ms();
+        let id = s
+            .drill_begin("a", "high_load", "t", now - 60_000, now - 1, false)
+            .expect("begin");
+        assert!(
+            s.drill_open_on("a", now).expect("open").is_none(),
+            "window over"
+        );
+        assert_eq!(s.drill_sweep(now).expect("sweep"), [id]);
+        let row = s.drill(id).expect("r").expect("e");
+        assert_eq!(row.status, INTERRUPTED);
+        let report = row.report.expect("report");
+        assert!(
+            report["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("never recorded its report")),
+            "{report}"
+        );
+        // A run that records its report after all replaces the sweep's.
+        s.drill_end(
+            id,
+            now + 1,
+            "passed",
+            &serde_json::json!({"status": "passed"}),
+        )
+        .expect("end");
+        assert_eq!(s.drill(id).expect("r").expect("e").status, "passed");
+    }
+
+    /// Regression (finding 5): a drill whose incident reopened an incident resolved
+    /// within `reopen_window` was reported "incident MISSING".
+    #[test]
+    fn a_drill_incident_that_reopens_an_incident_is_the_drills_incident() {
+        let (_dir, mut s) = store(&["drill-room"]);
+        let first = s
+            .ingest("a", &[event(1, "process:app", State::Critical)])
+            .expect("ingest")
+            .opened[0];
+        s.ingest("a", &[event(2, "process:app", State::Ok)])
+            .expect("ingest");
+        let since = now_ms();
+        let drill = scoped_drill(&mut s, "process_crash", "app");
+        let out = s
+            .ingest("a", &[event(3, "process:app", State::Critical)])
+            .expect("ingest");
+        assert_eq!(out.opened, [first], "reopened");
+        assert_eq!(
+            labels_of(&s, first).get("drill_id"),
+            Some(&drill.to_string())
+        );
+        let o = s
+            .drill_observe(
+                "a",
+                &crate::drill::scope("process_crash", "app"),
+                since,
+                drill,
+            )
+            .expect("observe");
+        assert_eq!(o.incident_id, Some(first), "{o:?}");
+        assert!(o.incident_ms.is_some_and(|t| t >= since), "{o:?}");
+        assert_eq!(
+            o.notifications, 1,
+            "the trigger of the reopened cycle: {o:?}"
+        );
+        assert!(o.detected_ms.is_some(), "{o:?}");
+    }
+
+    /// Regression (finding 14): drill incidents counted as "post-mortems due".
+    #[test]
+    fn drill_incidents_owe_no_post_mortem() {
+        let (_dir, mut s) = store(&[]);
+        scoped_drill(&mut s, "process_crash", "");
+        let drill = s
+            .ingest(
+                "a",
+                &[
+                    event(1, "boom", State::Critical),
+                    event(2, "process:x", State::Critical),
+                ],
+            )
+            .expect("ingest")
+            .opened;
+        assert_eq!(drill.len(), 2);
+        s.ingest(
+            "a",
+            &[
+                event(3, "boom", State::Ok),
+                event(4, "process:x", State::Ok),
+            ],
+        )
+        .expect("ingest");
+        let counts = s.status_counts(now_ms()).expect("counts");
+        // `boom` (P1, real: not the scenario's check) is due; the drill's is not.
+        assert_eq!(counts.postmortems_due, 1, "{counts:?}");
     }
 }

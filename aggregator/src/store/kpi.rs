@@ -40,7 +40,7 @@ pub struct StatusCounts {
     /// Open incidents per severity and status: `{"P1": {"triggered": 1, …}}`.
     pub open: BTreeMap<String, BTreeMap<String, u64>>,
     /// Resolved P1/P2 incidents without a linked post-mortem, resolved within the last
-    /// 48 hours (due) and before that (overdue).
+    /// 48 hours (due) and before that (overdue); drill incidents (`drill=true`) owe none.
     pub postmortems_due: u64,
     /// See `postmortems_due`.
     pub postmortems_overdue: u64,
@@ -296,6 +296,7 @@ impl Store {
                 "SELECT coalesce(sum(resolved_at_ms + ?2 >= ?1), 0), coalesce(sum(resolved_at_ms + ?2 < ?1), 0)
                  FROM incidents i
                  WHERE status = 'resolved' AND peak_severity IN ('P1', 'P2')
+                   AND lower(coalesce(json_extract(i.labels, '$.drill'), '')) != 'true'
                    AND NOT EXISTS (SELECT 1 FROM postmortems p WHERE p.incident_id = i.id)",
                 params![now, kpi::targets::POSTMORTEM_DUE_MS],
                 |r| Ok((r.get(0)?, r.get(1)?)),

@@ -779,8 +779,7 @@ impl Store {
             return Ok(IngestOutcome::default());
         }
         let tx = self.conn.transaction().map_err(err)?;
-        let (stored_seq, mut node_labels) = agent_row(&tx, agent_id).map_err(err)?;
-        drills::mark_labels(&tx, agent_id, now, &mut node_labels).map_err(err)?;
+        let (stored_seq, node_labels) = agent_row(&tx, agent_id).map_err(err)?;
         let mut out = IngestOutcome {
             last_seq: stored_seq,
             ..IngestOutcome::default()
@@ -900,9 +899,8 @@ impl Store {
             if silence <= timeout {
                 continue;
             }
-            let mut node_labels: BTreeMap<String, String> =
+            let node_labels: BTreeMap<String, String> =
                 serde_json::from_str(&labels).unwrap_or_default();
-            drills::mark_labels(&tx, &agent_id, now, &mut node_labels).map_err(err)?;
             let ctx = apply::Context {
                 silences: &self.silences,
                 router: &self.router,
@@ -1312,7 +1310,7 @@ fn ingest_in(
     events: &[Event],
 ) -> rusqlite::Result<IngestOutcome> {
     let now = base.now;
-    let mut node_labels: BTreeMap<String, String> = tx
+    let node_labels: BTreeMap<String, String> = tx
         .query_row(
             "SELECT labels FROM agents WHERE agent_id = ?1",
             [agent_id],
@@ -1321,7 +1319,6 @@ fn ingest_in(
         .optional()?
         .and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or_default();
-    drills::mark_labels(tx, agent_id, now, &mut node_labels)?;
     let mut out = IngestOutcome::default();
     let actor = format!("agent:{agent_id}");
     let ctx = apply::Context {

@@ -186,6 +186,9 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("drills", "until_ms", "INTEGER"),
     ("drills", "page_real", "INTEGER NOT NULL DEFAULT 0"),
     ("drills", "restarted_ms", "INTEGER"),
+    // The checks the drill mark applies to: a JSON array of SQL `LIKE` patterns
+    // (`store::drills`); NULL for drills from before, whose mark applies to every check.
+    ("drills", "scope", "TEXT"),
 ];
 
 /// Triggers that keep `incidents.peak_severity` (created after the column exists).
