@@ -67,8 +67,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a `node_down` fault lasts beyond the node's timeout, so the liveness sweep
-/// (every second) surely sees the silence.
-pub const NODE_DOWN_MARGIN: Duration = Duration::from_secs(5);
+/// (every second) surely sees the silence: one sweep interval and a second of slack.
+pub const NODE_DOWN_MARGIN: Duration = Duration::from_secs(2);
 
 type Outbound = mpsc::Sender<Result<v1::AggregatorMessage, Status>>;
 

@@ -46,6 +46,28 @@ impl ScriptedNode {
         labels: &[(&str, &str)],
         heartbeat_interval: Duration,
     ) -> Result<Self> {
+        Self::connect_instance(
+            endpoint,
+            id,
+            labels,
+            heartbeat_interval,
+            &format!("scripted-{id}"),
+        )
+        .await
+    }
+
+    /// [`ScriptedNode::connect`] as agent process `instance` (`Hello.instance_id`): a
+    /// node that connects again with another instance is an agent that restarted.
+    ///
+    /// # Errors
+    /// When the connection fails or the aggregator does not answer `Welcome`.
+    pub async fn connect_instance(
+        endpoint: &str,
+        id: &str,
+        labels: &[(&str, &str)],
+        heartbeat_interval: Duration,
+        instance: &str,
+    ) -> Result<Self> {
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
             .connect_timeout(Duration::from_secs(5))
             .connect()
@@ -60,7 +82,7 @@ impl ScriptedNode {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             version: "scripted".into(),
-            instance_id: format!("scripted-{id}"),
+            instance_id: instance.to_owned(),
             heartbeat_interval_ms: u32::try_from(heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
             ..Default::default()
