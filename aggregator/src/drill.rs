@@ -429,6 +429,9 @@ fn scenarios_of(scenario: &str) -> Result<Vec<&'static str>, DrillError> {
         })
 }
 
+/// Each scenario (name) with its fault's duration, in order.
+type Plan = Vec<(String, Duration)>;
+
 /// Each scenario's fault duration, and notes: `req.duration` (default
 /// [`DEFAULT_DURATION`]); a `node_down` fault must outlast `down_after` (the node's
 /// liveness timeout) by [`NODE_DOWN_MARGIN`]: stretched when no duration was given,
@@ -437,7 +440,7 @@ fn durations(
     req: &DrillRequest,
     scenarios: &[&str],
     down_after: Duration,
-) -> Result<(Vec<(String, Duration)>, Vec<String>), DrillError> {
+) -> Result<(Plan, Vec<String>), DrillError> {
     let asked = req.duration.unwrap_or(DEFAULT_DURATION);
     if !(MIN_DURATION..=MAX_DURATION).contains(&asked) {
         return Err(DrillError::Invalid(format!(
@@ -613,7 +616,7 @@ async fn run(
     req: DrillRequest,
     id: i64,
     started: i64,
-    plan: Vec<(String, Duration)>,
+    plan: Plan,
     notes: Vec<String>,
 ) -> DrillReport {
     let paging = if req.page_real {

@@ -1020,12 +1020,13 @@ async fn the_same_drill_twice_within_the_reopen_window_passes_twice() -> Result<
         ));
         let cmd = node.accept_drill(PATIENCE).await?;
         node.send(&[("process:app", "critical")]).await?;
+        let want = cmd.drill_id.to_string();
         eventually("the drill's trigger", PATIENCE, || async {
             let n = receiver
                 .received()
                 .iter()
                 .filter(|r| r["incident"]["check"] == "process:app" && is_drill_page(r))
-                .filter(|r| r["incident"]["labels"]["drill_id"] == cmd.drill_id.to_string())
+                .filter(|r| r["incident"]["labels"]["drill_id"] == want.as_str())
                 .count();
             (n > 0).then_some(())
         })

@@ -464,3 +464,45 @@ pub fn markdown(r: &Value) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{markdown, table};
+
+    fn report() -> serde_json::Value {
+        serde_json::json!({
+            "id": 7, "node": "web-1", "scenario": "process_crash", "started_by": "alice",
+            "started_ms": 1_700_000_000_000_i64, "status": "passed",
+            "paging": "real routes, at most P2", "notes": ["node_down: the fault lasts 32s"],
+            "scenarios": [{
+                "scenario": "process_crash", "status": "passed", "agent": "killed PID 4",
+                "injected_ms": 1_700_000_000_100_i64,
+                "observed": {"incident_id": 12, "severity": "P2", "summary": "[DRILL] app down",
+                             "incident_ms": 1_700_000_000_143_i64},
+                "steps": [
+                    {"step": "detect", "expected": true, "happened": true,
+                     "at_ms": 1_700_000_000_143_i64, "after_s": 0.043},
+                    {"step": "resolve", "expected": true, "happened": true,
+                     "at_ms": 1_700_000_002_600_i64, "after_s": 2.5},
+                ],
+                "problems": [],
+            }],
+        })
+    }
+
+    /// Regression (review of issue 6, finding 8): steps under 100 ms read "0.0s";
+    /// Markdown had no incident id and no times.
+    #[test]
+    fn reports_show_milliseconds_incident_ids_and_times() {
+        let r = report();
+        for out in [markdown(&r), table(&r)] {
+            assert!(out.contains("43 ms"), "{out}");
+            assert!(out.contains("2.5s"), "{out}");
+            assert!(!out.contains("0.0s"), "{out}");
+            assert!(out.contains("#12 P2 [DRILL] app down"), "{out}");
+            assert!(out.contains("2023-11-14T22:13:20.000Z"), "started: {out}");
+            assert!(out.contains("2023-11-14T22:13:20.143Z"), "step time: {out}");
+            assert!(out.contains("node_down: the fault lasts 32s"), "{out}");
+        }
+    }
+}
