@@ -1,13 +1,20 @@
 //! Drills (`tocsin drill NODE SCENARIO`): a fault injected for real on a node by its
 //! agent, and a measured report of what the whole path did with it.
 //!
+//! [`start`] checks the request (scenario, durations, a `target` the node reported),
+//! refuses a second drill on a node while one is open (one store call checks and
+//! inserts), records the drill and spawns its run: **the run is its own task**, so the
+//! HTTP client that asked may go away and the drill still ends and records its report.
 //! The aggregator sends a `DrillCommand` down the node's stream ([`DrillHub`]); the
 //! agent runs it only if its `[drills] allow` names the scenario, else it answers
-//! `refused: drills not allowed on this node`. During the drill window the node carries
-//! the drill mark (kept on the `drills` row, not in the node's labels, so an agent that
-//! reconnects mid-drill keeps it; see `store::drills`): its incidents get the labels
-//! `drill=true` and `drill_id=<id>`, say `[DRILL]` before their summary in every
-//! notification and are reported apart by the KPIs.
+//! `refused: drills not allowed on this node`.
+//!
+//! **The drill mark** (kept on the `drills` row, see `store::drills`) applies only to the
+//! checks the scenario is expected to break, its [`scope`] (during `all`, the union of
+//! the scenarios run so far): their incidents get the labels `drill=true` and
+//! `drill_id=<id>`, say `[DRILL]` before their summary in every notification and are
+//! reported apart by the KPIs. Anything else on the node stays real, and so does an
+//! incident already open when the check fires.
 //!
 //! **Drills never page the real P1 path unless asked** (`route::DrillPaging`): with
 //! `[drills] channels = [...]` in the aggregator's config, drill incidents are paged to
@@ -17,17 +24,26 @@
 //! `--page-real` (API `"page_real": true`, recorded on the `drills` row) takes the real
 //! routes at the real severity, P1 included — still `[DRILL]`.
 //!
+//! **`node_down`** must outlast the node's liveness timeout: without a duration it is
+//! stretched to [`node_down_needs`] (the report's `notes` say so); a shorter duration
+//! given is refused.
+//!
 //! **The aggregator dying mid-drill**: the run dies with it; at the next start the row
 //! left `running` is stamped, its mark lasts until the end of its window (the fault may
-//! still be injected), and it then ends as `interrupted` (`store::drills`).
+//! still be injected), and it then ends as `interrupted` (`store::drills`). **The agent
+//! dying or restarting mid-fault** (its stream lost, or another agent process,
+//! `Hello.instance_id`, connected before the end of the fault was reported) makes the
+//! scenario `interrupted`, saying what happened.
 //!
 //! Each scenario is measured from the moment the agent injected the fault: time to
-//! detect (the first firing event of the expected check stored; for `node_down`, the
-//! liveness sweep opening the incident), to incident opened, to notification delivered
-//! (a trigger's `outbox.delivered_ms`), to recovery hook started (`hook_runs`), to
-//! resolve. Expected steps: detect, incident, notification, resolve; the hook is reported
-//! when one ran. A drill passes when every expected step happened within its wait; a
-//! drill whose notification never arrived has failed, and its report says so first.
+//! detect (the first firing event of an expected check stored; for `node_down`, the
+//! liveness sweep opening the incident), to incident opened (or reopened within
+//! `reopen_window`), to notification delivered (a trigger's `outbox.delivered_ms`), to
+//! recovery hook started (`hook_runs`), to resolve. Expected steps: detect, incident,
+//! notification, resolve; the hook is reported when one ran. A scenario passes when
+//! every expected step happened within its wait; one whose notification never arrived
+//! has failed, and its report says so first; one whose expected check already fired
+//! before it is `inconclusive`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -56,7 +56,7 @@ pub struct DrillArgs {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub wait: Duration,
     /// process_crash: the process watch whose process is killed (default: the first);
-    /// dependency_down: the [[tcp]]/[[http]] check expected to fail (default: any).
+    /// dependency_down: the `[[tcp]]`/`[[http]]` check expected to fail (default: any).
     /// Must name one the node reports.
     #[arg(long, default_value = "")]
     pub target: String,

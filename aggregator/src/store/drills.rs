@@ -1,18 +1,25 @@
 //! Drills in the store: the `drills` table (one row per `tocsin drill` run), the drill
-//! mark on a node, and what a drill's scenario caused, read back for its report.
+//! mark, and what a drill's scenario caused, read back for its report.
 //!
-//! **Drill mark**: a `drills` row that has not ended (`ended_ms` NULL) marks its node
-//! until `until_ms`, the end of the drill's window (start + per scenario: duration, wait
-//! and the agent's answer time, plus a margin). Every incident that opens from a marked
-//! node — from its events, heartbeats or its liveness — gets the labels `drill=true`
-//! (`kpi::DRILL_LABEL`) and `drill_id=<id>` ([`DRILL_ID_LABEL`]) on top of the node's
-//! labels: it is paged as a drill (`route::DrillPaging`), its notifications say
-//! `[DRILL]`, and the KPIs report it apart. The mark is kept apart from the node's own
-//! labels (table `agents`), so a reconnecting agent's `Hello`, which replaces those,
-//! does not end it; it ends with the drill (`drill_end`) or at `until_ms`. A member of
-//! an incident takes the mark when it starts firing and keeps it until it fires again
-//! ([`member_labels`]): a drill incident that resolves after the drill ended is still a
-//! drill, and a real incident already firing when a drill starts stays real.
+//! **Drill mark**: a `drills` row that has not ended (`ended_ms` NULL) marks the checks
+//! of its node named by its `scope` (SQL `LIKE` patterns, `drill::scope`; NULL for rows
+//! from before scopes: every check) until `until_ms`, the end of the drill's window
+//! (start + per scenario: the fault, the wait and the agent's answer time, plus a
+//! margin). An incident that opens (or reopens) from such a check — from events,
+//! heartbeats or liveness — gets the labels `drill=true` (`kpi::DRILL_LABEL`) and
+//! `drill_id=<id>` ([`DRILL_ID_LABEL`]) on top of the node's labels (`mark_check`):
+//! it is paged as a drill (`route::DrillPaging`), its notifications say `[DRILL]`, the
+//! KPIs report it apart and it owes no post-mortem. A member joining an open incident
+//! that does not carry this drill's mark stays real (`keep_real`): an incident open
+//! before the drill never becomes one. The mark is kept apart from the node's own labels
+//! (table `agents`), so a reconnecting agent's `Hello` does not end it; it ends with the
+//! drill (`drill_end`) or at `until_ms`. A member of an incident takes the mark when it
+//! starts firing and keeps it until it fires again (`member_labels`): a drill incident
+//! that resolves after the drill ended is still a drill, and a real incident already
+//! firing when a drill starts stays real.
+//!
+//! **Rows left running**: [`Store::drill_sweep`] ends as `interrupted` every row still
+//! `running` past its `until_ms`, whatever the reason (see below for a restart).
 //!
 //! **Aggregator restarts**: a row still `running` when the aggregator starts belongs to
 //! a run that died with the previous process ([`Store::drills_after_restart`] stamps it
