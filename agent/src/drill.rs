@@ -105,6 +105,73 @@ impl DrillPolicy {
     }
 }
 
+/// Settings that are valid but can never give a working drill, as `(key, why)`:
+/// `dependency_down` allowed without `[drills] dependency_listen` (refused every
+/// time); a `dependency_listen` that no `[[tcp]]` or `[[http]]` check watches (the
+/// drill closes a port nobody looks at: no incident); `process_crash` allowed without
+/// a `[[process]]` watch (nothing to kill). `check-config` prints them as warnings
+/// (exit 0) and the agent logs them at start.
+pub fn warnings(cfg: &AgentConfig) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let allow = &cfg.drills.allow;
+    if allow.contains("dependency_down") && cfg.drills.dependency.is_none() {
+        out.push((
+            "drills.allow",
+            "allows dependency_down but drills.dependency_listen is not set: every \
+             dependency_down drill will be refused (set dependency_listen = \"127.0.0.1:PORT\" \
+             and a [[tcp]] check on that address)"
+                .to_owned(),
+        ));
+    }
+    if let Some(dep) = cfg.drills.dependency
+        && !cfg.active.iter().any(|c| watches(c, dep))
+    {
+        out.push((
+            "drills.dependency_listen",
+            format!(
+                "no [[tcp]] or [[http]] check watches {dep}: a dependency_down drill closes a \
+                 port nobody checks and can never raise an incident (add a [[tcp]] check with \
+                 address = \"{dep}\")"
+            ),
+        ));
+    }
+    if allow.contains("process_crash") && cfg.processes.is_empty() {
+        out.push((
+            "drills.allow",
+            "allows process_crash but no [[process]] watch is configured: every process_crash \
+             drill will fail (nothing to kill)"
+                .to_owned(),
+        ));
+    }
+    out
+}
+
+/// Whether active check `c` probes `dep` (same port, on a loopback host or `dep`'s IP).
+fn watches(c: &crate::active::ActiveCheck, dep: std::net::SocketAddr) -> bool {
+    let (host, port) = match c {
+        crate::active::ActiveCheck::Tcp(t) => match t.address.rsplit_once(':') {
+            Some((h, p)) => (h.trim_matches(['[', ']']).to_owned(), p.parse::<u16>().ok()),
+            None => return false,
+        },
+        crate::active::ActiveCheck::Http(h) => (
+            h.url
+                .host_str()
+                .unwrap_or_default()
+                .trim_matches(['[', ']'])
+                .to_owned(),
+            h.url.port_or_known_default(),
+        ),
+        crate::active::ActiveCheck::Exec(_) => return false,
+    };
+    if port != Some(dep.port()) {
+        return false;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip == dep.ip() || (ip.is_loopback() && dep.ip().is_loopback()),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
+}
+
 /// The drill runner of this agent, shared by the shipper (which receives commands and
 /// mutes heartbeats during `node_down`). Cheap to clone.
 #[derive(Debug, Clone)]
@@ -408,5 +475,42 @@ mod tests {
             e.contains("drills.dependency_listen") && e.contains("loopback"),
             "{e}"
         );
+    }
+
+    /// Regression (review of issue 6, finding 12): `check-config` accepted drill
+    /// setups that can never work.
+    #[test]
+    fn drill_setups_that_can_never_work_are_warned_about_by_key() {
+        let cfg =
+            load("[drills]\nallow = [\"dependency_down\", \"process_crash\"]\n").expect("valid");
+        let w = warnings(&cfg);
+        assert!(
+            w.iter()
+                .any(|(k, m)| *k == "drills.allow" && m.contains("dependency_listen is not set")),
+            "{w:?}"
+        );
+        assert!(
+            w.iter()
+                .any(|(k, m)| *k == "drills.allow" && m.contains("no [[process]] watch")),
+            "{w:?}"
+        );
+        let cfg = load(
+            "[drills]\nallow = [\"dependency_down\"]\ndependency_listen = \"127.0.0.1:15432\"\n\
+             [[tcp]]\nname = \"other\"\naddress = \"127.0.0.1:15433\"\n",
+        )
+        .expect("valid");
+        let w = warnings(&cfg);
+        assert!(
+            w.iter()
+                .any(|(k, m)| *k == "drills.dependency_listen" && m.contains("127.0.0.1:15432")),
+            "{w:?}"
+        );
+        let cfg = load(
+            "[drills]\nallow = [\"dependency_down\"]\ndependency_listen = \"127.0.0.1:15432\"\n\
+             [[tcp]]\nname = \"db\"\naddress = \"localhost:15432\"\n",
+        )
+        .expect("valid");
+        assert!(warnings(&cfg).is_empty(), "{:?}", warnings(&cfg));
+        assert!(warnings(&load("").expect("empty")).is_empty());
     }
 }

@@ -131,6 +131,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         tls: cfg.tls.clone(),
         hello,
     };
+    for (key, why) in drill::warnings(&cfg) {
+        tracing::warn!(key, "drill setting can never work: {why}");
+    }
     let (drills, drill_reports) = drill::Drills::new(&cfg);
     let (shipper, conn_state) = Shipper::new(ship_cfg, spool.clone(), status_rx, backoff);
     let shipper = shipper.with_drills(drills.clone(), drill_reports);

@@ -74,11 +74,18 @@ fn main() -> ExitCode {
             }
         }
         Command::CheckConfig => match config::load(file) {
-            Ok(_) => {
+            Ok(cfg) => {
                 let what = file.map_or_else(
                     || "built-in defaults and environment (no --config given)".to_owned(),
                     |f| f.display().to_string(),
                 );
+                // Valid, but a drill could never work: warned, not failed.
+                for (key, why) in tocsin_agent::drill::warnings(&cfg) {
+                    let _ = std::io::Write::write_all(
+                        &mut std::io::stderr(),
+                        format!("warning: {what}: {key}: {why}\n").as_bytes(),
+                    );
+                }
                 let _ = std::io::Write::write_all(
                     &mut std::io::stdout(),
                     format!("config ok: {what}\n").as_bytes(),

@@ -128,6 +128,8 @@ pub struct RawConfig {
     /// Default timeout of the `rollback` hook (the seed's `ROLLBACK_TIMEOUT`).
     #[serde(deserialize_with = "crate::config::duration_text")]
     pub rollback_timeout: String,
+    /// Drills (`[drills]`): where their incidents are paged (see `crate::route`).
+    pub drills: crate::route::RawDrills,
 }
 
 /// The seed's variables that set aggregator keys (beside `TOCSIN_AGGREGATOR_…`):
@@ -316,6 +318,7 @@ impl Default for RawConfig {
             hook: Vec::new(),
             recovery_timeout: crate::hook::DEFAULT_RECOVERY_TIMEOUT.into(),
             rollback_timeout: crate::hook::DEFAULT_ROLLBACK_TIMEOUT.into(),
+            drills: crate::route::RawDrills::default(),
         }
     }
 }
@@ -818,7 +821,12 @@ impl RawConfig {
                 .map(|h| h.name.as_str())
                 .collect::<Vec<_>>(),
         );
-        let routing = crate::route::Routing { hooks, ..routing };
+        let drill_channels = crate::route::validate_drills(&mut v, &self.drills, &channel_names);
+        let routing = crate::route::Routing {
+            hooks,
+            drill_channels,
+            ..routing
+        };
         crate::hook::validate_remediate(&mut v, &self.hook, &routing);
         let log = tocsin_agent::telemetry::validate(&mut v, &self.log);
         let correlation = self.validate_correlation(&mut v);
@@ -1261,5 +1269,27 @@ mod tests {
         ] {
             assert!(err.contains(key), "{key} missing from: {err}");
         }
+    }
+
+    #[test]
+    fn drill_channels_must_name_known_channels() {
+        let hook = "[[notify.webhook]]\nname = \"drill-room\"\nurl = \"http://127.0.0.1:9/\"\n";
+        let cfg = load_text("").expect("defaults");
+        assert!(cfg.routing.drill_channels.is_empty(), "unset by default");
+        let cfg =
+            load_text(&format!("[drills]\nchannels = [\"drill-room\"]\n{hook}")).expect("valid");
+        assert_eq!(cfg.routing.drill_channels, ["drill-room"]);
+        let err = load_text(&format!(
+            "[drills]\nchannels = [\"drill-room\", \"nope\"]\n{hook}"
+        ))
+        .expect_err("unknown");
+        assert!(
+            err.contains("drills.channels")
+                && err.contains("\"nope\"")
+                && err.contains("drill-room"),
+            "{err}"
+        );
+        let err = load_text("[drills]\nchannels = []\n").expect_err("empty");
+        assert!(err.contains("drills.channels"), "{err}");
     }
 }

@@ -1,5 +1,6 @@
 //! The paging sweep: escalation past the response target, repeats of open incidents,
-//! storm summaries when a window turns.
+//! storm summaries when a window turns; and drills whose run died with an earlier
+//! aggregator, ended as `interrupted` when their window passes (`store::drills`).
 //!
 //! Owns only the timer. Every deadline is computed by the store from what it recorded
 //! (`triggered_at`, the routes an incident took, `escalated` timeline entries, repeat and
@@ -56,6 +57,17 @@ impl Sweep {
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "paging sweep failed"),
+            }
+            match self.store.call(|s| s.drill_sweep(now_ms())).await {
+                Ok(ended) => {
+                    for drill in ended {
+                        tracing::error!(
+                            drill,
+                            "DRILL INTERRUPTED: the aggregator restarted during the drill; its window is over"
+                        );
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "drill sweep failed"),
             }
         }
     }

@@ -202,7 +202,13 @@ impl Session {
             return;
         }
         self.metrics.agents_connected.inc();
-        self.drills.register(&agent_id, session, self.tx.clone());
+        self.drills.register(
+            &agent_id,
+            session,
+            &hello.instance_id,
+            u64::from(hello.heartbeat_interval_ms),
+            self.tx.clone(),
+        );
         let reason = self.serve(&agent_id, &mut inbound).await;
         self.drills.unregister(&agent_id, session);
         self.metrics.agents_connected.dec();

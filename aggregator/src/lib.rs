@@ -145,6 +145,16 @@ pub async fn run(
         channels,
         routing: cfg.routing.clone(),
     });
+    // Drills whose run died with the previous aggregator: marked until their window
+    // ends, then `interrupted` (by the paging sweep).
+    for (drill, node, until_ms) in opened.drills_after_restart(started_ms)? {
+        tracing::warn!(
+            drill,
+            %node,
+            until = %model::rfc3339(until_ms),
+            "drill was running when the aggregator stopped: its node stays marked until its window ends, then it is recorded as interrupted"
+        );
+    }
     let store = store::spawn(opened)?;
 
     let (wake_tx, wake_rx) = watch::channel(0u64);
@@ -201,7 +211,7 @@ pub async fn run(
     };
     tracker.spawn(runner.run(shutdown.clone()));
     let api_wake = wake_tx.clone();
-    let drills = drill::DrillHub::default();
+    let drills = drill::DrillHub::new(cfg.node_timeout);
     let ingest = ingest::IngestService::new(
         store.clone(),
         wake_tx,

@@ -22,6 +22,12 @@
 //! - **Remediate first**: a route with `remediate = "HOOK"` runs that `[[hook]]` before
 //!   its incident is paged and pages only if the incident still fires `verify_after`
 //!   after the hook succeeded (`store::hooks` holds the page).
+//! - **Drills** (incidents with the label `drill=true`, see `crate::drill`) never take
+//!   the P1 path unless their drill asked for it (`tocsin drill --page-real`): with
+//!   `[drills] channels` they go to those channels only (no escalation, no repeat);
+//!   without, they take the real routes as if their severity were at most P2 — matched,
+//!   escalated (P2's response target) and storm-guarded as a P2 — while the incident
+//!   keeps its real severity. See [`DrillPaging`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -311,6 +317,10 @@ pub struct Routing {
     pub sweep_interval: Duration,
     /// The `[[hook]]`s: which incidents start them (`on`), what routes remediate with.
     pub hooks: Vec<crate::hook::Hook>,
+    /// `[drills] channels`: where drill incidents are paged instead of the routes
+    /// (unless their drill pages real); empty: not set, drills take the real routes at
+    /// most as a P2.
+    pub drill_channels: Vec<String>,
 }
 
 impl Default for Routing {
@@ -322,9 +332,24 @@ impl Default for Routing {
             storm: BTreeMap::new(),
             sweep_interval: Duration::from_secs(1),
             hooks: Vec::new(),
+            drill_channels: Vec::new(),
         }
     }
 }
+
+/// How an incident is paged with respect to drills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrillPaging {
+    /// Not a drill: its routes at its severity.
+    Real,
+    /// A drill: `[drills] channels` if set, else the routes at most as a P2.
+    Drill,
+    /// A drill run with `--page-real`: its routes at its real severity, P1 included.
+    DrillPageReal,
+}
+
+/// Name of the plan that sends drill incidents to `[drills] channels`.
+pub const DRILL_ROUTE: &str = "drills";
 
 /// Where one route sends an incident: the decision the store records.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -394,6 +419,47 @@ impl Router {
             });
         }
         out
+    }
+
+    /// The severity an incident of `severity` is paged as: a drill (`DrillPaging::Drill`)
+    /// at most as P2, so it never takes the P1 path (P1 routes, P1 response target, the
+    /// storm guard's P1 exemption); otherwise `severity` itself.
+    pub fn paging_severity(&self, severity: Severity, drill: DrillPaging) -> Severity {
+        if drill == DrillPaging::Drill && severity == Severity::P1 {
+            Severity::P2
+        } else {
+            severity
+        }
+    }
+
+    /// [`Router::plan`] for an incident that may be a drill: a drill
+    /// ([`DrillPaging::Drill`]) goes to `[drills] channels` only when they are set (one
+    /// plan named [`DRILL_ROUTE`], no escalation, no repeat, no remediation), else takes
+    /// the routes of [`Router::paging_severity`] (its `severity` field read as that
+    /// severity too); anything else plans as [`Router::plan`].
+    pub fn plan_for(
+        &self,
+        fields: &BTreeMap<String, String>,
+        severity: Severity,
+        drill: DrillPaging,
+    ) -> Vec<Planned> {
+        if drill != DrillPaging::Drill {
+            return self.plan(fields, severity);
+        }
+        if !self.routing.drill_channels.is_empty() {
+            return vec![Planned {
+                index: None,
+                name: DRILL_ROUTE.into(),
+                channels: self.routing.drill_channels.clone(),
+                escalate_to: Vec::new(),
+                repeat_interval: None,
+                remediate: None,
+            }];
+        }
+        let as_sev = self.paging_severity(severity, drill);
+        let mut fields = fields.clone();
+        fields.insert("severity".into(), as_sev.as_str().to_owned());
+        self.plan(&fields, as_sev)
     }
 
     /// The storm budget of `channel`, if it has one.
@@ -609,7 +675,58 @@ pub fn validate(
         storm,
         sweep_interval,
         hooks: Vec::new(),
+        drill_channels: Vec::new(),
     }
+}
+
+/// `[drills]` of the aggregator as written.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDrills {
+    /// Channels that get drill incidents instead of the real routes (unless a drill
+    /// pages real); unset: the real routes, at most as a P2.
+    pub channels: Option<Vec<String>>,
+}
+
+/// Validates `[drills] channels` against the known channel names (problems under
+/// `drills.channels`: an unknown name, or an empty list — a drill with nowhere to page
+/// fails); returns the channels, empty when the key is not set.
+pub fn validate_drills(v: &mut Validator<'_>, raw: &RawDrills, channels: &[String]) -> Vec<String> {
+    let Some(list) = &raw.channels else {
+        return Vec::new();
+    };
+    if list.is_empty() {
+        v.problem(
+            "drills.channels",
+            "names no channel: name at least one, or remove the key (drills then take the \
+             real routes, at most as a P2)",
+        );
+    }
+    let mut known: Vec<&str> = Vec::new();
+    for c in channels {
+        if !known.contains(&c.as_str()) {
+            known.push(c);
+        }
+    }
+    let mut out = Vec::new();
+    for name in list {
+        if !channels.contains(name) {
+            v.problem(
+                "drills.channels",
+                format!(
+                    "unknown channel {name:?} (channels: {})",
+                    if known.is_empty() {
+                        "none configured".to_owned()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+        } else if !out.contains(name) {
+            out.push(name.clone());
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -46,6 +46,28 @@ impl ScriptedNode {
         labels: &[(&str, &str)],
         heartbeat_interval: Duration,
     ) -> Result<Self> {
+        Self::connect_instance(
+            endpoint,
+            id,
+            labels,
+            heartbeat_interval,
+            &format!("scripted-{id}"),
+        )
+        .await
+    }
+
+    /// [`ScriptedNode::connect`] as agent process `instance` (`Hello.instance_id`): a
+    /// node that connects again with another instance is an agent that restarted.
+    ///
+    /// # Errors
+    /// When the connection fails or the aggregator does not answer `Welcome`.
+    pub async fn connect_instance(
+        endpoint: &str,
+        id: &str,
+        labels: &[(&str, &str)],
+        heartbeat_interval: Duration,
+        instance: &str,
+    ) -> Result<Self> {
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
             .connect_timeout(Duration::from_secs(5))
             .connect()
@@ -60,7 +82,7 @@ impl ScriptedNode {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             version: "scripted".into(),
-            instance_id: format!("scripted-{id}"),
+            instance_id: instance.to_owned(),
             heartbeat_interval_ms: u32::try_from(heartbeat_interval.as_millis())
                 .unwrap_or(u32::MAX),
             ..Default::default()
@@ -164,6 +186,55 @@ impl ScriptedNode {
                 None => return Err(anyhow!("{}: stream closed before the ack", self.id)),
             }
         }
+    }
+
+    /// Waits for the aggregator's next drill command (`tocsin drill`), skipping other
+    /// messages, and answers it as an agent does when it starts one: accepted, the
+    /// fault injected now. The test then plays the fault with [`ScriptedNode::send`].
+    ///
+    /// # Errors
+    /// When no drill comes within `patience`, or the stream fails.
+    pub async fn accept_drill(&mut self, patience: Duration) -> Result<v1::DrillCommand> {
+        let cmd = tokio::time::timeout(patience, async {
+            loop {
+                match self.inbound.message().await? {
+                    Some(v1::AggregatorMessage {
+                        msg: Some(aggregator_message::Msg::Drill(cmd)),
+                    }) => return Ok(cmd),
+                    Some(_) => {}
+                    None => return Err(anyhow!("{}: stream closed before a drill", self.id)),
+                }
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("{}: no drill within {patience:?}", self.id))??;
+        self.drill_report(&cmd, false, "scripted fault injected")
+            .await?;
+        Ok(cmd)
+    }
+
+    /// Tells the aggregator that the fault of drill `cmd` is over (`done`).
+    ///
+    /// # Errors
+    /// When the stream is closed.
+    pub async fn end_drill(&mut self, cmd: &v1::DrillCommand) -> Result<()> {
+        self.drill_report(cmd, true, "scripted fault over").await
+    }
+
+    async fn drill_report(&self, cmd: &v1::DrillCommand, done: bool, message: &str) -> Result<()> {
+        let report = v1::DrillReport {
+            drill_id: cmd.drill_id,
+            accepted: true,
+            done,
+            message: message.to_owned(),
+            injected_at_ms: tocsin_agent::event::now_ms(),
+        };
+        self.tx
+            .send(v1::AgentMessage {
+                msg: Some(agent_message::Msg::DrillReport(report)),
+            })
+            .await?;
+        Ok(())
     }
 
     /// Sends a heartbeat (no check states) every `interval` from now on, so the node

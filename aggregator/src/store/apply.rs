@@ -299,6 +299,8 @@ fn upsert_member(
     labels: &BTreeMap<String, String>,
     now: i64,
 ) -> rusqlite::Result<()> {
+    // The drill mark is decided when the member starts firing (`store::drills`).
+    let labels = &super::drills::member_labels(conn, id, fp, obs.state.is_firing(), labels)?;
     conn.prepare_cached(
         "INSERT INTO incident_members
              (incident_id, fingerprint, node, check_name, labels, state, value, message, since_ms, updated_ms,
@@ -520,6 +522,8 @@ pub fn apply(
     let now = ctx.now;
     let mut labels = ctx.node_labels.clone();
     labels.extend(obs.labels.clone());
+    // The drill mark, when a drill running on the node expects this check.
+    let mark = super::drills::mark_check(conn, obs.node, obs.check, now, &mut labels)?;
     // The open incident this fingerprint is a member of, with the member's state.
     let member: Option<(i64, String)> = conn
         .prepare_cached(
@@ -533,6 +537,7 @@ pub fn apply(
             Some((id, _)) if !obs.flapping && held(conn, id)? => {
                 // It settled while firing: the page that flapping held goes out now
                 // (unless something else holds it).
+                super::drills::keep_real(conn, id, mark, &mut labels)?;
                 upsert_member(conn, id, &fp, obs, &labels, now)?;
                 conn.execute("UPDATE incidents SET flapping_hold = 0 WHERE id = ?1", [id])?;
                 out.notifications += refresh(conn, ctx, id, obs, true)?.queued;
@@ -550,6 +555,8 @@ pub fn apply(
                 if obs.reconcile && state == obs.state.as_str() {
                     return Ok(()); // nothing new: no write per heartbeat
                 }
+                // An open incident that is not this drill's stays real.
+                super::drills::keep_real(conn, id, mark, &mut labels)?;
                 upsert_member(conn, id, &fp, obs, &labels, now)?;
                 let refreshed = refresh(conn, ctx, id, obs, true)?;
                 out.notifications += refreshed.queued;
@@ -562,7 +569,7 @@ pub fn apply(
                     out.notifications += page_or_hold(conn, ctx, id, obs.actor)?;
                 }
             }
-            None => join_or_open(conn, ctx, obs, &fp, &labels, out)?,
+            None => join_or_open(conn, ctx, obs, &fp, &mut labels, mark, out)?,
         }
         return Ok(());
     }
@@ -641,7 +648,8 @@ fn join_or_open(
     ctx: &Context<'_>,
     obs: &Observation<'_>,
     fp: &str,
-    labels: &BTreeMap<String, String>,
+    labels: &mut BTreeMap<String, String>,
+    mark: Option<i64>,
     out: &mut IngestOutcome,
 ) -> rusqlite::Result<()> {
     let now = ctx.now;
@@ -653,6 +661,9 @@ fn join_or_open(
         .query_row([&key], |r| r.get(0))
         .optional()?;
     if let Some(id) = group {
+        // Joining an open incident that is not this drill's: the member stays real.
+        super::drills::keep_real(conn, id, mark, labels)?;
+        let labels = &*labels;
         upsert_member(conn, id, fp, obs, labels, now)?;
         out.notifications += refresh(conn, ctx, id, obs, true)?.queued;
         timeline(

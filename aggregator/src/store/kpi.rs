@@ -40,7 +40,7 @@ pub struct StatusCounts {
     /// Open incidents per severity and status: `{"P1": {"triggered": 1, …}}`.
     pub open: BTreeMap<String, BTreeMap<String, u64>>,
     /// Resolved P1/P2 incidents without a linked post-mortem, resolved within the last
-    /// 48 hours (due) and before that (overdue).
+    /// 48 hours (due) and before that (overdue); drill incidents (`drill=true`) owe none.
     pub postmortems_due: u64,
     /// See `postmortems_due`.
     pub postmortems_overdue: u64,
@@ -296,6 +296,7 @@ impl Store {
                 "SELECT coalesce(sum(resolved_at_ms + ?2 >= ?1), 0), coalesce(sum(resolved_at_ms + ?2 < ?1), 0)
                  FROM incidents i
                  WHERE status = 'resolved' AND peak_severity IN ('P1', 'P2')
+                   AND lower(coalesce(json_extract(i.labels, '$.drill'), '')) != 'true'
                    AND NOT EXISTS (SELECT 1 FROM postmortems p WHERE p.incident_id = i.id)",
                 params![now, kpi::targets::POSTMORTEM_DUE_MS],
                 |r| Ok((r.get(0)?, r.get(1)?)),
@@ -588,13 +589,14 @@ mod tests {
         );
         assert_eq!(q(vec![], vec![], Some(T0 + 10 * HOUR)), [open]);
 
-        // Post-mortems: every resolved P1/P2 (the drill and the one before the range too).
+        // Post-mortems: every resolved P1/P2 (the one before the range too) but the
+        // drill, which owes none.
         let now = T0 + 24 * HOUR;
         let c = s.status_counts(now).expect("counts");
-        assert_eq!((c.postmortems_due, c.postmortems_overdue), (4, 0));
+        assert_eq!((c.postmortems_due, c.postmortems_overdue), (3, 0));
         assert_eq!(c.open["P3"]["triggered"], 1);
         let later = s.status_counts(T0 + 60 * HOUR).expect("counts");
-        assert_eq!(later.postmortems_overdue, 4, "48 h after each resolve");
+        assert_eq!(later.postmortems_overdue, 3, "48 h after each resolve");
         assert_eq!(
             s.link_postmortem(p1, "https://wiki.example/pm/1", "alice")
                 .expect("link"),
@@ -612,7 +614,7 @@ mod tests {
         let links = s.postmortem_links(&[p1, p2]).expect("links");
         assert_eq!(links[&p1].url, "https://wiki.example/pm/1");
         assert!(!links.contains_key(&p2));
-        assert_eq!(s.status_counts(now).expect("counts").postmortems_due, 3);
+        assert_eq!(s.status_counts(now).expect("counts").postmortems_due, 2);
         let detail = s.incident(p1).expect("detail").expect("found");
         assert!(
             detail

@@ -426,19 +426,24 @@ impl Store {
     }
 
     /// Every label name a known node or check has (node labels from `Hello`, check
-    /// labels from events and heartbeats), for warning about silences that name a label
-    /// nothing has.
+    /// labels from events and heartbeats), and the drill mark's (`drill`, `drill_id`:
+    /// any node may carry them during a drill), for warning about silences that name a
+    /// label nothing has.
     ///
     /// # Errors
     /// [`StoreError::Sqlite`].
     pub fn known_label_names(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
-        self.conn
+        let mut names: std::collections::BTreeSet<String> = self
+            .conn
             .prepare(
                 "SELECT DISTINCT j.key FROM agents, json_each(agents.labels) j
                  UNION SELECT DISTINCT j.key FROM checks, json_each(checks.labels) j",
             )
             .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        names.insert(crate::kpi::DRILL_LABEL.to_owned());
+        names.insert(drills::DRILL_ID_LABEL.to_owned());
+        Ok(names)
     }
 
     /// Adds a silence; returns its id. The matchers are already parsed.

@@ -19,6 +19,11 @@
 //! belong to (the incident's `reopened` count then); outbox rows and timeline entries of
 //! the current cycle are those after the incident's `outbox_mark` and `timeline_mark`.
 //!
+//! Drill incidents (`drill=true`) are paged as `route::DrillPaging` says: to `[drills]
+//! channels` only, or through the routes at most as a P2 — routes, escalation target
+//! and the storm guard's P1 exemption all read that severity — unless their drill pages
+//! real (`store::drills::paging_of`).
+//!
 //! The invariant holds for everything here: acknowledge and resolve go to a channel iff
 //! it was sent the trigger in the current cycle (`notify_triggered` reads that cycle's
 //! `trigger` outbox rows). Escalation triggers are `trigger` rows; held triggers, repeats
@@ -31,7 +36,7 @@ use serde_json::json;
 
 use super::{Store, StoreError, enqueue, load_incident, timeline};
 use crate::model::{Incident, Severity, rfc3339};
-use crate::route::{Router, Storm};
+use crate::route::{DrillPaging, Router, Storm};
 
 /// Tables and indexes of paging; idempotent, run at every open after the main schema.
 pub(super) const SCHEMA: &str = "
@@ -88,13 +93,18 @@ pub(super) fn page(
         incident.severity.as_str(),
         &incident.labels,
     );
-    let plans = router.plan(&fields, incident.severity);
+    let drill = super::drills::paging_of(conn, &incident.labels)?;
+    let as_sev = router.paging_severity(incident.severity, drill);
+    let plans = router.plan_for(&fields, incident.severity, drill);
     // A route that remediates first holds the page while its hook runs and verifies.
     if super::hooks::remediate_gate(conn, router, &incident, &plans, now)? {
         return Ok(0);
     }
     let mut channels: Vec<String> = Vec::new();
     let mut notes = Vec::new();
+    if let Some(note) = drill_note(router, incident.severity, drill) {
+        notes.push(note);
+    }
     for p in &plans {
         record_route(conn, id, p, now)?;
         let mut note = format!(
@@ -110,8 +120,8 @@ pub(super) fn page(
             note.push_str(&format!(
                 "; escalates to {} if unacknowledged past the {} target ({})",
                 p.escalate_to.join(", "),
-                incident.severity.as_str(),
-                router.routing.targets.describe(incident.severity)
+                as_sev.as_str(),
+                router.routing.targets.describe(as_sev)
             ));
         }
         if let Some(every) = p.repeat_interval {
@@ -127,7 +137,7 @@ pub(super) fn page(
             }
         }
     }
-    if !router.routing.routes.is_empty() {
+    if !router.routing.routes.is_empty() || drill != DrillPaging::Real {
         timeline(
             conn,
             id,
@@ -144,6 +154,37 @@ pub(super) fn page(
         }
     }
     Ok(sent)
+}
+
+/// The timeline's word on how a drill incident of `severity` is paged (`None` when it
+/// is not a drill).
+fn drill_note(router: &Router, severity: Severity, drill: DrillPaging) -> Option<String> {
+    match drill {
+        DrillPaging::Real => None,
+        DrillPaging::DrillPageReal => Some(format!(
+            "drill paging real (--page-real): the real routes at its real severity {}",
+            severity.as_str()
+        )),
+        DrillPaging::Drill if !router.routing.drill_channels.is_empty() => Some(format!(
+            "drill: paged to the drill channels only ([drills] channels: {})",
+            router.routing.drill_channels.join(", ")
+        )),
+        DrillPaging::Drill => {
+            let as_sev = router.paging_severity(severity, drill);
+            Some(if as_sev == severity {
+                format!(
+                    "drill: the real routes at {} (a drill never takes the P1 path unless run with --page-real)",
+                    severity.as_str()
+                )
+            } else {
+                format!(
+                    "drill: routed as {} although it is {} (a drill never takes the P1 path unless run with --page-real)",
+                    as_sev.as_str(),
+                    severity.as_str()
+                )
+            })
+        }
+    }
 }
 
 /// Records that incident `id` takes route `p` in its current cycle, paged at `now`
@@ -204,7 +245,8 @@ pub(super) fn reroute(
         .collect::<rusqlite::Result<_>>()?;
     let mut names = Vec::new();
     let mut channels: Vec<String> = Vec::new();
-    for p in router.plan(&fields, incident.severity) {
+    let drill = super::drills::paging_of(conn, &incident.labels)?;
+    for p in router.plan_for(&fields, incident.severity, drill) {
         if taken.contains(&p.name) {
             continue;
         }
@@ -311,8 +353,10 @@ fn send_trigger(
     if !router.has_channel(channel) || has_page(conn, incident.id, channel)? {
         return Ok(Sent::Skipped);
     }
-    // A P1 is never held by the storm guard (it still spends the budget).
-    if incident.severity != Severity::P1
+    // A P1 is never held by the storm guard (it still spends the budget); a drill is
+    // paged as at most a P2 (unless it pages real), so it may be.
+    let drill = super::drills::paging_of(conn, &incident.labels)?;
+    if router.paging_severity(incident.severity, drill) != Severity::P1
         && let Some(storm) = router.storm(channel)
         && !admit(conn, storm, channel, now, Kind::Trigger)?
     {
@@ -475,15 +519,12 @@ fn escalate(
     for (id, routes) in by_incident {
         let incident = load_incident(tx, id)?;
         let targets = &router.routing.targets;
+        // A drill escalates as the severity it was paged as (at most P2).
+        let drill = super::drills::paging_of(tx, &incident.labels)?;
+        let as_sev = router.paging_severity(incident.severity, drill);
         let due: Vec<(i64, &str, i64)> = routes
             .iter()
-            .map(|(row, to, routed)| {
-                (
-                    *row,
-                    to.as_str(),
-                    targets.deadline(incident.severity, *routed),
-                )
-            })
+            .map(|(row, to, routed)| (*row, to.as_str(), targets.deadline(as_sev, *routed)))
             .filter(|(_, _, deadline)| *deadline <= now)
             .collect();
         // A silence mutes escalation as it mutes the page: it goes out when it ends.
@@ -513,8 +554,8 @@ fn escalate(
             "aggregator",
             &format!(
                 "unacknowledged past the {} response target ({}, due {}): {what}",
-                incident.severity.as_str(),
-                targets.describe(incident.severity),
+                as_sev.as_str(),
+                targets.describe(as_sev),
                 rfc3339(deadline)
             ),
         )?;

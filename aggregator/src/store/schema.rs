@@ -183,6 +183,16 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // killed after it (`crate::hook::procs`); NULL for runs from before.
     ("hook_runs", "run_key", "TEXT"),
     ("hook_runs", "cleanup", "TEXT"),
+    // The drill mark lives on the drill (`store::drills`): the end of the drill window
+    // (Unix ms; NULL for drills from before, which mark nothing), whether the drill
+    // pages the real routes at the real severity (`--page-real`), and when an
+    // aggregator started while it was running (its run died).
+    ("drills", "until_ms", "INTEGER"),
+    ("drills", "page_real", "INTEGER NOT NULL DEFAULT 0"),
+    ("drills", "restarted_ms", "INTEGER"),
+    // The checks the drill mark applies to: a JSON array of SQL `LIKE` patterns
+    // (`store::drills`); NULL for drills from before, whose mark applies to every check.
+    ("drills", "scope", "TEXT"),
 ];
 
 /// Triggers that keep `incidents.peak_severity` (created after the column exists).

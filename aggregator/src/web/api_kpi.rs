@@ -118,7 +118,8 @@ pub(super) struct ListQuery {
 }
 
 /// What the KPI side adds to an incident's JSON: `peak_severity` (the highest it
-/// reached) and `postmortem` (see [`kpi::postmortem_status`], judged on the peak).
+/// reached) and `postmortem` (see [`kpi::postmortem_status`], judged on the peak; a
+/// drill incident, `drill=true`, owes none, so it is never "post-mortem due").
 pub(super) fn extras(
     incident: &Incident,
     peak: Option<Severity>,
@@ -126,12 +127,11 @@ pub(super) fn extras(
     now: i64,
 ) -> (Severity, Option<kpi::PostmortemStatus>) {
     let peak = peak.unwrap_or(incident.severity);
-    let pm = kpi::postmortem_status(
-        peak,
-        incident.resolved_at_ms,
-        link.map(|l| l.url.as_str()),
-        now,
-    );
+    // A drill incident owes no post-mortem (the drill's report is its record).
+    let resolved = incident
+        .resolved_at_ms
+        .filter(|_| !kpi::is_drill(&incident.labels));
+    let pm = kpi::postmortem_status(peak, resolved, link.map(|l| l.url.as_str()), now);
     (peak, pm)
 }
 

@@ -166,6 +166,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/silences", get(list_silences).post(add_silence))
         .route("/api/v1/silences/{id}/expire", post(expire_silence))
         .route("/api/v1/drills", get(drills::list).post(drills::start))
+        .route("/api/v1/drills/{id}", get(drills::one))
         .route("/api/v1/hooks", get(hooks::list))
         .route("/api/v1/hooks/runs", get(hooks::runs))
         .route("/api/v1/hooks/runs/{id}", get(hooks::run))
