@@ -796,7 +796,9 @@ async fn regression_a_setsid_child_does_not_survive_its_hook() -> Result<()> {
     assert!(
         runs[0]["cleanup"]
             .as_str()
-            .is_some_and(|c| c.contains(&format!("{pid} (sleep)"))),
+            // The name is `sleep`, or `setsid`/the shell when the scan caught the child
+            // between fork and exec (machine under load): the PID is what counts.
+            .is_some_and(|c| c.contains(&format!("{pid} ("))),
         "{}",
         runs[0]
     );
