@@ -498,7 +498,7 @@ pub enum Matcher {
     /// Executable file name, `argv[0]` file name, or `comm` for names of ≤ 15 bytes.
     Exe(String),
     /// Regular expression on the command line (arguments joined by spaces).
-    Cmdline(regex::Regex),
+    Cmdline(regex_lite::Regex),
     /// The PID in this file.
     Pidfile(PathBuf),
     /// Every process in this systemd unit's cgroup.
@@ -996,7 +996,10 @@ fn validate_watch(
                 "an empty pattern matches every process: give part of the command line",
             );
         }
-        match regex::RegexBuilder::new(re).size_limit(1 << 20).build() {
+        match regex_lite::RegexBuilder::new(re)
+            .size_limit(1 << 20)
+            .build()
+        {
             Ok(re) => Matcher::Cmdline(re),
             Err(e) => {
                 // The regex crate's message spans lines (pattern, caret, reason): keep

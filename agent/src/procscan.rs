@@ -114,8 +114,13 @@ impl ProcReader {
 
     /// `/proc/PID/stat`, parsed; `None` when the process is gone.
     pub fn stat(&mut self, pid: u32) -> Option<ProcStat> {
-        let text = self.read(pid, "stat", 4096)?;
-        parse_stat(pid, text)
+        // One read(2): the kernel generates the whole line (well under 4 KiB) at once, where
+        // read_to_end would ask a second time for the end of file (watched processes are
+        // read every cycle).
+        let mut f = std::fs::File::open(self.root.join(pid.to_string()).join("stat")).ok()?;
+        self.buf.resize(4096, 0);
+        let n = f.read(&mut self.buf).ok()?;
+        parse_stat(pid, &self.buf[..n])
     }
 
     /// File name of the process's executable (`/proc/PID/exe`); `None` for kernel

@@ -417,11 +417,15 @@ impl Discoverer {
             }
             for (i, w) in self.watches.iter().enumerate() {
                 let hit = match &w.matcher {
-                    Matcher::Exe(name) => {
+                    // The executable link only for a process whose kernel name fits
+                    // (was read for every process and watch: 10 readlinks per process
+                    // per scan with 10 watches).
+                    Matcher::Exe(name) if comm_fits(name, &stat.comm) => {
                         let procs = &mut self.procs;
                         let exe = procs.exe_name(pid);
                         matches_exe(name, &stat.comm, exe.as_deref(), || procs.cmdline(pid))
                     }
+                    Matcher::Exe(_) => false,
                     Matcher::Cmdline(re) => cmdline.as_deref().is_some_and(|c| re.is_match(c)),
                     Matcher::Pidfile(_) | Matcher::Unit(_) => false,
                 };
@@ -449,11 +453,10 @@ fn matches_exe(
     exe_file: Option<&OsStr>,
     args: impl FnOnce() -> Option<Vec<std::ffi::OsString>>,
 ) -> bool {
-    let name_bytes = name.as_bytes();
-    if comm != &name_bytes[..name_bytes.len().min(COMM_LEN)] {
+    if !comm_fits(name, comm) {
         return false;
     }
-    if name_bytes.len() <= COMM_LEN {
+    if name.len() <= COMM_LEN {
         return true;
     }
     let name = OsStr::new(name);
@@ -463,6 +466,12 @@ fn matches_exe(
                 .take(3)
                 .any(|a| Path::new(a).file_name() == Some(name))
         })
+}
+
+/// Whether the kernel's name `comm` is `name`, or its first 15 bytes for longer names.
+fn comm_fits(name: &str, comm: &[u8]) -> bool {
+    let name_bytes = name.as_bytes();
+    comm == &name_bytes[..name_bytes.len().min(COMM_LEN)]
 }
 
 /// The command line as one string, arguments joined by single spaces; bytes that are

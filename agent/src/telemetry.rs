@@ -2,7 +2,9 @@
 //! by a tracing directive (`RUST_LOG` wins over the config's level).
 
 use serde::{Deserialize, Serialize};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::settings::Validator;
 
@@ -64,7 +66,7 @@ pub fn validate(v: &mut Validator<'_>, raw: &RawLog) -> LogConfig {
 }
 
 /// Whether `filter` is a list of `LEVEL` or `TARGET=LEVEL` directives. Stricter than
-/// `EnvFilter`, which reads a typo such as `"warnings"` as a target name and then logs
+/// tracing's `EnvFilter`, which reads a typo such as `"warnings"` as a target name and then logs
 /// nothing at all.
 pub fn valid_filter(filter: &str) -> bool {
     let level = |l: &str| {
@@ -91,16 +93,28 @@ pub fn init(json: bool, level: &str) {
     let chosen = from_env
         .filter(|f| valid_filter(f))
         .unwrap_or_else(|| level.to_owned());
-    let filter = EnvFilter::try_new(&chosen).unwrap_or_else(|_| EnvFilter::new("info"));
+    // `Targets` takes exactly the `LEVEL` / `TARGET=LEVEL` directives `valid_filter`
+    // accepts, without the regex engine `EnvFilter` links in (agent RSS, issue 3).
+    let directives: Vec<String> = chosen
+        .split(',')
+        .map(|d| match d.split_once('=') {
+            Some((target, level)) => format!("{}={}", target.trim(), level.trim()),
+            None => d.trim().to_owned(),
+        })
+        .collect();
+    let filter: Targets = directives
+        .join(",")
+        .parse()
+        .unwrap_or_else(|_| Targets::new().with_default(LevelFilter::INFO));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     let _ = if json {
-        builder.json().try_init()
+        registry.with(layer.json()).try_init()
     } else {
-        builder.try_init()
+        registry.with(layer).try_init()
     };
     if let Some(bad) = bad_env {
         tracing::warn!(rust_log = %bad, using = %chosen, "RUST_LOG is not a valid filter; ignored");

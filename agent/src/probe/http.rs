@@ -38,6 +38,30 @@ pub struct HttpProbe {
     target: String,
 }
 
+/// The TLS client config of every check with `tls_verify = true`, as reqwest builds it
+/// for each client (the ring provider, TLS 1.2 and 1.3, the system's CA roots through
+/// rustls-platform-verifier, ALPN h2 and http/1.1), but built once per process: clones
+/// share the verifier and its parsed roots, where one client per check held its own
+/// copy of the system's CA bundle (issue 3, agent RSS). `None` when it cannot be built
+/// (no provider, no CA roots): reqwest's own setup then reports the reason per check.
+fn verified_tls() -> Option<rustls::ClientConfig> {
+    static SHARED: std::sync::OnceLock<Option<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            let provider = rustls::crypto::CryptoProvider::get_default()?.clone();
+            let verifier = rustls_platform_verifier::Verifier::new(provider.clone()).ok()?;
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .ok()?
+                .dangerous()
+                .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            Some(config)
+        })
+        .clone()
+}
+
 /// What came back from the server, before judging.
 struct Answer {
     status: StatusCode,
@@ -76,18 +100,22 @@ impl HttpProbe {
                 }
             })
         };
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .user_agent(concat!("tocsin-agent/", env!("CARGO_PKG_VERSION")))
             .no_proxy()
             .redirect(policy)
             .connect_timeout(check.timeout)
-            .pool_max_idle_per_host(0)
-            .tls_danger_accept_invalid_certs(!check.tls_verify)
-            .build()
-            .map_err(|source| ProbeError::Client {
-                name: check.name.clone(),
-                source,
-            })?;
+            .pool_max_idle_per_host(0);
+        let builder = match verified_tls() {
+            Some(tls) if check.tls_verify => builder.tls_backend_preconfigured(tls),
+            // reqwest's own setup: no verification, or the shared config could not be
+            // built (reqwest then reports why, as a client error of this check).
+            _ => builder.tls_danger_accept_invalid_certs(!check.tls_verify),
+        };
+        let client = builder.build().map_err(|source| ProbeError::Client {
+            name: check.name.clone(),
+            source,
+        })?;
         let target = format!(
             "{}:{}",
             check.url.host_str().unwrap_or_default(),

@@ -227,7 +227,7 @@ pub struct HttpCheck {
     /// Text the body must contain.
     pub body_contains: Option<String>,
     /// Pattern the body must match.
-    pub body_regex: Option<regex::Regex>,
+    pub body_regex: Option<regex_lite::Regex>,
     /// Whole-probe timeout: connect, TLS, headers and the bounded body.
     pub timeout: Duration,
     /// Time between two runs.
@@ -273,7 +273,7 @@ impl fmt::Debug for HttpCheck {
             .field("body_contains", &self.body_contains)
             .field(
                 "body_regex",
-                &self.body_regex.as_ref().map(regex::Regex::as_str),
+                &self.body_regex.as_ref().map(regex_lite::Regex::as_str),
             )
             .field("timeout", &self.timeout)
             .field("interval", &self.interval)
@@ -606,13 +606,13 @@ impl RawHttpCheck {
                 );
                 None
             }
-            Some(pattern) => match regex::Regex::new(pattern) {
+            Some(pattern) => match regex_lite::Regex::new(pattern) {
                 Ok(re) => Some(re),
                 Err(e) => {
                     c.problem(
                         "body_regex",
                         format!(
-                            "invalid regular expression {:?}: {} (syntax of the Rust regex crate)",
+                            "invalid regular expression {:?}: {} (syntax of the Rust regex-lite crate)",
                             one_line(pattern),
                             one_line(&e.to_string())
                         ),
