@@ -213,6 +213,7 @@ impl Drop for Service {
             // `comm` is NAME once the script exec'd, NAME.sh before.
             if alive(pid) && comm.trim().starts_with(&self.name) {
                 kill(pid);
+                reap(pid, false);
             }
         }
     }
