@@ -8,13 +8,13 @@
 #   bash bench/side-by-side.sh --render FILE.tsv     # only print the table of saved rows
 #
 # Scenarios, in order (full run / --quick):
-#   footprint  bench-agent-cost SECONDS RUNS 0    60 s x 3 runs  / 5 s x 1   (~3.5 min / 10 s)
+#   footprint  bench-agent-cost SECONDS RUNS 0    60 s x 3 runs  / 5 s x 1   (3.3 min / 10 s)
 #   onset      bench-onset RUNS                   5 runs         / 1 run     (skipped if not built)
-#   ingest     bench-ingest 100 EVENTS            100 agents x 2000 / x 200  (~10 s)
-#   restart    bench-restart RUNS                 20 kills each  / 3         (~3 min / 30 s)
-# Expected total of a full run on 2 cores: about 15 minutes plus the build (the onset
-# scenario takes the longest); --quick about 2 minutes. Every scenario is bounded by the
-# binary itself.
+#   ingest     bench-ingest 100 EVENTS            100 agents x 2000 / x 200  (15 s / 1 s)
+#   restart    bench-restart RUNS                 20 kills each  / 3         (2.3 min / 25 s)
+# Measured on 2 cores without onset: 5.8 min for a full run, 40 s with --quick, plus the
+# build; with onset a full run should stay under 15 minutes. Every scenario is bounded
+# by the binary itself.
 #
 # Raw rows go to target/side-by-side.tsv (one row per metric and peer, described in
 # BENCHMARKS.md), progress and each binary's own tables to
