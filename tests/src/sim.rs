@@ -253,7 +253,20 @@ pub async fn heartbeat_only(
 /// # Errors
 /// When an argument is not a number.
 pub fn bench_args(default_fleet: &str, default_n: u64, what: &str) -> Result<(Vec<usize>, u64)> {
-    let mut args = std::env::args().skip(1);
+    bench_args_from(std::env::args().skip(1), default_fleet, default_n, what)
+}
+
+/// [`bench_args`] on `args` (the arguments after the program name).
+///
+/// # Errors
+/// When an argument is not a number.
+pub fn bench_args_from(
+    args: impl IntoIterator<Item = String>,
+    default_fleet: &str,
+    default_n: u64,
+    what: &str,
+) -> Result<(Vec<usize>, u64)> {
+    let mut args = args.into_iter();
     let fleet = args
         .next()
         .unwrap_or_else(|| default_fleet.into())

@@ -9,8 +9,10 @@
 //! its `tocsin_cycle_duration_seconds` histogram): every cycle must finish well inside
 //! the 1 s interval, including the full process-table reads (every 10 s).
 //!
-//! Usage: `cargo build --release --bins && target/release/bench-agent-cost [SECONDS] [RUNS] [IDLE]`
-//! (defaults 60, 3, 20000). Installs the peers with apt-get when missing (root). Loopback
+//! Usage: `cargo build --release --bins && target/release/bench-agent-cost [SECONDS] [RUNS] [IDLE] [--tsv]`
+//! (defaults 60, 3, 20000). With `--tsv` stdout gets only the issue-9 rows (`footprint`
+//! `agent_cpu` and `agent_rss` against each peer; see `bench/side-by-side.sh`) and the
+//! tables go to stderr. Installs the peers with apt-get when missing (root). Loopback
 //! only; bounded; stops every process it starts, by PID.
 
 use std::path::Path;
@@ -18,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tocsin_e2e::measure::{cpu_seconds, median, rss_mib};
+use tocsin_e2e::measure::{Spread, cpu_seconds, median, rss_mib, take_flag, tsv_row};
 use tocsin_e2e::{Aggregator, Daemon, start_agent};
 
 /// Progress on stderr (the table goes to stdout).
@@ -362,7 +364,9 @@ fn row(name: &str, values: &[&Usage], tocsin: &[&Usage]) -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     tocsin_e2e::init();
-    let mut args = std::env::args().skip(1);
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let tsv = take_flag(&mut args, "--tsv");
+    let mut args = args.into_iter();
     let mut num = |default: u64, what: &str| -> Result<u64> {
         match args.next() {
             Some(s) => s
@@ -413,6 +417,37 @@ async fn main() -> Result<()> {
         );
         out.push_str(&idle_cycles(idle, seconds.min(60)).await?);
     }
-    std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes())?;
+    if tsv {
+        note!("{out}");
+        let cpu = |v: &[&Usage]| Spread::of(&v.iter().map(|u| u.cpu_pct).collect::<Vec<_>>());
+        let rss = |v: &[&Usage]| Spread::of(&v.iter().map(|u| u.rss_mib).collect::<Vec<_>>());
+        let mut rows = String::new();
+        for (peer, values, cpu_target) in [
+            ("node_exporter", &ne, "-"),
+            ("collectd", &cd, "<= collectd"),
+        ] {
+            rows.push_str(&tsv_row(
+                "footprint",
+                "agent_cpu",
+                "%cpu",
+                &cpu(&agent),
+                Some((peer, &cpu(values))),
+                cpu_target,
+            ));
+        }
+        for (peer, values) in [("node_exporter", &ne), ("collectd", &cd)] {
+            rows.push_str(&tsv_row(
+                "footprint",
+                "agent_rss",
+                "MiB",
+                &rss(&agent),
+                Some((peer, &rss(values))),
+                "<= 5 MiB",
+            ));
+        }
+        std::io::Write::write_all(&mut std::io::stdout(), rows.as_bytes())?;
+    } else {
+        std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes())?;
+    }
     Ok(())
 }

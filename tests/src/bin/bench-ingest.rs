@@ -5,12 +5,16 @@
 //! into SQLite in this process (same batch size, WAL, one transaction per batch) as the
 //! in-run peer.
 //!
-//! Usage: `cargo build --release --bins && target/release/bench-ingest [AGENTS,..] [EVENTS_PER_AGENT]`
-//! (defaults `1,10,100` and `2000`). Loopback only; bounded; stops what it starts.
+//! Usage: `cargo build --release --bins && target/release/bench-ingest [AGENTS,..] [EVENTS_PER_AGENT] [--tsv]`
+//! (defaults `1,10,100` and `2000`). With `--tsv` stdout gets only the issue-9 rows
+//! (`ingest_rate` and `ingest_ack_p99`, no peer; scenario `ingest`, or `ingest_N` for N
+//! agents when several counts are given; see `bench/side-by-side.sh`) and the table goes
+//! to stderr. Loopback only; bounded; stops what it starts.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use tocsin_e2e::measure::{Spread, take_flag, tsv_row};
 use tocsin_e2e::sim::{SimAgent, percentile};
 use tocsin_e2e::{Aggregator, eventually};
 
@@ -57,7 +61,11 @@ fn sqlite_peer(dir: &std::path::Path, n: u64) -> Result<f64> {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     tocsin_e2e::init();
-    let (fleet, per_agent) = tocsin_e2e::sim::bench_args("1,10,100", 2000, "EVENTS_PER_AGENT")?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let tsv = take_flag(&mut args, "--tsv");
+    let (fleet, per_agent) =
+        tocsin_e2e::sim::bench_args_from(args, "1,10,100", 2000, "EVENTS_PER_AGENT")?;
+    let mut rows = String::new();
 
     let mut out = String::from(
         "| agents | events | seconds | durable events/s | ack p50 ms | ack p99 ms | aggregator peak RSS MiB | SQLite-only peer events/s | tocsin / peer |\n\
@@ -112,14 +120,41 @@ async fn main() -> Result<()> {
         let rss = rss_peak_mib(agg.daemon.pid());
         let peer = sqlite_peer(dir.path(), total)?;
         let rate = total as f64 / secs;
+        let p99_ms = percentile(&mut latencies, 99.0) as f64 / 1000.0;
         out.push_str(&format!(
-            "| {agents} | {total} | {secs:.2} | {rate:.0} | {:.1} | {:.1} | {rss:.1} | {peer:.0} | {:.2} |\n",
+            "| {agents} | {total} | {secs:.2} | {rate:.0} | {:.1} | {p99_ms:.1} | {rss:.1} | {peer:.0} | {:.2} |\n",
             percentile(&mut latencies, 50.0) as f64 / 1000.0,
-            percentile(&mut latencies, 99.0) as f64 / 1000.0,
             rate / peer,
+        ));
+        let scenario = if fleet.len() == 1 {
+            "ingest".to_owned()
+        } else {
+            format!("ingest_{agents}")
+        };
+        let one = |x: f64| Spread::of(&[x]);
+        rows.push_str(&tsv_row(
+            &scenario,
+            "ingest_rate",
+            "events/s",
+            &one(rate),
+            None,
+            ">= 100000 events/s",
+        ));
+        rows.push_str(&tsv_row(
+            &scenario,
+            "ingest_ack_p99",
+            "ms",
+            &one(p99_ms),
+            None,
+            "-",
         ));
     }
     use std::io::Write;
-    std::io::stdout().write_all(out.as_bytes())?;
+    if tsv {
+        std::io::stderr().write_all(out.as_bytes())?;
+        std::io::stdout().write_all(rows.as_bytes())?;
+    } else {
+        std::io::stdout().write_all(out.as_bytes())?;
+    }
     Ok(())
 }
