@@ -9,8 +9,9 @@
 //! Systems, each trial with fresh processes and temporary directories:
 //! - **tocsin**: the release `tocsin-aggregator` and `tocsin-agent` next to this binary;
 //!   agent interval 1 s, `[rules.cpu]` warning 80 / critical 95 with `for = "0s"` and
-//!   `clear_for = "0s"` (the other host rules off), aggregator `group_wait = "0s"` and one
-//!   generic webhook to the receiver.
+//!   `clear_for = "0s"` (the other host rules off), aggregator `group_wait = "0s"`
+//!   (`reopen_window = "0s"`, so every page is a new incident whose timestamps are its
+//!   own) and one generic webhook to the receiver.
 //! - **Prometheus + Alertmanager tuned** (Debian's `prometheus`,
 //!   `prometheus-node-exporter`, `prometheus-alertmanager`): scrape and evaluation every
 //!   1 s, alert `100 * (1 - avg(rate(node_cpu_seconds_total{mode="idle"}[5s]))) > 80`
@@ -416,7 +417,7 @@ enum Running {
 async fn start_tocsin(dir: &Path, receiver: &WebhookReceiver, interval: &str) -> Result<Running> {
     let agg_cfg = format!(
         "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
-         [correlation]\ngroup_wait = \"0s\"\n\
+         [correlation]\ngroup_wait = \"0s\"\nreopen_window = \"0s\"\n\
          [notify]\nretry_min = \"100ms\"\n\
          [[notify.webhook]]\nname = \"bench\"\nurl = \"{}\"\n\
          [log]\nlevel = \"warn\"\n",
@@ -701,7 +702,24 @@ async fn trial(system: System, interval: &str) -> Result<Trial> {
                 out.stages.resolve_deliver = Some(wall_of(resolved) - r);
             }
         }
-        None => note!("  no resolve within {resolve_bound:?}"),
+        None => {
+            // Why: still firing at the source (the machine busy again?), or held back.
+            let alerts = match &prom {
+                Some(base) => match reqwest::get(format!("{base}/api/v1/alerts")).await {
+                    Ok(r) => r
+                        .json::<Value>()
+                        .await
+                        .ok()
+                        .map(|v| v["data"]["alerts"].to_string()),
+                    Err(_) => None,
+                },
+                None => None,
+            };
+            note!(
+                "  no resolve within {resolve_bound:?} (machine {:.0} % busy now; Prometheus alerts {alerts:?})",
+                busy_pct_1s().await.unwrap_or(f64::NAN)
+            );
+        }
     }
     drop(running);
     Ok(out)
