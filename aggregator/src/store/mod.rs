@@ -270,6 +270,18 @@ impl Store {
             path: path.clone(),
             source,
         })?;
+        // Query-planner stability: without it, a statement whose bound parameter is
+        // compared against a partial index's condition (or a LIKE pattern) is
+        // re-prepared at every execution — 54 % of the store thread's time at 100
+        // agents, ingest 8x slower (bench-ingest, BENCHMARKS.md).
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )
+        .map_err(|source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        })?;
         let mut store = Store {
             conn,
             path,
