@@ -1,5 +1,44 @@
 //! Resource use of a running process, read from `/proc`, for the benchmark binaries.
 
+/// Installs the Debian packages of `peers` — (program path, package) pairs — whose program
+/// is missing, with apt-get (`apt-get install` first, `apt-get update` and again if that
+/// fails). Progress on stderr.
+///
+/// # Errors
+/// When apt-get fails (not root, no registry): names the packages.
+pub fn ensure_debian(peers: &[(&str, &str)]) -> anyhow::Result<()> {
+    use std::process::Command;
+    let missing: Vec<&str> = peers
+        .iter()
+        .filter(|(path, _)| !std::path::Path::new(path).is_file())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("installing {list} with apt-get\n").as_bytes(),
+    );
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let ok = install()
+        || (Command::new("apt-get")
+            .arg("update")
+            .status()
+            .is_ok_and(|s| s.success())
+            && install());
+    anyhow::ensure!(ok, "cannot install {list} (run as root, or install them)");
+    Ok(())
+}
+
 /// Kernel clock ticks per second for `/proc/PID/stat` times (`USER_HZ`, 100 on Linux).
 pub const USER_HZ: f64 = 100.0;
 

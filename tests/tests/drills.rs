@@ -1086,6 +1086,9 @@ async fn a_check_already_firing_is_inconclusive_and_an_agent_restart_interrupts(
                "duration_s": 30, "wait_s": 30}),
     ));
     let _cmd = node.accept_drill(PATIENCE).await?;
+    // The stream is ordered: once this event is acknowledged, the aggregator has handled
+    // the "fault injected" report before it (dropping the node at once could lose it).
+    node.send(&[("tcp:db", "ok")]).await?;
     drop(node);
     let endpoint = format!("http://{}", agg.grpc);
     let mut back = eventually("the agent restarts", PATIENCE, || async {

@@ -20,7 +20,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tocsin_e2e::measure::{Spread, cpu_seconds, median, rss_mib, take_flag, tsv_row};
+use tocsin_e2e::measure::{
+    Spread, cpu_seconds, ensure_debian, median, rss_mib, take_flag, tsv_row,
+};
 use tocsin_e2e::{Aggregator, Daemon, start_agent};
 
 /// Progress on stderr (the table goes to stdout).
@@ -33,34 +35,6 @@ macro_rules! note {
 
 const NODE_EXPORTER: &str = "/usr/bin/prometheus-node-exporter";
 const COLLECTD: &str = "/usr/sbin/collectd";
-
-fn ensure_peers() -> Result<()> {
-    if Path::new(NODE_EXPORTER).is_file() && Path::new(COLLECTD).is_file() {
-        return Ok(());
-    }
-    note!("installing prometheus-node-exporter and collectd-core with apt-get");
-    let ok = Command::new("apt-get")
-        .arg("update")
-        .status()
-        .is_ok_and(|s| s.success())
-        && Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "--no-install-recommends",
-                "prometheus-node-exporter",
-                "collectd-core",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success());
-    if !ok {
-        bail!(
-            "cannot install prometheus-node-exporter and collectd-core (run as root, or install them)"
-        );
-    }
-    Ok(())
-}
 
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -378,7 +352,10 @@ async fn main() -> Result<()> {
     let seconds = num(60, "SECONDS")?;
     let runs = num(3, "RUNS")?;
     let idle = usize::try_from(num(20_000, "IDLE")?)?;
-    ensure_peers()?;
+    ensure_debian(&[
+        (NODE_EXPORTER, "prometheus-node-exporter"),
+        (COLLECTD, "collectd-core"),
+    ])?;
 
     let mut all = Vec::new();
     for r in 0..runs {

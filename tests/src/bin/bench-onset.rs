@@ -48,7 +48,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
-use tocsin_e2e::measure::median;
+use tocsin_e2e::measure::{ensure_debian, median};
 use tocsin_e2e::{Aggregator, QUIET_HOST_RULES, WebhookReceiver, start_agent};
 
 /// Progress on stderr (the table goes to stdout).
@@ -75,39 +75,6 @@ const IDLE_BUSY_PCT: f64 = 50.0;
 const IDLE_PATIENCE: Duration = Duration::from_secs(1800);
 /// Longest wait for a peer to become ready.
 const READY_PATIENCE: Duration = Duration::from_secs(180);
-
-fn ensure_peers() -> Result<()> {
-    if [PROMETHEUS, NODE_EXPORTER, ALERTMANAGER, STRESS_NG]
-        .iter()
-        .all(|p| Path::new(p).is_file())
-    {
-        return Ok(());
-    }
-    note!(
-        "installing prometheus, prometheus-node-exporter, prometheus-alertmanager and stress-ng with apt-get"
-    );
-    let ok = Command::new("apt-get")
-        .arg("update")
-        .status()
-        .is_ok_and(|s| s.success())
-        && Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "--no-install-recommends",
-                "prometheus",
-                "prometheus-node-exporter",
-                "prometheus-alertmanager",
-                "stress-ng",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success());
-    if !ok {
-        bail!("cannot install the peers (run as root, or install them)");
-    }
-    Ok(())
-}
 
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -794,7 +761,12 @@ async fn run() -> Result<()> {
             }
         }
     }
-    ensure_peers()?;
+    ensure_debian(&[
+        (PROMETHEUS, "prometheus"),
+        (NODE_EXPORTER, "prometheus-node-exporter"),
+        (ALERTMANAGER, "prometheus-alertmanager"),
+        (STRESS_NG, "stress-ng"),
+    ])?;
     for p in [PROMETHEUS, ALERTMANAGER, NODE_EXPORTER, STRESS_NG] {
         note!("{p}: {}", version(p));
     }

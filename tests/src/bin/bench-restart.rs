@@ -46,7 +46,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use tocsin_e2e::measure::{Spread, plain, take_flag, tsv_row};
+use tocsin_e2e::measure::{Spread, ensure_debian, plain, take_flag, tsv_row};
 use tocsin_e2e::{Aggregator, AggregatorToml, Daemon, start_agent};
 
 /// Progress on stderr (the result goes to stdout).
@@ -63,30 +63,6 @@ const SETSID: &str = "/usr/bin/setsid";
 const STABLE: Duration = Duration::from_millis(2500);
 /// Longest wait for a replacement (monit restarts within ~1 s).
 const LIMIT: Duration = Duration::from_secs(30);
-
-fn ensure_monit() -> Result<()> {
-    if Path::new(MONIT).is_file() {
-        return Ok(());
-    }
-    note!("installing monit with apt-get");
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "monit"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    let ok = install()
-        || (Command::new("apt-get")
-            .arg("update")
-            .status()
-            .is_ok_and(|s| s.success())
-            && install());
-    if !ok {
-        bail!("cannot install monit (run as root, or install it)");
-    }
-    Ok(())
-}
 
 fn monit_version() -> String {
     Command::new(MONIT)
@@ -516,7 +492,7 @@ async fn main() -> Result<()> {
             .with_context(|| format!("RUNS must be a positive number, got {n:?}\n{USAGE}"))?,
         _ => bail!("too many arguments: {args:?}\n{USAGE}"),
     };
-    ensure_monit()?;
+    ensure_debian(&[(MONIT, "monit")])?;
     let version = monit_version();
     // Orphans (the dummies, once their `setsid -f` parent exits) become children of this
     // process, so it can reap a killed dummy at once, like systemd would.
