@@ -643,10 +643,17 @@ async fn a_flapping_check_pages_once_not_on_every_change() -> Result<()> {
             .filter(|i| i["status"] != "resolved")
             .collect();
         let id = open.first()?["id"].as_i64()?;
-        let paged = receiver
-            .events("trigger", "node-flap2", "http:flappy")
-            .iter()
-            .any(|t| t["incident"]["id"].as_i64() == Some(id));
+        // Paged in this cycle: the re-open window keeps the id, so a trigger from a cycle
+        // before the flag does not count (a cycle whose page flapping held resolves
+        // silently). Each paged cycle has a trigger, then its resolve.
+        let of = |kind: &str| {
+            receiver
+                .events(kind, "node-flap2", "http:flappy")
+                .iter()
+                .filter(|t| t["incident"]["id"].as_i64() == Some(id))
+                .count()
+        };
+        let paged = of("trigger") > of("resolve");
         (open.len() == 1 && paged).then_some(id)
     })
     .await?;
