@@ -772,7 +772,11 @@ async fn regression_a_setsid_child_does_not_survive_its_hook() -> Result<()> {
         dir.path(),
         "setsid.sh",
         &format!(
-            "setsid sleep 300 >/dev/null 2>&1 </dev/null &\necho $! > {}\necho started\nexit 0",
+            // Exits only once the child has its own session (else the run's process-group
+            // kill, not the run-key search, would be what ends it).
+            "setsid sleep 300 >/dev/null 2>&1 </dev/null &\npid=$!\necho $pid > {}\n\
+             until [ \"$(cut -d' ' -f6 /proc/$pid/stat)\" = \"$pid\" ]; do sleep 0.01; done\n\
+             echo started\nexit 0",
             child_file.display()
         ),
     )?;
