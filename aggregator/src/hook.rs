@@ -922,6 +922,8 @@ mod tests {
             summary: "cpu critical".into(),
             breach_started_at_ms: 0,
             triggered_at_ms: 0,
+            cycle_triggered_at_ms: 0,
+            cycle_breach_started_at_ms: 0,
             acknowledged_at_ms: None,
             resolved_at_ms: None,
             resolution: None,

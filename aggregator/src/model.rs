@@ -128,8 +128,14 @@ pub struct Incident {
     pub summary: String,
     /// Breach start on the node (Unix ms; 0 when unknown).
     pub breach_started_at_ms: i64,
-    /// Opened (Unix ms).
+    /// Opened (Unix ms): the first time, however often it was reopened since.
     pub triggered_at_ms: i64,
+    /// When the current paging cycle began (Unix ms): `triggered_at_ms`, or the last
+    /// reopen once the incident fired again within `[correlation] reopen_window`.
+    pub cycle_triggered_at_ms: i64,
+    /// Breach start on the node for the current paging cycle (Unix ms; 0 when unknown):
+    /// `breach_started_at_ms`, or the reopening event's breach start once reopened.
+    pub cycle_breach_started_at_ms: i64,
     /// Acknowledged (Unix ms).
     pub acknowledged_at_ms: Option<i64>,
     /// Resolved (Unix ms).

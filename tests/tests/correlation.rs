@@ -370,6 +370,95 @@ async fn a_fingerprint_firing_again_inside_the_reopen_window_reopens_the_same_in
     Ok(())
 }
 
+/// Unix ms of an RFC 3339 payload time.
+fn unix_ms(v: &Value) -> Result<i64> {
+    let t = humantime::parse_rfc3339(v.as_str().context("a time")?)?;
+    Ok(i64::try_from(
+        t.duration_since(std::time::UNIX_EPOCH)?.as_millis(),
+    )?)
+}
+
+/// Regression (reopened page carried the first cycle's times): the page of a reopened
+/// incident said the breach began at the first cycle's breach start and that it
+/// triggered at its first opening, so a reader saw "breach began 184 s before" a load
+/// that had just started. It now carries this cycle's breach start and trigger time,
+/// and the first opening as `first_triggered_at`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopened_incident_pages_with_the_breach_start_and_trigger_time_of_its_new_cycle()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = WebhookReceiver::start().await?;
+    let agg = Aggregator::start(
+        dir.path(),
+        &AggregatorToml::new(dir.path())
+            .webhook(&receiver.url)
+            .set("node_timeout = \"10m\"")
+            .build(),
+    )
+    .await?;
+    let mut node = ScriptedNode::connect(&endpoint(&agg), "api-1", &[], HEARTBEAT).await?;
+    let first_breach = tocsin_agent::event::now_ms() - 60_000;
+    node.send_breach(&[("process:api", "critical")], first_breach)
+        .await?;
+    let id = id_of(&incident_of(&agg, "process:api").await?)?;
+    let first = eventually("the first page", PATIENCE, || async {
+        sent(&receiver, "trigger", id).into_iter().next()
+    })
+    .await?;
+    assert_eq!(
+        unix_ms(&first["incident"]["breach_started_at"])?,
+        first_breach,
+        "{first}"
+    );
+    let first_triggered = unix_ms(&first["incident"]["triggered_at"])?;
+    assert_eq!(
+        unix_ms(&first["incident"]["first_triggered_at"])?,
+        first_triggered,
+        "{first}"
+    );
+    node.send(&[("process:api", "ok")]).await?;
+    eventually("the resolve", PATIENCE, || async {
+        (sent(&receiver, "resolve", id).len() == 1).then_some(())
+    })
+    .await?;
+    // The second cycle's breach began after the first page went out.
+    let second_breach = tocsin_agent::event::now_ms();
+    assert!(second_breach > first_triggered);
+    node.send_breach(&[("process:api", "critical")], second_breach)
+        .await?;
+    let second = eventually("the page of the reopened cycle", PATIENCE, || async {
+        sent(&receiver, "trigger", id).into_iter().nth(1)
+    })
+    .await?;
+    let d = agg.get(&format!("/api/v1/incidents/{id}")).await?;
+    assert!(
+        d["timeline"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|e| e["kind"] == "reopened")),
+        "the same incident, reopened: {d}"
+    );
+    assert_eq!(
+        unix_ms(&second["incident"]["breach_started_at"])?,
+        second_breach,
+        "this cycle's breach start: {second}"
+    );
+    assert!(
+        unix_ms(&second["incident"]["triggered_at"])? >= second_breach,
+        "this cycle's trigger time: {second}"
+    );
+    assert_eq!(
+        unix_ms(&second["incident"]["first_triggered_at"])?,
+        first_triggered,
+        "the first opening stays available: {second}"
+    );
+    assert_eq!(
+        d["triggered_at_ms"].as_i64(),
+        Some(first_triggered),
+        "the incident still opened when it first did: {d}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn severity_comes_from_the_first_matching_rule_then_the_seeds_defaults() -> Result<()> {
     let dir = tempfile::tempdir()?;

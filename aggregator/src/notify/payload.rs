@@ -41,8 +41,13 @@ pub const DRILL_PREFIX: &str = "[DRILL] ";
 ///              "check":"process:nginx","state":"critical","value":0.0,"unit":"count",
 ///              "threshold":1.0,"summary":"…","labels":{…},"fingerprint":"…",
 ///              "triggered_at":"…","acknowledged_at":null,"resolved_at":null,
-///              "breach_started_at":"…"}}
+///              "breach_started_at":"…","first_triggered_at":"…"}}
 /// ```
+///
+/// `triggered_at` and `breach_started_at` are those of the current paging cycle: for an
+/// incident reopened within `[correlation] reopen_window`, the reopen and the breach
+/// start the reopening event reported (`null` when unknown); `first_triggered_at` is
+/// when the incident first opened (the same as `triggered_at` until it reopens).
 pub fn render(kind: &str, i: &Incident, now_ms: i64) -> String {
     render_with(kind, i, now_ms, None)
 }
@@ -76,11 +81,12 @@ pub fn render_with(
             "summary": drill_summary(i),
             "labels": i.labels,
             "fingerprint": i.fingerprint,
-            "triggered_at": rfc3339(i.triggered_at_ms),
+            "triggered_at": rfc3339(i.cycle_triggered_at_ms),
             "acknowledged_at": i.acknowledged_at_ms.map(rfc3339),
             "resolved_at": i.resolved_at_ms.map(rfc3339),
             "resolution": i.resolution,
-            "breach_started_at": (i.breach_started_at_ms > 0).then(|| rfc3339(i.breach_started_at_ms)),
+            "breach_started_at": (i.cycle_breach_started_at_ms > 0).then(|| rfc3339(i.cycle_breach_started_at_ms)),
+            "first_triggered_at": rfc3339(i.triggered_at_ms),
         }
     })
     .to_string()

@@ -338,6 +338,7 @@ pub fn sample_payload(event: &str) -> serde_json::Value {
             "resolved_at": resolved.then_some("2024-01-15T10:05:00.000Z"),
             "resolution": resolved.then_some("http:checkout ok: error rate 0.4%"),
             "breach_started_at": "2024-01-15T10:00:30.000Z",
+            "first_triggered_at": "2024-01-15T10:01:00.000Z",
         }
     });
     if event == crate::store::STORM_SUMMARY {

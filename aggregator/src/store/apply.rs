@@ -266,9 +266,95 @@ fn refresh(
             d.state.map(State::as_str),
         ],
     )?;
-    // Value, unit and threshold of the worst firing member (critical over warning; the
-    // latest report among equals) — not of whichever member reported last, e.g. one
-    // that just recovered. No member fires (pending, unknown): kept as they are.
+    worst_value(conn, id)?;
+    if done.rose && note_reclassify {
+        let status: String = conn
+            .prepare_cached("SELECT status FROM incidents WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))?;
+        if status == Status::Triggered.as_str() && paged(conn, id)? {
+            done.queued = super::paging::reroute(conn, ctx.router, id, before, ctx.now)?;
+        }
+    }
+    Ok(done)
+}
+
+/// Whether a member of incident `id` is not OK (firing, pending or unknown).
+fn any_not_ok(conn: &Connection, id: i64) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT EXISTS (SELECT 1 FROM incident_members WHERE incident_id = ?1 AND state != 'ok')",
+    )?
+    .query_row([id], |r| r.get(0))
+}
+
+/// A value-only update: member `fp` of the open incident `id` fires in the state it
+/// already had (not flapping, the incident not held by flapping) with the labels it
+/// already has. Nothing that decides the incident changes — its members, their states
+/// and labels, hence its severity and description — so the members are not reloaded
+/// and the severity is not recomputed ([`refresh`]): the member takes the new value,
+/// message, unit and threshold; the incident its lone member's message as summary and
+/// its worst firing member's value (as [`refresh`] does); the timeline a `state` entry.
+///
+/// Returns `false` (nothing written) when [`refresh`] must run after all: the labels
+/// changed (e.g. the node's), or a critical member of the incident has a `service`
+/// label, whose severity depends on the other nodes of its service (`service_share`)
+/// and is recomputed at every event of the incident.
+fn update_value(
+    conn: &Connection,
+    ctx: &Context<'_>,
+    id: i64,
+    fp: &str,
+    obs: &Observation<'_>,
+    labels: &BTreeMap<String, String>,
+) -> rusqlite::Result<bool> {
+    // The member keeps its drill mark while it fires (`drills::member_labels`).
+    let labels = super::drills::member_labels(conn, id, fp, true, labels)?;
+    let labels = serde_json::to_string(&labels).unwrap_or_default();
+    let (members, shared): (i64, bool) = conn
+        .prepare_cached(
+            "SELECT count(*),
+                 coalesce(max(state = 'critical' AND json_extract(labels, '$.' || ?2) IS NOT NULL), 0)
+             FROM incident_members WHERE incident_id = ?1",
+        )?
+        .query_row(params![id, correlate::SERVICE_LABEL], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    if shared {
+        return Ok(false);
+    }
+    let updated = conn
+        .prepare_cached(
+            "UPDATE incident_members SET value = ?4, message = ?5, updated_ms = ?6, unit = ?7, threshold = ?8
+             WHERE incident_id = ?1 AND fingerprint = ?2 AND labels = ?3 AND state = ?9",
+        )?
+        .execute(params![
+            id,
+            fp,
+            labels,
+            obs.value,
+            obs.message,
+            ctx.now,
+            obs.unit,
+            obs.threshold,
+            obs.state.as_str()
+        ])?;
+    if updated == 0 {
+        return Ok(false); // the labels changed
+    }
+    if members == 1 {
+        // A lone member's message is the incident's summary (`correlate::describe`).
+        conn.prepare_cached("UPDATE incidents SET summary = ?2 WHERE id = ?1")?
+            .execute(params![id, obs.message])?;
+    }
+    worst_value(conn, id)?;
+    timeline(conn, id, ctx.now, "state", obs.actor, obs.message)?;
+    Ok(true)
+}
+
+/// Sets incident `id`'s value, unit and threshold to its worst firing member's
+/// (critical over warning; the latest report among equals) — not to whichever member
+/// reported last, e.g. one that just recovered. No member fires (pending, unknown):
+/// kept as they are.
+fn worst_value(conn: &Connection, id: i64) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "UPDATE incidents SET value = w.value, unit = coalesce(w.unit, incidents.unit),
              threshold = CASE WHEN w.unit IS NULL THEN incidents.threshold ELSE w.threshold END
@@ -279,15 +365,7 @@ fn refresh(
          WHERE incidents.id = ?1",
     )?
     .execute([id])?;
-    if done.rose && note_reclassify {
-        let status: String = conn
-            .prepare_cached("SELECT status FROM incidents WHERE id = ?1")?
-            .query_row([id], |r| r.get(0))?;
-        if status == Status::Triggered.as_str() && paged(conn, id)? {
-            done.queued = super::paging::reroute(conn, ctx.router, id, before, ctx.now)?;
-        }
-    }
-    Ok(done)
+    Ok(())
 }
 
 /// Inserts or updates the member `fp` of incident `id` from `obs`.
@@ -522,8 +600,6 @@ pub fn apply(
     let now = ctx.now;
     let mut labels = ctx.node_labels.clone();
     labels.extend(obs.labels.clone());
-    // The drill mark, when a drill running on the node expects this check.
-    let mark = super::drills::mark_check(conn, obs.node, obs.check, now, &mut labels)?;
     // The open incident this fingerprint is a member of, with the member's state.
     let member: Option<(i64, String)> = conn
         .prepare_cached(
@@ -533,6 +609,19 @@ pub fn apply(
         .query_row([&fp], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     if obs.state.is_firing() {
+        if let Some((id, state)) = &member
+            && !obs.reconcile
+            && !obs.flapping
+            && *state == obs.state.as_str()
+            && !held(conn, *id)?
+            && update_value(conn, ctx, *id, &fp, obs, &labels)?
+        {
+            return Ok(());
+        }
+        // The drill mark, when a drill running on the node expects this check. Only a
+        // member that starts firing takes it (`drills::member_labels`), so it is looked
+        // up here and not for the value updates above or for what does not fire.
+        let mark = super::drills::mark_check(conn, obs.node, obs.check, now, &mut labels)?;
         match member {
             Some((id, _)) if !obs.flapping && held(conn, id)? => {
                 // It settled while firing: the page that flapping held goes out now
@@ -604,8 +693,7 @@ pub fn apply(
         return Ok(());
     }
     upsert_member(conn, id, &fp, obs, &labels, now)?;
-    let all_ok = members(conn, id)?.iter().all(|m| m.state == State::Ok);
-    if !all_ok {
+    if any_not_ok(conn, id)? {
         out.notifications += refresh(conn, ctx, id, obs, true)?.queued;
         timeline(
             conn,
@@ -697,9 +785,10 @@ fn join_or_open(
             "UPDATE incidents SET status = 'triggered', resolved_at_ms = NULL, resolution = NULL,
                  acknowledged_at_ms = NULL, page_due_ms = ?2, flapping_hold = ?3, reopened = reopened + 1,
                  outbox_mark = (SELECT coalesce(max(id), 0) FROM outbox),
-                 timeline_mark = (SELECT coalesce(max(id), 0) FROM timeline)
+                 timeline_mark = (SELECT coalesce(max(id), 0) FROM timeline),
+                 cycle_triggered_at_ms = ?4, cycle_breach_started_at_ms = ?5
              WHERE id = ?1",
-            params![id, due, obs.flapping],
+            params![id, due, obs.flapping, now, obs.breach_started_at_ms],
         )?;
         upsert_member(conn, id, fp, obs, labels, now)?;
         // A new cycle, not paged yet: the page below routes it by its severity now.

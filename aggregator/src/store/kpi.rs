@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use rusqlite::{OptionalExtension, params};
 
-use super::{Change, INCIDENT_COLUMNS, Store, StoreError, incident_from_row, timeline};
+use super::{
+    Change, INCIDENT_COLUMN_COUNT, INCIDENT_COLUMNS, Store, StoreError, incident_from_row, timeline,
+};
 use crate::kpi::{self, KpiIncident, KpiMetrics};
 use crate::model::{Incident, Severity, Status, now_ms};
 
@@ -121,7 +123,7 @@ impl Store {
             ))
             .and_then(|mut st| {
                 st.query_map(params![since_ms, until_ms, MAX_KPI_ROWS], |r| {
-                    Ok((incident_from_row(r)?, r.get(18)?))
+                    Ok((incident_from_row(r)?, r.get(INCIDENT_COLUMN_COUNT)?))
                 })?
                 .collect()
             })
@@ -327,7 +329,12 @@ impl Store {
                      FROM incidents WHERE id = ?1"
                 ))?
                 .query_row([id], |r| {
-                    Ok((incident_from_row(r)?, r.get(18)?, r.get(19)?, r.get(20)?))
+                    Ok((
+                        incident_from_row(r)?,
+                        r.get(INCIDENT_COLUMN_COUNT)?,
+                        r.get(INCIDENT_COLUMN_COUNT + 1)?,
+                        r.get(INCIDENT_COLUMN_COUNT + 2)?,
+                    ))
                 })
                 .optional()
         };

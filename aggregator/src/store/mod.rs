@@ -1412,7 +1412,11 @@ fn ingest_in(
 }
 
 const INCIDENT_COLUMNS: &str = "id, dedup_key, fingerprint, node, check_name, labels, severity, status, state, value, unit, threshold, \
-     summary, breach_started_at_ms, triggered_at_ms, acknowledged_at_ms, resolved_at_ms, resolution";
+     summary, breach_started_at_ms, triggered_at_ms, acknowledged_at_ms, resolved_at_ms, resolution, \
+     coalesce(cycle_triggered_at_ms, triggered_at_ms), coalesce(cycle_breach_started_at_ms, breach_started_at_ms)";
+
+/// How many columns [`INCIDENT_COLUMNS`] selects: the index of the first column after them.
+const INCIDENT_COLUMN_COUNT: usize = 20;
 
 const OUTBOX_COLUMNS: &str = "id, incident_id, channel, kind, status, attempts, payload, last_error, created_ms, next_attempt_ms, delivered_ms, idempotency_key";
 
@@ -1447,6 +1451,8 @@ fn incident_from_row(r: &Row<'_>) -> rusqlite::Result<Incident> {
         acknowledged_at_ms: r.get(15)?,
         resolved_at_ms: r.get(16)?,
         resolution: r.get(17)?,
+        cycle_triggered_at_ms: r.get(18)?,
+        cycle_breach_started_at_ms: r.get(19)?,
     })
 }
 

@@ -163,6 +163,11 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("incidents", "timeline_mark", "INTEGER NOT NULL DEFAULT 0"),
     // How many times the incident was reopened.
     ("incidents", "reopened", "INTEGER NOT NULL DEFAULT 0"),
+    // When the current paging cycle began and its breach start on the node (Unix ms),
+    // set when the incident reopens; NULL until then (the first cycle's are
+    // `triggered_at_ms` and `breach_started_at_ms`).
+    ("incidents", "cycle_triggered_at_ms", "INTEGER"),
+    ("incidents", "cycle_breach_started_at_ms", "INTEGER"),
     // The silence ends when this incident resolves.
     ("silences", "ends_with_incident", "INTEGER"),
     // The paging cycle (the incident's `reopened` count) a route or a storm-held trigger
@@ -226,7 +231,8 @@ pub fn migrate(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
             .exists([column])?;
         if !exists {
             conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
-            added_incident_columns |= *table == "incidents";
+            // Not for the cycle columns, added long after grouping.
+            added_incident_columns |= *table == "incidents" && !column.starts_with("cycle_");
             if (*table, *column) == ("routing", "escalated_ms") {
                 // Escalations before the column: one per cycle, the `escalated` entry.
                 conn.execute_batch(

@@ -732,6 +732,8 @@ mod tests {
                 summary: "error rate 42% over 20%".into(),
                 breach_started_at_ms: t0 - 90_000,
                 triggered_at_ms: t0,
+                cycle_triggered_at_ms: t0,
+                cycle_breach_started_at_ms: t0 - 90_000,
                 acknowledged_at_ms: Some(t0 + 240_000),
                 resolved_at_ms: Some(t0 + 2_700_000),
                 resolution: Some("resolved by bob: rolled back".into()),
