@@ -2413,6 +2413,75 @@ mod tests {
         assert_eq!(p["incident"]["summary"], "nginx ok (40 percent)", "{p}");
     }
 
+    /// A value-only update of a firing member (same state, same labels) takes the short
+    /// path (no member reload, no severity recompute): the incident still shows the
+    /// worst firing member's value, a lone member's latest message, and keeps severity
+    /// and description; a state change still reclassifies.
+    #[test]
+    fn a_value_update_of_a_firing_member_keeps_the_incident_as_a_full_refresh_would() {
+        let (_dir, mut s) = store(&["hook"]);
+        s.hello(&hello_labels("a", &[]), 1).expect("hello a");
+        s.hello(&hello_labels("b", &[]), 2).expect("hello b");
+        let id = s
+            .ingest("a", &[valued(1, State::Warning, 70.0, "percent")])
+            .expect("a")
+            .opened[0];
+        let out = s
+            .ingest("a", &[valued(2, State::Warning, 75.0, "percent")])
+            .expect("a again");
+        assert_eq!((out.opened.len(), out.notifications), (0, 0));
+        let d = s.incident(id).expect("r").expect("e");
+        assert_eq!(
+            (d.incident.severity, d.incident.state, d.incident.value),
+            (Severity::P3, State::Warning, Some(75.0))
+        );
+        assert_eq!(d.incident.summary, "nginx warning (75 percent)");
+        assert_eq!(d.members[0].value, Some(75.0));
+        assert_eq!(
+            d.timeline.iter().filter(|t| t.kind == "state").count(),
+            1,
+            "{:?}",
+            d.timeline
+        );
+
+        s.ingest("b", &[valued(1, State::Critical, 95.0, "percent")])
+            .expect("b joins");
+        s.ingest("a", &[valued(3, State::Warning, 80.0, "percent")])
+            .expect("a, a value");
+        let d = s.incident(id).expect("r").expect("e");
+        assert_eq!(
+            (d.incident.severity, d.incident.state, d.incident.value),
+            (Severity::P2, State::Critical, Some(95.0)),
+            "the worst member's value, not the latest report's"
+        );
+        assert_eq!(
+            d.incident.summary,
+            "process:nginx critical on 2 nodes: a, b"
+        );
+        s.ingest("b", &[valued(2, State::Critical, 97.0, "percent")])
+            .expect("b, a value");
+        let d = s.incident(id).expect("r").expect("e");
+        assert_eq!(
+            (d.incident.severity, d.incident.value),
+            (Severity::P2, Some(97.0))
+        );
+        assert_eq!(
+            d.incident.summary,
+            "process:nginx critical on 2 nodes: a, b"
+        );
+        assert_eq!(triggers(&s, id), 1, "paged once");
+
+        // A state change still recomputes: b recovers, a (warning) is left: P3.
+        s.ingest("b", &[valued(3, State::Ok, 1.0, "percent")])
+            .expect("b recovers");
+        let d = s.incident(id).expect("r").expect("e");
+        assert_eq!(
+            (d.incident.severity, d.incident.state, d.incident.value),
+            (Severity::P3, State::Warning, Some(80.0))
+        );
+        assert_eq!(d.incident.summary, "process:nginx warning on 1 node: a");
+    }
+
     #[test]
     fn unchanged_heartbeats_write_nothing_until_an_event_arrives() {
         let (_dir, mut s) = store(&[]);
