@@ -125,21 +125,45 @@ fn node_down_incident(conn: &Connection, node: &str) -> rusqlite::Result<Option<
 
 /// Members of incident `id`, in join order.
 pub(super) fn members(conn: &Connection, id: i64) -> rusqlite::Result<Vec<Member>> {
+    Ok(member_rows(conn, id)?
+        .into_iter()
+        .map(|r| r.member)
+        .collect())
+}
+
+/// A member as stored: with its row id, unit and threshold.
+struct MemberRow {
+    /// `incident_members.id` (join order).
+    id: i64,
+    member: Member,
+    /// NULL for members from before the column.
+    unit: Option<String>,
+    threshold: Option<f64>,
+}
+
+/// [`members`] with their row ids, units and thresholds.
+fn member_rows(conn: &Connection, id: i64) -> rusqlite::Result<Vec<MemberRow>> {
     conn.prepare_cached(
-        "SELECT fingerprint, node, check_name, labels, state, value, message, since_ms, updated_ms
+        "SELECT fingerprint, node, check_name, labels, state, value, message, since_ms, updated_ms,
+             id, unit, threshold
          FROM incident_members WHERE incident_id = ?1 ORDER BY id",
     )?
     .query_map([id], |r| {
-        Ok(Member {
-            fingerprint: r.get(0)?,
-            node: r.get(1)?,
-            check: r.get(2)?,
-            labels: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
-            state: parse_state(&r.get::<_, String>(4)?),
-            value: r.get(5)?,
-            message: r.get(6)?,
-            since_ms: r.get(7)?,
-            updated_ms: r.get(8)?,
+        Ok(MemberRow {
+            member: Member {
+                fingerprint: r.get(0)?,
+                node: r.get(1)?,
+                check: r.get(2)?,
+                labels: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
+                state: parse_state(&r.get::<_, String>(4)?),
+                value: r.get(5)?,
+                message: r.get(6)?,
+                since_ms: r.get(7)?,
+                updated_ms: r.get(8)?,
+            },
+            id: r.get(9)?,
+            unit: r.get(10)?,
+            threshold: r.get(11)?,
         })
     })?
     .collect()
@@ -193,7 +217,14 @@ fn refresh(
     note_reclassify: bool,
 ) -> rusqlite::Result<Refreshed> {
     let mut done = Refreshed::default();
-    let all = members(conn, id)?;
+    let rows = member_rows(conn, id)?;
+    // The worst firing member, as `worst_value` picks it, from the rows at hand.
+    let worst = rows
+        .iter()
+        .filter(|r| r.member.state.is_firing())
+        .max_by_key(|r| (r.member.state == State::Critical, r.member.updated_ms, r.id));
+    let worst = worst.map(|w| (w.member.value, w.unit.clone(), w.threshold));
+    let all: Vec<Member> = rows.into_iter().map(|r| r.member).collect();
     let Some(d) = correlate::describe(&all) else {
         return Ok(done);
     };
@@ -266,7 +297,15 @@ fn refresh(
             d.state.map(State::as_str),
         ],
     )?;
-    worst_value(conn, id)?;
+    if let Some((value, unit, threshold)) = worst {
+        // As `worst_value` does, without scanning the members again.
+        conn.prepare_cached(
+            "UPDATE incidents SET value = ?2, unit = coalesce(?3, unit),
+                 threshold = CASE WHEN ?3 IS NULL THEN threshold ELSE ?4 END
+             WHERE id = ?1",
+        )?
+        .execute(params![id, value, unit, threshold])?;
+    }
     if done.rose && note_reclassify {
         let status: String = conn
             .prepare_cached("SELECT status FROM incidents WHERE id = ?1")?
