@@ -9,11 +9,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -155,15 +153,51 @@ struct AdminState {
     spool_durable: Gauge,
 }
 
-async fn metrics(
-    State(st): State<AdminState>,
-    headers: axum::http::HeaderMap,
-) -> impl IntoResponse {
+/// `/metrics`: the registry, with `tocsin_ship_connected` refreshed first.
+fn metrics(st: &AdminState, headers: &http::HeaderMap) -> Response<Full<Bytes>> {
     st.connected.set(i64::from(matches!(
         *st.conn.borrow(),
         ConnState::Connected { .. }
     )));
-    render(&st.registry, &headers)
+    let ([(name, value)], body) = render(&st.registry, headers);
+    reply(StatusCode::OK, Some((name, value)), body)
+}
+
+/// A response with `status`, an optional header and `body`.
+fn reply(
+    status: StatusCode,
+    header: Option<(header::HeaderName, &'static str)>,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    if let Some((name, value)) = header {
+        response
+            .headers_mut()
+            .insert(name, header::HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// Routes one request: `GET` (or `HEAD`) `/metrics` and `/health`; 405 with `Allow` for
+/// other methods on them, 404 elsewhere.
+fn route(st: &AdminState, request: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    if path != "/metrics" && path != "/health" {
+        return reply(StatusCode::NOT_FOUND, None, Bytes::new());
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Some((header::ALLOW, "GET,HEAD")),
+            Bytes::new(),
+        );
+    }
+    if path == "/metrics" {
+        metrics(st, request.headers())
+    } else {
+        health(st)
+    }
 }
 
 /// Encodes `registry` for a scrape: OpenMetrics when the client asks for it (Prometheus
@@ -171,7 +205,7 @@ async fn metrics(
 /// aggregator's `/metrics`.
 pub fn render(
     registry: &Registry,
-    headers: &axum::http::HeaderMap,
+    headers: &http::HeaderMap,
 ) -> ([(header::HeaderName, &'static str); 1], String) {
     let mut body = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut body, registry) {
@@ -238,17 +272,23 @@ pub fn classic_text(openmetrics: &str) -> String {
 /// `/health`: `{"status": "ok"|"degraded", "connected": bool, "spool": "disk"|"memory"}`,
 /// always HTTP 200 while the agent serves (it still samples and pages); "degraded" when
 /// the spool is in memory only (state_dir unusable: disk full, permissions).
-async fn health(State(st): State<AdminState>) -> impl IntoResponse {
+fn health(st: &AdminState) -> Response<Full<Bytes>> {
     let connected = matches!(*st.conn.borrow(), ConnState::Connected { .. });
     let durable = st.spool_durable.get() == 1;
-    axum::Json(serde_json::json!({
+    let body = serde_json::json!({
         "status": if durable { "ok" } else { "degraded" },
         "connected": connected,
         "spool": if durable { "disk" } else { "memory" },
-    }))
+    });
+    reply(
+        StatusCode::OK,
+        Some((header::CONTENT_TYPE, "application/json")),
+        body.to_string(),
+    )
 }
 
-/// Serves `/metrics` and `/health` on `addr` until `shutdown`; logs where it listens.
+/// Serves `/metrics` and `/health` (HTTP/1.1, hyper) on `addr` until `shutdown`, then
+/// lets the requests in flight finish; logs where it listens.
 pub async fn serve(
     addr: SocketAddr,
     registry: Registry,
@@ -265,21 +305,49 @@ pub async fn serve(
     };
     let bound = listener.local_addr().unwrap_or(addr);
     tracing::info!(admin = %bound, "admin listening (/metrics, /health)");
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/health", get(health))
-        .with_state(AdminState {
-            registry: Arc::new(registry),
-            conn,
-            connected: gauges.connected.clone(),
-            spool_durable: gauges.spool_durable.clone(),
+    let state = AdminState {
+        registry: Arc::new(registry),
+        conn,
+        connected: gauges.connected.clone(),
+        spool_durable: gauges.spool_durable.clone(),
+    };
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "admin endpoint cannot accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                std::future::ready(Ok::<_, std::convert::Infallible>(route(&state, &request)))
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            let done = tokio::select! {
+                done = connection.as_mut() => done,
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = done {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
         });
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        tracing::error!(error = %e, "admin endpoint failed");
     }
+    connections.close();
+    connections.wait().await;
 }
 
 #[cfg(test)]

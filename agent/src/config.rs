@@ -16,10 +16,20 @@ use crate::settings::{self, ConfigError, Validator};
 use crate::telemetry::{LogConfig, RawLog};
 use tocsin_proto::limits::{MAX_ID_LEN, MAX_LABELS};
 
+/// This node's hostname (`uname(2)`'s nodename, as `hostname` prints it), or
+/// `localhost` when it is empty or not UTF-8.
+pub fn host_name() -> String {
+    let uname = rustix::system::uname();
+    match uname.nodename().to_str() {
+        Ok(name) if !name.is_empty() => name.to_owned(),
+        _ => "localhost".to_owned(),
+    }
+}
+
 /// Default sampling interval.
 pub const DEFAULT_INTERVAL: &str = "1s";
-/// Shortest sampling interval: sysinfo needs readings at least this far apart for a
-/// CPU usage (`sysinfo::MINIMUM_CPU_UPDATE_INTERVAL`).
+/// Shortest sampling interval: two `/proc/stat` readings closer than this give a CPU
+/// usage of a few clock ticks (10 ms each), too coarse to judge.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(200);
 /// Default heartbeat interval (current state of every check sent to the aggregator).
 pub const DEFAULT_HEARTBEAT_INTERVAL: &str = "5s";
@@ -827,7 +837,7 @@ impl RawConfig {
 
         let log = crate::telemetry::validate(&mut v, &self.log);
 
-        let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "localhost".to_owned());
+        let hostname = host_name();
         let agent_id = match self.agent_id {
             Some(id) if id.trim().is_empty() => {
                 v.problem(

@@ -44,7 +44,7 @@ pub fn run(cfg: &AgentConfig) -> Result<Vec<Row>, SamplerError> {
     // The active checks run (concurrently) while CPU usage gets its second reading.
     let started = std::time::Instant::now();
     let active = run_active(&cfg.active);
-    let settle = sysinfo::MINIMUM_CPU_UPDATE_INTERVAL + Duration::from_millis(50);
+    let settle = crate::config::MIN_INTERVAL + Duration::from_millis(50);
     std::thread::sleep(settle.saturating_sub(started.elapsed()));
     let mut sample = sampler.sample(started.elapsed().max(settle), None);
     sample.active = active;

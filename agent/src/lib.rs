@@ -1,7 +1,7 @@
 #![doc = include_str!("../README.md")]
 //! tocsin-agent: the node agent.
 //!
-//! Data path: `sample` (sysinfo) → `collect` (evaluate every rule with the pure
+//! Data path: `sample` (/proc) → `collect` (evaluate every rule with the pure
 //! `evaluate` state machine) → `spool` (SQLite, durable before send) → `ship` (one gRPC
 //! stream to the aggregator, replay on reconnect, delete on ack). `config` and `settings`
 //! load and validate the TOML/environment config; `convert` is the only place that

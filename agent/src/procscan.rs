@@ -1,6 +1,7 @@
 //! A lean reader of the process table in `/proc`, for process watches.
 //!
-//! Owns one reusable read buffer; every read is one `open` + `read` of a small file. It
+//! Owns one reusable read buffer; every read is one `open` + `read` of a small file (the
+//! `stat` of processes read every cycle stays open: one `pread`). It
 //! reads only what watches need: `/proc/PID/stat` (name, state, start time, CPU time,
 //! RSS) for every process during discovery, and the executable link or the command line
 //! only for the few processes whose name could match (or for command-line patterns,
@@ -73,11 +74,18 @@ fn fields_rss<'a>(fields: &mut impl Iterator<Item = &'a str>) -> Option<i64> {
     fields.next()?.parse().ok()
 }
 
+/// Most `/proc/PID/stat` files a [`ProcReader`] keeps open for [`ProcReader::stat_kept`]
+/// (well under the usual 1024 open files); PIDs beyond it are opened at each read.
+pub const MAX_KEPT_STATS: usize = 256;
+
 /// Reads `/proc`; see the module docs.
 #[derive(Debug)]
 pub struct ProcReader {
     root: PathBuf,
     buf: Vec<u8>,
+    /// `/proc/PID/stat` of the processes read every cycle, kept open (see
+    /// [`ProcReader::stat_kept`]).
+    kept: std::collections::HashMap<u32, std::fs::File>,
 }
 
 impl Default for ProcReader {
@@ -92,6 +100,7 @@ impl ProcReader {
         ProcReader {
             root,
             buf: Vec::with_capacity(4096),
+            kept: std::collections::HashMap::new(),
         }
     }
 
@@ -121,6 +130,36 @@ impl ProcReader {
         self.buf.resize(4096, 0);
         let n = f.read(&mut self.buf).ok()?;
         parse_stat(pid, &self.buf[..n])
+    }
+
+    /// [`stat`](Self::stat) for a process read every cycle: its `/proc/PID/stat` stays
+    /// open and is read again from offset 0 (one `pread` instead of `open` + `read` +
+    /// `close`; up to [`MAX_KEPT_STATS`] processes). An open file stays bound to its
+    /// process: once that process is gone the read fails, and the PID is opened afresh,
+    /// so a new process that reuses the PID is read as itself.
+    pub fn stat_kept(&mut self, pid: u32) -> Option<ProcStat> {
+        use std::os::unix::fs::FileExt;
+        self.buf.resize(4096, 0);
+        if let Some(f) = self.kept.get(&pid) {
+            match f.read_at(&mut self.buf, 0) {
+                Ok(n) if n > 0 => return parse_stat(pid, &self.buf[..n]),
+                _ => {
+                    self.kept.remove(&pid);
+                }
+            }
+        }
+        let f = std::fs::File::open(self.root.join(pid.to_string()).join("stat")).ok()?;
+        let n = f.read_at(&mut self.buf, 0).ok()?;
+        let stat = parse_stat(pid, &self.buf[..n]);
+        if stat.is_some() && self.kept.len() < MAX_KEPT_STATS {
+            self.kept.insert(pid, f);
+        }
+        stat
+    }
+
+    /// Closes the kept `/proc/PID/stat` of every process not in `pids` (sorted).
+    pub fn keep_only(&mut self, pids: &[u32]) {
+        self.kept.retain(|pid, _| pids.binary_search(pid).is_ok());
     }
 
     /// File name of the process's executable (`/proc/PID/exe`); `None` for kernel
@@ -178,5 +217,29 @@ mod tests {
         assert!(!args.is_empty());
         assert!(r.exe_name(me).is_some());
         assert_eq!(r.stat(u32::MAX), None);
+    }
+
+    #[test]
+    fn a_kept_stat_follows_its_process_and_not_a_reused_pid() {
+        let mut r = ProcReader::default();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        let first = r.stat_kept(pid).expect("child stat");
+        assert!(first.is_live());
+        // Read again through the kept file: the same process.
+        let again = r.stat_kept(pid).expect("kept stat");
+        assert_eq!(again.start_ticks, first.start_ticks);
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        // Gone and reaped: the kept file fails and the fresh open finds nothing.
+        assert_eq!(r.stat_kept(pid), None);
+        assert!(r.kept.is_empty());
+        let me = std::process::id();
+        assert!(r.stat_kept(me).is_some());
+        r.keep_only(&[]);
+        assert!(r.kept.is_empty());
     }
 }

@@ -240,9 +240,10 @@ impl Sampler {
         all.sort_unstable();
         all.dedup();
         let stats: HashMap<u32, ProcStat> = all
-            .into_iter()
-            .filter_map(|pid| Some((pid, self.procs.stat(pid)?)))
+            .iter()
+            .filter_map(|&pid| Some((pid, self.procs.stat_kept(pid)?)))
             .collect();
+        self.procs.keep_only(&all);
 
         let dt_ms = self
             .last_cycle

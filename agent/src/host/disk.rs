@@ -173,7 +173,7 @@ impl DiskScanner {
             });
         DiskScanner {
             root: root.to_path_buf(),
-            mountinfo: ProcFile::new(mountinfo),
+            mountinfo: ProcFile::mount_table(mountinfo),
             include_escaped: include.iter().map(|m| escape(m)).collect(),
             include,
             exclude_fstypes: options.exclude_fstypes,

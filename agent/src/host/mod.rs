@@ -172,6 +172,10 @@ impl HostSampler {
 /// keeps that size.
 const INITIAL_READ_BUFFER: usize = 8 * 1024;
 
+/// `statfs(2)` type of the proc filesystem (`PROC_SUPER_MAGIC`; `f_type` is an `i64`
+/// on 64-bit Linux).
+const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+
 /// A `/proc` file kept open and re-read whole, from offset 0, into a reused buffer.
 #[derive(Debug)]
 struct ProcFile {
@@ -179,6 +183,11 @@ struct ProcFile {
     file: Option<File>,
     /// Always fully initialised: its length is the size offered to `pread`.
     buf: Vec<u8>,
+    /// A mount table (`/proc/PID/mountinfo`): re-read only when `poll(2)` says it changed.
+    mount_table: bool,
+    /// Length of the last whole read, while it is known to be current (the open file
+    /// is a mount table on procfs, which reports each change as `POLLPRI`).
+    current: Option<usize>,
 }
 
 impl ProcFile {
@@ -187,6 +196,38 @@ impl ProcFile {
             path,
             file: None,
             buf: Vec::new(),
+            mount_table: false,
+            current: None,
+        }
+    }
+
+    /// A mount table (`/proc/self/mountinfo`): when it is on procfs, it is read again
+    /// only after the kernel reported a change of the mount namespace (proc(5): the
+    /// file polls `POLLPRI | POLLERR` once after each mount or unmount), where
+    /// generating its text every cycle was the largest part of the agent's kernel time
+    /// (issue 3, agent CPU). Anything else (a test's regular file) is read every time.
+    fn mount_table(path: PathBuf) -> Self {
+        ProcFile {
+            mount_table: true,
+            ..Self::new(path)
+        }
+    }
+
+    /// True when the mount table read last is still the current one: no change was
+    /// polled since (a failed poll counts as a change).
+    fn unchanged(file: &File) -> bool {
+        use rustix::event::{PollFd, PollFlags, Timespec};
+        let mut fds = [PollFd::new(file, PollFlags::PRI)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut fds, Some(&now)) {
+            Ok(0) => true,
+            Ok(_) => !fds[0]
+                .revents()
+                .intersects(PollFlags::PRI | PollFlags::ERR | PollFlags::NVAL),
+            Err(_) => false,
         }
     }
 
@@ -201,7 +242,19 @@ impl ProcFile {
 
     /// [`read`](Self::read), with the path alongside for messages (borrowed, not cloned).
     fn read_with_path(&mut self) -> (&Path, io::Result<&[u8]>) {
-        let ProcFile { path, file, buf } = self;
+        let ProcFile {
+            path,
+            file,
+            buf,
+            mount_table,
+            current,
+        } = self;
+        if let (Some(open), Some(len)) = (file.as_ref(), *current)
+            && Self::unchanged(open)
+        {
+            return (path, Ok(&buf[..len]));
+        }
+        *current = None;
         // Taken out while reading: an error drops (closes) it, success puts it back.
         let open = match file.take() {
             Some(f) => f,
@@ -230,6 +283,10 @@ impl ProcFile {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return (path, Err(e)),
             }
+        }
+        if *mount_table && rustix::fs::fstatfs(&open).is_ok_and(|fs| fs.f_type == PROC_SUPER_MAGIC)
+        {
+            *current = Some(filled);
         }
         *file = Some(open);
         (path, Ok(&buf[..filled]))

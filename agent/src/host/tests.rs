@@ -305,3 +305,21 @@ fn the_sampler_can_move_to_a_blocking_thread() {
     send::<HostSampler>();
     send::<HostSample>();
 }
+
+#[test]
+fn the_mount_table_is_read_again_only_after_a_change_on_procfs() {
+    // procfs: the first read is kept while no mount or unmount is polled.
+    let mut proc = ProcFile::mount_table(PathBuf::from("/proc/self/mountinfo"));
+    let first = proc.read().expect("read mountinfo").to_vec();
+    assert!(!first.is_empty());
+    assert!(proc.current.is_some(), "procfs mount table kept");
+    assert_eq!(proc.read().expect("kept mountinfo"), first.as_slice());
+    // A regular file (a fixture) cannot report changes: read every time.
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "mountinfo", "one\n");
+    let mut plain = ProcFile::mount_table(dir.path().join("mountinfo"));
+    assert_eq!(plain.read().expect("read"), b"one\n");
+    assert!(plain.current.is_none());
+    write(dir.path(), "mountinfo", "two\n");
+    assert_eq!(plain.read().expect("read again"), b"two\n");
+}
