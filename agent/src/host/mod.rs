@@ -41,6 +41,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub use cpu::CpuUsage;
 pub use disk::{DiskOptions, DiskUsage, IMAGE_FSTYPES, NETWORK_FSTYPES, PSEUDO_FSTYPES};
@@ -80,6 +81,8 @@ pub struct HostSampler {
     loadavg: ProcFile,
     cpu: cpu::CpuTracker,
     disks: disk::DiskScanner,
+    /// Origin of the monotonic times of the CPU readings.
+    epoch: std::time::Instant,
 }
 
 impl HostSampler {
@@ -95,7 +98,29 @@ impl HostSampler {
             loadavg: ProcFile::new(proc.join("loadavg")),
             cpu: cpu::CpuTracker::default(),
             disks: disk::DiskScanner::new(&root, proc.join("self").join("mountinfo"), disk),
+            epoch: std::time::Instant::now(),
         }
+    }
+
+    /// Makes [`HostSample::cpu`]'s busy, iowait and steal percentages (and
+    /// [`cpu_busy`](Self::cpu_busy)) cover the last `window` of monotonic time instead of
+    /// the time since the previous reading, with `step` the time between readings
+    /// (a baseline may be up to half a step younger than `window`: timer jitter). Per-core
+    /// values still cover the time since the previous [`sample`](Self::sample).
+    pub fn set_cpu_window(&mut self, window: Duration, step: Duration) {
+        self.cpu.set_window(window, step / 2);
+    }
+
+    /// A sub-interval CPU reading: one `pread` of `/proc/stat`, only its aggregate `cpu`
+    /// line parsed, kept in the window's ring. Returns the busy percent 0–100 over the
+    /// window set by [`set_cpu_window`](Self::set_cpu_window); `None` during warm-up (no
+    /// reading old enough yet), right after the counters went backwards, or when the
+    /// file cannot be read or parsed (the next [`sample`](Self::sample) reports why).
+    /// Blocking only as much as a `/proc` read; allocates nothing once running.
+    pub fn cpu_busy(&mut self) -> Option<f64> {
+        let now = self.epoch.elapsed();
+        let text = self.stat.read_text().ok()?;
+        self.cpu.step(text, now).ok().flatten()
     }
 
     /// Reads every source once and returns the values. Blocking (file reads and
@@ -106,7 +131,7 @@ impl HostSampler {
 
         let mut online = None;
         let cpu = match self.stat.read_text() {
-            Ok(text) => match self.cpu.update(text) {
+            Ok(text) => match self.cpu.update_at(text, self.epoch.elapsed()) {
                 Ok(reading) => {
                     online = (reading.online > 0).then_some(reading.online);
                     errors.extend(reading.note);
