@@ -13,7 +13,7 @@
 //!
 //! | value | unit | source |
 //! |---|---|---|
-//! | [`CpuUsage::busy_pct`] | % 0–100 of all online cores | `/proc/stat` `cpu` line, Δ between two samples |
+//! | [`CpuUsage::busy_pct`] | % 0–100 of all online cores | `/proc/stat` `cpu` line, Δ between two samples (or over a sliding window: [`HostSampler::set_cpu_window`]) |
 //! | [`CpuUsage::iowait_pct`] | % 0–100 of all cores' time | `/proc/stat` `cpu` line, iowait field |
 //! | [`CpuUsage::steal_pct`] | % 0–100 of all cores' time | `/proc/stat` `cpu` line, steal field |
 //! | [`CpuUsage::per_core_busy_pct`] | % 0–100 of one core, indexed by CPU number | `/proc/stat` `cpuN` lines |
@@ -54,8 +54,11 @@ pub use memory::MemoryUsage;
 /// missing from `disks`) and the reason is in `errors`; the other values are still there.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HostSample {
-    /// CPU usage since the previous sample. `None` on the first cycle (a usage needs two
-    /// readings — never a fake 0), when `/proc/stat` could not be read, or when its total
+    /// CPU usage since the previous sample, or — with
+    /// [`set_cpu_window`](HostSampler::set_cpu_window) — busy, iowait and steal over the
+    /// last window (per core: since the previous sample). `None` on the first cycle, or
+    /// until a reading one window old exists (a usage needs two readings — never a fake
+    /// 0), when `/proc/stat` could not be read, or when its total
     /// counters went backwards (CPU hotplug, counter wrap) or did not move.
     pub cpu: Option<CpuUsage>,
     /// RAM and swap; `None` when `/proc/meminfo` could not be read or has no MemTotal.
