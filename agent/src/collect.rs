@@ -1051,7 +1051,7 @@ impl Collector {
 
     /// Samples every interval, and at once when a watched process exits, until
     /// `shutdown` is cancelled; in between, every `cpu_step`, re-evaluates the `cpu` rule
-    /// on the busy percent over the last interval (see [`Self::cpu_step`]).
+    /// on the busy percent over the last interval (see `Collector::cpu_step`).
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.interval / self.cpu_steps);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
