@@ -546,7 +546,15 @@ impl Checks {
             };
             c.generation = generation;
             c.rule = r.rule;
-            evaluate_one(c, r.value, r.detail.as_deref(), now, wall_ms, &mut events);
+            evaluate_one(
+                c,
+                r.value,
+                r.detail.as_deref(),
+                now,
+                wall_ms,
+                Record::Result,
+                &mut events,
+            );
         }
         for c in self
             .map
@@ -559,6 +567,35 @@ impl Checks {
                 Some("no longer collected"),
                 now,
                 wall_ms,
+                Record::Result,
+                &mut events,
+            );
+        }
+        events
+    }
+
+    /// Evaluates a sub-interval value of the check `name` (the `cpu` rule at a
+    /// `cpu_step`): the same rule, state, `for`/`clear_for` timers and event as a cycle's
+    /// evaluation, but no other check is touched and the flap history records no result
+    /// (a state change is only noted, see [`evaluate::FlapDetector::note_change`]; the
+    /// next cycle records the result). Returns the event when the state changed. A
+    /// check no cycle has created yet is left alone.
+    pub fn evaluate_step(
+        &mut self,
+        name: &str,
+        value: f64,
+        now: Duration,
+        wall_ms: i64,
+    ) -> Vec<Event> {
+        let mut events = Vec::new();
+        if let Some(c) = self.map.get_mut(name).filter(|c| !c.external) {
+            evaluate_one(
+                c,
+                Some(value),
+                None,
+                now,
+                wall_ms,
+                Record::Step,
                 &mut events,
             );
         }
@@ -644,14 +681,27 @@ impl Checks {
     }
 }
 
+/// Whether an evaluation is one of the check's results (a cycle), which the flap
+/// history records, or a sub-interval step in between, which only notes a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Record {
+    Result,
+    Step,
+}
+
 fn evaluate_one(
     c: &mut Check,
     value: Option<f64>,
     detail: Option<&str>,
     now: Duration,
     wall_ms: i64,
+    record: Record,
     events: &mut Vec<Event>,
 ) {
+    if record == Record::Step && value.is_none() {
+        // A step without a value says nothing: UNKNOWN is the cycle's to decide.
+        return;
+    }
     // The first CPU cycle has no value yet: stay silent rather than report unknown (also
     // for a state restored from before a restart).
     if value.is_none() && (c.state.state == State::Unknown || !c.observed) {
@@ -685,7 +735,15 @@ fn evaluate_one(
     c.value = value;
     let transition = evaluate::step(&c.rule, &mut c.state, value, now);
     let was_flapping = c.flap.is_flapping();
-    let flapping = c.flap.observe(c.state.state);
+    let flapping = match record {
+        Record::Result => c.flap.observe(c.state.state),
+        Record::Step => {
+            if transition.is_some() {
+                c.flap.note_change();
+            }
+            was_flapping
+        }
+    };
     let Some(t) = transition else {
         if flapping != was_flapping {
             // No state change, but the check starts or stops flapping: say so, so the
@@ -823,6 +881,9 @@ fn newest_per_check(events: Vec<Event>, max: usize) -> Vec<Event> {
 #[derive(Debug)]
 pub struct Collector {
     interval: Duration,
+    /// Ticks per interval: every tick but each `cpu_steps`-th is a CPU step (one read
+    /// of `/proc/stat`, only the `cpu` rule evaluated); 1 without sub-interval steps.
+    cpu_steps: u32,
     sampler: Option<Sampler>,
     book: RuleBook,
     checks: Checks,
@@ -839,7 +900,7 @@ pub struct Collector {
     cycle_seconds: prometheus_client::metrics::histogram::Histogram,
     /// pidfds of the watched processes: a death starts a cycle at once.
     deaths: DeathWatch,
-    /// Monotonic time of the last cycle, to notice gaps in observation.
+    /// Monotonic time of the last cycle or CPU step, to notice gaps in observation.
     last_cycle: Option<Duration>,
     /// Latest results of the active checks.
     board: Board,
@@ -920,10 +981,22 @@ impl Collector {
         board: Board,
     ) -> Self {
         let wall = now_ms();
+        // Steps only serve the `cpu` rule.
+        let cpu_steps = if cfg.cpu.is_some() {
+            cfg.cpu_steps.max(1)
+        } else {
+            1
+        };
+        let sampler = if cpu_steps > 1 {
+            sampler.with_cpu_window(cfg.interval, cfg.interval / cpu_steps)
+        } else {
+            sampler
+        };
         Collector {
             events_total: metrics.events.clone(),
             cycle_seconds: metrics.cycle_seconds.clone(),
             interval: cfg.interval,
+            cpu_steps,
             sampler: Some(sampler),
             book: RuleBook::new(cfg),
             checks: Checks::with_restored(restored.checks),
@@ -977,14 +1050,21 @@ impl Collector {
     }
 
     /// Samples every interval, and at once when a watched process exits, until
-    /// `shutdown` is cancelled.
+    /// `shutdown` is cancelled; in between, every `cpu_step`, re-evaluates the `cpu` rule
+    /// on the busy percent over the last interval (see `Collector::cpu_step`).
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(self.interval);
+        let mut tick = tokio::time::interval(self.interval / self.cpu_steps);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u64 = 0;
         loop {
+            let mut step = false;
             let rediscover = tokio::select! {
                 () = shutdown.cancelled() => return,
-                _ = tick.tick() => false,
+                _ = tick.tick() => {
+                    step = !ticks.is_multiple_of(u64::from(self.cpu_steps));
+                    ticks += 1;
+                    false
+                }
                 pid = self.deaths.next_death() => {
                     tracing::debug!(pid, "watched process exited");
                     true
@@ -1002,10 +1082,45 @@ impl Collector {
                     true
                 }
             };
-            if !self.cycle(rediscover).await {
+            if step {
+                self.cpu_step().await;
+            } else if !self.cycle(rediscover).await {
                 return;
             }
         }
+    }
+
+    /// One sub-interval step: reads the busy percent over the last interval (one
+    /// `/proc/stat` read, inline: no blocking thread for a `/proc` read) and evaluates
+    /// only the `cpu` rule with it; a state change is committed like a cycle's events.
+    /// Silent without a value (warm-up, reset, read error): the next cycle decides.
+    async fn cpu_step(&mut self) {
+        let Some(value) = self.sampler.as_mut().and_then(Sampler::cpu_busy) else {
+            return;
+        };
+        let now = self.start.elapsed();
+        self.observed_at(now);
+        let events = self.checks.evaluate_step("cpu", value, now, now_ms());
+        if !events.is_empty() {
+            self.commit(events).await;
+        }
+    }
+
+    /// Notes an observation at `now`; after a pause longer than [`max_gap`] (the agent
+    /// was stopped, the VM paused) the `for` timers restart.
+    fn observed_at(&mut self, now: Duration) {
+        // Monotonic time keeps running while the agent is stopped (SIGSTOP, a paused
+        // VM): time nobody observed is not breach time.
+        if let Some(last) = self.last_cycle
+            && now.saturating_sub(last) > max_gap(self.interval)
+        {
+            tracing::warn!(
+                gap = ?now.saturating_sub(last),
+                "sampling was interrupted; `for` timers restart"
+            );
+            self.checks.observation_gap(now);
+        }
+        self.last_cycle = Some(now);
     }
 
     /// One sample-evaluate-commit cycle; false when sampling can no longer run.
@@ -1041,18 +1156,7 @@ impl Collector {
         sample.active = self.board.snapshot(now);
         self.deaths
             .track(sample.processes.iter().flat_map(|p| p.pids.iter().copied()));
-        // Monotonic time keeps running while the agent is stopped (SIGSTOP, a paused
-        // VM): time nobody observed is not breach time.
-        if let Some(last) = self.last_cycle
-            && now.saturating_sub(last) > max_gap(self.interval)
-        {
-            tracing::warn!(
-                gap = ?now.saturating_sub(last),
-                "sampling was interrupted; `for` timers restart"
-            );
-            self.checks.observation_gap(now);
-        }
-        self.last_cycle = Some(now);
+        self.observed_at(now);
         let wall = now_ms();
         let readings = self.book.readings(&sample);
         let mut events = self.checks.evaluate(readings, now, wall);
@@ -1418,6 +1522,187 @@ mod tests {
             events.iter().filter(|e| e.state == State::Critical).count(),
             1
         );
+        assert!(events.iter().all(|e| !e.flapping));
+    }
+}
+
+#[cfg(test)]
+mod step_tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::evaluate::{Direction, Rule};
+
+    fn book() -> RuleBook {
+        let mut cfg = crate::config::load(None).expect("defaults");
+        cfg.memory = None;
+        cfg.processes.clear();
+        cfg.cpu = Some(Rule {
+            direction: Direction::Above,
+            warning: None,
+            critical: Some(90.0),
+            hold_for: Duration::ZERO,
+            clear: None,
+            clear_for: Duration::ZERO,
+            inclusive: false,
+        });
+        RuleBook::new(&cfg)
+    }
+
+    fn sample(cpu: Option<f64>) -> Sample {
+        Sample {
+            cpu_busy_pct: cpu,
+            memory_used_pct: None,
+            processes: Vec::new(),
+            host: crate::host::HostSample::default(),
+            active: Vec::new(),
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// One interval of 1 s from `start_ms`: steps at +200…+800 ms with `steps`, then the
+    /// cycle at +1000 ms with `cycle`. Returns every event.
+    fn interval(
+        checks: &mut Checks,
+        book: &RuleBook,
+        start_ms: u64,
+        steps: [f64; 4],
+        cycle: f64,
+    ) -> Vec<Event> {
+        let mut events = Vec::new();
+        for (k, v) in steps.into_iter().enumerate() {
+            let at = start_ms + 200 * (k as u64 + 1);
+            events.extend(checks.evaluate_step("cpu", v, ms(at), at as i64));
+        }
+        let at = start_ms + 1000;
+        events.extend(checks.evaluate(book.readings(&sample(Some(cycle))), ms(at), at as i64));
+        events
+    }
+
+    #[test]
+    fn a_step_fires_between_cycles_through_the_same_rule() {
+        let book = book();
+        let mut checks = Checks::default();
+        // Warm-up: the first cycle has no value; steps then have nothing to evaluate.
+        assert!(
+            checks
+                .evaluate(book.readings(&sample(None)), ms(0), 0)
+                .is_empty()
+        );
+        let ev = interval(&mut checks, &book, 0, [5.0, 5.0, 5.0, 5.0], 5.0);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!((ev[0].previous, ev[0].state), (State::Unknown, State::Ok));
+        // The load starts: the step at 1.6 s sees the window above 90 %.
+        let ev = interval(&mut checks, &book, 1000, [40.0, 70.0, 95.0, 100.0], 100.0);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!((ev[0].previous, ev[0].state), (State::Ok, State::Critical));
+        assert_eq!(ev[0].observed_at_ms, 1600);
+        assert_eq!(ev[0].breach_started_at_ms, 1600);
+        assert_eq!(ev[0].message, "cpu critical: 95% above 90%");
+        assert!(!ev[0].flapping);
+        // It ends: the step at 2.4 s clears it.
+        let ev = interval(&mut checks, &book, 2000, [95.0, 60.0, 20.0, 5.0], 5.0);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!((ev[0].state, ev[0].observed_at_ms), (State::Ok, 2400));
+        // A check that no cycle created is left to the cycle.
+        assert!(
+            checks
+                .evaluate_step("memory", 99.0, ms(3100), 3100)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_step_respects_for_and_clear_for_on_the_monotonic_clock() {
+        let mut book = book();
+        book.cpu = Some(Arc::new(Rule {
+            hold_for: Duration::from_secs(1),
+            clear_for: ms(500),
+            ..(*book.cpu.clone().expect("cpu")).clone()
+        }));
+        let mut checks = Checks::default();
+        checks.evaluate(book.readings(&sample(Some(5.0))), ms(0), 0);
+        let ev = interval(&mut checks, &book, 0, [5.0, 95.0, 95.0, 95.0], 95.0);
+        assert_eq!(ev.len(), 1, "pending at 0.4 s: {ev:?}");
+        assert_eq!(ev[0].state, State::Pending);
+        // 1 s after the breach began (0.4 s): the step at 1.4 s fires.
+        let ev = interval(&mut checks, &book, 1000, [95.0, 95.0, 95.0, 95.0], 95.0);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!((ev[0].state, ev[0].observed_at_ms), (State::Critical, 1400));
+        assert_eq!(ev[0].breach_started_at_ms, 400);
+        // Cleared from 2.2 s; OK 500 ms later, at the step at 2.8 s.
+        let ev = interval(&mut checks, &book, 2000, [50.0, 50.0, 50.0, 50.0], 50.0);
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!((ev[0].state, ev[0].observed_at_ms), (State::Ok, 2800));
+    }
+
+    /// Per-interval alternation whose crossings a step sees first (mid-interval) is
+    /// flapping exactly as before: a step's change counts for the next cycle's result.
+    /// (Had steps recorded results of their own, half the entries would be no change,
+    /// 50 %, and the check would never be called flapping.)
+    #[test]
+    fn steps_do_not_dilute_the_flap_history() {
+        let book = book();
+        let mut checks = Checks::default();
+        let mut events = Vec::new();
+        for i in 0..30u64 {
+            let v = if i % 2 == 0 { 99.0 } else { 10.0 };
+            let prev = if i % 2 == 0 { 10.0 } else { 99.0 };
+            events.extend(interval(&mut checks, &book, 1000 * i, [prev, v, v, v], v));
+        }
+        let changes = events.iter().filter(|e| e.state != e.previous).count();
+        assert_eq!(changes, 30, "one change per interval, at its step");
+        let first = events.iter().position(|e| e.flapping).expect("flapping");
+        // The 11th result (FLAP_MIN_SAMPLES) is the first that can say so.
+        assert!(first <= 12, "{first}: {events:?}");
+        let pct = checks.get("cpu").map(|c| c.flap.change_pct());
+        assert!(pct.is_some_and(|p| p > 90.0), "{pct:?}");
+    }
+
+    /// Five evaluations per interval add no results: nine intervals of crossings back
+    /// and forth at steps are, with the first cycle, ten results (fewer than
+    /// FLAP_MIN_SAMPLES: not yet flapping), each one change however often the steps
+    /// changed state; the eleventh result makes it flapping.
+    #[test]
+    fn steps_do_not_make_flapping_easier() {
+        let book = book();
+        let mut checks = Checks::default();
+        checks.evaluate(book.readings(&sample(Some(5.0))), ms(0), 0);
+        let mut events = Vec::new();
+        for i in 0..9u64 {
+            events.extend(interval(
+                &mut checks,
+                &book,
+                1000 * i,
+                [99.0, 5.0, 99.0, 5.0],
+                5.0,
+            ));
+        }
+        assert_eq!(events.len(), 36, "every step change is an event");
+        assert!(events.iter().all(|e| !e.flapping), "10 results only");
+        let ev = interval(&mut checks, &book, 9000, [99.0, 5.0, 99.0, 5.0], 5.0);
+        let last = ev.last().expect("events");
+        assert!(
+            last.flapping && last.message.contains("started flapping"),
+            "{ev:?}"
+        );
+        // One real incident seen by steps: never flapping.
+        let mut checks = Checks::default();
+        let mut events = Vec::new();
+        checks.evaluate(book.readings(&sample(Some(5.0))), ms(0), 0);
+        for i in 0..30u64 {
+            let (steps, cycle) = match i {
+                10 => ([5.0, 95.0, 99.0, 99.0], 99.0),
+                11..=14 => ([99.0; 4], 99.0),
+                15 => ([99.0, 40.0, 5.0, 5.0], 5.0),
+                _ => ([5.0; 4], 5.0),
+            };
+            events.extend(interval(&mut checks, &book, 1000 * i, steps, cycle));
+        }
+        assert_eq!(events.len(), 2, "{events:?}");
         assert!(events.iter().all(|e| !e.flapping));
     }
 }

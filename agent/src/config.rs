@@ -60,6 +60,67 @@ pub const DEFAULT_DISCOVERY_INTERVAL: &str = "10s";
 /// Seed: `RECOVERY_TIMEOUT`, the longest a recovery action may run.
 pub const DEFAULT_RECOVERY_TIMEOUT: &str = "300s";
 
+/// Shortest `cpu_step`: each step is one read of `/proc/stat`.
+pub const MIN_CPU_STEP: Duration = Duration::from_millis(100);
+/// Most `cpu_step`s per `interval` (the ring of readings is sized by it).
+pub const MAX_CPU_STEPS: u32 = 20;
+/// Steps per interval of `cpu_step = "auto"`: `interval / 5`, but no step shorter than
+/// [`MIN_CPU_STEP`] (a 200 ms interval gets 2 steps of 100 ms; below 200 ms there is
+/// none).
+pub const AUTO_CPU_STEPS: u32 = 5;
+
+/// Readings per interval from `cpu_step` (see [`AgentConfig::cpu_steps`]); problems
+/// name the key.
+fn cpu_steps(v: &mut Validator, raw: &str, interval: Duration) -> u32 {
+    if raw.trim() == "auto" {
+        let fit = interval.as_nanos() / MIN_CPU_STEP.as_nanos();
+        let steps = u32::try_from(fit)
+            .unwrap_or(u32::MAX)
+            .clamp(1, AUTO_CPU_STEPS);
+        // Only steps that divide the interval exactly (to the nanosecond).
+        return (1..=steps)
+            .rev()
+            .find(|&n| interval.as_nanos().is_multiple_of(u128::from(n)))
+            .unwrap_or(1);
+    }
+    let step = v.duration("cpu_step", raw, Duration::ZERO);
+    if step.is_zero() {
+        return 1;
+    }
+    if step < MIN_CPU_STEP {
+        v.problem(
+            "cpu_step",
+            format!("{raw:?} is below the shortest step, 100ms (\"0s\" turns steps off)"),
+        );
+        return 1;
+    }
+    if step > interval || !interval.as_nanos().is_multiple_of(step.as_nanos()) {
+        v.problem(
+            "cpu_step",
+            format!(
+                "{raw:?} does not divide `interval` ({}) into whole steps; use \"auto\", \
+                 \"0s\" (off) or e.g. {}",
+                settings::format_duration(interval),
+                settings::format_duration(interval / AUTO_CPU_STEPS)
+            ),
+        );
+        return 1;
+    }
+    let steps = interval.as_nanos() / step.as_nanos();
+    if steps > u128::from(MAX_CPU_STEPS) {
+        v.problem(
+            "cpu_step",
+            format!(
+                "{raw:?} gives {steps} steps per `interval`; at most {MAX_CPU_STEPS} (a step \
+                 of at least {})",
+                settings::format_duration(interval / MAX_CPU_STEPS)
+            ),
+        );
+        return 1;
+    }
+    u32::try_from(steps).unwrap_or(1)
+}
+
 /// The config as written in TOML or the environment: strings for durations and
 /// addresses, converted by [`RawConfig::validate`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +130,9 @@ pub struct RawConfig {
     pub agent_id: Option<String>,
     /// Sampling interval.
     pub interval: String,
+    /// Time between sub-interval readings of `/proc/stat` for the `cpu` rule: `auto`,
+    /// a duration dividing `interval`, or `0s` (once per interval).
+    pub cpu_step: String,
     /// Heartbeat interval.
     pub heartbeat_interval: String,
     /// Directory for the spool (`spool.db`).
@@ -286,6 +350,7 @@ impl Default for RawConfig {
         RawConfig {
             agent_id: None,
             interval: DEFAULT_INTERVAL.into(),
+            cpu_step: "auto".into(),
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL.into(),
             state_dir: "/var/lib/tocsin-agent".into(),
             max_spool_events: crate::spool::DEFAULT_MAX_EVENTS,
@@ -402,6 +467,10 @@ pub struct AgentConfig {
     pub hostname: String,
     /// Sampling interval.
     pub interval: Duration,
+    /// `/proc/stat` readings per `interval` for the `cpu` rule (config `cpu_step` =
+    /// `interval / cpu_steps`); 1: once per interval (no sub-interval evaluation). The
+    /// busy percent always covers the last `interval`; it is evaluated every step.
+    pub cpu_steps: u32,
     /// Heartbeat interval.
     pub heartbeat_interval: Duration,
     /// Spool directory.
@@ -634,6 +703,7 @@ impl RawConfig {
                 format!("{:?} is below the shortest sampling interval, 200ms (CPU usage needs two readings that far apart)", self.interval),
             );
         }
+        let cpu_steps = cpu_steps(&mut v, &self.cpu_step, interval);
         let heartbeat_interval =
             v.positive_duration("heartbeat_interval", &self.heartbeat_interval, fallback);
         if heartbeat_interval > MAX_HEARTBEAT_INTERVAL {
@@ -915,6 +985,7 @@ impl RawConfig {
             agent_id,
             hostname,
             interval,
+            cpu_steps,
             heartbeat_interval,
             state_dir: PathBuf::from(self.state_dir),
             spool_limits: crate::spool::SpoolLimits {
@@ -1322,6 +1393,34 @@ mod tests {
         assert_eq!((mem.warning, mem.critical), (Some(85.0), Some(95.0)));
         assert_eq!(c.interval, Duration::from_secs(1));
         assert_eq!(c.endpoints, vec![DEFAULT_ENDPOINT.to_owned()]);
+    }
+
+    #[test]
+    fn cpu_step_auto_is_a_fifth_of_the_interval_and_at_least_100ms() {
+        let steps = |toml: &str| load_str(toml).expect("valid").cpu_steps;
+        assert_eq!(load(None).expect("defaults").cpu_steps, 5);
+        assert_eq!(steps("interval = \"10s\"\n"), 5);
+        assert_eq!(steps("interval = \"300ms\"\n"), 3);
+        assert_eq!(steps("interval = \"200ms\"\n"), 2);
+        assert_eq!(steps("cpu_step = \"0s\"\n"), 1);
+        assert_eq!(steps("cpu_step = \"100ms\"\n"), 10);
+        assert_eq!(steps("cpu_step = \"1s\"\n"), 1);
+        assert_eq!(steps("interval = \"2s\"\ncpu_step = \"500ms\"\n"), 4);
+    }
+
+    #[test]
+    fn bad_cpu_steps_name_the_key() {
+        for (toml, needle) in [
+            ("cpu_step = \"50ms\"\n", "shortest step"),
+            ("cpu_step = \"300ms\"\n", "does not divide"),
+            ("cpu_step = \"2s\"\n", "does not divide"),
+            ("cpu_step = \"often\"\n", "invalid duration"),
+            ("interval = \"1m\"\ncpu_step = \"1s\"\n", "at most 20"),
+        ] {
+            let err = load_str(toml).expect_err(toml).to_string();
+            assert!(err.contains("key `cpu_step`"), "{toml}: {err}");
+            assert!(err.contains(needle), "{toml}: {err}");
+        }
     }
 
     #[test]

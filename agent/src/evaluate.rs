@@ -536,9 +536,21 @@ mod tests {
 /// more, from 0.8 for the oldest to 1.2 for the newest). A check starts flapping above
 /// `high` percent and stops below `low` percent (hysteresis). Pure: the caller feeds it
 /// every evaluated state.
+///
+/// A check evaluated more often than it records results (the `cpu` rule at every
+/// `cpu_step`, while results are recorded once per interval) reports the state changes
+/// in between with [`note_change`](Self::note_change): the next recorded result counts
+/// as a change even when the state came back in the meantime. So each recorded result
+/// is at most one change: evaluating five times per interval neither dilutes the
+/// history (it still holds one result per interval) nor makes flapping easier (a
+/// result cannot count as more than one change).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FlapDetector {
-    history: std::collections::VecDeque<State>,
+    /// Recorded states, oldest first, each with whether it is a change from the one
+    /// before (a different state, or a change noted in between).
+    history: std::collections::VecDeque<(State, bool)>,
+    /// A change noted since the last recorded result.
+    noted: bool,
     flapping: bool,
     low: f64,
     high: f64,
@@ -565,6 +577,7 @@ impl FlapDetector {
     pub fn new(low: f64, high: f64) -> Self {
         FlapDetector {
             history: std::collections::VecDeque::with_capacity(FLAP_WINDOW),
+            noted: false,
             flapping: false,
             low,
             high,
@@ -575,10 +588,12 @@ impl FlapDetector {
     /// [`FLAP_MIN_SAMPLES`] states are recorded nothing is called flapping (one incident,
     /// open then resolved, is never flapping).
     pub fn observe(&mut self, state: State) -> bool {
+        let changed = std::mem::take(&mut self.noted)
+            || self.history.back().is_some_and(|&(s, _)| s != state);
         if self.history.len() == FLAP_WINDOW {
             self.history.pop_front();
         }
-        self.history.push_back(state);
+        self.history.push_back((state, changed));
         if self.history.len() < FLAP_MIN_SAMPLES {
             return self.flapping;
         }
@@ -601,11 +616,17 @@ impl FlapDetector {
         for i in 1..n {
             let weight = 0.8 + 0.4 * (i - 1) as f64 / (n - 2).max(1) as f64;
             total += weight;
-            if self.history[i] != self.history[i - 1] {
+            if self.history[i].1 {
                 changed += weight;
             }
         }
         changed * 100.0 / total
+    }
+
+    /// A state change between two recorded results (an evaluation that does not record
+    /// one): the next [`observe`](Self::observe) counts as a change whatever its state.
+    pub fn note_change(&mut self) {
+        self.noted = true;
     }
 
     /// Whether the check is flapping.
@@ -656,6 +677,42 @@ mod flap_tests {
             "hysteresis: {calm_at}"
         );
         assert!(!f.is_flapping());
+    }
+
+    #[test]
+    fn changes_noted_between_results_count_once_per_result() {
+        // A change that reverts between two recorded results still counts...
+        let mut f = FlapDetector::default();
+        for _ in 0..FLAP_MIN_SAMPLES {
+            f.note_change();
+            f.note_change();
+            f.observe(State::Ok);
+        }
+        assert!(f.is_flapping(), "{}", f.change_pct());
+        assert!((f.change_pct() - 100.0).abs() < 1e-9);
+        // ...as one change only: any number of noted changes is at most 100 %.
+        let mut f = FlapDetector::default();
+        for i in 0..FLAP_WINDOW {
+            if i % 3 == 0 {
+                for _ in 0..5 {
+                    f.note_change();
+                }
+            }
+            f.observe(State::Ok);
+        }
+        assert!(f.change_pct() < 40.0, "{}", f.change_pct());
+        assert!(!f.is_flapping());
+        // A noted change that the recorded state also shows is not counted twice.
+        let mut f = FlapDetector::default();
+        f.observe(State::Ok);
+        f.note_change();
+        f.observe(State::Critical);
+        f.observe(State::Critical);
+        let mut g = FlapDetector::default();
+        for s in [State::Ok, State::Critical, State::Critical] {
+            g.observe(s);
+        }
+        assert_eq!(f.change_pct(), g.change_pct());
     }
 
     #[test]

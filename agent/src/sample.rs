@@ -36,8 +36,10 @@ use crate::config::{Matcher, ProcessWatch};
 /// One sampling cycle's values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
-    /// Busy percent 0–100 of all cores, from /proc/stat. `None` on the first cycle (a
-    /// usage needs two readings) — never a fake 0.
+    /// Busy percent 0–100 of all cores, from /proc/stat, over the last interval (the
+    /// agent's sliding window, see [`Sampler::with_cpu_window`]) or since the previous
+    /// sample. `None` until a reading one window old exists (a usage needs two readings)
+    /// — never a fake 0.
     pub cpu_busy_pct: Option<f64>,
     /// Used percent 0–100 = (MemTotal − MemAvailable) / MemTotal, from /proc/meminfo;
     /// page cache is not "used". `None` when /proc/meminfo cannot be read.
@@ -151,6 +153,23 @@ impl Sampler {
             last_cycle: None,
             cgroup_roots: CGROUP_ROOTS.iter().map(PathBuf::from).collect(),
         })
+    }
+
+    /// Makes the CPU busy percent (and iowait, steal) cover the last `window` of time,
+    /// read every `step` by [`cpu_busy`](Self::cpu_busy) and at every
+    /// [`sample`](Self::sample), instead of the time since the previous sample (see
+    /// [`HostSampler::set_cpu_window`]).
+    #[must_use]
+    pub fn with_cpu_window(mut self, window: Duration, step: Duration) -> Self {
+        self.host.set_cpu_window(window, step);
+        self
+    }
+
+    /// A sub-interval reading of the CPU busy percent 0–100 over the window (one read of
+    /// `/proc/stat`, nothing else); `None` during warm-up or when it cannot be read. See
+    /// [`HostSampler::cpu_busy`].
+    pub fn cpu_busy(&mut self) -> Option<f64> {
+        self.host.cpu_busy()
     }
 
     /// Refreshes and returns the current values. `now` is the monotonic time of this

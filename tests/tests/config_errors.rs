@@ -64,6 +64,17 @@ const CASES: &[(&str, &str, &[&str])] = &[
     ),
     (
         "tocsin-agent",
+        "agent_bad_cpu_step.toml",
+        &[
+            "agent_bad_cpu_step.toml:2",
+            "key `cpu_step`",
+            "\"300ms\"",
+            "does not divide `interval` (1s)",
+            "\"auto\"",
+        ],
+    ),
+    (
+        "tocsin-agent",
         "agent_syntax.toml",
         &["agent_syntax.toml", "line 1, column 15"],
     ),

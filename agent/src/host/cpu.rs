@@ -1,5 +1,7 @@
 //! CPU usage from two readings of `/proc/stat`.
 
+use std::time::Duration;
+
 /// CPU usage over the interval between two samples, from `/proc/stat`.
 ///
 /// With Δ the counter differences between the two readings and
@@ -68,6 +70,18 @@ impl CpuTimes {
         })
     }
 
+    /// Whether no counter is higher than in `later`.
+    fn at_most(&self, later: &CpuTimes) -> bool {
+        self.user <= later.user
+            && self.nice <= later.nice
+            && self.system <= later.system
+            && self.idle <= later.idle
+            && self.iowait <= later.iowait
+            && self.irq <= later.irq
+            && self.softirq <= later.softirq
+            && self.steal <= later.steal
+    }
+
     /// Shares of the interval from `prev` to `self`; `None` when any counter went
     /// backwards (hotplug, wrap) or no time passed.
     fn shares_since(&self, prev: &CpuTimes) -> Option<Shares> {
@@ -110,65 +124,170 @@ pub(super) struct CpuReading {
     pub(super) note: Option<String>,
 }
 
-/// The previous `/proc/stat` counters, and a spare per-core buffer reused every cycle.
+/// The `/proc/stat` readings CPU usage is a difference of.
+///
+/// The aggregate (`cpu` line) busy, iowait and steal percentages are taken over a
+/// sliding window: the tracker keeps a small ring of (monotonic time, counters) readings
+/// and compares each new reading with the newest kept reading that is at least
+/// `window − slack` old (see [`set_window`](Self::set_window)). With the default window
+/// of zero that is simply the previous reading (one value per call, as `diagnose` and
+/// the tests use it); the agent sets the window to its `interval` and the slack to half
+/// a `cpu_step`, and reads the aggregate line every step ([`step`](Self::step)), so the
+/// busy percent over the last interval is known every step instead of once per
+/// interval.
+///
+/// Per-core values stay per call of [`update`](Self::update) (the agent's cycle): each
+/// core is compared with its counters at the previous `update`, not at a step.
+///
+/// Ring arithmetic:
+/// - warm-up: until some kept reading is old enough, there is no value (`None`) —
+///   never a value over a shorter span, never a fake 0 from a first reading;
+/// - readings older than the chosen baseline are dropped (a later reading never
+///   reaches further back), and a reading less than `slack` after the newest one
+///   replaces it (an extra cycle right after a step), so the ring holds at most about
+///   2 × (window / step) + 3 readings and never grows after the first interval;
+/// - any aggregate counter lower than in the newest reading (CPU hotplug, wrap) empties
+///   the ring and starts over from the new reading, with a note: the next value comes
+///   one window later.
 #[derive(Debug, Default)]
 pub(super) struct CpuTracker {
-    prev: Option<CpuTimes>,
+    /// Aggregate readings, oldest first, counters non-decreasing.
+    ring: std::collections::VecDeque<(Duration, CpuTimes)>,
+    /// Span a value covers; zero: since the previous reading.
+    window: Duration,
+    /// Tolerance for timer jitter: a baseline may be this much younger than `window`,
+    /// and a reading this close to the newest one replaces it.
+    slack: Duration,
+    /// Why the ring was emptied by a [`step`](Self::step), for the next `update`.
+    note: Option<String>,
     prev_cores: Vec<Option<CpuTimes>>,
     cores: Vec<Option<CpuTimes>>,
 }
 
+/// Message of a reset of the ring by counters going backwards.
+const BACKWARDS: &str = "cpu: /proc/stat total counters went backwards (CPU hotplug?); \
+                         usage skipped this cycle";
+
 impl CpuTracker {
-    /// Takes one `/proc/stat` text, returns the usage since the previous one and keeps
-    /// this one's counters.
+    /// Values cover `window` (monotonic time between two readings), give or take
+    /// `slack` of timer jitter; `slack` should be half the time between readings.
+    /// Keeps the readings already taken.
+    pub(super) fn set_window(&mut self, window: Duration, slack: Duration) {
+        self.window = window;
+        self.slack = slack.min(window / 2);
+        // Enough for every reading of one window at half-slack spacing: no
+        // reallocation once running.
+        let steps = if slack.is_zero() {
+            1
+        } else {
+            usize::try_from(window.as_nanos() / slack.as_nanos()).unwrap_or(64)
+        };
+        self.ring.reserve(steps.min(256) + 4);
+    }
+
+    /// Takes one `/proc/stat` text read at monotonic time `now`, returns the usage over
+    /// the window (aggregate) and since the previous `update` (per core), and keeps this
+    /// one's counters.
     ///
     /// # Errors
     /// A message when the text has no parsable `cpu` line; the previous counters are then
     /// kept, so the next good reading gives the usage over the longer interval.
-    pub(super) fn update(&mut self, text: &str) -> Result<CpuReading, String> {
+    pub(super) fn update_at(&mut self, text: &str, now: Duration) -> Result<CpuReading, String> {
         let total = parse_stat(text, &mut self.cores)?;
         let online = self.cores.iter().filter(|c| c.is_some()).count();
-        let mut note = None;
-        let usage = match &self.prev {
-            None => None,
-            Some(prev) => match total.shares_since(prev) {
-                None => {
-                    if total != *prev {
-                        note = Some(
-                            "cpu: /proc/stat total counters went backwards (CPU hotplug?); \
-                             usage skipped this cycle"
-                                .to_owned(),
-                        );
-                    }
-                    None
-                }
-                Some(all) => {
-                    let per_core_busy_pct = self
-                        .cores
-                        .iter()
-                        .enumerate()
-                        .map(|(i, now)| {
-                            let before = self.prev_cores.get(i).copied().flatten()?;
-                            now.as_ref()?.shares_since(&before).map(|s| s.busy)
-                        })
-                        .collect();
-                    Some(CpuUsage {
-                        busy_pct: all.busy,
-                        iowait_pct: all.iowait,
-                        steal_pct: all.steal,
-                        per_core_busy_pct,
-                    })
-                }
-            },
-        };
-        self.prev = Some(total);
+        let usage = self.push(now, total).map(|all| {
+            let per_core_busy_pct = self
+                .cores
+                .iter()
+                .enumerate()
+                .map(|(i, now)| {
+                    let before = self.prev_cores.get(i).copied().flatten()?;
+                    now.as_ref()?.shares_since(&before).map(|s| s.busy)
+                })
+                .collect();
+            CpuUsage {
+                busy_pct: all.busy,
+                iowait_pct: all.iowait,
+                steal_pct: all.steal,
+                per_core_busy_pct,
+            }
+        });
         std::mem::swap(&mut self.prev_cores, &mut self.cores);
         Ok(CpuReading {
             usage,
             online,
-            note,
+            note: self.note.take(),
         })
     }
+
+    /// [`update_at`](Self::update_at) with every reading at the same time: for a tracker
+    /// with a zero window, where time does not matter.
+    #[cfg(test)]
+    pub(super) fn update(&mut self, text: &str) -> Result<CpuReading, String> {
+        self.update_at(text, Duration::ZERO)
+    }
+
+    /// A sub-interval reading: only the aggregate `cpu` line is parsed; returns the busy
+    /// percent over the window, `None` during warm-up or after a reset.
+    ///
+    /// # Errors
+    /// A message when the text has no parsable `cpu` line (the ring is kept).
+    pub(super) fn step(&mut self, text: &str, now: Duration) -> Result<Option<f64>, String> {
+        let total = parse_total(text)?;
+        Ok(self.push(now, total).map(|s| s.busy))
+    }
+
+    /// Keeps `total` (read at `now`) in the ring; the shares since the baseline.
+    fn push(&mut self, now: Duration, total: CpuTimes) -> Option<Shares> {
+        if let Some((_, newest)) = self.ring.back()
+            && !newest.at_most(&total)
+        {
+            self.ring.clear();
+            self.note = Some(BACKWARDS.to_owned());
+        }
+        let reach = self.window.saturating_sub(self.slack);
+        // The newest reading old enough to span the window.
+        let baseline = self
+            .ring
+            .iter()
+            .rposition(|&(t, _)| t <= now && now - t >= reach);
+        let shares = baseline.and_then(|i| total.shares_since(&self.ring[i].1));
+        if let Some(i) = baseline {
+            self.ring.drain(..i);
+        }
+        // Never the baseline (index 0): it is at least `reach` ≥ `slack` old.
+        let len = self.ring.len();
+        match self.ring.back_mut() {
+            Some(newest) if len > 1 && now.saturating_sub(newest.0) < self.slack => {
+                *newest = (now, total);
+            }
+            _ => self.ring.push_back((now, total)),
+        }
+        shares
+    }
+
+    /// Readings kept (for tests of the ring's bounds).
+    #[cfg(test)]
+    fn kept(&self) -> usize {
+        self.ring.len()
+    }
+}
+
+/// Parses only the aggregate `cpu` line of `/proc/stat` (the first `cpu` line).
+///
+/// # Errors
+/// A message when there is no parsable aggregate `cpu` line.
+fn parse_total(text: &str) -> Result<CpuTimes, String> {
+    text.lines()
+        .skip_while(|l| !l.starts_with("cpu"))
+        .take_while(|l| l.starts_with("cpu"))
+        .find_map(|l| {
+            let rest = l.strip_prefix("cpu")?;
+            rest.starts_with([' ', '\t'])
+                .then(|| CpuTimes::parse(rest))
+                .flatten()
+        })
+        .ok_or_else(|| "no parsable aggregate \"cpu\" line".to_owned())
 }
 
 /// Parses `/proc/stat`: returns the aggregate `cpu` line and fills `cores` (cleared
@@ -426,6 +545,171 @@ mod tests {
             .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
             .count();
         assert_eq!(online, listed);
+    }
+
+    /// A `/proc/stat` text whose aggregate line has `busy` user and `idle` idle ticks.
+    fn agg(busy: u64, idle: u64) -> String {
+        stat(&format!("{busy} 0 0 {idle} 0 0 0 0 0 0"), &[])
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A tracker over a 1 s window read every 200 ms, as the agent's default.
+    fn sliding() -> CpuTracker {
+        let mut t = CpuTracker::default();
+        t.set_window(ms(1000), ms(100));
+        t
+    }
+
+    #[test]
+    fn sliding_window_warms_up_then_covers_one_window_at_every_step() {
+        let mut t = sliding();
+        // 20 ticks per 200 ms step: idle until 1 s, then fully busy.
+        let (mut busy, mut idle) = (0, 0);
+        let mut values = Vec::new();
+        for k in 0..=15u64 {
+            if k > 0 {
+                if k <= 5 {
+                    idle += 20;
+                } else {
+                    busy += 20;
+                }
+            }
+            let v = if k % 5 == 0 {
+                t.update_at(&agg(busy, idle), ms(200 * k))
+                    .expect("parses")
+                    .usage
+                    .map(|u| u.busy_pct)
+            } else {
+                t.step(&agg(busy, idle), ms(200 * k)).expect("parses")
+            };
+            values.push(v);
+        }
+        // Warm-up: nothing until a reading one window old exists — no fake 0.
+        assert!(values[..5].iter().all(Option::is_none), "{values:?}");
+        // Then every step is the busy share of the last 1 s: 0, 20, 40, … 100 %.
+        let pct: Vec<f64> = values[5..].iter().map(|v| v.expect("value")).collect();
+        let want = [
+            0.0, 20.0, 40.0, 60.0, 80.0, 100.0, 100.0, 100.0, 100.0, 100.0, 100.0,
+        ];
+        for (got, want) in pct.iter().zip(want) {
+            assert!((got - want).abs() < 1e-9, "{pct:?}");
+        }
+        // The ring stays bounded: the baseline and the readings since.
+        assert!(t.kept() <= 7, "{}", t.kept());
+    }
+
+    #[test]
+    fn late_timers_and_extra_readings_keep_the_window_about_one_interval() {
+        let mut t = sliding();
+        // 10 ticks per 100 ms, always 50 % busy; readings at irregular times.
+        let at = |ms_: u64| agg(ms_ / 20, ms_ / 20);
+        for m in [0, 200, 400, 610, 800] {
+            assert_eq!(t.step(&at(m), ms(m)).expect("parses"), None, "{m}");
+        }
+        // 960 ms: the 0 ms reading is within half a step of a full window.
+        assert_eq!(t.step(&at(960), ms(960)).expect("parses"), Some(50.0));
+        // Extra readings close together (a cycle right after a step) are coalesced.
+        for m in [1000, 1010, 1020, 1030, 1040, 1050, 1060, 1070, 1080, 1090] {
+            t.step(&at(m), ms(m)).expect("parses");
+        }
+        assert!(t.kept() <= 8, "{}", t.kept());
+        // The window never shrinks below window − slack: at 1700 ms the 850 ms reading
+        // is too young (850 ms < 900 ms), so the baseline is the 400 ms one.
+        let mut t = sliding();
+        let counters = [(0, 0), (400, 10_000), (850, 20_000), (1700, 20_010)];
+        for (m, busy) in counters {
+            let v = t.step(&agg(busy, m / 10), ms(m)).expect("parses");
+            if m == 1700 {
+                // From the 400 ms reading (1.3 s old): Δbusy 10010, Δidle 130.
+                let want = 10_010.0 * 100.0 / 10_140.0;
+                assert!((v.expect("value") - want).abs() < 1e-9, "{v:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn counters_going_backwards_restart_the_window_with_a_note() {
+        let mut t = sliding();
+        for k in 0..=5u64 {
+            t.step(&agg(10 * k, 10 * k), ms(200 * k)).expect("parses");
+        }
+        assert_eq!(t.step(&agg(60, 60), ms(1200)).expect("parses"), Some(50.0));
+        // A CPU went offline: the aggregate counters drop. No value, and none until a
+        // new reading is a window old.
+        assert_eq!(t.step(&agg(30, 30), ms(1400)).expect("parses"), None);
+        assert_eq!(t.kept(), 1);
+        for k in 1..5u64 {
+            let v = t
+                .step(&agg(30 + 20 * k, 30), ms(1400 + 200 * k))
+                .expect("parses");
+            assert_eq!(v, None, "warming up again");
+        }
+        // The next full reading says why it was skipped, and gives the value from the
+        // reset on: 100 % busy since then.
+        let r = t.update_at(&agg(130, 30), ms(2400)).expect("parses");
+        assert!(r.note.expect("note").contains("backwards"));
+        assert_eq!(r.usage.map(|u| u.busy_pct), Some(100.0));
+        let r = t.update_at(&agg(150, 30), ms(2600)).expect("parses");
+        assert_eq!(r.note, None, "reported once");
+    }
+
+    #[test]
+    fn per_core_values_stay_per_update_while_steps_slide_the_aggregate() {
+        let mut t = sliding();
+        let line = |n: u64| format!("{n} 0 0 {n} 0 0 0 0 0 0");
+        let text = |n: u64| stat(&line(2 * n), &[Some(&line(n)), Some(&line(n))]);
+        t.update_at(&text(0), ms(0)).expect("parses");
+        for k in 1..5u64 {
+            t.step(&text(10 * k), ms(200 * k)).expect("parses");
+        }
+        let u = t
+            .update_at(&text(50), ms(1000))
+            .expect("parses")
+            .usage
+            .expect("usage");
+        assert_eq!(u.busy_pct, 50.0);
+        assert_eq!(u.per_core_busy_pct, vec![Some(50.0), Some(50.0)]);
+        // Steps do not disturb the per-core baseline: it is the previous update's.
+        for k in 6..10u64 {
+            t.step(&text(10 * k), ms(200 * k)).expect("parses");
+        }
+        let u = t
+            .update_at(&text(100), ms(2000))
+            .expect("parses")
+            .usage
+            .expect("usage");
+        assert_eq!(u.per_core_busy_pct, vec![Some(50.0), Some(50.0)]);
+        // A step of an unparsable text is an error and keeps the ring.
+        assert!(t.step("intr 1 2\n", ms(2100)).is_err());
+        assert_eq!(t.step(&text(110), ms(2200)).expect("parses"), Some(50.0));
+    }
+
+    proptest! {
+        /// Whatever the counters do, sliding values are None or in 0–100, and the ring
+        /// never holds more than one window's readings (plus a few).
+        #[test]
+        fn sliding_values_are_in_range_and_the_ring_bounded(
+            steps in proptest::collection::vec((0u64..400, 0u64..50, 0u64..50, any::<bool>()), 1..200),
+        ) {
+            let mut t = sliding();
+            let (mut now, mut busy, mut idle) = (0u64, 0u64, 0u64);
+            for (dt, db, di, back) in steps {
+                now += dt;
+                if back {
+                    busy = busy.saturating_sub(db);
+                } else {
+                    busy += db;
+                    idle += di;
+                }
+                if let Some(v) = t.step(&agg(busy, idle), ms(now)).expect("parses") {
+                    prop_assert!((0.0..=100.0).contains(&v), "{v}");
+                }
+                prop_assert!(t.kept() <= 2 * 5 + 3, "{}", t.kept());
+            }
+        }
     }
 
     proptest! {

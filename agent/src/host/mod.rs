@@ -13,7 +13,7 @@
 //!
 //! | value | unit | source |
 //! |---|---|---|
-//! | [`CpuUsage::busy_pct`] | % 0–100 of all online cores | `/proc/stat` `cpu` line, Δ between two samples |
+//! | [`CpuUsage::busy_pct`] | % 0–100 of all online cores | `/proc/stat` `cpu` line, Δ between two samples (or over a sliding window: [`HostSampler::set_cpu_window`]) |
 //! | [`CpuUsage::iowait_pct`] | % 0–100 of all cores' time | `/proc/stat` `cpu` line, iowait field |
 //! | [`CpuUsage::steal_pct`] | % 0–100 of all cores' time | `/proc/stat` `cpu` line, steal field |
 //! | [`CpuUsage::per_core_busy_pct`] | % 0–100 of one core, indexed by CPU number | `/proc/stat` `cpuN` lines |
@@ -41,6 +41,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub use cpu::CpuUsage;
 pub use disk::{DiskOptions, DiskUsage, IMAGE_FSTYPES, NETWORK_FSTYPES, PSEUDO_FSTYPES};
@@ -53,8 +54,11 @@ pub use memory::MemoryUsage;
 /// missing from `disks`) and the reason is in `errors`; the other values are still there.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HostSample {
-    /// CPU usage since the previous sample. `None` on the first cycle (a usage needs two
-    /// readings — never a fake 0), when `/proc/stat` could not be read, or when its total
+    /// CPU usage since the previous sample, or — with
+    /// [`set_cpu_window`](HostSampler::set_cpu_window) — busy, iowait and steal over the
+    /// last window (per core: since the previous sample). `None` on the first cycle, or
+    /// until a reading one window old exists (a usage needs two readings — never a fake
+    /// 0), when `/proc/stat` could not be read, or when its total
     /// counters went backwards (CPU hotplug, counter wrap) or did not move.
     pub cpu: Option<CpuUsage>,
     /// RAM and swap; `None` when `/proc/meminfo` could not be read or has no MemTotal.
@@ -80,6 +84,8 @@ pub struct HostSampler {
     loadavg: ProcFile,
     cpu: cpu::CpuTracker,
     disks: disk::DiskScanner,
+    /// Origin of the monotonic times of the CPU readings.
+    epoch: std::time::Instant,
 }
 
 impl HostSampler {
@@ -95,7 +101,29 @@ impl HostSampler {
             loadavg: ProcFile::new(proc.join("loadavg")),
             cpu: cpu::CpuTracker::default(),
             disks: disk::DiskScanner::new(&root, proc.join("self").join("mountinfo"), disk),
+            epoch: std::time::Instant::now(),
         }
+    }
+
+    /// Makes [`HostSample::cpu`]'s busy, iowait and steal percentages (and
+    /// [`cpu_busy`](Self::cpu_busy)) cover the last `window` of monotonic time instead of
+    /// the time since the previous reading, with `step` the time between readings
+    /// (a baseline may be up to half a step younger than `window`: timer jitter). Per-core
+    /// values still cover the time since the previous [`sample`](Self::sample).
+    pub fn set_cpu_window(&mut self, window: Duration, step: Duration) {
+        self.cpu.set_window(window, step / 2);
+    }
+
+    /// A sub-interval CPU reading: one `pread` of `/proc/stat`, only its aggregate `cpu`
+    /// line parsed, kept in the window's ring. Returns the busy percent 0–100 over the
+    /// window set by [`set_cpu_window`](Self::set_cpu_window); `None` during warm-up (no
+    /// reading old enough yet), right after the counters went backwards, or when the
+    /// file cannot be read or parsed (the next [`sample`](Self::sample) reports why).
+    /// Blocking only as much as a `/proc` read; allocates nothing once running.
+    pub fn cpu_busy(&mut self) -> Option<f64> {
+        let now = self.epoch.elapsed();
+        let text = self.stat.read_text().ok()?;
+        self.cpu.step(text, now).ok().flatten()
     }
 
     /// Reads every source once and returns the values. Blocking (file reads and
@@ -106,7 +134,7 @@ impl HostSampler {
 
         let mut online = None;
         let cpu = match self.stat.read_text() {
-            Ok(text) => match self.cpu.update(text) {
+            Ok(text) => match self.cpu.update_at(text, self.epoch.elapsed()) {
                 Ok(reading) => {
                     online = (reading.online > 0).then_some(reading.online);
                     errors.extend(reading.note);

@@ -8,7 +8,8 @@
 //!
 //! Systems, each trial with fresh processes and temporary directories:
 //! - **tocsin**: the release `tocsin-aggregator` and `tocsin-agent` next to this binary;
-//!   agent interval 1 s, `[rules.cpu]` warning 80 / critical 95 with `for = "0s"` and
+//!   agent interval 1 s (and its default `cpu_step`: the busy % of the last 1 s,
+//!   evaluated every 200 ms), `[rules.cpu]` warning 80 / critical 95 with `for = "0s"` and
 //!   `clear_for = "0s"` (the other host rules off), aggregator `group_wait = "0s"`
 //!   (`reopen_window = "0s"`, so every page is a new incident whose timestamps are its
 //!   own) and one generic webhook to the receiver.
@@ -33,9 +34,10 @@
 //! Prometheus, at least 3 scrapes stored and the alert expression evaluating).
 //!
 //! Usage: `cargo build --release --bins && target/release/bench-onset [RUNS] [--tsv]
-//! [--skip-defaults] [--only-tocsin] [--interval=1s]` (RUNS default 5; `--interval` is
-//! the agent's sampling interval, for a look beyond the issue's 1 s; `--only-tocsin`
-//! runs no peer). Installs the peers with apt-get when missing
+//! [--skip-defaults] [--only-tocsin] [--interval=1s] [--cpu-step=auto]` (RUNS default
+//! 5; `--interval` is the agent's sampling interval, for a look beyond the issue's 1 s;
+//! `--cpu-step` its `cpu_step`, e.g. `0s` for one CPU evaluation per interval, default:
+//! the agent's default; `--only-tocsin` runs no peer). Installs the peers with apt-get when missing
 //! (root). Loopback only (every daemon listens on 127.0.0.1, Alertmanager without
 //! clustering, Prometheus without remote write); stops every process it starts, by PID,
 //! also on errors. Progress on stderr; the table (or with `--tsv` the rows of
@@ -381,7 +383,8 @@ enum Running {
     },
 }
 
-async fn start_tocsin(dir: &Path, receiver: &WebhookReceiver, interval: &str) -> Result<Running> {
+/// `sampling`: the agent config's `interval` (and `cpu_step`) lines.
+async fn start_tocsin(dir: &Path, receiver: &WebhookReceiver, sampling: &str) -> Result<Running> {
     let agg_cfg = format!(
         "listen_http = \"127.0.0.1:0\"\nlisten_grpc = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
          [correlation]\ngroup_wait = \"0s\"\nreopen_window = \"0s\"\n\
@@ -393,7 +396,7 @@ async fn start_tocsin(dir: &Path, receiver: &WebhookReceiver, interval: &str) ->
     );
     let agg = Aggregator::start(dir, &agg_cfg).await?;
     let agent_cfg = format!(
-        "agent_id = \"onset\"\ninterval = \"{interval}\"\nadmin_listen = \"\"\nstate_dir = \"{}\"\n\
+        "agent_id = \"onset\"\n{sampling}admin_listen = \"\"\nstate_dir = \"{}\"\n\
          [aggregator]\nendpoints = [\"http://{}\"]\n\
          [rules.cpu]\nenabled = true\nwarning = 80.0\ncritical = 95.0\nfor = \"0s\"\nclear_for = \"0s\"\n\
          [rules.memory]\nenabled = false\n{QUIET_HOST_RULES}\
@@ -617,7 +620,7 @@ async fn wait_quiet(
 
 /// One trial of `system`: fresh processes, load at T0, page, hold, load end at T1,
 /// resolve; every process stopped before it returns.
-async fn trial(system: System, interval: &str) -> Result<Trial> {
+async fn trial(system: System, sampling: &str) -> Result<Trial> {
     let dir = tempfile::tempdir()?;
     let receiver = WebhookReceiver::start().await?;
     let (onset_bound, resolve_bound) = match system {
@@ -625,7 +628,7 @@ async fn trial(system: System, interval: &str) -> Result<Trial> {
         System::Peer(p) => (p.onset_bound, p.resolve_bound),
     };
     let (running, prom) = match system {
-        System::Tocsin => (start_tocsin(dir.path(), &receiver, interval).await?, None),
+        System::Tocsin => (start_tocsin(dir.path(), &receiver, sampling).await?, None),
         System::Peer(p) => {
             let (running, prom) = start_peer(dir.path(), p, &receiver).await?;
             (running, Some(prom))
@@ -748,12 +751,16 @@ async fn run() -> Result<()> {
     let mut skip_defaults = false;
     let mut only_tocsin = false;
     let mut interval = "1s".to_owned();
+    let mut cpu_step = None;
     for arg in std::env::args().skip(1) {
         match arg.as_str() {
             "--tsv" => tsv = true,
             "--skip-defaults" => skip_defaults = true,
             "--only-tocsin" => only_tocsin = true,
             a if a.starts_with("--interval=") => interval = a["--interval=".len()..].to_owned(),
+            a if a.starts_with("--cpu-step=") => {
+                cpu_step = Some(a["--cpu-step=".len()..].to_owned());
+            }
             n => {
                 runs = n
                     .parse()
@@ -771,6 +778,18 @@ async fn run() -> Result<()> {
         note!("{p}: {}", version(p));
     }
 
+    // Without --cpu-step the agent's default applies (and an older agent, without the
+    // key, still runs).
+    let sampling = format!(
+        "interval = \"{interval}\"\n{}",
+        cpu_step
+            .as_ref()
+            .map_or_else(String::new, |s| format!("cpu_step = \"{s}\"\n"))
+    );
+    let sampling_note = format!(
+        "interval {interval}, cpu_step {}",
+        cpu_step.as_deref().unwrap_or("default")
+    );
     let peers: &[Peer] = if only_tocsin {
         &[]
     } else {
@@ -779,18 +798,18 @@ async fn run() -> Result<()> {
     let mut tocsin: Vec<Trial> = Vec::new();
     let mut peer_trials: Vec<Vec<Trial>> = vec![Vec::new(); peers.len()];
     for r in 0..runs {
-        note!("run {} of {runs}: tocsin (interval {interval})", r + 1);
-        tocsin.push(trial(System::Tocsin, &interval).await?);
+        note!("run {} of {runs}: tocsin ({sampling_note})", r + 1);
+        tocsin.push(trial(System::Tocsin, &sampling).await?);
         for (i, p) in peers.iter().enumerate() {
             note!("run {} of {runs}: {}", r + 1, p.name);
-            peer_trials[i].push(trial(System::Peer(*p), &interval).await?);
+            peer_trials[i].push(trial(System::Peer(*p), &sampling).await?);
         }
     }
     let defaults = if skip_defaults || only_tocsin {
         None
     } else {
         note!("one trial: {} (minutes)", DEFAULTS.name);
-        Some(trial(System::Peer(DEFAULTS), &interval).await?)
+        Some(trial(System::Peer(DEFAULTS), &sampling).await?)
     };
 
     let onset = |t: &[Trial]| t.iter().map(|t| t.onset).collect::<Vec<_>>();
