@@ -59,6 +59,8 @@ log "build"
 cargo build --workspace --bins --locked
 log "doc tests"
 cargo test --workspace --doc --locked
+log "docs (broken intra-doc links fail)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 # Last, so its summary line closes the output.
 log "tests"
 cargo nextest run --workspace --locked --profile ci

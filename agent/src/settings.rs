@@ -158,7 +158,7 @@ const MAX_TYPE_PROBLEMS: usize = 64;
 ///
 /// serde stops at the first value of a wrong type or unknown key, so after a failure
 /// the offending key is dropped from a copy of the merged data and the extraction is
-/// tried again, until it succeeds (at most [`MAX_TYPE_PROBLEMS`] rounds): every such
+/// tried again, until it succeeds (at most `MAX_TYPE_PROBLEMS` (64) rounds): every such
 /// problem is reported at once, each with the origin of the key in the real config.
 ///
 /// # Errors

@@ -1,7 +1,7 @@
 //! The on-call command line, `tocsin`: `up` runs an aggregator and a local agent in one
 //! process with embedded defaults; the other commands read the aggregator's JSON API
 //! (`docs/API.md`); the reports (`incidents`, `kpi`, `postmortem`, `status`) are in
-//! [`reports`].
+//! `reports`.
 //!
 //! Exit codes ([`EXIT_CODES`]): 0 success, 1 runtime failure (API unreachable, refused,
 //! daemon failed), 3 not found, 4 conflict, 5 not confirmed, 64 bad usage or config.

@@ -60,7 +60,7 @@ pub struct DrillArgs {
     /// Must name one the node reports.
     #[arg(long, default_value = "")]
     pub target: String,
-    /// Page the real routes at the real severity, P1 included (still marked [DRILL]);
+    /// Page the real routes at the real severity, P1 included (still marked `[DRILL]`);
     /// without it a drill never takes the P1 path.
     #[arg(long)]
     pub page_real: bool,

@@ -5,7 +5,7 @@
 //! including unknown paths (404), wrong methods (405) and what axum's extractors refuse
 //! before a handler runs (a body over the limit, 413), by the `json_errors` layer. `docs/API.md`
 //! documents every endpoint. The CLI's reports (filtered lists, KPIs, post-mortems,
-//! status) are in [`api_kpi`]; the on-call web view (HTML pages, forms, status pages)
+//! status) are in `api_kpi`; the on-call web view (HTML pages, forms, status pages)
 //! is [`ui`].
 
 pub mod ui;
