@@ -635,6 +635,19 @@ pub fn apply(
     obs: &Observation<'_>,
     out: &mut IngestOutcome,
 ) -> rusqlite::Result<()> {
+    apply_noting(conn, ctx, obs, out).map(|_| ())
+}
+
+/// [`apply`], telling whether the fingerprint of a state that does not fire was found
+/// **quiet** and nothing was written: it is no open incident's member, or its member
+/// in the latest open incident is OK. For a quiet fingerprint, an OK observation that
+/// does not flap is a no-op (what `store::ingest_in`'s `quiet` set relies on).
+pub(super) fn apply_noting(
+    conn: &Connection,
+    ctx: &Context<'_>,
+    obs: &Observation<'_>,
+    out: &mut IngestOutcome,
+) -> rusqlite::Result<bool> {
     let fp = correlate::fingerprint(obs.node, obs.check, obs.labels);
     let now = ctx.now;
     let mut labels = ctx.node_labels.clone();
@@ -655,7 +668,7 @@ pub fn apply(
             && !held(conn, *id)?
             && update_value(conn, ctx, *id, &fp, obs, &labels)?
         {
-            return Ok(());
+            return Ok(false);
         }
         // The drill mark, when a drill running on the node expects this check. Only a
         // member that starts firing takes it (`drills::member_labels`), so it is looked
@@ -681,7 +694,7 @@ pub fn apply(
             }
             Some((id, state)) => {
                 if obs.reconcile && state == obs.state.as_str() {
-                    return Ok(()); // nothing new: no write per heartbeat
+                    return Ok(false); // nothing new: no write per heartbeat
                 }
                 // An open incident that is not this drill's stays real.
                 super::drills::keep_real(conn, id, mark, &mut labels)?;
@@ -699,17 +712,17 @@ pub fn apply(
             }
             None => join_or_open(conn, ctx, obs, &fp, &mut labels, mark, out)?,
         }
-        return Ok(());
+        return Ok(false);
     }
     let Some((id, state)) = member else {
-        return Ok(());
+        return Ok(true);
     };
     if obs.state != State::Ok {
         // Pending, unknown: the member says so; the incident stays as it is.
         if state != obs.state.as_str() {
             upsert_member(conn, id, &fp, obs, &labels, now)?;
         }
-        return Ok(());
+        return Ok(false);
     }
     if obs.flapping {
         // One incident for the whole flapping stretch, not one per flap.
@@ -726,10 +739,10 @@ pub fn apply(
                 ),
             )?;
         }
-        return Ok(());
+        return Ok(false);
     }
     if state == State::Ok.as_str() {
-        return Ok(());
+        return Ok(true);
     }
     upsert_member(conn, id, &fp, obs, &labels, now)?;
     if any_not_ok(conn, id)? {
@@ -742,7 +755,7 @@ pub fn apply(
             obs.actor,
             &format!("{fp} recovered: {}", obs.message),
         )?;
-        return Ok(());
+        return Ok(false);
     }
     // The resolve says what resolved it: the last observation's message for a lone
     // member, else every member OK ("cpu ok on 12 nodes: …"); state, value, unit and
@@ -765,7 +778,7 @@ pub fn apply(
     out.notifications += notify_triggered(conn, id, "resolve", now)?;
     resolved(conn, ctx.router, id, now)?;
     out.resolved.push(id);
-    Ok(())
+    Ok(false)
 }
 
 /// A firing fingerprint that is no open incident's member: joins its group's open

@@ -134,7 +134,26 @@ pub struct Store {
     correlation: correlate::Correlation,
     /// KPI histograms observed as changes commit (`with_kpi_metrics`).
     kpi_metrics: Option<crate::kpi::KpiMetrics>,
+    /// Quiet fingerprints: no open incident has them as a member that is not OK (see
+    /// `apply::apply_noting`), so an OK event that does not flap changes no incident and
+    /// skips the member lookup. Filled by [`Store::ingest_group`] as it finds them;
+    /// forgotten when the store changes outside it, when its transaction fails, and when
+    /// an incident opens, reopens or resolves (the latest open incident of a fingerprint
+    /// can change).
+    quiet: Quiet,
 }
+
+/// The quiet fingerprints of [`Store`], valid while the store's write count is `changes`.
+#[derive(Debug, Default)]
+struct Quiet {
+    /// Fingerprints known quiet.
+    fingerprints: std::collections::HashSet<String>,
+    /// `Connection::total_changes` when the set was last known valid.
+    changes: u64,
+}
+
+/// At most this many quiet fingerprints are kept (then the set starts over).
+const QUIET_MAX: usize = 1_000_000;
 
 /// Answer to an agent's `Hello`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -296,6 +315,7 @@ impl Store {
             silences: Vec::new(),
             correlation: correlate::Correlation::default(),
             kpi_metrics: None,
+            quiet: Quiet::default(),
         };
         store
             .conn
@@ -704,6 +724,12 @@ impl Store {
         batches: &[(&str, &[Event])],
     ) -> Vec<Result<IngestOutcome, StoreError>> {
         let now = now_ms();
+        if self.conn.total_changes() != self.quiet.changes
+            || self.quiet.fingerprints.len() > QUIET_MAX
+        {
+            // Something else wrote (a resolve by hand, a heartbeat, a sweep …).
+            self.quiet.fingerprints.clear();
+        }
         let result = (|| -> rusqlite::Result<Vec<IngestOutcome>> {
             let tx = self.conn.transaction()?;
             let outs = batches
@@ -721,12 +747,17 @@ impl Store {
                         },
                         agent,
                         events,
+                        &mut self.quiet.fingerprints,
                     )
                 })
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             tx.commit()?;
             Ok(outs)
         })();
+        if result.is_err() {
+            // Rolled back: what was found inside the transaction may not hold.
+            self.quiet.fingerprints.clear();
+        }
         match result {
             Ok(outs) => {
                 for out in &outs {
@@ -738,6 +769,7 @@ impl Store {
                     self.down.remove(*agent);
                     self.seen.insert((*agent).to_owned(), now);
                 }
+                self.quiet.changes = self.conn.total_changes();
                 outs.into_iter().map(Ok).collect()
             }
             Err(source) => {
@@ -1314,12 +1346,15 @@ fn last_event_flapping(conn: &Connection, agent_id: &str, check: &str) -> rusqli
 }
 
 /// The body of [`Store::ingest_group`] for one agent's batch, inside the transaction
-/// (`base` gives everything but the node's labels, read here).
+/// (`base` gives everything but the node's labels, read here). An OK event that does not
+/// flap, of a fingerprint in `quiet` (see [`Store`]), is stored without correlation: it
+/// would change nothing. `quiet` is kept up to date with what the batch does.
 fn ingest_in(
     tx: &Connection,
     base: &apply::Context<'_>,
     agent_id: &str,
     events: &[Event],
+    quiet: &mut std::collections::HashSet<String>,
 ) -> rusqlite::Result<IngestOutcome> {
     let now = base.now;
     let node_labels: BTreeMap<String, String> = tx
@@ -1377,6 +1412,9 @@ fn ingest_in(
             )
             .and_then(|mut s| s.execute(params![fp, agent_id, e.check, labels_json, e.state.as_str(), e.value, e.unit, e.observed_at_ms, now]))
             ?;
+        if e.state == State::Ok && !e.flapping && quiet.contains(&fp) {
+            continue; // `apply` would find it quiet and change nothing
+        }
 
         let obs = apply::Observation {
             node: agent_id,
@@ -1392,10 +1430,25 @@ fn ingest_in(
             reconcile: false,
             flapping: e.flapping,
         };
-        apply::apply(tx, &ctx, &obs, &mut out)?;
+        let changed = (out.opened.len(), out.resolved.len());
+        if apply::apply_noting(tx, &ctx, &obs, &mut out)? {
+            quiet.insert(fp);
+        } else {
+            quiet.remove(&fp);
+            if changed != (out.opened.len(), out.resolved.len()) {
+                // Another member's latest open incident may have changed.
+                quiet.clear();
+            }
+        }
     }
     // After the batch: what the node replays from its outage is inhibited, not paged.
+    let changed = (out.opened.len(), out.resolved.len());
     node_back(tx, &ctx, agent_id, &mut out)?;
+    if changed != (out.opened.len(), out.resolved.len()) {
+        quiet.clear();
+    } else {
+        quiet.remove(&format!("{agent_id}/{NODE_DOWN}"));
+    }
     tx.execute(
         "UPDATE agents SET last_seq = max(last_seq, ?2), last_seen_ms = ?3 WHERE agent_id = ?1",
         params![agent_id, sql_u64(out.last_seq), now],
@@ -2215,6 +2268,69 @@ mod tests {
         assert_eq!(
             s.hello(&twin, 5).expect("now free"),
             HelloOutcome::Welcome(0)
+        );
+    }
+
+    #[test]
+    fn an_ok_event_is_correlated_again_once_a_reopen_makes_its_member_fire() {
+        // b's OK finds b in no open incident (quiet); in the same group commit c reopens
+        // the incident resolved by hand, where b's member still fires. b's next OK must
+        // recover that member, as it did before OK events of quiet checks were skipped.
+        let (_dir, mut s) = store(&["hook"]);
+        for (session, agent) in [(1, "a"), (2, "b"), (3, "c")] {
+            s.hello(
+                &AgentHello {
+                    instance_id: format!("i{agent}"),
+                    ..hello(agent)
+                },
+                session,
+            )
+            .expect("hello");
+        }
+        let id = s
+            .ingest("a", &[event(1, State::Critical)])
+            .expect("a fires")
+            .opened[0];
+        s.ingest("b", &[event(1, State::Critical)])
+            .expect("b joins");
+        s.ingest("c", &[event(1, State::Critical), event(2, State::Ok)])
+            .expect("c joins and recovers");
+        assert_eq!(
+            s.resolve_by_hand(id, "alice", "looks fine")
+                .expect("resolve"),
+            Change::Done
+        );
+        let ok = [event(2, State::Ok)];
+        let fire = [event(3, State::Critical)];
+        let outs = s.ingest_group(&[("b", &ok[..]), ("c", &fire[..])]);
+        assert!(outs[0].as_ref().expect("b").opened.is_empty());
+        assert_eq!(
+            outs[1].as_ref().expect("c").opened,
+            vec![id],
+            "c reopens it"
+        );
+        let member = |s: &Store, node: &str| {
+            s.incident(id)
+                .expect("read")
+                .expect("exists")
+                .members
+                .into_iter()
+                .find(|m| m.node == node)
+                .expect("member")
+                .state
+        };
+        assert_eq!(
+            member(&s, "b"),
+            State::Critical,
+            "b fired when it was resolved"
+        );
+        let recovered = kinds(&s, id).iter().filter(|k| *k == "member").count();
+        s.ingest("b", &[event(3, State::Ok)]).expect("b ok");
+        assert_eq!(member(&s, "b"), State::Ok, "b's OK is applied");
+        assert_eq!(
+            kinds(&s, id).iter().filter(|k| *k == "member").count(),
+            recovered + 1,
+            "and recorded as a recovery"
         );
     }
 
