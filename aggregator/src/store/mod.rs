@@ -141,6 +141,10 @@ pub struct Store {
     /// an incident opens, reopens or resolves (the latest open incident of a fingerprint
     /// can change).
     quiet: Quiet,
+    /// Members of incidents, kept between events (`apply::MemberCache`), valid and
+    /// forgotten as `quiet` is (not at an open, reopen or resolve: members do not change
+    /// with those).
+    members: std::cell::RefCell<apply::MemberCache>,
 }
 
 /// The quiet fingerprints of [`Store`], valid while the store's write count is `changes`.
@@ -154,6 +158,9 @@ struct Quiet {
 
 /// At most this many quiet fingerprints are kept (then the set starts over).
 const QUIET_MAX: usize = 1_000_000;
+
+/// At most this many incidents' members are kept (then it starts over).
+const MEMBERS_MAX: usize = 10_000;
 
 /// Answer to an agent's `Hello`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,6 +323,7 @@ impl Store {
             correlation: correlate::Correlation::default(),
             kpi_metrics: None,
             quiet: Quiet::default(),
+            members: Default::default(),
         };
         store
             .conn
@@ -627,6 +635,7 @@ impl Store {
             node_labels: &none,
             now,
             correlation: &self.correlation,
+            members: None,
         };
         let sent = apply::release_held(&tx, &ctx).map_err(err)?;
         tx.commit().map_err(err)?;
@@ -729,6 +738,10 @@ impl Store {
         {
             // Something else wrote (a resolve by hand, a heartbeat, a sweep …).
             self.quiet.fingerprints.clear();
+            self.members.get_mut().clear();
+        }
+        if self.members.get_mut().len() > MEMBERS_MAX {
+            self.members.get_mut().clear();
         }
         let result = (|| -> rusqlite::Result<Vec<IngestOutcome>> {
             let tx = self.conn.transaction()?;
@@ -744,6 +757,7 @@ impl Store {
                             node_labels: &BTreeMap::new(),
                             now,
                             correlation: &self.correlation,
+                            members: Some(&self.members),
                         },
                         agent,
                         events,
@@ -757,6 +771,7 @@ impl Store {
         if result.is_err() {
             // Rolled back: what was found inside the transaction may not hold.
             self.quiet.fingerprints.clear();
+            self.members.get_mut().clear();
         }
         match result {
             Ok(outs) => {
@@ -835,6 +850,7 @@ impl Store {
             node_labels: &node_labels,
             now,
             correlation: &self.correlation,
+            members: None,
         };
         let consistent = last_seq <= stored_seq;
         for c in checks {
@@ -952,6 +968,7 @@ impl Store {
                 node_labels: &node_labels,
                 now,
                 correlation: &self.correlation,
+                members: None,
             };
             let message = format!(
                 "node {agent_id} silent for {}s (no heartbeat; timeout {}s, last seen {})",
@@ -2092,6 +2109,7 @@ mod tests {
             node_labels: &none,
             now: now_ms(),
             correlation: &correlation,
+            members: None,
         };
         let labels = BTreeMap::new();
         let obs = apply::Observation {
@@ -2331,6 +2349,95 @@ mod tests {
             kinds(&s, id).iter().filter(|k| *k == "member").count(),
             recovered + 1,
             "and recorded as a recovery"
+        );
+    }
+
+    #[test]
+    fn kept_members_give_the_incident_a_reload_of_every_member_would() {
+        // Store `kept` keeps members between events; `fresh` forgets them before each
+        // event (each refresh reloads every member). Every step must agree.
+        type Seen = (
+            Vec<(i64, String, String, String, String, String, String)>,
+            Vec<Vec<String>>,
+        );
+        fn seen(s: &Store) -> Seen {
+            let all = s.incidents(IncidentFilter::All, 100).expect("list");
+            let mut members = Vec::new();
+            for i in &all {
+                let d = s.incident(i.id).expect("read").expect("exists");
+                members.push(
+                    d.members
+                        .iter()
+                        .map(|m| {
+                            format!(
+                                "{} {} {:?} {}",
+                                m.fingerprint,
+                                m.state.as_str(),
+                                m.value,
+                                m.message
+                            )
+                        })
+                        .chain(d.timeline.iter().map(|t| format!("{}: {}", t.kind, t.note)))
+                        .collect(),
+                );
+            }
+            let incidents = all
+                .iter()
+                .map(|i| {
+                    (
+                        i.id,
+                        format!("{} {} {:?}", i.node, i.check, i.labels),
+                        format!("{} {}", i.severity.as_str(), i.status.as_str()),
+                        i.state.as_str().to_owned(),
+                        format!("{:?} {} {:?}", i.value, i.unit, i.threshold),
+                        i.summary.clone(),
+                        i.fingerprint.clone(),
+                    )
+                })
+                .collect();
+            (incidents, members)
+        }
+        let (_d1, mut kept) = store(&["hook"]);
+        let (_d2, mut fresh) = store(&["hook"]);
+        for s in [&mut kept, &mut fresh] {
+            for (session, agent) in [(1, "a"), (2, "b"), (3, "c")] {
+                s.hello(
+                    &AgentHello {
+                        instance_id: format!("i{agent}"),
+                        ..hello(agent)
+                    },
+                    session,
+                )
+                .expect("hello");
+            }
+        }
+        let steps = [
+            ("a", State::Critical, 1.0),
+            ("b", State::Warning, 2.0),
+            ("c", State::Critical, 3.0),
+            ("a", State::Critical, 4.0), // a value update
+            ("b", State::Critical, 5.0),
+            ("c", State::Ok, 6.0),
+            ("a", State::Warning, 7.0),
+            ("c", State::Critical, 8.0),
+            ("c", State::Critical, 9.0),
+            ("b", State::Ok, 10.0),
+            ("a", State::Ok, 11.0),
+            ("c", State::Ok, 12.0),      // resolves
+            ("b", State::Warning, 13.0), // reopens
+            ("b", State::Ok, 14.0),
+        ];
+        for (seq, (agent, state, value)) in steps.into_iter().enumerate() {
+            let e = [valued(seq as u64 + 1, state, value, "ms")];
+            kept.ingest(agent, &e).expect("kept");
+            fresh.members.get_mut().clear();
+            fresh.ingest(agent, &e).expect("fresh");
+            assert_eq!(seen(&kept), seen(&fresh), "after step {seq}");
+        }
+        assert_eq!(
+            kept.incidents(IncidentFilter::All, 10).expect("list").len(),
+            1,
+            "one incident all along"
         );
     }
 
