@@ -69,6 +69,76 @@ pub struct Context<'a> {
     pub silences: &'a [crate::silence::Silence],
     /// Grouping, group wait, re-open window and severity rules.
     pub correlation: &'a Correlation,
+    /// The members of incidents as stored, kept between observations by the store
+    /// thread ([`MemberCache`]); `None` reads them from the store every time.
+    pub members: Option<&'a std::cell::RefCell<MemberCache>>,
+}
+
+/// The member rows of incidents, as [`member_rows`] reads them, kept in memory by the
+/// store thread so that one member's state change does not reload a large group's
+/// members. Only [`upsert_member`] and [`update_value`] write members, and they keep
+/// it in step (or forget the incident); the store forgets all of it when anything else
+/// writes or a transaction fails (`Store::ingest_group`).
+#[derive(Debug, Default)]
+pub struct MemberCache {
+    /// Incident id → its members.
+    incidents: std::collections::HashMap<i64, MemberRows>,
+}
+
+impl MemberCache {
+    /// Forgets everything.
+    pub(super) fn clear(&mut self) {
+        self.incidents.clear();
+    }
+
+    /// How many incidents are kept.
+    pub(super) fn len(&self) -> usize {
+        self.incidents.len()
+    }
+
+    /// Member `fp` of incident `id` as kept, if the incident is kept: `Err(())` when
+    /// the incident is kept without it (then it is forgotten: a new member).
+    fn member(&mut self, id: i64, fp: &str) -> Option<Result<(&mut Member, &mut RowExtra), ()>> {
+        let found = self
+            .incidents
+            .get(&id)?
+            .members
+            .iter()
+            .position(|m| m.fingerprint == fp);
+        let Some(i) = found else {
+            self.incidents.remove(&id);
+            return Some(Err(()));
+        };
+        let MemberRows { members, extra } = self.incidents.get_mut(&id)?;
+        Some(Ok((&mut members[i], &mut extra[i])))
+    }
+}
+
+/// Runs `f` on the members of incident `id`, from `ctx.members` (loading them once)
+/// or from the store.
+fn with_rows<T>(
+    conn: &Connection,
+    ctx: &Context<'_>,
+    id: i64,
+    f: impl FnOnce(&MemberRows) -> T,
+) -> rusqlite::Result<T> {
+    let Some(cache) = ctx.members else {
+        return Ok(f(&member_rows(conn, id)?));
+    };
+    if !cache.borrow().incidents.contains_key(&id) {
+        let rows = member_rows(conn, id)?;
+        cache.borrow_mut().incidents.insert(id, rows);
+    }
+    let cache = cache.borrow();
+    match cache.incidents.get(&id) {
+        Some(rows) => Ok(f(rows)),
+        None => Ok(f(&MemberRows::default())),
+    }
+}
+
+/// A REAL as SQLite stores and returns it (NaN is stored as NULL).
+fn stored_real(v: Option<f64>) -> Option<f64> {
+    v.filter(|v| !v.is_nan())
 }
 
 /// Routes and sends the trigger of incident `id` (see `paging::page`: the channels its
@@ -125,48 +195,59 @@ fn node_down_incident(conn: &Connection, node: &str) -> rusqlite::Result<Option<
 
 /// Members of incident `id`, in join order.
 pub(super) fn members(conn: &Connection, id: i64) -> rusqlite::Result<Vec<Member>> {
-    Ok(member_rows(conn, id)?
-        .into_iter()
-        .map(|r| r.member)
-        .collect())
+    Ok(member_rows(conn, id)?.members)
 }
 
-/// A member as stored: with its row id, unit and threshold.
-struct MemberRow {
+/// The members of an incident as stored, in join order; `extra[i]` goes with
+/// `members[i]`.
+#[derive(Debug, Default)]
+struct MemberRows {
+    members: Vec<Member>,
+    extra: Vec<RowExtra>,
+}
+
+/// What a stored member has besides [`Member`].
+#[derive(Debug)]
+struct RowExtra {
     /// `incident_members.id` (join order).
     id: i64,
-    member: Member,
     /// NULL for members from before the column.
     unit: Option<String>,
     threshold: Option<f64>,
+    /// The labels as stored (JSON).
+    labels_json: String,
 }
 
-/// [`members`] with their row ids, units and thresholds.
-fn member_rows(conn: &Connection, id: i64) -> rusqlite::Result<Vec<MemberRow>> {
-    conn.prepare_cached(
+/// [`members`] with their row ids, units, thresholds and stored labels.
+fn member_rows(conn: &Connection, id: i64) -> rusqlite::Result<MemberRows> {
+    let mut rows = MemberRows::default();
+    let mut stmt = conn.prepare_cached(
         "SELECT fingerprint, node, check_name, labels, state, value, message, since_ms, updated_ms,
              id, unit, threshold
          FROM incident_members WHERE incident_id = ?1 ORDER BY id",
-    )?
-    .query_map([id], |r| {
-        Ok(MemberRow {
-            member: Member {
-                fingerprint: r.get(0)?,
-                node: r.get(1)?,
-                check: r.get(2)?,
-                labels: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or_default(),
-                state: parse_state(&r.get::<_, String>(4)?),
-                value: r.get(5)?,
-                message: r.get(6)?,
-                since_ms: r.get(7)?,
-                updated_ms: r.get(8)?,
-            },
+    )?;
+    let mut q = stmt.query([id])?;
+    while let Some(r) = q.next()? {
+        let labels_json: String = r.get(3)?;
+        rows.members.push(Member {
+            fingerprint: r.get(0)?,
+            node: r.get(1)?,
+            check: r.get(2)?,
+            labels: serde_json::from_str(&labels_json).unwrap_or_default(),
+            state: parse_state(&r.get::<_, String>(4)?),
+            value: r.get(5)?,
+            message: r.get(6)?,
+            since_ms: r.get(7)?,
+            updated_ms: r.get(8)?,
+        });
+        rows.extra.push(RowExtra {
             id: r.get(9)?,
             unit: r.get(10)?,
             threshold: r.get(11)?,
-        })
-    })?
-    .collect()
+            labels_json,
+        });
+    }
+    Ok(rows)
 }
 
 /// For a critical member on a node of a service: how many distinct known nodes of that
@@ -217,48 +298,10 @@ fn refresh(
     note_reclassify: bool,
 ) -> rusqlite::Result<Refreshed> {
     let mut done = Refreshed::default();
-    let rows = member_rows(conn, id)?;
-    // The worst firing member, as `worst_value` picks it, from the rows at hand.
-    let worst = rows
-        .iter()
-        .filter(|r| r.member.state.is_firing())
-        .max_by_key(|r| (r.member.state == State::Critical, r.member.updated_ms, r.id));
-    let worst = worst.map(|w| (w.member.value, w.unit.clone(), w.threshold));
-    let all: Vec<Member> = rows.into_iter().map(|r| r.member).collect();
-    let Some(d) = correlate::describe(&all) else {
+    let Some((worst, d, sev)) = with_rows(conn, ctx, id, |rows| refresh_facts(conn, ctx, rows))??
+    else {
         return Ok(done);
     };
-    // One count per (check, service), however many members share it.
-    let mut counted: std::collections::HashMap<(&str, &str), (u64, u64)> = Default::default();
-    let mut shares = Vec::with_capacity(all.len());
-    for m in &all {
-        let share = match m.labels.get(correlate::SERVICE_LABEL) {
-            Some(service) if m.state == State::Critical => {
-                let key = (m.check.as_str(), service.as_str());
-                if let Some(s) = counted.get(&key) {
-                    Some(*s)
-                } else {
-                    let s = service_share(conn, &m.check, service)?;
-                    counted.insert(key, s);
-                    Some(s)
-                }
-            }
-            _ => None,
-        };
-        shares.push(share);
-    }
-    let facts: Vec<MemberFacts<'_>> = all
-        .iter()
-        .zip(shares)
-        .map(|(m, service_share)| MemberFacts {
-            node: &m.node,
-            check: &m.check,
-            state: m.state,
-            labels: &m.labels,
-            service_share,
-        })
-        .collect();
-    let sev = correlate::incident_severity(&facts, &ctx.correlation.severity);
     let current: String = conn
         .prepare_cached("SELECT severity FROM incidents WHERE id = ?1")?
         .query_row([id], |r| r.get(0))?;
@@ -315,6 +358,65 @@ fn refresh(
         }
     }
     Ok(done)
+}
+
+/// The worst firing member's value, unit and threshold; the description; the severity.
+type Facts = (
+    Option<(Option<f64>, Option<String>, Option<f64>)>,
+    correlate::Description,
+    Option<Severity>,
+);
+
+/// What [`refresh`] computes from an incident's members `rows`: the worst firing
+/// member's value, unit and threshold (as `worst_value` picks it), the description and
+/// the severity; `None` without members.
+fn refresh_facts(
+    conn: &Connection,
+    ctx: &Context<'_>,
+    rows: &MemberRows,
+) -> rusqlite::Result<Option<Facts>> {
+    let all = &rows.members;
+    let worst = all
+        .iter()
+        .zip(&rows.extra)
+        .filter(|(m, _)| m.state.is_firing())
+        .max_by_key(|(m, x)| (m.state == State::Critical, m.updated_ms, x.id));
+    let worst = worst.map(|(m, x)| (m.value, x.unit.clone(), x.threshold));
+    let Some(d) = correlate::describe(all) else {
+        return Ok(None);
+    };
+    // One count per (check, service), however many members share it.
+    let mut counted: std::collections::HashMap<(&str, &str), (u64, u64)> = Default::default();
+    let mut shares = Vec::with_capacity(all.len());
+    for m in all {
+        let share = match m.labels.get(correlate::SERVICE_LABEL) {
+            Some(service) if m.state == State::Critical => {
+                let key = (m.check.as_str(), service.as_str());
+                if let Some(s) = counted.get(&key) {
+                    Some(*s)
+                } else {
+                    let s = service_share(conn, &m.check, service)?;
+                    counted.insert(key, s);
+                    Some(s)
+                }
+            }
+            _ => None,
+        };
+        shares.push(share);
+    }
+    let facts: Vec<MemberFacts<'_>> = all
+        .iter()
+        .zip(shares)
+        .map(|(m, service_share)| MemberFacts {
+            node: &m.node,
+            check: &m.check,
+            state: m.state,
+            labels: &m.labels,
+            service_share,
+        })
+        .collect();
+    let sev = correlate::incident_severity(&facts, &ctx.correlation.severity);
+    Ok(Some((worst, d, sev)))
 }
 
 /// Whether a member of incident `id` is not OK (firing, pending or unknown).
@@ -379,6 +481,15 @@ fn update_value(
     if updated == 0 {
         return Ok(false); // the labels changed
     }
+    if let Some(cache) = ctx.members
+        && let Some(Ok((m, x))) = cache.borrow_mut().member(id, fp)
+    {
+        m.value = stored_real(obs.value);
+        m.message = obs.message.to_owned();
+        m.updated_ms = ctx.now;
+        x.unit = Some(obs.unit.to_owned());
+        x.threshold = stored_real(obs.threshold);
+    }
     if members == 1 {
         // A lone member's message is the incident's summary (`correlate::describe`).
         conn.prepare_cached("UPDATE incidents SET summary = ?2 WHERE id = ?1")?
@@ -410,6 +521,7 @@ fn worst_value(conn: &Connection, id: i64) -> rusqlite::Result<()> {
 /// Inserts or updates the member `fp` of incident `id` from `obs`.
 fn upsert_member(
     conn: &Connection,
+    ctx: &Context<'_>,
     id: i64,
     fp: &str,
     obs: &Observation<'_>,
@@ -417,7 +529,8 @@ fn upsert_member(
     now: i64,
 ) -> rusqlite::Result<()> {
     // The drill mark is decided when the member starts firing (`store::drills`).
-    let labels = &super::drills::member_labels(conn, id, fp, obs.state.is_firing(), labels)?;
+    let labels = super::drills::member_labels(conn, id, fp, obs.state.is_firing(), labels)?;
+    let labels_json = serde_json::to_string(&labels).unwrap_or_default();
     conn.prepare_cached(
         "INSERT INTO incident_members
              (incident_id, fingerprint, node, check_name, labels, state, value, message, since_ms, updated_ms,
@@ -432,7 +545,7 @@ fn upsert_member(
         fp,
         obs.node,
         obs.check,
-        serde_json::to_string(labels).unwrap_or_default(),
+        labels_json,
         obs.state.as_str(),
         obs.value,
         obs.message,
@@ -440,6 +553,22 @@ fn upsert_member(
         obs.unit,
         obs.threshold
     ])?;
+    // The kept rows as the statement left them (a new member: forgotten, reloaded).
+    if let Some(cache) = ctx.members
+        && let Some(Ok((m, x))) = cache.borrow_mut().member(id, fp)
+    {
+        if m.state != obs.state {
+            m.since_ms = now;
+        }
+        m.state = obs.state;
+        m.labels = labels;
+        m.value = stored_real(obs.value);
+        m.message = obs.message.to_owned();
+        m.updated_ms = now;
+        x.unit = Some(obs.unit.to_owned());
+        x.threshold = stored_real(obs.threshold);
+        x.labels_json = labels_json;
+    }
     Ok(())
 }
 
@@ -607,7 +736,7 @@ fn open(
         "UPDATE incidents SET dedup_key = ?2 WHERE id = ?1",
         params![id, format!("tocsin-{}-{id}", ctx.install_id)],
     )?;
-    upsert_member(conn, id, fp, obs, labels, now)?;
+    upsert_member(conn, ctx, id, fp, obs, labels, now)?;
     refresh(conn, ctx, id, obs, false)?; // new: not paged yet, nothing to re-route
     let sev = load_incident(conn, id)?.severity;
     let note = format!("{} {}: {}", sev.as_str(), obs.state.as_str(), obs.message);
@@ -635,6 +764,19 @@ pub fn apply(
     obs: &Observation<'_>,
     out: &mut IngestOutcome,
 ) -> rusqlite::Result<()> {
+    apply_noting(conn, ctx, obs, out).map(|_| ())
+}
+
+/// [`apply`], telling whether the fingerprint of a state that does not fire was found
+/// **quiet** and nothing was written: it is no open incident's member, or its member
+/// in the latest open incident is OK. For a quiet fingerprint, an OK observation that
+/// does not flap is a no-op (what `store::ingest_in`'s `quiet` set relies on).
+pub(super) fn apply_noting(
+    conn: &Connection,
+    ctx: &Context<'_>,
+    obs: &Observation<'_>,
+    out: &mut IngestOutcome,
+) -> rusqlite::Result<bool> {
     let fp = correlate::fingerprint(obs.node, obs.check, obs.labels);
     let now = ctx.now;
     let mut labels = ctx.node_labels.clone();
@@ -655,7 +797,7 @@ pub fn apply(
             && !held(conn, *id)?
             && update_value(conn, ctx, *id, &fp, obs, &labels)?
         {
-            return Ok(());
+            return Ok(false);
         }
         // The drill mark, when a drill running on the node expects this check. Only a
         // member that starts firing takes it (`drills::member_labels`), so it is looked
@@ -666,7 +808,7 @@ pub fn apply(
                 // It settled while firing: the page that flapping held goes out now
                 // (unless something else holds it).
                 super::drills::keep_real(conn, id, mark, &mut labels)?;
-                upsert_member(conn, id, &fp, obs, &labels, now)?;
+                upsert_member(conn, ctx, id, &fp, obs, &labels, now)?;
                 conn.execute("UPDATE incidents SET flapping_hold = 0 WHERE id = ?1", [id])?;
                 out.notifications += refresh(conn, ctx, id, obs, true)?.queued;
                 timeline(
@@ -681,11 +823,11 @@ pub fn apply(
             }
             Some((id, state)) => {
                 if obs.reconcile && state == obs.state.as_str() {
-                    return Ok(()); // nothing new: no write per heartbeat
+                    return Ok(false); // nothing new: no write per heartbeat
                 }
                 // An open incident that is not this drill's stays real.
                 super::drills::keep_real(conn, id, mark, &mut labels)?;
-                upsert_member(conn, id, &fp, obs, &labels, now)?;
+                upsert_member(conn, ctx, id, &fp, obs, &labels, now)?;
                 let refreshed = refresh(conn, ctx, id, obs, true)?;
                 out.notifications += refreshed.queued;
                 if !obs.reconcile {
@@ -699,17 +841,17 @@ pub fn apply(
             }
             None => join_or_open(conn, ctx, obs, &fp, &mut labels, mark, out)?,
         }
-        return Ok(());
+        return Ok(false);
     }
     let Some((id, state)) = member else {
-        return Ok(());
+        return Ok(true);
     };
     if obs.state != State::Ok {
         // Pending, unknown: the member says so; the incident stays as it is.
         if state != obs.state.as_str() {
-            upsert_member(conn, id, &fp, obs, &labels, now)?;
+            upsert_member(conn, ctx, id, &fp, obs, &labels, now)?;
         }
-        return Ok(());
+        return Ok(false);
     }
     if obs.flapping {
         // One incident for the whole flapping stretch, not one per flap.
@@ -726,12 +868,12 @@ pub fn apply(
                 ),
             )?;
         }
-        return Ok(());
+        return Ok(false);
     }
     if state == State::Ok.as_str() {
-        return Ok(());
+        return Ok(true);
     }
-    upsert_member(conn, id, &fp, obs, &labels, now)?;
+    upsert_member(conn, ctx, id, &fp, obs, &labels, now)?;
     if any_not_ok(conn, id)? {
         out.notifications += refresh(conn, ctx, id, obs, true)?.queued;
         timeline(
@@ -742,7 +884,7 @@ pub fn apply(
             obs.actor,
             &format!("{fp} recovered: {}", obs.message),
         )?;
-        return Ok(());
+        return Ok(false);
     }
     // The resolve says what resolved it: the last observation's message for a lone
     // member, else every member OK ("cpu ok on 12 nodes: …"); state, value, unit and
@@ -764,8 +906,11 @@ pub fn apply(
     // for a group that cleared while it was still gathering.
     out.notifications += notify_triggered(conn, id, "resolve", now)?;
     resolved(conn, ctx.router, id, now)?;
+    if let Some(cache) = ctx.members {
+        cache.borrow_mut().incidents.remove(&id); // kept for open incidents only
+    }
     out.resolved.push(id);
-    Ok(())
+    Ok(false)
 }
 
 /// A firing fingerprint that is no open incident's member: joins its group's open
@@ -791,7 +936,7 @@ fn join_or_open(
         // Joining an open incident that is not this drill's: the member stays real.
         super::drills::keep_real(conn, id, mark, labels)?;
         let labels = &*labels;
-        upsert_member(conn, id, fp, obs, labels, now)?;
+        upsert_member(conn, ctx, id, fp, obs, labels, now)?;
         out.notifications += refresh(conn, ctx, id, obs, true)?.queued;
         timeline(
             conn,
@@ -829,7 +974,7 @@ fn join_or_open(
              WHERE id = ?1",
             params![id, due, obs.flapping, now, obs.breach_started_at_ms],
         )?;
-        upsert_member(conn, id, fp, obs, labels, now)?;
+        upsert_member(conn, ctx, id, fp, obs, labels, now)?;
         // A new cycle, not paged yet: the page below routes it by its severity now.
         refresh(conn, ctx, id, obs, true)?;
         timeline(

@@ -134,7 +134,33 @@ pub struct Store {
     correlation: correlate::Correlation,
     /// KPI histograms observed as changes commit (`with_kpi_metrics`).
     kpi_metrics: Option<crate::kpi::KpiMetrics>,
+    /// Quiet fingerprints: no open incident has them as a member that is not OK (see
+    /// `apply::apply_noting`), so an OK event that does not flap changes no incident and
+    /// skips the member lookup. Filled by [`Store::ingest_group`] as it finds them;
+    /// forgotten when the store changes outside it, when its transaction fails, and when
+    /// an incident opens, reopens or resolves (the latest open incident of a fingerprint
+    /// can change).
+    quiet: Quiet,
+    /// Members of incidents, kept between events (`apply::MemberCache`), valid and
+    /// forgotten as `quiet` is (not at an open, reopen or resolve: members do not change
+    /// with those).
+    members: std::cell::RefCell<apply::MemberCache>,
 }
+
+/// The quiet fingerprints of [`Store`], valid while the store's write count is `changes`.
+#[derive(Debug, Default)]
+struct Quiet {
+    /// Fingerprints known quiet.
+    fingerprints: std::collections::HashSet<String>,
+    /// `Connection::total_changes` when the set was last known valid.
+    changes: u64,
+}
+
+/// At most this many quiet fingerprints are kept (then the set starts over).
+const QUIET_MAX: usize = 1_000_000;
+
+/// At most this many incidents' members are kept (then it starts over).
+const MEMBERS_MAX: usize = 10_000;
 
 /// Answer to an agent's `Hello`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -296,6 +322,8 @@ impl Store {
             silences: Vec::new(),
             correlation: correlate::Correlation::default(),
             kpi_metrics: None,
+            quiet: Quiet::default(),
+            members: Default::default(),
         };
         store
             .conn
@@ -607,6 +635,7 @@ impl Store {
             node_labels: &none,
             now,
             correlation: &self.correlation,
+            members: None,
         };
         let sent = apply::release_held(&tx, &ctx).map_err(err)?;
         tx.commit().map_err(err)?;
@@ -704,6 +733,16 @@ impl Store {
         batches: &[(&str, &[Event])],
     ) -> Vec<Result<IngestOutcome, StoreError>> {
         let now = now_ms();
+        if self.conn.total_changes() != self.quiet.changes
+            || self.quiet.fingerprints.len() > QUIET_MAX
+        {
+            // Something else wrote (a resolve by hand, a heartbeat, a sweep …).
+            self.quiet.fingerprints.clear();
+            self.members.get_mut().clear();
+        }
+        if self.members.get_mut().len() > MEMBERS_MAX {
+            self.members.get_mut().clear();
+        }
         let result = (|| -> rusqlite::Result<Vec<IngestOutcome>> {
             let tx = self.conn.transaction()?;
             let outs = batches
@@ -718,15 +757,22 @@ impl Store {
                             node_labels: &BTreeMap::new(),
                             now,
                             correlation: &self.correlation,
+                            members: Some(&self.members),
                         },
                         agent,
                         events,
+                        &mut self.quiet.fingerprints,
                     )
                 })
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             tx.commit()?;
             Ok(outs)
         })();
+        if result.is_err() {
+            // Rolled back: what was found inside the transaction may not hold.
+            self.quiet.fingerprints.clear();
+            self.members.get_mut().clear();
+        }
         match result {
             Ok(outs) => {
                 for out in &outs {
@@ -738,6 +784,7 @@ impl Store {
                     self.down.remove(*agent);
                     self.seen.insert((*agent).to_owned(), now);
                 }
+                self.quiet.changes = self.conn.total_changes();
                 outs.into_iter().map(Ok).collect()
             }
             Err(source) => {
@@ -803,6 +850,7 @@ impl Store {
             node_labels: &node_labels,
             now,
             correlation: &self.correlation,
+            members: None,
         };
         let consistent = last_seq <= stored_seq;
         for c in checks {
@@ -920,6 +968,7 @@ impl Store {
                 node_labels: &node_labels,
                 now,
                 correlation: &self.correlation,
+                members: None,
             };
             let message = format!(
                 "node {agent_id} silent for {}s (no heartbeat; timeout {}s, last seen {})",
@@ -1314,12 +1363,15 @@ fn last_event_flapping(conn: &Connection, agent_id: &str, check: &str) -> rusqli
 }
 
 /// The body of [`Store::ingest_group`] for one agent's batch, inside the transaction
-/// (`base` gives everything but the node's labels, read here).
+/// (`base` gives everything but the node's labels, read here). An OK event that does not
+/// flap, of a fingerprint in `quiet` (see [`Store`]), is stored without correlation: it
+/// would change nothing. `quiet` is kept up to date with what the batch does.
 fn ingest_in(
     tx: &Connection,
     base: &apply::Context<'_>,
     agent_id: &str,
     events: &[Event],
+    quiet: &mut std::collections::HashSet<String>,
 ) -> rusqlite::Result<IngestOutcome> {
     let now = base.now;
     let node_labels: BTreeMap<String, String> = tx
@@ -1377,6 +1429,9 @@ fn ingest_in(
             )
             .and_then(|mut s| s.execute(params![fp, agent_id, e.check, labels_json, e.state.as_str(), e.value, e.unit, e.observed_at_ms, now]))
             ?;
+        if e.state == State::Ok && !e.flapping && quiet.contains(&fp) {
+            continue; // `apply` would find it quiet and change nothing
+        }
 
         let obs = apply::Observation {
             node: agent_id,
@@ -1392,10 +1447,25 @@ fn ingest_in(
             reconcile: false,
             flapping: e.flapping,
         };
-        apply::apply(tx, &ctx, &obs, &mut out)?;
+        let changed = (out.opened.len(), out.resolved.len());
+        if apply::apply_noting(tx, &ctx, &obs, &mut out)? {
+            quiet.insert(fp);
+        } else {
+            quiet.remove(&fp);
+            if changed != (out.opened.len(), out.resolved.len()) {
+                // Another member's latest open incident may have changed.
+                quiet.clear();
+            }
+        }
     }
     // After the batch: what the node replays from its outage is inhibited, not paged.
+    let changed = (out.opened.len(), out.resolved.len());
     node_back(tx, &ctx, agent_id, &mut out)?;
+    if changed != (out.opened.len(), out.resolved.len()) {
+        quiet.clear();
+    } else {
+        quiet.remove(&format!("{agent_id}/{NODE_DOWN}"));
+    }
     tx.execute(
         "UPDATE agents SET last_seq = max(last_seq, ?2), last_seen_ms = ?3 WHERE agent_id = ?1",
         params![agent_id, sql_u64(out.last_seq), now],
@@ -2039,6 +2109,7 @@ mod tests {
             node_labels: &none,
             now: now_ms(),
             correlation: &correlation,
+            members: None,
         };
         let labels = BTreeMap::new();
         let obs = apply::Observation {
@@ -2215,6 +2286,158 @@ mod tests {
         assert_eq!(
             s.hello(&twin, 5).expect("now free"),
             HelloOutcome::Welcome(0)
+        );
+    }
+
+    #[test]
+    fn an_ok_event_is_correlated_again_once_a_reopen_makes_its_member_fire() {
+        // b's OK finds b in no open incident (quiet); in the same group commit c reopens
+        // the incident resolved by hand, where b's member still fires. b's next OK must
+        // recover that member, as it did before OK events of quiet checks were skipped.
+        let (_dir, mut s) = store(&["hook"]);
+        for (session, agent) in [(1, "a"), (2, "b"), (3, "c")] {
+            s.hello(
+                &AgentHello {
+                    instance_id: format!("i{agent}"),
+                    ..hello(agent)
+                },
+                session,
+            )
+            .expect("hello");
+        }
+        let id = s
+            .ingest("a", &[event(1, State::Critical)])
+            .expect("a fires")
+            .opened[0];
+        s.ingest("b", &[event(1, State::Critical)])
+            .expect("b joins");
+        s.ingest("c", &[event(1, State::Critical), event(2, State::Ok)])
+            .expect("c joins and recovers");
+        assert_eq!(
+            s.resolve_by_hand(id, "alice", "looks fine")
+                .expect("resolve"),
+            Change::Done
+        );
+        let ok = [event(2, State::Ok)];
+        let fire = [event(3, State::Critical)];
+        let outs = s.ingest_group(&[("b", &ok[..]), ("c", &fire[..])]);
+        assert!(outs[0].as_ref().expect("b").opened.is_empty());
+        assert_eq!(
+            outs[1].as_ref().expect("c").opened,
+            vec![id],
+            "c reopens it"
+        );
+        let member = |s: &Store, node: &str| {
+            s.incident(id)
+                .expect("read")
+                .expect("exists")
+                .members
+                .into_iter()
+                .find(|m| m.node == node)
+                .expect("member")
+                .state
+        };
+        assert_eq!(
+            member(&s, "b"),
+            State::Critical,
+            "b fired when it was resolved"
+        );
+        let recovered = kinds(&s, id).iter().filter(|k| *k == "member").count();
+        s.ingest("b", &[event(3, State::Ok)]).expect("b ok");
+        assert_eq!(member(&s, "b"), State::Ok, "b's OK is applied");
+        assert_eq!(
+            kinds(&s, id).iter().filter(|k| *k == "member").count(),
+            recovered + 1,
+            "and recorded as a recovery"
+        );
+    }
+
+    #[test]
+    fn kept_members_give_the_incident_a_reload_of_every_member_would() {
+        // Store `kept` keeps members between events; `fresh` forgets them before each
+        // event (each refresh reloads every member). Every step must agree.
+        type Seen = (
+            Vec<(i64, String, String, String, String, String, String)>,
+            Vec<Vec<String>>,
+        );
+        fn seen(s: &Store) -> Seen {
+            let all = s.incidents(IncidentFilter::All, 100).expect("list");
+            let mut members = Vec::new();
+            for i in &all {
+                let d = s.incident(i.id).expect("read").expect("exists");
+                members.push(
+                    d.members
+                        .iter()
+                        .map(|m| {
+                            format!(
+                                "{} {} {:?} {}",
+                                m.fingerprint,
+                                m.state.as_str(),
+                                m.value,
+                                m.message
+                            )
+                        })
+                        .chain(d.timeline.iter().map(|t| format!("{}: {}", t.kind, t.note)))
+                        .collect(),
+                );
+            }
+            let incidents = all
+                .iter()
+                .map(|i| {
+                    (
+                        i.id,
+                        format!("{} {} {:?}", i.node, i.check, i.labels),
+                        format!("{} {}", i.severity.as_str(), i.status.as_str()),
+                        i.state.as_str().to_owned(),
+                        format!("{:?} {} {:?}", i.value, i.unit, i.threshold),
+                        i.summary.clone(),
+                        i.fingerprint.clone(),
+                    )
+                })
+                .collect();
+            (incidents, members)
+        }
+        let (_d1, mut kept) = store(&["hook"]);
+        let (_d2, mut fresh) = store(&["hook"]);
+        for s in [&mut kept, &mut fresh] {
+            for (session, agent) in [(1, "a"), (2, "b"), (3, "c")] {
+                s.hello(
+                    &AgentHello {
+                        instance_id: format!("i{agent}"),
+                        ..hello(agent)
+                    },
+                    session,
+                )
+                .expect("hello");
+            }
+        }
+        let steps = [
+            ("a", State::Critical, 1.0),
+            ("b", State::Warning, 2.0),
+            ("c", State::Critical, 3.0),
+            ("a", State::Critical, 4.0), // a value update
+            ("b", State::Critical, 5.0),
+            ("c", State::Ok, 6.0),
+            ("a", State::Warning, 7.0),
+            ("c", State::Critical, 8.0),
+            ("c", State::Critical, 9.0),
+            ("b", State::Ok, 10.0),
+            ("a", State::Ok, 11.0),
+            ("c", State::Ok, 12.0),      // resolves
+            ("b", State::Warning, 13.0), // reopens
+            ("b", State::Ok, 14.0),
+        ];
+        for (seq, (agent, state, value)) in steps.into_iter().enumerate() {
+            let e = [valued(seq as u64 + 1, state, value, "ms")];
+            kept.ingest(agent, &e).expect("kept");
+            fresh.members.get_mut().clear();
+            fresh.ingest(agent, &e).expect("fresh");
+            assert_eq!(seen(&kept), seen(&fresh), "after step {seq}");
+        }
+        assert_eq!(
+            kept.incidents(IncidentFilter::All, 10).expect("list").len(),
+            1,
+            "one incident all along"
         );
     }
 
