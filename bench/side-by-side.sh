@@ -77,7 +77,18 @@ render_table() {
     function num(x) { return x != "-" && x ~ /^-?[0-9.]+(e[-+]?[0-9]+)?$/ }
     function ms(x, unit) { return unit == "s" ? x * 1000 : x }
     # The target text against the row: yes, no or - (cannot be decided here).
-    function met(target, unit, t, peer, p, ratio,    f, n, lim, tu) {
+    # A compound target "A, B" is met when every part is; "-" when any part cannot be decided.
+    function met(target, unit, t, peer, p, ratio,    parts, k, np, r, all) {
+        np = split(target, parts, /, */)
+        all = "yes"
+        for (k = 1; k <= np; k++) {
+            r = met1(parts[k], unit, t, peer, p, ratio)
+            if (r == "-") return "-"
+            if (r == "no") all = "no"
+        }
+        return all
+    }
+    function met1(target, unit, t, peer, p, ratio,    f, n, lim, tu) {
         n = split(target, f, " ")
         if (target == "-" || n < 2 || !num(t)) return "-"
         if (n == 4 && f[3] == "x" && f[4] == "peer") {
