@@ -287,6 +287,16 @@ fn health(st: &AdminState) -> Response<Full<Bytes>> {
     )
 }
 
+/// Most admin connections open at once; more are closed as soon as they are accepted.
+/// A scraper needs one, `tocsin-agent probe` one.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Longest life of one admin connection (seconds of a request, or of keep-alive).
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a connection gets to finish its request once the agent stops.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves `/metrics` and `/health` (HTTP/1.1, hyper) on `addr` until `shutdown`, then
 /// lets the requests in flight finish; logs where it listens.
 pub async fn serve(
@@ -312,6 +322,7 @@ pub async fn serve(
         spool_durable: gauges.spool_durable.clone(),
     };
     let connections = tokio_util::task::TaskTracker::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -325,24 +336,37 @@ pub async fn serve(
                 }
             },
         };
+        // Beyond MAX_CONNECTIONS open at once, a new connection is closed at once: a
+        // local client holding many connections must not take the file descriptors the
+        // collector needs (process discovery, the spool, the liveness file).
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let state = state.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |request| {
                 std::future::ready(Ok::<_, std::convert::Infallible>(route(&state, &request)))
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let mut connection = std::pin::pin!(connection);
+            // A connection lives at most CONNECTION_LIFETIME (a half-sent request or an
+            // idle keep-alive holds nothing longer), and gets SHUTDOWN_WAIT to finish its
+            // request once the agent stops.
             let done = tokio::select! {
-                done = connection.as_mut() => done,
+                done = tokio::time::timeout(CONNECTION_LIFETIME, connection.as_mut()) => done.ok(),
                 () = shutdown.cancelled() => {
                     connection.as_mut().graceful_shutdown();
-                    connection.await
+                    tokio::time::timeout(SHUTDOWN_WAIT, connection).await.ok()
                 }
             };
-            if let Err(e) = done {
-                tracing::debug!(error = %e, "admin connection ended with an error");
+            match done {
+                Some(Err(e)) => tracing::debug!(error = %e, "admin connection ended with an error"),
+                None => tracing::debug!("admin connection closed: too long"),
+                Some(Ok(())) => {}
             }
         });
     }

@@ -186,3 +186,55 @@ async fn aggregator_metrics_count_events_incidents_deliveries_and_refusals() -> 
     tocsin_e2e::promtool_check(&body)?;
     Ok(())
 }
+
+/// Regression (review 2026-11-30): connections held open with half a request must not
+/// take the agent's file descriptors (process discovery, the spool and the liveness file
+/// need them). Beyond the admin endpoint's connection cap, new connections are closed.
+#[tokio::test]
+async fn regression_held_admin_connections_do_not_exhaust_the_agents_descriptors() -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir()?;
+    let agent_cfg = format!(
+        "agent_id = \"node-fds\"\ninterval = \"250ms\"\nadmin_listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n\
+         [aggregator]\nendpoints = [\"http://127.0.0.1:9\"]\n[rules.cpu]\nenabled = false\n{}",
+        dir.path().join("agent").display(),
+        tocsin_e2e::QUIET_HOST_RULES
+    );
+    let mut agent = start_agent(dir.path(), &agent_cfg)?;
+    let out = agent.wait_for_output("admin listening").await?;
+    let addr = out
+        .split("admin=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .context("admin address in the log")?
+        .to_owned();
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", agent.pid())).map(|d| d.count());
+    let before = fds()?;
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
+            continue;
+        };
+        let _ = s.write_all(b"GET /metr").await;
+        held.push(s);
+    }
+    // Let the agent accept (and close) everything it was sent.
+    let settled = eventually(
+        "the agent has accepted the held connections",
+        PATIENCE,
+        || async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let a = fds().ok()?;
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let b = fds().ok()?;
+            (a == b && a > before).then_some(b)
+        },
+    )
+    .await?;
+    assert!(
+        settled <= before + 64 + 4,
+        "{settled} descriptors with 300 held connections (was {before}): no cap"
+    );
+    drop(held);
+    Ok(())
+}
