@@ -23,13 +23,7 @@ async fn agent_metrics_pass_promtool_and_health_reports_the_connection() -> Resu
         tocsin_e2e::QUIET_HOST_RULES
     );
     let mut agent = start_agent(dir.path(), &agent_cfg)?;
-    let out = agent.wait_for_output("admin listening").await?;
-    let addr = out
-        .split("admin=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .context("admin address in the log")?
-        .to_owned();
+    let addr = admin_addr(&mut agent).await?;
     agg.wait_reported("node-metrics").await?;
 
     let health: serde_json::Value = eventually("health says connected", PATIENCE, || async {
@@ -201,13 +195,7 @@ async fn regression_held_admin_connections_do_not_exhaust_the_agents_descriptors
         tocsin_e2e::QUIET_HOST_RULES
     );
     let mut agent = start_agent(dir.path(), &agent_cfg)?;
-    let out = agent.wait_for_output("admin listening").await?;
-    let addr = out
-        .split("admin=")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .context("admin address in the log")?
-        .to_owned();
+    let addr = admin_addr(&mut agent).await?;
     let fds = || std::fs::read_dir(format!("/proc/{}/fd", agent.pid())).map(|d| d.count());
     let before = fds()?;
     let mut held = Vec::new();
@@ -237,4 +225,15 @@ async fn regression_held_admin_connections_do_not_exhaust_the_agents_descriptors
     );
     drop(held);
     Ok(())
+}
+
+/// The agent's admin address (`host:port`), from its "admin listening" log line.
+async fn admin_addr(agent: &mut tocsin_e2e::Daemon) -> Result<String> {
+    let out = agent.wait_for_output("admin listening").await?;
+    Ok(out
+        .split("admin=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .context("admin address in the log")?
+        .to_owned())
 }
